@@ -1,0 +1,140 @@
+"""Per-request views of the host application's hook registries.
+
+Flask keeps hooks in dicts keyed by scope (``None`` for the whole app, a
+blueprint name otherwise) and reads them with ``scope in registry`` and
+``registry[scope]`` while it handles a request. gitplug replaces those dicts
+on the host with subclasses that answer, for the scopes of a plugin and for
+the app-wide scope, from the snapshot the current request is pinned to.
+The host's own entries stay in the dict itself, so the host keeps
+registering hooks exactly as before and behaves exactly as before.
+
+Nothing here is mutated per request or per swap: a swap only publishes a new
+snapshot, and every lookup reads the request's own snapshot.
+"""
+
+from __future__ import annotations
+
+import typing as t
+from collections import defaultdict
+
+from flask.globals import _cv_request
+
+from .snapshot import Snapshot
+
+__all__ = ["LayeredHooks", "LayeredErrorHandlers", "LayeredViews", "request_snapshot", "ENVIRON_SNAPSHOT"]
+
+#: WSGI environ key holding the snapshot a request is pinned to.
+ENVIRON_SNAPSHOT = "gitplug.snapshot"
+
+
+class _SnapshotSource(t.Protocol):
+    snapshot: Snapshot
+
+
+def request_snapshot(runtime: _SnapshotSource) -> Snapshot:
+    """The snapshot of the current request, else the live one."""
+    ctx = _cv_request.get(None)
+    if ctx is not None:
+        snapshot = ctx.request.environ.get(ENVIRON_SNAPSHOT)
+        if snapshot is not None:
+            return t.cast(Snapshot, snapshot)
+    return runtime.snapshot
+
+
+class LayeredHooks(defaultdict):  # type: ignore[type-arg]
+    """A ``{scope: [funcs]}`` registry of the host with plugins layered in.
+
+    * scope ``None``: the host's app-wide hooks, then the live plugins'
+      app-wide hooks;
+    * a plugin's scope (``hello``, ``hello.child``): that plugin's hooks from
+      the request's snapshot;
+    * any other scope: the host's own entry, unchanged.
+    """
+
+    def __init__(self, original: defaultdict, runtime: _SnapshotSource, registry: str) -> None:  # type: ignore[type-arg]
+        super().__init__(original.default_factory, original)
+        self._runtime = runtime
+        self._registry = registry
+
+    def __contains__(self, scope: object) -> bool:
+        if dict.__contains__(self, scope):
+            return True
+        snapshot = request_snapshot(self._runtime)
+        if scope is None:
+            return bool(snapshot.app_wide.get(self._registry))
+        if isinstance(scope, str):
+            release = snapshot.release_for_scope(scope)
+            if release is not None:
+                return scope in release.scoped.get(self._registry, {})
+        return False
+
+    def __getitem__(self, scope: t.Any) -> t.Any:
+        if scope is None:
+            snapshot = request_snapshot(self._runtime)
+            extra = snapshot.app_wide.get(self._registry)
+            own = dict.get(self, None)
+            if not extra:
+                return own if own is not None else super().__getitem__(None)
+            return [*(own or ()), *extra]
+        if isinstance(scope, str) and not dict.__contains__(self, scope):
+            release = request_snapshot(self._runtime).release_for_scope(scope)
+            if release is not None:
+                return release.scoped.get(self._registry, {}).get(scope, ())
+        return super().__getitem__(scope)
+
+    def get(self, scope: t.Any, default: t.Any = None) -> t.Any:
+        return self[scope] if scope in self else default
+
+    def __reduce__(self) -> t.Any:  # pragma: no cover - never pickled in practice
+        return (dict, (dict(self),))
+
+
+class LayeredErrorHandlers(defaultdict):  # type: ignore[type-arg]
+    """``error_handler_spec`` with plugins layered in.
+
+    On conflicts in the app-wide scope the host's own handler wins: a plugin
+    cannot replace the host's error pages (SPEC 4.9).
+    """
+
+    def __init__(self, original: defaultdict, runtime: _SnapshotSource) -> None:  # type: ignore[type-arg]
+        super().__init__(original.default_factory, original)
+        self._runtime = runtime
+
+    def __getitem__(self, scope: t.Any) -> t.Any:
+        if scope is None:
+            own = super().__getitem__(None)
+            extra = request_snapshot(self._runtime).app_error_handlers
+            if not extra:
+                return own
+            merged: defaultdict[int | None, dict[type, t.Any]] = defaultdict(dict)
+            for code, handlers in extra.items():
+                merged[code].update(handlers)
+            for code, handlers in own.items():
+                merged[code].update(handlers)
+            return merged
+        if isinstance(scope, str) and not dict.__contains__(self, scope):
+            release = request_snapshot(self._runtime).release_for_scope(scope)
+            if release is not None:
+                spec = release.error_handlers.get(scope)
+                return spec if spec is not None else defaultdict(dict)
+        return super().__getitem__(scope)
+
+
+class LayeredViews(dict):  # type: ignore[type-arg]
+    """``view_functions`` of the host; plugin endpoints come from the snapshot.
+
+    Only misses are redirected (``__missing__``), so host lookups cost
+    nothing extra.
+    """
+
+    def __init__(self, original: dict, runtime: _SnapshotSource) -> None:  # type: ignore[type-arg]
+        super().__init__(original)
+        self._runtime = runtime
+
+    def __missing__(self, endpoint: str) -> t.Any:
+        release = request_snapshot(self._runtime).release_for_scope(endpoint)
+        if release is not None:
+            view = release.view_functions.get(endpoint)
+            if view is not None:
+                return view
+        raise KeyError(endpoint)

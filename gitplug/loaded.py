@@ -1,0 +1,294 @@
+"""A release that is imported, registered and ready to be swapped in.
+
+:func:`build_release` imports a release (:mod:`gitplug.loader`), registers
+its :class:`~gitplug.Plugin` into a private, throw-away Flask application,
+exactly as Flask registers a blueprint, and harvests what that registration
+produced: the URL rules, view functions, hooks, error handlers and template
+registrations. Reusing Flask's own registration is what makes a plugin do
+"everything a blueprint does" without re-implementing any of it.
+
+The harvest is held by an immutable-after-build :class:`LoadedRelease`; the
+runtime serves requests from it and never registers anything on the live
+host application.
+"""
+
+from __future__ import annotations
+
+import logging
+import typing as t
+from collections import ChainMap, defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType, SimpleNamespace
+
+import jinja2
+from flask import Flask
+from werkzeug.routing import Map
+
+from .errors import PluginLoadError
+from .loader import ReleaseNamespace, import_release, purge_namespace
+from .plugin import Plugin, PluginContext, _active_plugin
+
+__all__ = ["ReleaseSpec", "LoadedRelease", "build_release", "HOOK_REGISTRIES"]
+
+logger = logging.getLogger(__name__)
+
+#: The per-scope hook registries of a Flask app (``{scope: [funcs]}``) that
+#: gitplug layers per request. ``None`` is the app-wide scope.
+HOOK_REGISTRIES = (
+    "before_request_funcs",
+    "after_request_funcs",
+    "teardown_request_funcs",
+    "template_context_processors",
+    "url_value_preprocessors",
+    "url_default_functions",
+)
+
+
+@dataclass(frozen=True)
+class ReleaseSpec:
+    """Everything needed to load one release of one plugin."""
+
+    name: str
+    path: Path
+    release_id: str
+    url_prefix: str
+    commit: str | None = None
+    entry: str | None = None
+    config: Mapping[str, t.Any] = field(default_factory=lambda: MappingProxyType({}))
+
+
+class LoadedRelease:
+    """One imported, registered release. Internal to gitplug.
+
+    Everything a request needs is read from here; nothing in it changes after
+    :func:`build_release` returns, except the runtime's bookkeeping fields.
+    """
+
+    def __init__(self, spec: ReleaseSpec, namespace: ReleaseNamespace, plugin: Plugin) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.release_id = spec.release_id
+        self.prefix = spec.url_prefix
+        self.namespace = namespace
+        self.plugin: Plugin | None = plugin
+        self.context = PluginContext(
+            name=spec.name,
+            release_id=spec.release_id,
+            commit=spec.commit,
+            path=spec.path,
+            config=spec.config,
+            url_prefix=spec.url_prefix,
+            logger=logging.getLogger(f"gitplug.plugin.{spec.name}"),
+        )
+        self.url_map: Map
+        self.view_functions: dict[str, t.Callable[..., t.Any]] = {}
+        #: Scoped hooks, ``{registry: {scope: [funcs]}}``; scopes are the
+        #: plugin's blueprint names (``hello``, ``hello.child``).
+        self.scoped: dict[str, dict[str, list[t.Any]]] = {}
+        #: App-wide hooks (``before_app_request`` ...): ``{registry: [funcs]}``.
+        self.app_wide: dict[str, list[t.Any]] = {}
+        self.error_handlers: dict[str, dict[int | None, dict[type, t.Any]]] = {}
+        self.app_error_handlers: dict[int | None, dict[type, t.Any]] = {}
+        #: ``app_template_filter`` / ``_global`` / ``_test`` registrations.
+        self.template_registrations: dict[str, dict[str, t.Any]] = {}
+        self.template_loaders: list[jinja2.BaseLoader] = []
+        #: The release's own Jinja environment (an overlay of the host's).
+        self.jinja_env: jinja2.Environment | None = None
+        # --- runtime bookkeeping (guarded by the runtime's lock) ---
+        #: Number of open snapshots that contain this release.
+        self.snapshot_refs = 0
+        #: True once the release is no longer live anywhere new.
+        self.retired = False
+        self.unloaded = False
+        #: Requests served and failed (5xx or unhandled), for metrics and auto-rollback.
+        self.requests = 0
+        self.errors = 0
+
+    @property
+    def commit(self) -> str | None:
+        return self.spec.commit
+
+    def owns_scope(self, scope: str) -> bool:
+        """True if ``scope`` (a blueprint name) belongs to this plugin."""
+        return scope == self.name or scope.startswith(self.name + ".")
+
+    def run_in_context(self, func: t.Callable[[], t.Any]) -> t.Any:
+        """Call ``func`` with :data:`current_plugin` set to this release."""
+        token = _active_plugin.set(self.context)
+        try:
+            return func()
+        finally:
+            _active_plugin.reset(token)
+
+    def purge(self) -> None:
+        """Drop every reference this object holds to the release's code."""
+        purge_namespace(self.namespace)
+        self.plugin = None
+        self.view_functions = {}
+        self.scoped = {}
+        self.app_wide = {}
+        self.error_handlers = {}
+        self.app_error_handlers = {}
+        self.template_registrations = {}
+        self.template_loaders = []
+        if self.jinja_env is not None and self.jinja_env.cache is not None:
+            self.jinja_env.cache.clear()
+        self.jinja_env = None
+        self.url_map = Map()
+        self.unloaded = True
+
+    def __repr__(self) -> str:
+        state = "unloaded" if self.unloaded else ("retired" if self.retired else "loaded")
+        return f"<LoadedRelease {self.name}@{self.release_id[:12]} {state}>"
+
+
+def _scratch_app(host: Flask, namespace: ReleaseNamespace) -> Flask:
+    """A private Flask app that mirrors the host's routing configuration."""
+    scratch = Flask(
+        namespace.mangled,
+        static_folder=None,
+        root_path=str(namespace.package_dir),
+        instance_path=str(namespace.release_dir),
+    )
+    scratch.config = host.config  # read-only use: registration reads a few flags
+    scratch.url_map = host.url_map_class(
+        host_matching=host.url_map.host_matching,
+        strict_slashes=host.url_map.strict_slashes,
+        merge_slashes=host.url_map.merge_slashes,
+        redirect_defaults=host.url_map.redirect_defaults,
+        default_subdomain=host.url_map.default_subdomain,
+        sort_parameters=host.url_map.sort_parameters,
+        sort_key=host.url_map.sort_key,
+    )
+    scratch.url_map.converters = dict(host.url_map.converters)
+    scratch.subdomain_matching = host.subdomain_matching
+    # Captures app_template_filter/_global/_test without building a Jinja env.
+    scratch.jinja_env = SimpleNamespace(filters={}, globals={}, tests={})  # type: ignore[assignment]
+    return scratch
+
+
+def _wrap_app_wide(release: LoadedRelease, func: t.Callable[..., t.Any]) -> t.Callable[..., t.Any]:
+    """Make an app-wide hook see :data:`current_plugin` as its own plugin."""
+    context = release.context
+
+    def app_wide_hook(*args: t.Any, **kwargs: t.Any) -> t.Any:
+        token = _active_plugin.set(context)
+        try:
+            return func(*args, **kwargs)
+        finally:
+            _active_plugin.reset(token)
+
+    app_wide_hook.__name__ = getattr(func, "__name__", "app_wide_hook")
+    app_wide_hook.__wrapped__ = func  # type: ignore[attr-defined]
+    return app_wide_hook
+
+
+def build_release(host: Flask, spec: ReleaseSpec) -> LoadedRelease:
+    """Import and register a release; nothing touches the live host.
+
+    Raises a :class:`PluginLoadError` (subclass) naming plugin, file and line.
+    """
+    namespace, plugin = import_release(
+        spec.path, plugin_name=spec.name, release_id=spec.release_id, entry=spec.entry
+    )
+    try:
+        release = LoadedRelease(spec, namespace, plugin)
+        _register(host, release, plugin, namespace)
+        _compile_templates(host, release)
+    except PluginLoadError:
+        purge_namespace(namespace)
+        raise
+    except Exception as exc:
+        purge_namespace(namespace)
+        raise PluginLoadError(
+            f"plugin {spec.name!r}: registering the plugin failed: {type(exc).__name__}: {exc}",
+            plugin=spec.name,
+            release=spec.release_id,
+        ) from exc
+    return release
+
+
+def _register(host: Flask, release: LoadedRelease, plugin: Plugin, namespace: ReleaseNamespace) -> None:
+    scratch = _scratch_app(host, namespace)
+    if plugin.has_static_folder:
+        # Versioned static URLs: a page rendered by one release never loads
+        # another release's assets.
+        base = plugin.static_url_path or "/static"
+        plugin.static_url_path = f"{base.rstrip('/')}/{release.release_id[:12]}"
+    scratch.register_blueprint(plugin, url_prefix=release.prefix, name=release.name)
+
+    release.url_map = scratch.url_map
+    release.view_functions = dict(scratch.view_functions)
+    for registry in HOOK_REGISTRIES:
+        source: dict[t.Any, list[t.Any]] = getattr(scratch, registry)
+        scoped = {k: list(v) for k, v in source.items() if k is not None and v}
+        release.scoped[registry] = scoped
+        # template_context_processors[None] holds Flask's default processor.
+        app_wide = [f for f in source.get(None, []) if registry != "template_context_processors" or f.__module__ != "flask.templating"]
+        if app_wide:
+            release.app_wide[registry] = [_wrap_app_wide(release, f) for f in app_wide]
+    for scope, by_code in scratch.error_handler_spec.items():
+        cleaned = {code: dict(handlers) for code, handlers in by_code.items() if handlers}
+        if not cleaned:
+            continue
+        if scope is None:
+            release.app_error_handlers = {
+                code: {cls: _wrap_app_wide(release, f) for cls, f in handlers.items()}
+                for code, handlers in cleaned.items()
+            }
+        else:
+            spec_for_scope: defaultdict[int | None, dict[type, t.Any]] = defaultdict(dict)
+            spec_for_scope.update(cleaned)
+            release.error_handlers[scope] = spec_for_scope
+    fake_env = t.cast(SimpleNamespace, scratch.jinja_env)
+    release.template_registrations = {
+        "filters": dict(fake_env.filters),
+        "globals": dict(fake_env.globals),
+        "tests": dict(fake_env.tests),
+    }
+    release.template_loaders = [
+        bp.jinja_loader for bp in scratch.iter_blueprints() if bp.jinja_loader is not None
+    ]
+
+
+def _compile_templates(host: Flask, release: LoadedRelease) -> None:
+    """Build the release's Jinja overlay and compile every template it ships.
+
+    A template syntax error fails the load, like a Python syntax error.
+    """
+    host_env = host.jinja_env
+    loader = jinja2.ChoiceLoader([*release.template_loaders, host_env.loader])  # type: ignore[list-item]
+    env = host_env.overlay(loader=loader, cache_size=400)
+    env.__dict__["_gitplug_routing"] = False
+    # The release's own app-wide filters/globals/tests first, then the host's
+    # (a live view: the host may still add entries). Jinja checks filter names
+    # at compile time, so the release's own must be visible here already.
+    regs = release.template_registrations
+    env.filters = ChainMap(dict(regs.get("filters", {})), host_env.filters)  # type: ignore[assignment]
+    env.tests = ChainMap(dict(regs.get("tests", {})), host_env.tests)  # type: ignore[assignment]
+    env.globals = ChainMap(dict(regs.get("globals", {})), host_env.globals)  # type: ignore[assignment]
+    release.jinja_env = env
+    for own_loader in release.template_loaders:
+        for name in own_loader.list_templates():
+            try:
+                env.get_template(name)
+            except jinja2.TemplateSyntaxError as exc:
+                file = exc.filename or name
+                try:
+                    file = str(Path(file).resolve().relative_to(release.spec.path.resolve()))
+                except ValueError:
+                    pass
+                raise PluginLoadError(
+                    f"plugin {release.name!r}: template syntax error in {file} line {exc.lineno}:"
+                    f" {exc.message}. Fix the template and deploy a new commit; the live"
+                    " release is unchanged.",
+                    plugin=release.name,
+                    release=release.release_id,
+                    file=file,
+                    line=exc.lineno,
+                ) from None
+            except jinja2.TemplateError:
+                # Missing includes etc. surface at render time, as in Flask.
+                continue

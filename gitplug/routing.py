@@ -1,0 +1,79 @@
+"""URL matching and building against a request's snapshot.
+
+The host keeps its own :class:`~werkzeug.routing.Map`; each release has a
+``Map`` of its own. :class:`SnapshotAdapter` is the URL adapter Flask gets
+for every request: it *matches* against the release that owns the request's
+path (or the host's map), and *builds* each endpoint from the map that owns
+it, all from the request's snapshot. Maps are never mutated after they are
+built, which sidesteps ``Map.add`` not being thread-safe and ``Map`` having
+no rule removal.
+"""
+
+from __future__ import annotations
+
+import typing as t
+
+from werkzeug.routing import Map, MapAdapter
+
+from .snapshot import Snapshot
+
+__all__ = ["SnapshotAdapter"]
+
+
+def _adapter_like(map: Map, base: MapAdapter) -> MapAdapter:
+    """A plain adapter for ``map`` bound exactly like ``base``."""
+    return MapAdapter(
+        map,
+        base.server_name,
+        base.script_name,
+        base.subdomain,
+        base.url_scheme,
+        base.path_info,
+        base.default_method,
+        base.query_args,
+    )
+
+
+class SnapshotAdapter(MapAdapter):
+    """Matches on one map, builds URLs for host and every plugin."""
+
+    def __init__(self, map: Map, host_adapter: MapAdapter, snapshot: Snapshot) -> None:
+        base = host_adapter
+        super().__init__(
+            map,
+            base.server_name,
+            base.script_name,
+            base.subdomain,
+            base.url_scheme,
+            base.path_info,
+            base.default_method,
+            base.query_args,
+        )
+        self._host_adapter = host_adapter
+        self._snapshot = snapshot
+        self._others: dict[str, MapAdapter] = {}
+
+    def build(
+        self,
+        endpoint: t.Any,
+        values: t.Mapping[str, t.Any] | None = None,
+        method: str | None = None,
+        force_external: bool = False,
+        append_unknown: bool = True,
+        url_scheme: str | None = None,
+    ) -> str:
+        adapter: MapAdapter = self._host_adapter
+        if isinstance(endpoint, str):
+            release = self._snapshot.release_for_scope(endpoint)
+            if release is not None and endpoint in release.view_functions:
+                if release.url_map is self.map:
+                    adapter = self
+                else:
+                    adapter = self._others.get(release.name) or self._others.setdefault(
+                        release.name, _adapter_like(release.url_map, self._host_adapter)
+                    )
+        if adapter is self:
+            return MapAdapter.build(
+                self, endpoint, values, method, force_external, append_unknown, url_scheme
+            )
+        return adapter.build(endpoint, values, method, force_external, append_unknown, url_scheme)

@@ -1,0 +1,452 @@
+"""Dispatch and atomic swap of plugin releases inside one host Flask app.
+
+:class:`Runtime` is installed once on a host application. From then on:
+
+* every request is pinned, on arrival, to the current :class:`Snapshot`
+  (WSGI middleware, one locked counter increment);
+* Flask's URL adapter, view lookup, hook registries, error handlers and
+  template lookups answer from that snapshot (:mod:`gitplug.routing`,
+  :mod:`gitplug.hooks`, :mod:`gitplug.templating`);
+* :meth:`Runtime.swap` builds and verifies a new release completely, then
+  publishes a new snapshot with one reference assignment;
+* a retired release is unloaded (``on_unload``, module purge) by a reaper
+  thread once the last snapshot holding it has no request in flight,
+  streaming responses included.
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import logging
+import queue
+import threading
+import time
+import typing as t
+import weakref
+from collections.abc import Iterable, Iterator
+
+from flask import Flask
+from werkzeug.routing import MapAdapter
+
+from . import signals
+from .errors import HealthCheckFailed, MountError, OnLoadFailed, PluginLoadError
+from .hooks import ENVIRON_SNAPSHOT, LayeredErrorHandlers, LayeredHooks, LayeredViews
+from .loaded import HOOK_REGISTRIES, LoadedRelease, ReleaseSpec, build_release
+from .plugin import ENVIRON_RELEASE
+from .routing import SnapshotAdapter
+from .snapshot import Snapshot
+from .templating import TemplateRegistrations, install_routing_environment
+
+__all__ = ["Runtime"]
+
+logger = logging.getLogger(__name__)
+
+_StartResponse = t.Callable[..., t.Any]
+
+
+class Runtime:
+    """Serves plugin releases in ``app`` and swaps them atomically.
+
+    One per host application, created by :class:`gitplug.GitPlug`.
+    """
+
+    def __init__(self, app: Flask, *, leak_grace_s: float = 30.0) -> None:
+        self.app = app
+        #: The live snapshot. Replaced (never mutated) under ``_lock``.
+        self.snapshot = Snapshot({}, 0)
+        self._lock = threading.Lock()
+        self._generations = itertools.count(1)
+        self._swap_locks: dict[str, threading.Lock] = {}
+        self._stopped: dict[str, ReleaseSpec] = {}
+        self._reaper_queue: queue.Queue[LoadedRelease | None] = queue.Queue()
+        self._reaper: threading.Thread | None = None
+        self._leak_grace_s = leak_grace_s
+        self._retired_refs: list[tuple[str, weakref.ref[t.Any]]] = []
+        self._install()
+
+    # -- installation ------------------------------------------------------
+
+    def _install(self) -> None:
+        app = self.app
+        for registry in HOOK_REGISTRIES:
+            setattr(app, registry, LayeredHooks(getattr(app, registry), self, registry))
+        app.error_handler_spec = LayeredErrorHandlers(app.error_handler_spec, self)
+        app.view_functions = LayeredViews(app.view_functions, self)
+        host_create_url_adapter = app.create_url_adapter
+
+        def create_url_adapter(request: t.Any) -> MapAdapter | None:
+            host_adapter = host_create_url_adapter(request)
+            if host_adapter is None:
+                return None
+            if request is None:
+                snapshot = self.snapshot
+                if not snapshot.releases:
+                    return host_adapter
+                return SnapshotAdapter(app.url_map, host_adapter, snapshot)
+            environ = request.environ
+            snapshot = environ.get(ENVIRON_SNAPSHOT)
+            if snapshot is None:
+                # A request that did not come through the WSGI entry point
+                # (app.test_request_context()): pin it, without counting.
+                snapshot = environ[ENVIRON_SNAPSHOT] = self.snapshot
+                found = snapshot.release_for_path(environ.get("PATH_INFO") or "/")
+                if found is not None:
+                    environ[ENVIRON_RELEASE] = found
+            if not snapshot.releases:
+                return host_adapter
+            release = environ.get(ENVIRON_RELEASE)
+            url_map = release.url_map if release is not None else app.url_map
+            return SnapshotAdapter(url_map, host_adapter, snapshot)
+
+        app.create_url_adapter = create_url_adapter  # type: ignore[method-assign]
+        install_routing_environment(app.jinja_env)
+        self._templates = TemplateRegistrations(app.jinja_env)
+        app.wsgi_app = _PinRequests(app.wsgi_app, self)  # type: ignore[method-assign]
+
+    # -- request accounting ------------------------------------------------
+
+    def _enter(self, path: str) -> tuple[Snapshot, LoadedRelease | None]:
+        with self._lock:
+            snapshot = self.snapshot
+            snapshot.inflight += 1
+            release = snapshot.release_for_path(path) if snapshot.releases else None
+            if release is not None:
+                release.requests += 1
+        return snapshot, release
+
+    def _leave(self, snapshot: Snapshot) -> None:
+        with self._lock:
+            snapshot.inflight -= 1
+            done = self._close_if_idle(snapshot) if snapshot.superseded else ()
+        self._schedule_unload(done)
+
+    def _count_error(self, release: LoadedRelease) -> None:
+        with self._lock:
+            release.errors += 1
+
+    def _close_if_idle(self, snapshot: Snapshot) -> list[LoadedRelease]:
+        """Close a superseded, idle snapshot; return releases now unused. Lock held."""
+        if snapshot.inflight or snapshot.closed or not snapshot.superseded:
+            return []
+        snapshot.closed = True
+        unused = []
+        for release in snapshot.releases.values():
+            release.snapshot_refs -= 1
+            if release.snapshot_refs == 0 and release.retired:
+                unused.append(release)
+        return unused
+
+    # -- loading and swapping ----------------------------------------------
+
+    def check_mount(self, name: str, url_prefix: str) -> None:
+        """Refuse a name or prefix that clashes with the host or another plugin."""
+        if name in self.app.blueprints:
+            raise MountError(
+                f"plugin {name!r}: the host application already has a blueprint named"
+                f" {name!r}. Rename the plugin in the configuration."
+            )
+        for rule in self.app.url_map.iter_rules():
+            path = rule.rule
+            if path == url_prefix or path.startswith(url_prefix + "/"):
+                raise MountError(
+                    f"plugin {name!r}: url_prefix {url_prefix!r} would hide the host's route"
+                    f" {path!r} (endpoint {rule.endpoint!r}). Choose another url_prefix."
+                )
+        for other in self.snapshot.releases.values():
+            if other.name == name:
+                continue
+            a, b = other.prefix, url_prefix
+            if a == b or a.startswith(b + "/") or b.startswith(a + "/"):
+                raise MountError(
+                    f"plugin {name!r}: url_prefix {url_prefix!r} overlaps plugin"
+                    f" {other.name!r} at {other.prefix!r}. Give each plugin its own prefix."
+                )
+
+    def swap_lock(self, name: str) -> threading.Lock:
+        """The lock that serialises loads and swaps of one plugin."""
+        with self._lock:
+            return self._swap_locks.setdefault(name, threading.Lock())
+
+    def load(self, spec: ReleaseSpec) -> LoadedRelease:
+        """Import, register and verify a release without publishing it.
+
+        Raises :class:`PluginLoadError`; nothing served changes on failure.
+        """
+        self.check_mount(spec.name, spec.url_prefix)
+        try:
+            release = build_release(self.app, spec)
+            self._verify(release)
+        except PluginLoadError as exc:
+            logger.warning("plugin %s: release %s failed to load: %s", spec.name, spec.release_id, exc)
+            signals.plugin_load_failed.send(self.app, plugin=spec.name, release=spec.release_id, error=exc)
+            raise
+        return release
+
+    def _verify(self, release: LoadedRelease) -> None:
+        plugin = release.plugin
+        assert plugin is not None
+        try:
+            with self.app.app_context():
+                for func in plugin.on_load_funcs:
+                    try:
+                        release.run_in_context(func)
+                    except Exception as exc:
+                        raise OnLoadFailed(
+                            f"plugin {release.name!r}: on_load callback {func.__qualname__}"
+                            f" raised {type(exc).__name__}: {exc}{_where(exc, release)}."
+                            " The live release is unchanged.",
+                            plugin=release.name,
+                            release=release.release_id,
+                            **_location(exc, release),
+                        ) from exc
+                for func in plugin.health_check_funcs:
+                    try:
+                        healthy = release.run_in_context(func)
+                    except Exception as exc:
+                        raise HealthCheckFailed(
+                            f"plugin {release.name!r}: health check {func.__qualname__} raised"
+                            f" {type(exc).__name__}: {exc}{_where(exc, release)}."
+                            " The live release is unchanged.",
+                            plugin=release.name,
+                            release=release.release_id,
+                            **_location(exc, release),
+                        ) from exc
+                    if not healthy:
+                        raise HealthCheckFailed(
+                            f"plugin {release.name!r}: health check {func.__qualname__} returned"
+                            f" {healthy!r}. The live release is unchanged.",
+                            plugin=release.name,
+                            release=release.release_id,
+                        )
+        except PluginLoadError:
+            self._unload_now(release, run_callbacks=False)
+            raise
+
+    def publish(self, name: str, release: LoadedRelease | None) -> LoadedRelease | None:
+        """Make ``release`` the live release of ``name`` (``None`` stops it).
+
+        One reference assignment; returns the release it replaced.
+        """
+        with self._lock:
+            old_snapshot = self.snapshot
+            releases = dict(old_snapshot.releases)
+            old = releases.pop(name, None)
+            if release is not None:
+                releases[name] = release
+                release.retired = False
+            new_snapshot = Snapshot(releases, next(self._generations))
+            for live in new_snapshot.releases.values():
+                live.snapshot_refs += 1
+            refused = self._templates.apply(release, old if old is not release else None)
+            if old is not None and old is not release:
+                old.retired = True
+            self.snapshot = new_snapshot
+            old_snapshot.superseded = True
+            unused = self._close_if_idle(old_snapshot)
+        if refused:
+            logger.warning(
+                "plugin %s: app-wide template names already used by the host were not applied: %s",
+                name,
+                ", ".join(refused),
+            )
+        if release is not None and release is not old:
+            logger.info("plugin %s: release %s is live", name, release.release_id)
+            signals.plugin_loaded.send(self.app, plugin=name, release=release.release_id, commit=release.commit)
+        self._schedule_unload(unused)
+        return old
+
+    def swap(self, spec: ReleaseSpec) -> LoadedRelease:
+        """Load, verify and publish a release; the old one retires."""
+        with self.swap_lock(spec.name):
+            release = self.load(spec)
+            self.publish(spec.name, release)
+            self._stopped.pop(spec.name, None)
+            return release
+
+    def stop(self, name: str) -> bool:
+        """Unmount ``name``: its URLs 404 and all its hooks are gone."""
+        with self.swap_lock(name):
+            live = self.snapshot.releases.get(name)
+            if live is None:
+                return False
+            self._stopped[name] = live.spec
+            self.publish(name, None)
+            return True
+
+    def start(self, name: str) -> LoadedRelease | None:
+        """Bring back the release a :meth:`stop` took down (reloaded from disk)."""
+        spec = self._stopped.get(name)
+        if spec is None:
+            return None
+        return self.swap(spec)
+
+    def live(self, name: str) -> LoadedRelease | None:
+        return self.snapshot.releases.get(name)
+
+    # -- unloading -----------------------------------------------------------
+
+    def _schedule_unload(self, releases: Iterable[LoadedRelease]) -> None:
+        for release in releases:
+            self._ensure_reaper()
+            self._reaper_queue.put(release)
+
+    def _ensure_reaper(self) -> None:
+        if self._reaper is None or not self._reaper.is_alive():
+            with self._lock:
+                if self._reaper is None or not self._reaper.is_alive():
+                    self._reaper = threading.Thread(
+                        target=self._reap, name="gitplug-reaper", daemon=True
+                    )
+                    self._reaper.start()
+
+    def _reap(self) -> None:
+        while True:
+            release = self._reaper_queue.get()
+            try:
+                if release is None:
+                    return
+                self._unload_now(release, run_callbacks=True)
+            except Exception:  # noqa: BLE001 - the reaper must survive any plugin
+                logger.exception("plugin %s: unloading %r failed", getattr(release, "name", "?"), release)
+            finally:
+                self._reaper_queue.task_done()
+
+    def _unload_now(self, release: LoadedRelease, *, run_callbacks: bool) -> None:
+        if release.unloaded:
+            return
+        plugin = release.plugin
+        if run_callbacks and plugin is not None:
+            with self.app.app_context():
+                for func in plugin.on_unload_funcs:
+                    try:
+                        release.run_in_context(func)
+                    except Exception:  # noqa: BLE001 - report and go on unloading
+                        logger.exception(
+                            "plugin %s: on_unload callback %s of release %s raised",
+                            release.name,
+                            getattr(func, "__qualname__", func),
+                            release.release_id,
+                        )
+        module = None
+        import sys
+
+        module = sys.modules.get(release.namespace.mangled)
+        if module is not None:
+            self._retired_refs.append((repr(release), weakref.ref(module)))
+        del module
+        release.purge()
+        if run_callbacks:
+            logger.info("plugin %s: release %s unloaded", release.name, release.release_id)
+            signals.plugin_unloaded.send(
+                self.app, plugin=release.name, release=release.release_id, commit=release.commit
+            )
+        if self._leak_grace_s > 0:
+            timer = threading.Timer(self._leak_grace_s, self.report_leaks)
+            timer.daemon = True
+            timer.start()
+
+    def wait_idle(self, timeout: float = 10.0) -> bool:
+        """Wait until every retired, drained release has been unloaded."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._reaper_queue.unfinished_tasks == 0:
+                return True
+            time.sleep(0.005)
+        return False
+
+    def report_leaks(self) -> list[str]:
+        """Log what still holds retired releases' modules; return the findings."""
+        gc.collect()
+        findings = []
+        alive = []
+        for label, ref in self._retired_refs:
+            module = ref()
+            if module is None:
+                continue
+            alive.append((label, ref))
+            holders = sorted({type(r).__name__ for r in gc.get_referrers(module)} - {"frame", "list"})
+            finding = f"{label}: package module still reachable, held by {', '.join(holders) or 'unknown'}"
+            findings.append(finding)
+            logger.warning("leak: %s (see README: what plugin code must not do)", finding)
+            del module
+        self._retired_refs = alive
+        return findings
+
+    def shutdown(self) -> None:
+        """Stop the reaper thread (tests, process exit)."""
+        if self._reaper is not None and self._reaper.is_alive():
+            self._reaper_queue.put(None)
+            self._reaper.join(timeout=5)
+
+
+def _location(exc: BaseException, release: LoadedRelease) -> dict[str, t.Any]:
+    import traceback
+
+    root = str(release.spec.path.resolve())
+    file = line = None
+    for frame in traceback.extract_tb(exc.__traceback__):
+        if frame.filename.startswith(root):
+            file, line = frame.filename[len(root) + 1 :], frame.lineno
+    return {"file": file, "line": line}
+
+
+def _where(exc: BaseException, release: LoadedRelease) -> str:
+    loc = _location(exc, release)
+    return f" in {loc['file']} line {loc['line']}" if loc["file"] else ""
+
+
+class _PinRequests:
+    """WSGI middleware: pin each request to the live snapshot until it ends."""
+
+    def __init__(self, wsgi_app: t.Callable[..., Iterable[bytes]], runtime: Runtime) -> None:
+        self.wsgi_app = wsgi_app
+        self.runtime = runtime
+
+    def __call__(self, environ: dict[str, t.Any], start_response: _StartResponse) -> Iterable[bytes]:
+        runtime = self.runtime
+        snapshot, release = runtime._enter(environ.get("PATH_INFO") or "/")
+        environ[ENVIRON_SNAPSHOT] = snapshot
+        if release is not None:
+            environ[ENVIRON_RELEASE] = release
+            start_response = _error_counting(start_response, runtime, release)
+        try:
+            result = self.wsgi_app(environ, start_response)
+        except BaseException:
+            runtime._leave(snapshot)
+            raise
+        return _Finish(result, runtime, snapshot)
+
+
+def _error_counting(start_response: _StartResponse, runtime: Runtime, release: LoadedRelease) -> _StartResponse:
+    def counting_start_response(status: str, headers: t.Any, exc_info: t.Any = None) -> t.Any:
+        if status[:1] == "5":
+            runtime._count_error(release)
+        return start_response(status, headers, exc_info)
+
+    return counting_start_response
+
+
+class _Finish:
+    """Wraps a WSGI response; the request ends when the server closes it."""
+
+    __slots__ = ("_result", "_runtime", "_snapshot", "_done")
+
+    def __init__(self, result: Iterable[bytes], runtime: Runtime, snapshot: Snapshot) -> None:
+        self._result = result
+        self._runtime = runtime
+        self._snapshot = snapshot
+        self._done = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._result)
+
+    def close(self) -> None:
+        try:
+            close = getattr(self._result, "close", None)
+            if close is not None:
+                close()
+        finally:
+            if not self._done:
+                self._done = True
+                self._runtime._leave(self._snapshot)

@@ -1,0 +1,37 @@
+"""Blinker signals, in the style of Flask's own (``flask.signals``).
+
+Each is sent with the :class:`~gitplug.GitPlug`-managed Flask app as sender
+(``current_app._get_current_object()`` style) and keyword arguments::
+
+    plugin_loaded       plugin=<name>, release=<release id>, commit=<sha|None>
+    plugin_unloaded     plugin, release, commit
+    plugin_load_failed  plugin, release, error=<PluginLoadError>
+    deploy_started      plugin, deploy=<DeployRecord>
+    deploy_succeeded    plugin, deploy
+    deploy_failed       plugin, deploy, error
+    rolled_back         plugin, deploy, from_commit, to_commit, reason
+"""
+
+from __future__ import annotations
+
+from blinker import Namespace
+
+__all__ = [
+    "plugin_loaded",
+    "plugin_unloaded",
+    "plugin_load_failed",
+    "deploy_started",
+    "deploy_succeeded",
+    "deploy_failed",
+    "rolled_back",
+]
+
+_signals = Namespace()
+
+plugin_loaded = _signals.signal("gitplug-plugin-loaded")
+plugin_unloaded = _signals.signal("gitplug-plugin-unloaded")
+plugin_load_failed = _signals.signal("gitplug-plugin-load-failed")
+deploy_started = _signals.signal("gitplug-deploy-started")
+deploy_succeeded = _signals.signal("gitplug-deploy-succeeded")
+deploy_failed = _signals.signal("gitplug-deploy-failed")
+rolled_back = _signals.signal("gitplug-rolled-back")

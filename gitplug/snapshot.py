@@ -1,0 +1,87 @@
+"""The immutable view of which release of every plugin is live.
+
+A :class:`Snapshot` maps plugin names to :class:`~gitplug.loaded.LoadedRelease`
+objects. The runtime publishes a new snapshot with one reference assignment
+on every swap; each request takes the snapshot that was current when it
+arrived and reads *everything* (routing, views, hooks, templates, static
+files, ``url_for``) from it. That is the whole atomicity argument: a request
+can only ever see one complete snapshot.
+"""
+
+from __future__ import annotations
+
+import typing as t
+from collections.abc import Mapping
+
+if t.TYPE_CHECKING:
+    from .loaded import LoadedRelease
+
+__all__ = ["Snapshot"]
+
+
+class Snapshot:
+    """An immutable set of live releases, plus in-flight bookkeeping."""
+
+    __slots__ = (
+        "releases",
+        "generation",
+        "_by_prefix",
+        "_prefix_depths",
+        "app_wide",
+        "app_error_handlers",
+        "inflight",
+        "superseded",
+        "closed",
+    )
+
+    def __init__(self, releases: Mapping[str, LoadedRelease], generation: int) -> None:
+        #: ``{plugin name: release}``; never mutated after construction.
+        self.releases: dict[str, LoadedRelease] = dict(releases)
+        self.generation = generation
+        self._by_prefix = {r.prefix: r for r in self.releases.values()}
+        #: Segment counts of the prefixes, deepest first ("/a/b" -> 2).
+        self._prefix_depths = sorted({p.count("/") for p in self._by_prefix}, reverse=True)
+        #: App-wide hooks of all live releases, per registry, in mount order.
+        self.app_wide: dict[str, list[t.Any]] = {}
+        for release in self.releases.values():
+            for registry, funcs in release.app_wide.items():
+                self.app_wide.setdefault(registry, []).extend(funcs)
+        #: App-wide error handlers of all live releases: ``{code: {cls: f}}``.
+        self.app_error_handlers: dict[int | None, dict[type, t.Any]] = {}
+        for release in self.releases.values():
+            for code, handlers in release.app_error_handlers.items():
+                self.app_error_handlers.setdefault(code, {}).update(handlers)
+        # Guarded by the runtime's lock:
+        self.inflight = 0
+        self.superseded = False
+        self.closed = False
+
+    def release_for_path(self, path: str) -> LoadedRelease | None:
+        """The release whose ``url_prefix`` owns ``path`` (longest prefix wins).
+
+        Cost is one dict lookup per distinct prefix depth, independent of the
+        number of plugins.
+        """
+        if not self._by_prefix:
+            return None
+        by_prefix = self._by_prefix
+        for depth in self._prefix_depths:
+            # The first `depth` segments of the path: "/a/b/c" -> "/a/b" for 2.
+            end = -1
+            for _ in range(depth + 1):
+                end = path.find("/", end + 1)
+                if end < 0:
+                    break
+            candidate = path if end < 0 else path[:end]
+            release = by_prefix.get(candidate)
+            if release is not None and (end >= 0 or candidate.count("/") == depth):
+                return release
+        return None
+
+    def release_for_scope(self, scope: str) -> LoadedRelease | None:
+        """The release owning a blueprint scope or endpoint (``hello.x``)."""
+        return self.releases.get(scope.partition(".")[0])
+
+    def __repr__(self) -> str:
+        names = ", ".join(f"{n}@{r.release_id[:8]}" for n, r in self.releases.items())
+        return f"<Snapshot #{self.generation} [{names}] inflight={self.inflight}>"

@@ -1,0 +1,562 @@
+"""Tests for gitplug.config: the schema of SPEC section 3, its defaults and its errors."""
+
+from __future__ import annotations
+
+import re
+import textwrap
+from pathlib import Path
+from types import MappingProxyType
+
+import pytest
+
+from gitplug.config import (
+    DEFAULT_TEST_COMMAND,
+    MAPPING_SOURCE,
+    AutoRollback,
+    ConfigDiff,
+    GitplugConfig,
+    PluginConfig,
+    config_from_mapping,
+    diff_plugins,
+    load_config,
+    resolve_config_path,
+)
+from gitplug.errors import ConfigError, UnknownPlugin
+
+
+def write(tmp_path: Path, text: str, name: str = "deploy.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text).lstrip("\n"), encoding="utf-8")
+    return path
+
+
+def load(tmp_path: Path, text: str, **env: str) -> GitplugConfig:
+    return load_config(write(tmp_path, text), environ=env)
+
+
+# --------------------------------------------------------------------------- valid files
+
+
+def test_defaults(tmp_path: Path) -> None:
+    cfg = load(tmp_path, """
+        plugins:
+          hello:
+            repo: ./hello
+    """)
+    assert cfg.data_dir == tmp_path / ".gitplug"
+    assert cfg.poll_interval == 60.0
+    assert cfg.keep_releases == 5
+    assert cfg.state == f"sqlite:///{tmp_path}/.gitplug/state.db"
+    assert cfg.state.startswith("sqlite:////")  # four slashes: an absolute path
+    assert cfg.admin_token is None and cfg.webhook_secret is None
+    assert cfg.api_prefix == "/_gitplug"
+    assert cfg.source == str(tmp_path / "deploy.yaml")
+    assert cfg.base_dir == tmp_path
+    hello = cfg.plugins["hello"]
+    assert hello == PluginConfig(name="hello", repo=str(tmp_path / "hello"))
+    assert hello.ref == "main" and hello.url_prefix == "/hello" and hello.entry is None
+    assert hello.test == DEFAULT_TEST_COMMAND and hello.test_is_default is True
+    assert hello.test_timeout == 120.0 and hello.auto_rollback is None
+    assert hello.config == {} and isinstance(hello.config, MappingProxyType)
+
+
+def test_spec_example(tmp_path: Path) -> None:
+    cfg = load(tmp_path, """
+        data_dir: .gitplug
+        poll_interval: 60
+        keep_releases: 5
+        state: sqlite:///.gitplug/state.db
+        admin_token: ${GITPLUG_ADMIN_TOKEN}
+        webhook:
+          secret: ${GITPLUG_WEBHOOK_SECRET}
+        plugins:
+          hello:
+            repo: https://git.example.com/team/hello.git
+            ref: main
+            url_prefix: /hello
+            entry: hello:plugin
+            poll_interval: 30
+            test: python -m pytest -q
+            test_timeout: 120
+            auto_rollback: {max_error_rate: 0.2, min_requests: 20, window: 60}
+            config:
+              GREETING: Hello
+    """, GITPLUG_ADMIN_TOKEN="tok", GITPLUG_WEBHOOK_SECRET="sec")
+    assert cfg.admin_token == "tok" and cfg.webhook_secret == "sec"
+    assert cfg.state == f"sqlite:///{tmp_path}/.gitplug/state.db"
+    hello = cfg.plugins["hello"]
+    assert hello.repo == "https://git.example.com/team/hello.git"
+    assert hello.entry == "hello:plugin" and hello.poll_interval == 30.0
+    assert hello.test == ("python", "-m", "pytest", "-q") and hello.test_is_default is False
+    assert hello.auto_rollback == AutoRollback(max_error_rate=0.2, min_requests=20, window=60.0)
+    assert dict(hello.config) == {"GREETING": "Hello"}
+
+
+def test_plugins_keep_file_order_and_take_top_level_poll_interval(tmp_path: Path) -> None:
+    cfg = load(tmp_path, """
+        poll_interval: 15
+        plugins:
+          zeta: {repo: ./z}
+          alpha: {repo: ./a, poll_interval: 2.5}
+    """)
+    assert list(cfg.plugins) == ["zeta", "alpha"]
+    assert cfg.plugins["zeta"].poll_interval == 15.0
+    assert cfg.plugins["alpha"].poll_interval == 2.5
+
+
+@pytest.mark.parametrize("text", ["plugins: {}\n", "plugins:\n", "data_dir: d\n"])
+def test_no_plugins_is_valid(tmp_path: Path, text: str) -> None:
+    assert dict(load(tmp_path, text).plugins) == {}
+
+
+def test_env_interpolation(tmp_path: Path) -> None:
+    cfg = load(tmp_path, """
+        keep_releases: ${KEEP}
+        plugins:
+          hello:
+            repo: https://${HOST}/team/hello.git
+            ref: release-${VERSION}
+            poll_interval: ${POLL}
+            test_timeout: ${TIMEOUT}
+            auto_rollback: {min_requests: "${MIN}", max_error_rate: "${RATE}"}
+            config: {GREETING: "price: $${NOT_A_VAR} ${VERSION}", NESTED: [a, "${VERSION}"]}
+    """, KEEP="3", HOST="git.example.com", VERSION="1.2", POLL="30", TIMEOUT=" 7.5 ",
+        MIN="5", RATE="0.5")
+    hello = cfg.plugins["hello"]
+    assert cfg.keep_releases == 3
+    assert hello.repo == "https://git.example.com/team/hello.git" and hello.ref == "release-1.2"
+    assert hello.poll_interval == 30.0 and hello.test_timeout == 7.5
+    assert hello.auto_rollback == AutoRollback(min_requests=5, max_error_rate=0.5)
+    assert dict(hello.config) == {"GREETING": "price: ${NOT_A_VAR} 1.2", "NESTED": ["a", "1.2"]}
+    assert type(hello.config["GREETING"]) is str and type(hello.ref) is str
+
+
+@pytest.mark.parametrize("value, expected", [("false", (None, False)), ("FALSE", (None, False)),
+                                             ("make check", (("make", "check"), False))])
+def test_test_command_from_env(tmp_path: Path, value: str, expected: tuple) -> None:
+    cfg = load(tmp_path, "plugins:\n  p:\n    repo: ./p\n    test: ${T}\n", T=value)
+    assert (cfg.plugins["p"].test, cfg.plugins["p"].test_is_default) == expected
+
+
+def test_empty_secret_from_env_means_not_set(tmp_path: Path) -> None:
+    cfg = load(tmp_path, "admin_token: ${T}\nwebhook: {secret: '${T}'}\n", T="")
+    assert cfg.admin_token is None and cfg.webhook_secret is None
+
+
+def test_numbers_as_literal_strings_are_refused(tmp_path: Path) -> None:
+    # Only ${NAME} turns text into a number: a quoted '30' in the file is a mistake.
+    with pytest.raises(ConfigError, match=r"poll_interval: expected a positive number .* got '30'"):
+        load(tmp_path, "poll_interval: '30'\n")
+
+
+def test_relative_paths_resolve_against_the_file(tmp_path: Path) -> None:
+    sub = tmp_path / "etc"
+    sub.mkdir()
+    cfg = load_config(write(sub, """
+        data_dir: ../var/gitplug
+        state: sqlite:///db/state.db
+        plugins:
+          local: {repo: ../plugins/local}
+          absolute: {repo: /srv/abs, url_prefix: /abs}
+          home: {repo: ~/plugin, url_prefix: /home}
+    """), environ={})
+    assert cfg.base_dir == sub
+    assert cfg.data_dir == tmp_path / "var" / "gitplug"
+    assert cfg.state == f"sqlite:///{sub}/db/state.db"
+    assert cfg.plugins["local"].repo == str(tmp_path / "plugins" / "local")
+    assert cfg.plugins["absolute"].repo == "/srv/abs"
+    assert cfg.plugins["home"].repo == str(Path("~/plugin").expanduser())
+
+
+@pytest.mark.parametrize("state", ["sqlite:////var/lib/gitplug/state.db",
+                                   "redis://localhost:6379/0", "rediss://user:pw@cache/1"])
+def test_state_urls_kept(tmp_path: Path, state: str) -> None:
+    assert load(tmp_path, f"state: {state}\n").state == state
+
+
+@pytest.mark.parametrize("repo", [
+    "https://git.example.com/team/hello.git", "http://127.0.0.1:8000/hello.git",
+    "ssh://git@example.com/team/hello.git", "git://example.com/hello.git",
+    "file:///srv/git/hello.git", "git@example.com:team/hello.git", "example.com:hello.git",
+])
+def test_repo_urls_kept_as_given(tmp_path: Path, repo: str) -> None:
+    assert load(tmp_path, f"plugins:\n  p:\n    repo: '{repo}'\n").plugins["p"].repo == repo
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("true", AutoRollback()),
+    ("{}", AutoRollback()),
+    ("{window: 5}", AutoRollback(window=5.0)),
+    ("{max_error_rate: 1}", AutoRollback(max_error_rate=1.0)),
+    ("false", None),
+    ("null", None),
+])
+def test_auto_rollback_forms(tmp_path: Path, value: str, expected: AutoRollback | None) -> None:
+    cfg = load(tmp_path, f"plugins:\n  p:\n    repo: ./p\n    auto_rollback: {value}\n")
+    assert cfg.plugins["p"].auto_rollback == expected
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("false", None),
+    ("'python -m pytest -x \"tests/a b\"'", ("python", "-m", "pytest", "-x", "tests/a b")),
+    ("[tox, -e, py311]", ("tox", "-e", "py311")),
+])
+def test_test_forms(tmp_path: Path, value: str, expected: tuple[str, ...] | None) -> None:
+    plugin = load(tmp_path, f"plugins:\n  p:\n    repo: ./p\n    test: {value}\n").plugins["p"]
+    assert plugin.test == expected and plugin.test_is_default is False
+
+
+def test_yaml_merge_keys_and_x_anchors(tmp_path: Path) -> None:
+    cfg = load(tmp_path, """
+        x-defaults: &defaults
+          ref: stable
+          test: false
+        plugins:
+          a:
+            <<: *defaults
+            repo: ./a
+          b:
+            <<: *defaults
+            repo: ./b
+            ref: edge
+    """)
+    assert (cfg.plugins["a"].ref, cfg.plugins["a"].test) == ("stable", None)
+    assert cfg.plugins["b"].ref == "edge"
+
+
+def test_plugin_config_is_a_read_only_copy() -> None:
+    settings = {"GREETING": "hi", "LIST": [1]}
+    cfg = config_from_mapping({"plugins": {"p": {"repo": "/p", "config": settings}}},
+                              base_dir=Path("/"), environ={})
+    settings["LIST"].append(2)
+    assert cfg.plugins["p"].config["LIST"] == [1]
+    with pytest.raises(TypeError):
+        cfg.plugins["p"].config["NEW"] = 1  # type: ignore[index]
+
+
+def test_unknown_plugin_lookup(tmp_path: Path) -> None:
+    cfg = load(tmp_path, "plugins:\n  hello: {repo: ./h}\n")
+    assert cfg.plugin("hello").name == "hello"
+    with pytest.raises(UnknownPlugin, match="no plugin named 'nope'.*Known plugins: hello"):
+        cfg.plugin("nope")
+
+
+# --------------------------------------------------------------------------- broken files
+
+# Each case: the file, the 1-based line at fault, the dotted key (None for YAML syntax),
+# and a regex the reason must match. Line 1 is the first line of the dedented text.
+BROKEN = [
+    pytest.param("""
+        data_dir: .gitplug
+        pol_interval: 30
+        plugins: {}
+    """, 2, "pol_interval", r"unknown key 'pol_interval'; did you mean 'poll_interval'\? "
+                            r"Allowed here: data_dir, poll_interval, .*plugins",
+                 id="unknown-top-key"),
+    pytest.param("""
+        plugins:
+          hello:
+            repo: ./hello
+            urlprefix: /hi
+    """, 4, "plugins.hello.urlprefix", r"did you mean 'url_prefix'\? Allowed here: repo, ref",
+                 id="unknown-plugin-key"),
+    pytest.param("""
+        data_dir: .gitplug
+        plugins:
+          hello:
+            repo: ./hello
+
+            poll_interval: soon
+    """, 6, "plugins.hello.poll_interval",
+                 r"expected a positive number of seconds, got 'soon'", id="wrong-type"),
+    pytest.param("""
+        poll_interval: true
+    """, 1, "poll_interval", r"expected a positive number of seconds, got True",
+                 id="bool-is-not-a-number"),
+    pytest.param("""
+        plugins:
+          hello:
+            repo: ./hello
+            test_timeout: -5
+    """, 4, "plugins.hello.test_timeout", r"expected a positive number of seconds, got -5",
+                 id="negative-interval"),
+    pytest.param("""
+        plugins:
+          hello:
+            repo: ./hello
+            url_prefix: hello
+    """, 4, "plugins.hello.url_prefix", r"expected a URL path prefix .*start with '/'.*'hello'",
+                 id="bad-prefix"),
+    pytest.param("""
+        plugins:
+          one:
+            repo: ./one
+            url_prefix: /shared
+          two:
+            repo: ./two
+            url_prefix: /shared
+    """, 7, "plugins.two.url_prefix", r"'/shared' of plugin 'two' is the same as url_prefix "
+                                      r"'/shared' of plugin 'one'", id="duplicate-prefix"),
+    pytest.param("""
+        plugins:
+          outer:
+            repo: ./outer
+            url_prefix: /a/b
+          inner:
+            repo: ./inner
+            url_prefix: /a
+    """, 7, "plugins.inner.url_prefix", r"'/a' of plugin 'inner' contains url_prefix '/a/b' "
+                                        r"of plugin 'outer'", id="nested-prefix"),
+    pytest.param("""
+        api_prefix: /admin
+        plugins:
+          admin:
+            repo: ./admin
+    """, 3, "plugins.admin.url_prefix", r"'/admin' of plugin 'admin' clashes with api_prefix",
+                 id="api-prefix-clash"),
+    pytest.param("""
+        plugins:
+          hello:
+            repo: ./hello
+            entry: hello.plugin
+    """, 4, "plugins.hello.entry", r"expected 'module.path:attribute'.*got 'hello.plugin'",
+                 id="bad-entry"),
+    pytest.param("""
+        plugins:
+          hello:
+            repo: ./hello
+            test: 42
+    """, 4, "plugins.hello.test", r"expected a command .* or false to skip the gate, got 42",
+                 id="bad-test-type"),
+    pytest.param("""
+        plugins:
+          hello:
+            repo: ./hello
+            auto_rollback:
+              min_requests: 10
+              max_error_rate: 1.5
+    """, 6, "plugins.hello.auto_rollback.max_error_rate",
+                 r"expected an error rate in \(0, 1\].*got 1.5", id="auto-rollback-bad-rate"),
+    pytest.param("""
+        plugins:
+          hello:
+            repo: ./one
+            ref: main
+            repo: ./two
+    """, 5, "plugins.hello.repo", r"duplicate key 'repo' \(first on line 3\)",
+                 id="duplicate-key"),
+    pytest.param("""
+        plugins:
+          hello:
+            repo: ./hello
+             ref: main
+    """, 4, None, r"invalid YAML: mapping values are not allowed here", id="yaml-syntax"),
+    pytest.param("""
+        data_dir: .gitplug
+        admin_token: Bearer-${NOPE_TOKEN}
+    """, 2, "admin_token", r"environment variable NOPE_TOKEN is not set.*export NOPE_TOKEN=",
+                 id="unset-var"),
+    pytest.param("""
+        plugins:
+          - hello
+    """, 1, "plugins", r"expected a mapping of plugin name to settings.*got \['hello'\]",
+                 id="plugins-not-a-mapping"),
+    pytest.param("""
+        plugins:
+          my.plugin:
+            repo: ./hello
+    """, 2, "plugins.my.plugin", r"invalid plugin name 'my.plugin'.*blueprint name",
+                 id="bad-plugin-name"),
+    pytest.param("""
+        keep_releases: 0
+    """, 1, "keep_releases", r"expected an integer >= 1 .*got 0", id="keep-releases-0"),
+    pytest.param("""
+        plugins:
+          hello:
+            ref: main
+    """, 2, "plugins.hello.repo", r"missing; expected the plugin's git repository",
+                 id="missing-repo"),
+    pytest.param("""
+        plugins:
+          hello:
+            repo: ftp://example.com/hello.git
+    """, 3, "plugins.hello.repo", r"expected a git URL .* got 'ftp://", id="bad-repo-scheme"),
+    pytest.param("""
+        state: postgres://db/gitplug
+    """, 1, "state", r"expected sqlite:///PATH .* or redis://", id="bad-state"),
+    pytest.param("""
+        webhook:
+          secrt: abc
+    """, 2, "webhook.secrt", r"did you mean 'secret'", id="webhook-unknown-key"),
+    pytest.param("""
+        plugins:
+          hello:
+            repo: ./hello
+            ref: main..evil
+    """, 4, "plugins.hello.ref", r"expected a branch, tag or commit sha", id="bad-ref"),
+    pytest.param("""
+        plugins:
+          hello:
+            repo: ./hello
+            ref: 1234567
+    """, 4, "plugins.hello.ref", r"\(quote it: '1234567'\)", id="unquoted-numeric-sha"),
+    pytest.param("""
+        plugins:
+          hello:
+            repo: ./hello
+            test: 'python -m pytest "unclosed'
+    """, 4, "plugins.hello.test", r"No closing quotation", id="test-bad-quoting"),
+    pytest.param("""
+        plugins:
+          hello:
+            repo: ./hello
+            config: [a, b]
+    """, 4, "plugins.hello.config", r"expected a mapping", id="config-not-a-mapping"),
+]
+
+
+@pytest.mark.parametrize("text, line, key, reason", BROKEN)
+def test_broken_file(tmp_path: Path, text: str, line: int, key: str | None, reason: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={})
+    err = info.value
+    assert (err.file, err.line, err.key) == (str(path), line, key)
+    where = f"{path}:{line}: " + (f"{key}: " if key else "")
+    assert str(err).startswith(where), str(err)
+    assert re.search(reason, err.reason), err.reason
+
+
+def test_all_problems_are_listed_first_one_in_attributes(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+        keep_releases: 0
+        plugins:
+          hello:
+            repo: ./hello
+            poll_interval: soon
+            entry: nope
+    """)
+    with pytest.raises(ConfigError, match=r"(?s)deploy.yaml:1: keep_releases: .*"
+                                          r"and 2 more problem\(s\):\n"
+                                          r".*deploy.yaml:5: plugins.hello.poll_interval: .*\n"
+                                          r".*deploy.yaml:6: plugins.hello.entry: ") as info:
+        load_config(path, environ={})
+    assert (info.value.line, info.value.key) == (1, "keep_releases")
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("", r"the file is empty"),
+    ("# only a comment\n", r"the file is empty"),
+    ("- a\n- b\n", r"the top level must be a mapping"),
+    ("just text\n", r"the top level must be a mapping"),
+])
+def test_empty_or_not_a_mapping(tmp_path: Path, text: str, reason: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}:1: {reason}"):
+        load_config(path, environ={})
+
+
+def test_missing_file_says_how_to_choose_another(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match=rf"no configuration file at {re.escape(str(missing))}"
+                                          r".*-c FILE or set GITPLUG_CONFIG"):
+        load_config(missing)
+
+
+def test_unsafe_yaml_tags_are_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, "plugins: !!python/object/apply:os.system ['true']\n")
+    with pytest.raises(ConfigError, match=r"deploy.yaml:1: plugins: unsupported YAML tag"):
+        load_config(path, environ={})
+
+
+# --------------------------------------------------------------------------- from a mapping
+
+
+def test_config_from_mapping(tmp_path: Path) -> None:
+    cfg = config_from_mapping({
+        "data_dir": tmp_path / "data",
+        "admin_token": "${TOKEN}",
+        "plugins": {"hello": {"repo": Path("hello"), "test": ("make", "test"),
+                              "poll_interval": 5}},
+    }, base_dir=tmp_path, environ={"TOKEN": "t"})
+    assert cfg.source == MAPPING_SOURCE and cfg.base_dir == tmp_path
+    assert cfg.data_dir == tmp_path / "data" and cfg.admin_token == "t"
+    assert cfg.plugins["hello"].repo == str(tmp_path / "hello")
+    assert cfg.plugins["hello"].test == ("make", "test")
+
+
+@pytest.mark.parametrize("data, key, reason", [
+    ({"plugins": {"p": {"repo": "/p", "poll_interval": True}}}, "plugins.p.poll_interval",
+     r"expected a positive number of seconds, got True"),
+    ({"plugins": {"p": {"repo": "/p", "url_prefix": "/"}}}, "plugins.p.url_prefix",
+     r"site root"),
+    ({"plugins": {"p": {"repo": "/p", "url_prefix": "/p/"}}}, "plugins.p.url_prefix",
+     r"trailing '/'"),
+    ({"plugins": {"p": {"repo": "/p", "url_prefix": "/p/<int:id>"}}}, "plugins.p.url_prefix",
+     r"converters"),
+    ({"plugins": {"p": {"repo": "/p", "url_prefix": "/a//b"}}}, "plugins.p.url_prefix",
+     r"'//'"),
+    ({"plugins": {"p": {"repo": "-oProxyCommand=x"}}}, "plugins.p.repo", r"not starting with '-'"),
+    ({"plugins": {"p": {"repo": "https:///path"}}}, "plugins.p.repo", r"with a host"),
+    ({"plugins": {"p": {"repo": "/p", "test": True}}}, "plugins.p.test", r"got True"),
+    ({"plugins": {"p": {"repo": "/p", "test": ""}}}, "plugins.p.test", r"got ''"),
+    ({"plugins": {"p": {"repo": "/p", "entry": "a:b:c"}}}, "plugins.p.entry", r"'a:b:c'"),
+    ({"plugins": {"p": {"repo": "/p", "auto_rollback": {"min_requests": 2.5}}}},
+     "plugins.p.auto_rollback.min_requests", r"expected an integer >= 1"),
+    ({"admin_token": 1234}, "admin_token", r"got a value of type int"),
+    ({"api_prefix": "api"}, "api_prefix", r"start with '/'"),
+    ({"plugins": {"p": {"repo": "/p", "ref": "${REF}"}}}, "plugins.p.ref", r"REF is not set"),
+])
+def test_config_from_mapping_errors(data: dict, key: str, reason: str) -> None:
+    with pytest.raises(ConfigError, match=reason) as info:
+        config_from_mapping(data, base_dir=Path("/srv"), environ={})
+    err = info.value
+    assert (err.file, err.line, err.key) == (MAPPING_SOURCE, None, key)
+    assert str(err).startswith(f"{MAPPING_SOURCE}: {key}: ")
+
+
+def test_secrets_are_not_echoed() -> None:
+    with pytest.raises(ConfigError) as info:
+        config_from_mapping({"webhook": {"secret": 987654321}}, base_dir=Path("/"), environ={})
+    assert "987654321" not in str(info.value)
+
+
+# --------------------------------------------------------------------------- paths and diffs
+
+
+@pytest.mark.parametrize("given, env, expected", [
+    ("mine.yaml", {"GITPLUG_CONFIG": "env.yaml"}, "mine.yaml"),
+    (None, {"GITPLUG_CONFIG": "env.yaml"}, "env.yaml"),
+    (None, {"GITPLUG_CONFIG": ""}, "deploy.yaml"),
+    (None, {}, "deploy.yaml"),
+])
+def test_resolve_config_path(given: str | None, env: dict, expected: str) -> None:
+    assert resolve_config_path(given, environ=env) == Path(expected)
+
+
+def test_diff_plugins(tmp_path: Path) -> None:
+    base = {"plugins": {"same": {"repo": "/s"}, "bumped": {"repo": "/b", "ref": "v1"},
+                        "configured": {"repo": "/c", "config": {"A": 1}}, "gone": {"repo": "/g"}}}
+    new = {"poll_interval": 60, "plugins": {
+        "same": {"repo": "/s"}, "bumped": {"repo": "/b", "ref": "v2"},
+        "configured": {"repo": "/c", "config": {"A": 2}}, "fresh": {"repo": "/f"}}}
+    old_cfg = config_from_mapping(base, base_dir=tmp_path, environ={})
+    new_cfg = config_from_mapping(new, base_dir=tmp_path, environ={})
+    diff = diff_plugins(old_cfg, new_cfg)
+    assert diff == ConfigDiff(added=("fresh",), removed=("gone",),
+                              changed=("bumped", "configured"))
+    assert diff and not diff_plugins(new_cfg, new_cfg)
+
+
+def test_top_level_poll_interval_change_shows_as_plugin_change(tmp_path: Path) -> None:
+    plugins = {"p": {"repo": "/p"}}
+    old = config_from_mapping({"plugins": plugins}, base_dir=tmp_path, environ={})
+    new = config_from_mapping({"poll_interval": 5, "plugins": plugins}, base_dir=tmp_path,
+                              environ={})
+    assert diff_plugins(old, new).changed == ("p",)
+
+
+def test_keys_are_text_not_yaml_booleans(tmp_path: Path) -> None:
+    cfg = load(tmp_path, "plugins:\n  no:\n    repo: ./no\n    config: {1: one, on: yes}\n")
+    assert list(cfg.plugins) == ["no"]
+    assert dict(cfg.plugins["no"].config) == {"1": "one", "on": True}
