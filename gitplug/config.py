@@ -48,7 +48,7 @@ from gitplug.errors import ConfigError, UnknownPlugin
 logger = logging.getLogger(__name__)
 
 #: The test gate's command when a plugin gives no ``test``.
-DEFAULT_TEST_COMMAND: Final[tuple[str, ...]] = ("python", "-m", "pytest", "-q")
+DEFAULT_TEST_COMMAND: Final[tuple[str, ...]] = ("python", "-m", "pytest", "-q", "-p", "no:cacheprovider")
 #: The file read when neither ``-c FILE`` nor ``$GITPLUG_CONFIG`` names one.
 DEFAULT_CONFIG_FILE: Final = "deploy.yaml"
 #: The environment variable that names the configuration file.

@@ -9,6 +9,7 @@ API (``gp.deploy("hello")``) needs no app argument, as SPEC 10 shows.
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import typing as t
 from collections.abc import Mapping
@@ -17,10 +18,15 @@ from types import MappingProxyType
 
 from flask import Flask, current_app
 
+from .config import GitplugConfig, config_from_mapping, load_config
+from .deployer import Deployer
 from .devdir import DirectoryWatcher, snapshot_directory
-from .errors import GitplugError, PluginLoadError
+from .errors import ConfigError, GitplugError, PluginLoadError
 from .loaded import LoadedRelease, ReleaseSpec
 from .runtime import Runtime
+from .services import HostServices
+from .state import DeployRecord, open_state_store
+from .status import build_status
 
 __all__ = ["GitPlug"]
 
@@ -35,20 +41,45 @@ class GitPlug:
     :param app: the host application; or call :meth:`init_app` later.
     """
 
-    def __init__(self, app: Flask | None = None) -> None:
+    def __init__(self, app: Flask | None = None, *, config: GitplugConfig | None = None) -> None:
         self._app: Flask | None = None
+        self._config = config
         if app is not None:
             self.init_app(app)
 
-    def init_app(self, app: Flask) -> None:
-        """Install gitplug's runtime on ``app``."""
+    def init_app(self, app: Flask, *, config: GitplugConfig | None = None) -> None:
+        """Install gitplug on ``app``.
+
+        The configuration comes from ``config``, else ``app.config["GITPLUG"]``
+        (a mapping of the deploy.yaml schema), else the file named by
+        ``app.config["GITPLUG_CONFIG"]``. Without any, only the runtime is
+        installed (``load_directory`` works; nothing is deployed from git).
+        Each plugin's last live release is loaded from disk here, before the
+        first request, without any network access; polling, convergence and
+        the webhook queue start with the first request in each process (or
+        :meth:`start_background`), so they never run in a process that only
+        imports the app (Flask's reloader parent, gunicorn's master).
+        """
         if EXTENSION_KEY in app.extensions:
             raise GitplugError(
                 "gitplug is already initialised on this application; create one GitPlug per app."
             )
+        config = config or self._config or _config_from_app(app)
         runtime = Runtime(app)
-        app.extensions[EXTENSION_KEY] = _AppState(runtime)
+        state = _AppState(runtime, config)
+        app.extensions[EXTENSION_KEY] = state
         self._app = app
+        if config is not None:
+            state.dev_root_base = config.data_dir / "dev"
+            store = open_state_store(config.state, base_dir=config.base_dir)
+            deployer = Deployer(config, store, runtime)
+            state.store, state.deployer = store, deployer
+            state.services = HostServices(config, store, deployer, runtime)
+            state.services.restore()
+            from .admin import register_admin
+
+            register_admin(app, self, config)
+            app.wsgi_app = _StartServices(app.wsgi_app, state.services)  # type: ignore[method-assign]
 
     # -- helpers -------------------------------------------------------------
 
@@ -139,12 +170,86 @@ class GitPlug:
         return watcher
 
     def stop(self, name: str) -> bool:
-        """Unmount a plugin: its URLs answer 404 and its hooks are gone."""
+        """Unmount a plugin: its URLs answer 404 and its hooks are gone.
+
+        With a configuration, the stop is recorded and every worker follows.
+        """
+        state = self._state
+        if state.deployer is not None and name in state.deployer.config.plugins:
+            was_live = self.runtime.live(name) is not None
+            state.deployer.stop(name)
+            return was_live
         return self.runtime.stop(name)
 
     def start(self, name: str) -> bool:
         """Bring a stopped plugin back on the release it had."""
+        state = self._state
+        if state.deployer is not None and name in state.deployer.config.plugins:
+            state.deployer.start(name)
+            return self.runtime.live(name) is not None
         return self.runtime.start(name) is not None
+
+    # -- deploying from git (needs a configuration) ----------------------------
+
+    def _require(self) -> _AppState:
+        state = self._state
+        if state.deployer is None or state.services is None:
+            raise ConfigError(
+                "gitplug has no configuration: set app.config['GITPLUG_CONFIG'] = 'deploy.yaml'"
+                " (or app.config['GITPLUG'] = {...}) before GitPlug(app)."
+            )
+        return state
+
+    @property
+    def config(self) -> GitplugConfig | None:
+        """The configuration in force, or None without one."""
+        return self._state.config
+
+    def start_background(self) -> None:
+        """Start polling, convergence and the deploy queue in this process now."""
+        self._require().services.ensure_started()  # type: ignore[union-attr]
+
+    def deploy(self, name: str, ref: str | None = None, wait: bool = True, *, trigger: str = "api") -> DeployRecord | None:
+        """Deploy ``ref`` (default: the tracked ref, or the pin) of ``name``.
+
+        With ``wait``, returns the deploy record (``result`` says whether it
+        went live; a failed deploy raises nothing). Returns None when there
+        was nothing to do or when ``wait`` is False.
+        """
+        state = self._require()
+        state.deployer.plugin_config(name)  # type: ignore[union-attr]
+        if wait:
+            return state.deployer.deploy(name, ref=ref, trigger=trigger)  # type: ignore[union-attr]
+        state.services.trigger(name, trigger, ref)  # type: ignore[union-attr]
+        return None
+
+    def rollback(self, name: str, ref: str, *, trigger: str = "rollback") -> DeployRecord | None:
+        """Pin ``name`` at ``ref`` (tag, sha, branch or ``previous``) and deploy it."""
+        return self._require().deployer.rollback(name, ref, trigger=trigger)  # type: ignore[union-attr]
+
+    def resume(self, name: str, *, trigger: str = "api") -> DeployRecord | None:
+        """Unpin ``name`` and deploy its tracked ref."""
+        return self._require().deployer.resume(name, trigger=trigger)  # type: ignore[union-attr]
+
+    def status(self) -> dict[str, t.Any]:
+        """The data of ``gitplug status --json``."""
+        state = self._require()
+        return build_status(state.deployer.config, state.store, runtime=self.runtime)  # type: ignore[union-attr,arg-type]
+
+    def history(self, name: str, *, limit: int = 50) -> list[DeployRecord]:
+        """Deploys of ``name``, newest first."""
+        state = self._require()
+        state.deployer.plugin_config(name)  # type: ignore[union-attr]
+        return state.store.history(name, limit=limit)  # type: ignore[union-attr]
+
+    def shutdown(self) -> None:
+        """Stop background threads (tests; the process exiting does this too)."""
+        state = self._state
+        if state.services is not None:
+            state.services.shutdown()
+        for watcher in state.watchers:
+            watcher.stop()
+        state.runtime.shutdown()
 
     def live_release(self, name: str) -> LoadedRelease | None:
         """The release currently serving ``name`` in this process."""
@@ -154,13 +259,47 @@ class GitPlug:
 class _AppState:
     """What gitplug keeps per application (in ``app.extensions``)."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, config: GitplugConfig | None) -> None:
         self.runtime = runtime
+        self.config = config
+        self.store: t.Any = None
+        self.deployer: Deployer | None = None
+        self.services: HostServices | None = None
         self.watchers: list[DirectoryWatcher] = []
+        self.dev_root_base: Path | None = None
         self._dev_root: Path | None = None
 
     @property
     def dev_root(self) -> Path:
         if self._dev_root is None:
-            self._dev_root = Path(tempfile.mkdtemp(prefix="gitplug-dev-"))
+            if self.dev_root_base is not None:
+                self.dev_root_base.mkdir(parents=True, exist_ok=True)
+                self._dev_root = self.dev_root_base
+            else:
+                self._dev_root = Path(tempfile.mkdtemp(prefix="gitplug-dev-"))
         return self._dev_root
+
+
+def _config_from_app(app: Flask) -> GitplugConfig | None:
+    mapping = app.config.get("GITPLUG")
+    if mapping is not None:
+        return config_from_mapping(mapping, base_dir=Path(app.root_path))
+    path = app.config.get("GITPLUG_CONFIG")
+    if path:
+        return load_config(path)
+    return None
+
+
+class _StartServices:
+    """WSGI wrapper: start the background services on the first request of each process."""
+
+    def __init__(self, wsgi_app: t.Callable[..., t.Any], services: HostServices) -> None:
+        self.wsgi_app = wsgi_app
+        self.services = services
+        self._pid: int | None = None
+
+    def __call__(self, environ: dict[str, t.Any], start_response: t.Callable[..., t.Any]) -> t.Any:
+        if self._pid != os.getpid():
+            self.services.ensure_started()
+            self._pid = os.getpid()
+        return self.wsgi_app(environ, start_response)

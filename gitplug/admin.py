@@ -1,0 +1,196 @@
+"""gitplug's own HTTP surface on the host, under ``api_prefix`` (``/_gitplug``).
+
+    POST /webhook, /webhook/<plugin>     signed push events (see gitplug.webhook)
+    GET  /api/plugins                    status of every plugin (SPEC 10)
+    GET  /api/plugins/<p>                one plugin
+    GET  /api/plugins/<p>/history        its deploys, newest first
+    POST /api/plugins/<p>/<action>       deploy | rollback | resume | stop | start
+    GET  /metrics                        Prometheus text format
+    GET  /                               the status page (gitplug.statuspage)
+
+Everything but the webhook needs ``Authorization: Bearer <admin_token>``
+(or the status page's login cookie). With no admin token configured those
+endpoints answer 403 and say how to set one; a wrong token is 401.
+"""
+
+from __future__ import annotations
+
+import hmac
+import typing as t
+
+from flask import Blueprint, Flask, Response, jsonify, request
+
+from .config import GitplugConfig
+from .errors import GitplugError, UnknownPlugin
+from .state import DeployRecord
+
+if t.TYPE_CHECKING:
+    from .extension import GitPlug
+
+__all__ = ["register_admin", "ADMIN_BLUEPRINT"]
+
+ADMIN_BLUEPRINT = "gitplug_admin"
+
+#: Answered when no admin token is configured.
+NO_TOKEN_MESSAGE = (
+    "the gitplug admin API is disabled because no admin token is configured. Set"
+    " `admin_token: ${GITPLUG_ADMIN_TOKEN}` in deploy.yaml and export"
+    " GITPLUG_ADMIN_TOKEN=<a long random string> before starting the server."
+)
+
+
+def _error(status: int, message: str, **extra: t.Any) -> tuple[Response, int]:
+    return jsonify({"error": message, **extra}), status
+
+
+def bearer_ok(config: GitplugConfig) -> tuple[Response, int] | None:
+    """None when the request carries the admin token; else the error answer."""
+    token = config.admin_token
+    if not token:
+        return _error(403, NO_TOKEN_MESSAGE)
+    header = request.headers.get("Authorization", "")
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode()):
+        return None
+    from .statuspage import logged_in
+
+    if logged_in(config):
+        return None
+    if not header:
+        return _error(401, "missing Authorization header; send `Authorization: Bearer <admin_token>`")
+    return _error(401, "wrong admin token")
+
+
+def register_admin(app: Flask, gp: GitPlug, config: GitplugConfig) -> None:
+    """Register the admin blueprint on ``app`` at ``config.api_prefix``."""
+    bp = Blueprint(ADMIN_BLUEPRINT, __name__)
+
+    def current_config() -> GitplugConfig:
+        return gp.config or config
+
+    @bp.before_request
+    def require_token() -> t.Any:
+        if request.endpoint in (f"{ADMIN_BLUEPRINT}.webhook", f"{ADMIN_BLUEPRINT}.webhook_for"):
+            return None
+        if request.endpoint and request.endpoint.startswith(f"{ADMIN_BLUEPRINT}.page"):
+            return None  # the status page handles its own login
+        return bearer_ok(current_config())
+
+    @bp.errorhandler(GitplugError)
+    def domain_error(exc: GitplugError) -> tuple[Response, int]:
+        status = 404 if isinstance(exc, UnknownPlugin) else 400
+        return _error(status, str(exc))
+
+    # -- webhook ----------------------------------------------------------------
+
+    def _webhook(plugin: str | None) -> tuple[Response, int]:
+        from .webhook import handle_webhook
+
+        cfg = current_config()
+        state = gp._state
+        store = state.store
+        services = state.services
+
+        def queue_deploy(name: str, event: t.Any) -> None:
+            services.trigger(name, "webhook")
+
+        def is_pinned(name: str) -> bool:
+            plugin_state = store.get_plugin(name)
+            return bool(plugin_state and plugin_state.pin)
+
+        answer = handle_webhook(
+            headers=dict(request.headers),
+            body=request.get_data(cache=False),
+            secret=cfg.webhook_secret,
+            plugins=cfg.plugins,
+            plugin=plugin,
+            remember_delivery=store.remember_delivery,
+            queue_deploy=queue_deploy,
+            is_pinned=is_pinned,
+        )
+        return jsonify(answer.body), answer.status
+
+    @bp.post("/webhook")
+    def webhook() -> tuple[Response, int]:
+        return _webhook(None)
+
+    @bp.post("/webhook/<plugin>")
+    def webhook_for(plugin: str) -> tuple[Response, int]:
+        return _webhook(plugin)
+
+    # -- JSON API -------------------------------------------------------------------
+
+    @bp.get("/api/plugins")
+    def plugins() -> Response:
+        return jsonify(gp.status())
+
+    @bp.get("/api/plugins/<name>")
+    def plugin_detail(name: str) -> Response:
+        from .status import build_status
+
+        state = gp._state
+        return jsonify(build_status(current_config(), state.store, runtime=gp.runtime, only=name)["plugins"][0])
+
+    @bp.get("/api/plugins/<name>/history")
+    def history(name: str) -> Response:
+        limit = request.args.get("limit", default=50, type=int)
+        return jsonify([r.to_json() for r in gp.history(name, limit=max(1, min(limit, 1000)))])
+
+    def _answer(record: DeployRecord | None, *, queued: str | None = None) -> tuple[Response, int]:
+        if record is None:
+            return jsonify({"status": queued or "nothing to do"}), 202 if queued else 200
+        status = 200 if record.result.value in ("live", "skipped") else 409
+        return jsonify(record.to_json()), status
+
+    def _body() -> dict[str, t.Any]:
+        data = request.get_json(silent=True)
+        if data is None and request.form:
+            data = request.form.to_dict()
+        return data if isinstance(data, dict) else {}
+
+    @bp.post("/api/plugins/<name>/deploy")
+    def deploy(name: str) -> tuple[Response, int]:
+        data = _body()
+        current_config().plugin(name)
+        wait = str(data.get("wait", request.args.get("wait", "true"))).lower() not in ("0", "false", "no")
+        if wait:
+            return _answer(gp.deploy(name, ref=data.get("ref"), wait=True, trigger="api"))
+        gp.deploy(name, ref=data.get("ref"), wait=False, trigger="api")
+        return _answer(None, queued="queued")
+
+    @bp.post("/api/plugins/<name>/rollback")
+    def rollback(name: str) -> tuple[Response, int]:
+        ref = _body().get("ref")
+        if not ref:
+            return _error(400, "rollback needs a ref: {\"ref\": \"v1.2.0\"} (a tag, sha, branch or \"previous\")")
+        return _answer(gp.rollback(name, str(ref)))
+
+    @bp.post("/api/plugins/<name>/resume")
+    def resume(name: str) -> tuple[Response, int]:
+        return _answer(gp.resume(name, trigger="api"))
+
+    @bp.post("/api/plugins/<name>/stop")
+    def stop(name: str) -> tuple[Response, int]:
+        current_config().plugin(name)
+        gp.stop(name)
+        return jsonify({"status": "stopped", "plugin": name}), 200
+
+    @bp.post("/api/plugins/<name>/start")
+    def start(name: str) -> tuple[Response, int]:
+        current_config().plugin(name)
+        gp.start(name)
+        return jsonify({"status": "started", "plugin": name}), 200
+
+    # -- metrics ------------------------------------------------------------------------
+
+    @bp.get("/metrics")
+    def metrics() -> Response:
+        from .metrics import render_metrics
+
+        body, content_type = render_metrics(gp)
+        return Response(body, content_type=content_type)
+
+    from .statuspage import register_pages
+
+    register_pages(bp, gp, current_config)
+    app.register_blueprint(bp, url_prefix=config.api_prefix)

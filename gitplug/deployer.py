@@ -1,0 +1,457 @@
+"""The deploy pipeline: fetch -> resolve -> stage -> test -> load -> verify -> swap -> record.
+
+:class:`Deployer` runs one deploy at a time per plugin (a thread lock plus
+an ``fcntl`` lock file, so the CLI and a server on the same data directory
+never deploy one plugin at once). Every failure is recorded with its stage
+and error; nothing served changes unless every stage passed.
+
+A deployer either serves (it has the server's :class:`~gitplug.runtime.Runtime`
+and swaps it) or only verifies (the CLI: it loads the release into a private
+host application to prove it loads, then records it as live; the servers
+watching the state store converge on it).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import typing as t
+from collections.abc import Callable
+from pathlib import Path
+
+from flask import Flask
+
+from . import signals
+from .config import GitplugConfig, PluginConfig
+from .errors import (
+    FetchError,
+    GitplugError,
+    HealthCheckFailed,
+    MountError,
+    OnLoadFailed,
+    PluginLoadError,
+    RefNotFound,
+    StagingError,
+    TestGateFailed,
+    UnknownPlugin,
+)
+from .gitsource import GitSource, ResolvedRef
+from .layout import DataLayout, FileLock
+from .loaded import ReleaseSpec
+from .releases import Release, ReleaseStore, TestRecord
+from .runtime import Runtime
+from .state import DeployRecord, DeployResult, PluginStateValue, Stage, StateStore, now_iso
+from .testgate import run_test_gate
+
+__all__ = ["Deployer", "Progress", "EXPLICIT_TRIGGERS"]
+
+logger = logging.getLogger(__name__)
+
+#: ``progress(stage, message)``: called as a deploy passes each stage.
+Progress = Callable[[str, str], None]
+
+#: Triggers a person asked for: they always leave a history record and
+#: re-run a failed test gate. Background triggers (poll, webhook, config)
+#: stay silent when there is nothing to do and never retry a failed commit.
+EXPLICIT_TRIGGERS = frozenset({"cli", "api", "rollback", "auto-rollback", "startup"})
+
+_STAGE_OF_ERROR: tuple[tuple[type[BaseException], Stage], ...] = (
+    (FetchError, Stage.FETCH),
+    (RefNotFound, Stage.FETCH),
+    (StagingError, Stage.STAGE),
+    (TestGateFailed, Stage.TEST),
+    (OnLoadFailed, Stage.VERIFY),
+    (HealthCheckFailed, Stage.VERIFY),
+    (PluginLoadError, Stage.LOAD),
+    (MountError, Stage.LOAD),
+)
+
+#: The directory holding the ``gitplug`` package, put on the test gate's
+#: PYTHONPATH so a plugin's tests can ``import gitplug.testing``.
+_GITPLUG_PARENT = Path(__file__).resolve().parent.parent
+
+
+def _stage_of(exc: BaseException, default: Stage) -> Stage:
+    for kind, stage in _STAGE_OF_ERROR:
+        if isinstance(exc, kind):
+            return stage
+    return default
+
+
+class _NothingToDo(Exception):
+    """Internal: the resolved commit is already live."""
+
+
+class Deployer:
+    """Runs the pipeline for the plugins of one configuration."""
+
+    def __init__(self, config: GitplugConfig, store: StateStore, runtime: Runtime | None = None) -> None:
+        self.config = config
+        self.store = store
+        self.runtime = runtime
+        self.layout = DataLayout(config.data_dir)
+        self.git = GitSource(self.layout.mirrors)
+        self.releases = ReleaseStore(self.layout.releases)
+        self._locks: dict[str, FileLock] = {}
+        self._locks_guard = threading.Lock()
+        self._verify_runtime: Runtime | None = None
+
+    # -- helpers -------------------------------------------------------------
+
+    def plugin_config(self, name: str) -> PluginConfig:
+        plugin = self.config.plugins.get(name)
+        if plugin is None:
+            raise UnknownPlugin(name, list(self.config.plugins))
+        return plugin
+
+    def lock_for(self, name: str) -> FileLock:
+        with self._locks_guard:
+            lock = self._locks.get(name)
+            if lock is None:
+                lock = self._locks[name] = FileLock(self.layout.lock_file(f"deploy-{name}"))
+            return lock
+
+    def spec_for(self, plugin: PluginConfig, release: Release) -> ReleaseSpec:
+        return ReleaseSpec(
+            name=plugin.name,
+            path=release.path,
+            release_id=release.commit,
+            url_prefix=plugin.url_prefix,
+            commit=release.commit,
+            entry=plugin.entry,
+            config=plugin.config,
+        )
+
+    def _secrets(self) -> list[str]:
+        return [s for s in (self.config.admin_token, self.config.webhook_secret) if s]
+
+    def served_commit(self, name: str) -> str | None:
+        if self.runtime is None:
+            state = self.store.get_plugin(name)
+            return state.live_commit if state and state.state == PluginStateValue.LIVE else None
+        live = self.runtime.live(name)
+        return live.commit if live is not None else None
+
+    # -- the pipeline ----------------------------------------------------------
+
+    def deploy(
+        self,
+        name: str,
+        *,
+        ref: str | None = None,
+        trigger: str = "cli",
+        pin: str | None | t.Literal[False] = False,
+        fetch: bool = True,
+        progress: Progress | None = None,
+    ) -> DeployRecord | None:
+        """Deploy ``ref`` (default: the pin, else the tracked ref) of ``name``.
+
+        Returns the deploy record, or None when a background trigger found
+        nothing to do. Never raises for a failed deploy: the record says
+        ``failed`` with its stage and error. ``pin`` (a ref, None to unpin,
+        False to leave as is) is written together with the new live commit.
+        """
+        plugin = self.plugin_config(name)
+        say = progress or (lambda stage, message: None)
+        explicit = trigger in EXPLICIT_TRIGGERS
+        with self.lock_for(name).held():
+            state = self.store.get_plugin(name)
+            target = ref or (state.pin if state and state.pin else None) or plugin.ref
+            started = time.monotonic()
+            record: DeployRecord | None = None
+            if explicit:
+                record = self.store.start_deploy(name, trigger=trigger, ref=target)
+                signals.deploy_started.send(self, plugin=name, deploy=record)
+            stage = Stage.FETCH
+            try:
+                say("fetch", f"{plugin.repo} ({target})")
+                resolved = self._resolve(plugin, target, fetch=fetch)
+                if record is not None:
+                    record = self.store.update_deploy(record.id, commit=resolved.commit)
+                if resolved.commit == self.served_commit(name):
+                    raise _NothingToDo(resolved.commit)
+                if not explicit:
+                    if resolved.commit in self.store.failed_commits(name):
+                        logger.info("plugin %s: %s failed before; not retrying on %s", name, resolved.commit[:12], trigger)
+                        return None
+                    record = self.store.start_deploy(name, trigger=trigger, ref=target, commit=resolved.commit)
+                    signals.deploy_started.send(self, plugin=name, deploy=record)
+                assert record is not None
+                stage = Stage.STAGE
+                say("stage", resolved.commit[:12])
+                release = self.releases.stage(name, self.git, plugin.repo, resolved.commit, target)
+                stage = Stage.TEST
+                release = self._test(plugin, release, record, explicit=explicit, say=say)
+                stage = Stage.LOAD
+                say("load", release.commit[:12])
+                self._load_verify_swap(plugin, release, say)
+                stage = Stage.SWAP
+                previous = state.live_commit if state else None
+                fields: dict[str, t.Any] = {
+                    "live_commit": release.commit,
+                    "desired_commit": release.commit,
+                    "state": PluginStateValue.LIVE,
+                    "ref": plugin.ref,
+                    "last_error": None,
+                }
+                if previous and previous != release.commit:
+                    fields["previous_commit"] = previous
+                if pin is not False:
+                    fields["pin"] = pin
+                self.store.update_plugin(name, **fields)
+                record = self.store.finish_deploy(
+                    record.id,
+                    result=DeployResult.LIVE,
+                    commit=release.commit,
+                    duration_s=round(time.monotonic() - started, 3),
+                )
+                say("live", release.commit[:12])
+                logger.info("plugin %s: %s is live (%s)", name, release.commit[:12], trigger)
+                signals.deploy_succeeded.send(self, plugin=name, deploy=record)
+                self._prune(name)
+                return record
+            except _NothingToDo as done:
+                if pin is not False:
+                    self.store.update_plugin(name, pin=pin)
+                if record is None:
+                    return None
+                record = self.store.finish_deploy(
+                    record.id,
+                    result=DeployResult.SKIPPED,
+                    error=f"{str(done)[:12]} is already live",
+                    duration_s=round(time.monotonic() - started, 3),
+                )
+                say("skipped", f"{str(done)[:12]} is already live")
+                return record
+            except GitplugError as exc:
+                failed_stage = _stage_of(exc, stage)
+                message = str(exc)
+                if record is None:
+                    # A background trigger that could not even resolve: keep
+                    # the error on the plugin, not a history line per poll.
+                    self.store.update_plugin(name, last_error=message)
+                    logger.warning("plugin %s: %s failed at %s: %s", name, trigger, failed_stage, message)
+                    return None
+                return self._fail(name, record, failed_stage, message, started, exc, say)
+            except Exception as exc:  # noqa: BLE001 - a bug must still be recorded, not lost
+                logger.exception("plugin %s: deploy crashed at %s", name, stage)
+                if record is None:
+                    self.store.update_plugin(name, last_error=f"{type(exc).__name__}: {exc}")
+                    return None
+                return self._fail(name, record, stage, f"internal error: {type(exc).__name__}: {exc}", started, exc, say)
+
+    def _fail(
+        self,
+        name: str,
+        record: DeployRecord,
+        stage: Stage,
+        message: str,
+        started: float,
+        exc: BaseException,
+        say: Progress,
+    ) -> DeployRecord:
+        record = self.store.finish_deploy(
+            record.id,
+            result=DeployResult.FAILED,
+            stage=stage,
+            error=message,
+            duration_s=round(time.monotonic() - started, 3),
+        )
+        state = self.store.get_plugin(name)
+        has_live = bool(state and state.live_commit)
+        self.store.update_plugin(
+            name,
+            last_error=message,
+            state=(state.state if has_live and state else PluginStateValue.FAILED),
+        )
+        say("failed", f"{stage.value}: {message}")
+        logger.warning("plugin %s: deploy %d failed at %s: %s", name, record.id, stage.value, message)
+        signals.deploy_failed.send(self, plugin=name, deploy=record, error=exc)
+        return record
+
+    def _resolve(self, plugin: PluginConfig, ref: str, *, fetch: bool) -> ResolvedRef:
+        """Resolve ``ref``; without ``fetch``, try the local mirror first."""
+        if not fetch:
+            try:
+                return self.git.resolve(plugin.name, plugin.repo, ref)
+            except (RefNotFound, FetchError):
+                pass  # not known locally yet: fetch after all
+        self.git.fetch(plugin.name, plugin.repo)
+        return self.git.resolve(plugin.name, plugin.repo, ref)
+
+    def _test(
+        self, plugin: PluginConfig, release: Release, record: DeployRecord, *, explicit: bool, say: Progress
+    ) -> Release:
+        if release.test is not None and (release.test.passed or not explicit):
+            if not release.test.passed:
+                raise TestGateFailed(
+                    f"plugin {plugin.name!r}: the tests of {release.commit[:12]} failed before"
+                    f" (log: {release.test.log_path}). Push a fix, or run `gitplug deploy"
+                    f" {plugin.name}` to run them again.",
+                    plugin=plugin.name,
+                    commit=release.commit,
+                    log_path=release.test.log_path,
+                )
+            say("test", "passed before; not run again")
+            return release
+        log_path = self.layout.deploy_log(plugin.name, record.id)
+        say("test", " ".join(plugin.test) if plugin.test else "gate off")
+        self.store.update_deploy(record.id, log_path=str(log_path))
+        result = run_test_gate(
+            release.path,
+            plugin.test,
+            is_default=plugin.test_is_default,
+            timeout=plugin.test_timeout,
+            log_path=log_path,
+            secrets=self._secrets(),
+            extra_pythonpath=[_GITPLUG_PARENT],
+        )
+        release = self.releases.record_test_result(
+            plugin.name,
+            release.commit,
+            TestRecord(
+                passed=result.passed,
+                returncode=result.returncode,
+                timed_out=result.timed_out,
+                duration_s=round(result.duration_s, 3),
+                log_path=str(result.log_path),
+                ran_at=now_iso(),
+            ),
+        )
+        if not result.passed:
+            what = (
+                f"timed out after {plugin.test_timeout:g} s"
+                if result.timed_out
+                else f"failed (exit status {result.returncode})"
+            )
+            tail = result.output_tail.strip().splitlines()[-5:]
+            raise TestGateFailed(
+                f"plugin {plugin.name!r}: tests of {release.commit[:12]} {what}. Log:"
+                f" {result.log_path}; `gitplug logs {plugin.name}` shows it."
+                + ("\n" + "\n".join(tail) if tail else ""),
+                plugin=plugin.name,
+                commit=release.commit,
+                log_path=str(result.log_path),
+                timed_out=result.timed_out,
+                returncode=result.returncode,
+            )
+        return release
+
+    def _load_verify_swap(self, plugin: PluginConfig, release: Release, say: Progress) -> None:
+        spec = self.spec_for(plugin, release)
+        if self.runtime is not None:
+            with self.runtime.swap_lock(plugin.name):
+                loaded = self.runtime.load(spec)
+                say("swap", release.commit[:12])
+                self.runtime.publish(plugin.name, loaded)
+            return
+        # No server here (the CLI): prove the release loads and verifies in a
+        # private host app; the servers watching the store swap it in.
+        runtime = self._verifier()
+        loaded = runtime.load(spec)
+        runtime._unload_now(loaded, run_callbacks=True)
+
+    def _verifier(self) -> Runtime:
+        if self._verify_runtime is None:
+            app = Flask("gitplug_verify")
+            app.config["TESTING"] = True
+            self._verify_runtime = Runtime(app, leak_grace_s=0)
+        return self._verify_runtime
+
+    def _prune(self, name: str) -> None:
+        state = self.store.get_plugin(name)
+        protect = {c for c in (state.live_commit, state.previous_commit, state.desired_commit) if c} if state else set()
+        if state and state.pin:
+            try:
+                protect.add(self.git.resolve(name, self.plugin_config(name).repo, state.pin).commit)
+            except GitplugError:
+                pass
+        for release in self.releases.list(name):
+            if release.test is not None and release.test.passed:
+                protect.add(release.commit)  # the last good one, newest first
+                break
+        try:
+            removed = self.releases.prune(name, self.config.keep_releases, protect)
+        except OSError as exc:
+            logger.warning("plugin %s: pruning releases failed: %s", name, exc)
+            return
+        if removed:
+            logger.info("plugin %s: pruned %d old release(s)", name, len(removed))
+
+    # -- rollback, resume, stop, start -----------------------------------------
+
+    def rollback(self, name: str, target: str, *, trigger: str = "rollback", progress: Progress | None = None) -> DeployRecord | None:
+        """Pin ``name`` at ``target`` (a ref, a sha or ``previous``) and deploy it.
+
+        A release on disk that passed its tests is swapped in with no fetch
+        and no test run.
+        """
+        self.plugin_config(name)
+        state = self.store.get_plugin(name)
+        ref = target
+        if target == "previous":
+            if state is None or not state.previous_commit:
+                raise GitplugError(
+                    f"plugin {name!r}: there is no previous release to roll back to."
+                    " Name a tag or commit: `gitplug rollback NAME v1.2.0`."
+                )
+            ref = state.previous_commit
+        from_commit = state.live_commit if state else None
+        record = self.deploy(name, ref=ref, trigger=trigger, pin=ref, fetch=False, progress=progress)
+        if record is not None and record.result in (DeployResult.LIVE, DeployResult.SKIPPED):
+            signals.rolled_back.send(
+                self, plugin=name, deploy=record, from_commit=from_commit, to_commit=record.commit, reason=trigger
+            )
+        return record
+
+    def resume(self, name: str, *, trigger: str = "cli", progress: Progress | None = None) -> DeployRecord | None:
+        """Unpin ``name`` and deploy its tracked ref."""
+        plugin = self.plugin_config(name)
+        return self.deploy(name, ref=plugin.ref, trigger=trigger, pin=None, progress=progress)
+
+    def stop(self, name: str) -> None:
+        """Record ``name`` as stopped; serving runtimes unmount it."""
+        self.plugin_config(name)
+        with self.lock_for(name).held():
+            self.store.update_plugin(name, state=PluginStateValue.STOPPED)
+            if self.runtime is not None:
+                self.runtime.stop(name)
+
+    def start(self, name: str) -> None:
+        """Record ``name`` as live again on the commit it had."""
+        self.plugin_config(name)
+        with self.lock_for(name).held():
+            state = self.store.get_plugin(name)
+            if state is None or not state.live_commit:
+                raise GitplugError(
+                    f"plugin {name!r} has never been deployed; run `gitplug deploy {name}`."
+                )
+            self.store.update_plugin(name, state=PluginStateValue.LIVE)
+            if self.runtime is not None and self.runtime.live(name) is None:
+                self.load_from_disk(name, state.live_commit)
+
+    def load_from_disk(self, name: str, commit: str) -> bool:
+        """Serve ``commit`` of ``name`` from its release on disk (no network).
+
+        Returns False (and logs why) when the release is missing or fails.
+        """
+        assert self.runtime is not None
+        plugin = self.plugin_config(name)
+        release = self.releases.get(name, commit)
+        if release is None:
+            logger.error(
+                "plugin %s: release %s is not on disk (%s); it will be deployed again",
+                name,
+                commit[:12],
+                self.releases.path_for(name, commit),
+            )
+            return False
+        try:
+            self.runtime.swap(self.spec_for(plugin, release))
+        except GitplugError as exc:
+            logger.error("plugin %s: release %s did not load from disk: %s", name, commit[:12], exc)
+            self.store.update_plugin(name, last_error=str(exc))
+            return False
+        return True
+

@@ -1,0 +1,122 @@
+"""Where gitplug keeps things under ``data_dir`` (documented in the README)::
+
+    <data_dir>/
+      mirrors/<slug>/            bare git mirror per repository
+      releases/<plugin>/<sha>/   immutable releases (checkout + .gitplug/ metadata)
+      logs/<plugin>/<id>.log     test gate output per deploy
+      locks/<plugin>.lock        per-plugin deploy lock (fcntl), controller.lock
+      dev/<plugin>/dir-<hash>/   snapshots of directories loaded with --dev
+      state.db                   SQLite state store (the default ``state:``)
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import threading
+import typing as t
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import DeployInProgress
+
+__all__ = ["DataLayout", "FileLock"]
+
+
+@dataclass(frozen=True)
+class DataLayout:
+    """The paths under one data directory."""
+
+    root: Path
+
+    @property
+    def mirrors(self) -> Path:
+        return self.root / "mirrors"
+
+    @property
+    def releases(self) -> Path:
+        return self.root / "releases"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def locks(self) -> Path:
+        return self.root / "locks"
+
+    @property
+    def dev(self) -> Path:
+        return self.root / "dev"
+
+    def deploy_log(self, plugin: str, deploy_id: int) -> Path:
+        return self.logs / plugin / f"{deploy_id}.log"
+
+    def lock_file(self, name: str) -> Path:
+        return self.locks / f"{name}.lock"
+
+
+class FileLock:
+    """An exclusive ``fcntl`` lock on a file, also exclusive between threads.
+
+    The kernel drops the lock when its holder dies, so a crashed deploy
+    never leaves a plugin locked.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._thread_lock = threading.Lock()
+        self._fd: int | None = None
+
+    def acquire(self, *, blocking: bool = True, timeout: float | None = None) -> bool:
+        if not self._thread_lock.acquire(blocking, -1 if timeout is None else timeout):
+            return False
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            except BlockingIOError:
+                os.close(fd)
+                self._thread_lock.release()
+                return False
+            self._fd = fd
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            return True
+        except BaseException:
+            if self._fd is None and self._thread_lock.locked():
+                self._thread_lock.release()
+            raise
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+        self._thread_lock.release()
+
+    @contextmanager
+    def held(self, what: str = "") -> Iterator[None]:
+        """Hold the lock (blocking) for the ``with`` block."""
+        self.acquire()
+        try:
+            yield
+        finally:
+            self.release()
+
+    def __enter__(self) -> FileLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: t.Any) -> None:
+        self.release()
+
+
+def raise_in_progress(plugin: str, path: Path) -> t.NoReturn:
+    raise DeployInProgress(
+        f"plugin {plugin!r}: another deploy holds {path}; wait for it to finish"
+        " (`gitplug status`) and try again."
+    )

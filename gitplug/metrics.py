@@ -1,0 +1,91 @@
+"""Prometheus metrics for ``GET /_gitplug/metrics``.
+
+Collected at scrape time from the state store (deploys, live commits, the
+workers' heartbeats) and from this process's runtime (requests and errors
+per release), so every worker answers with the host's deploy figures and
+its own traffic figures. Stage durations are observed in the process that
+runs the deploys (the controller).
+"""
+
+from __future__ import annotations
+
+import time
+import typing as t
+from collections import Counter
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+if t.TYPE_CHECKING:
+    from .extension import GitPlug
+
+__all__ = ["render_metrics", "observe_stage", "mark_poll_ok", "STAGE_SECONDS"]
+
+_REGISTRY = CollectorRegistry(auto_describe=True)
+
+#: Seconds spent per pipeline stage, observed by the process that deploys.
+STAGE_SECONDS = Histogram(
+    "gitplug_deploy_stage_seconds",
+    "Time spent in each stage of the deploy pipeline.",
+    ["plugin", "stage"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+    registry=_REGISTRY,
+)
+
+_last_poll_ok: dict[str, float] = {}
+
+
+def observe_stage(plugin: str, stage: str, seconds: float) -> None:
+    STAGE_SECONDS.labels(plugin=plugin, stage=stage).observe(seconds)
+
+
+def mark_poll_ok(plugin: str) -> None:
+    """Record that a poll of ``plugin`` reached its repository just now."""
+    _last_poll_ok[plugin] = time.time()
+
+
+class _GitplugCollector:
+    def __init__(self, gp: GitPlug) -> None:
+        self.gp = gp
+
+    def collect(self) -> t.Iterator[t.Any]:
+        state = self.gp._state
+        config = self.gp.config
+        deploys = CounterMetricFamily("gitplug_deploys", "Deploys by plugin and result.", labels=["plugin", "result"])
+        live = InfoMetricFamily("gitplug_live_release", "The release each plugin serves in this process.", labels=["plugin"])
+        requests = CounterMetricFamily(
+            "gitplug_plugin_requests", "Requests served per plugin release (this process).", labels=["plugin", "commit"]
+        )
+        errors = CounterMetricFamily(
+            "gitplug_plugin_errors",
+            "5xx answers and unhandled exceptions per plugin release (this process).",
+            labels=["plugin", "commit"],
+        )
+        polls = GaugeMetricFamily(
+            "gitplug_last_successful_poll_timestamp_seconds",
+            "Unix time of the last poll that reached the repository.",
+            labels=["plugin"],
+        )
+        workers = GaugeMetricFamily("gitplug_workers", "Serving processes with a recent heartbeat.")
+        if config is not None and state.store is not None:
+            for name in config.plugins:
+                counts = Counter(r.result.value for r in state.store.history(name, limit=None))
+                for result, count in sorted(counts.items()):
+                    deploys.add_metric([name, result], count)
+            workers.add_metric([], len(state.store.workers()))
+        for name, release in state.runtime.snapshot.releases.items():
+            commit = release.commit or release.release_id
+            live.add_metric([name], {"commit": commit, "release": release.release_id})
+            requests.add_metric([name, commit], release.requests)
+            errors.add_metric([name, commit], release.errors)
+        for name, when in sorted(_last_poll_ok.items()):
+            polls.add_metric([name], when)
+        yield from (deploys, live, requests, errors, polls, workers)
+
+
+def render_metrics(gp: GitPlug) -> tuple[bytes, str]:
+    """The Prometheus exposition of ``gp``'s metrics and the stage histogram."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_GitplugCollector(gp))  # type: ignore[arg-type]
+    return generate_latest(registry) + generate_latest(_REGISTRY), CONTENT_TYPE_LATEST

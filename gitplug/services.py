@@ -1,0 +1,275 @@
+"""The background side of a serving process: converge, heartbeat, control.
+
+Every serving process (each gunicorn worker, or the one ``gitplug serve``
+process) runs :class:`HostServices`:
+
+* **converge**: watch the state store's change counter and make this
+  process serve what the store says is live (loading releases from disk,
+  never fetching or testing);
+* **heartbeat**: register the process and the commit it serves per plugin,
+  so ``gitplug status`` shows every worker;
+* **control**: one process per data directory holds ``locks/controller.lock``
+  (an ``fcntl`` lock the kernel releases when its holder dies) and is the
+  controller: it polls (APScheduler), runs the deploy queue and takes the
+  deploy requests other processes (webhooks and API calls received by
+  another worker) left in the store. Another process takes over within a
+  few seconds of the controller's death.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from concurrent.futures import Future
+
+from .config import GitplugConfig
+from .deployer import Deployer
+from .errors import GitplugError
+from .layout import DataLayout, FileLock
+from .runtime import Runtime
+from .state import DeployRecord, DeployResult, PluginState, PluginStateValue, StateStore, WorkerInfo
+from .triggers import PollScheduler, Trigger, TriggerQueue
+
+__all__ = ["HostServices"]
+
+logger = logging.getLogger(__name__)
+
+
+class HostServices:
+    """Convergence, heartbeat and (when elected) control, for one process."""
+
+    #: Seconds between checks of the store's change counter.
+    converge_interval = 0.25
+    #: Seconds between heartbeats; a worker silent for 5x this is dead.
+    heartbeat_interval = 2.0
+    #: Seconds between attempts to become the controller.
+    election_interval = 1.0
+
+    def __init__(self, config: GitplugConfig, store: StateStore, deployer: Deployer, runtime: Runtime) -> None:
+        self.config = config
+        self.store = store
+        self.deployer = deployer
+        self.runtime = runtime
+        self.layout = DataLayout(config.data_dir)
+        self.queue = TriggerQueue(self._run_trigger)
+        self.scheduler = PollScheduler(self.queue)
+        self._controller_lock = FileLock(self.layout.lock_file("controller"))
+        self.is_controller = False
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._started_pid: int | None = None
+        self._start_lock = threading.Lock()
+        self._seen_counter = -1
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self._converge_lock = threading.Lock()
+
+    # -- startup ------------------------------------------------------------------
+
+    def restore(self) -> None:
+        """Serve every plugin's last live release from disk; no network."""
+        self._converge(force=True)
+
+    def ensure_started(self) -> None:
+        """Start the background threads once per process (fork-safe)."""
+        pid = os.getpid()
+        if self._started_pid == pid:
+            return
+        with self._start_lock:
+            if self._started_pid == pid:
+                return
+            if self._started_pid is not None:
+                self._after_fork()
+            # A fresh worker (gunicorn --preload, --max-requests) may hold
+            # what the master loaded long ago: converge before serving.
+            self._converge(force=True)
+            self._stop.clear()
+            for target, name in (
+                (self._watch_loop, "gitplug-converge"),
+                (self._control_loop, "gitplug-control"),
+            ):
+                thread = threading.Thread(target=target, name=name, daemon=True)
+                thread.start()
+                self._threads.append(thread)
+            self._started_pid = pid
+
+    def _after_fork(self) -> None:
+        # Threads, locks and the scheduler do not survive fork(): start over.
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self._threads = []
+        self.is_controller = False
+        self._controller_lock = FileLock(self.layout.lock_file("controller"))
+        self.queue = TriggerQueue(self._run_trigger)
+        self.scheduler = PollScheduler(self.queue)
+        self._seen_counter = -1
+
+    def shutdown(self) -> None:
+        """Stop threads, the scheduler and the queue; drop the heartbeat."""
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=5)
+        self._threads = []
+        self.scheduler.shutdown()
+        self.queue.shutdown(wait=False)
+        if self.is_controller:
+            self._controller_lock.release()
+            self.is_controller = False
+        try:
+            self.store.remove_worker(self.worker_id)
+        except GitplugError:
+            pass
+        self._started_pid = None
+
+    # -- converge -------------------------------------------------------------------
+
+    def _watch_loop(self) -> None:
+        next_beat = 0.0
+        while not self._stop.wait(self.converge_interval):
+            try:
+                self._converge()
+                now = time.monotonic()
+                if now >= next_beat:
+                    self.heartbeat()
+                    next_beat = now + self.heartbeat_interval
+            except Exception:  # noqa: BLE001 - the watcher must keep watching
+                logger.exception("gitplug: converging with the state store failed")
+
+    def _converge(self, *, force: bool = False) -> None:
+        """Make this process serve what the store says is live.
+
+        A plugin whose deploy lock is held (a deploy is between its swap and
+        its state write) is skipped and retried on the next tick, so a
+        converge never undoes a swap in progress.
+        """
+        with self._converge_lock:
+            counter = self.store.change_counter()
+            if counter == self._seen_counter and not force:
+                return
+            complete = True
+            for name in self.config.plugins:
+                if not self._needs_change(name, self.store.get_plugin(name)):
+                    continue
+                lock = self.deployer.lock_for(name)
+                if not lock.acquire(blocking=False):
+                    complete = False
+                    continue
+                try:
+                    self._apply(name, self.store.get_plugin(name))
+                finally:
+                    lock.release()
+            for name in list(self.runtime.snapshot.releases):
+                if name not in self.config.plugins:
+                    self.runtime.stop(name)
+            if complete:
+                self._seen_counter = counter
+
+    def _needs_change(self, name: str, state: PluginState | None) -> bool:
+        live = self.runtime.live(name)
+        if state is None or not state.live_commit:
+            return False
+        if state.state == PluginStateValue.STOPPED:
+            return live is not None
+        return live is None or live.commit != state.live_commit
+
+    def _apply(self, name: str, state: PluginState | None) -> None:
+        if state is None or not self._needs_change(name, state):
+            return
+        assert state.live_commit is not None
+        if state.state == PluginStateValue.STOPPED:
+            self.runtime.stop(name)
+            logger.info("plugin %s: stopped", name)
+        elif self.deployer.load_from_disk(name, state.live_commit):
+            logger.info("plugin %s: now serving %s", name, state.live_commit[:12])
+
+    def heartbeat(self) -> None:
+        commits = {name: (r.commit or r.release_id) for name, r in self.runtime.snapshot.releases.items()}
+        self.store.heartbeat(
+            WorkerInfo(
+                worker_id=self.worker_id,
+                host=socket.gethostname(),
+                pid=os.getpid(),
+                plugin_commits=commits,
+                heartbeat_at=time.time(),
+            )
+        )
+
+    # -- control -----------------------------------------------------------------------
+
+    def _control_loop(self) -> None:
+        while not self._stop.is_set():
+            if not self.is_controller:
+                if self._controller_lock.acquire(blocking=False):
+                    self.is_controller = True
+                    logger.info("gitplug: process %d is the controller for %s", os.getpid(), self.config.data_dir)
+                    self._become_controller()
+            if self.is_controller:
+                try:
+                    self._take_requests()
+                except Exception:  # noqa: BLE001
+                    logger.exception("gitplug: taking deploy requests failed")
+            self._stop.wait(self.converge_interval if self.is_controller else self.election_interval)
+
+    def _become_controller(self) -> None:
+        for name in self.config.plugins:
+            lock = self.deployer.lock_for(name)
+            if not lock.acquire(blocking=False):
+                continue  # a CLI deploy is running: its record is not interrupted
+            try:
+                for record in self.store.history(name, limit=10):
+                    if record.result == DeployResult.RUNNING:
+                        self.store.finish_deploy(
+                            record.id,
+                            result=DeployResult.INTERRUPTED,
+                            error="the process died during the deploy",
+                        )
+            finally:
+                lock.release()
+        try:
+            removed = self.deployer.releases.cleanup_incomplete()
+            if removed:
+                logger.info("gitplug: removed %d incomplete release(s) left by a crash", len(removed))
+        except OSError as exc:
+            logger.warning("gitplug: cleaning incomplete releases failed: %s", exc)
+        self.scheduler.set_plugins({n: p.poll_interval for n, p in self.config.plugins.items()})
+        self.scheduler.start()
+
+    def _take_requests(self) -> None:
+        take = getattr(self.store, "take_deploy_requests", None)
+        if take is None:
+            return
+        for request in take():
+            self.queue.submit(Trigger(request.plugin, request.trigger, request.ref))
+
+    def _run_trigger(self, trigger: Trigger) -> DeployRecord | None:
+        if trigger.kind in ("poll", "webhook", "config"):
+            state = self.store.get_plugin(trigger.plugin)
+            if state is not None and state.pin:
+                logger.info("plugin %s: pinned at %s; ignoring %s", trigger.plugin, state.pin, trigger.kind)
+                return None
+            if state is not None and state.state == PluginStateValue.STOPPED:
+                return None
+        return self.deployer.deploy(trigger.plugin, ref=trigger.ref, trigger=trigger.kind)
+
+    # -- the entry point for webhooks and the API ------------------------------------
+
+    def trigger(self, plugin: str, kind: str, ref: str | None = None) -> Future[DeployRecord | None] | None:
+        """Queue a deploy here if this process controls, else via the store."""
+        if self.is_controller or self._started_pid is None:
+            return self.queue.submit(Trigger(plugin, kind, ref))
+        request = getattr(self.store, "request_deploy", None)
+        if request is None:
+            return self.queue.submit(Trigger(plugin, kind, ref))
+        request(plugin, trigger=kind, ref=ref)
+        return None
+
+    def set_config(self, config: GitplugConfig) -> None:
+        """Adopt a new configuration (already validated)."""
+        self.config = config
+        self.deployer.config = config
+        if self.is_controller:
+            self.scheduler.set_plugins({n: p.poll_interval for n, p in config.plugins.items()})
+        self._converge(force=True)
+

@@ -1,0 +1,804 @@
+"""Durable state: plugins' live releases, pins, deploy history, workers.
+
+What must survive a restart (SPEC 4.7) and be shared by every process of a
+server (gunicorn workers, the CLI) lives behind :class:`StateStore`. The
+embedded implementation is :class:`SQLiteStateStore`; a Redis store for
+fleets (SPEC 9) will implement the same protocol::
+
+    store = open_state_store("sqlite:////srv/app/.gitplug/state.db")
+    record = store.start_deploy("hello", trigger="webhook", ref="main")
+    ...
+    store.finish_deploy(record.id, result=DeployResult.FAILED, stage=Stage.TEST,
+                        error="2 tests failed")
+    store.update_plugin("hello", last_error="2 tests failed")
+
+Every write is one transaction. Timestamps are ISO 8601 UTC with
+milliseconds (``2026-11-28T01:02:03.456Z``). Every failure of the store
+is a :class:`~gitplug.errors.StateError` naming the database and the cause.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import os
+import socket
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Protocol
+
+from .errors import StateError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DeployRecord",
+    "DeployResult",
+    "PluginState",
+    "PluginStateValue",
+    "SQLiteStateStore",
+    "Stage",
+    "StateStore",
+    "WorkerInfo",
+    "default_host",
+    "now_iso",
+    "open_state_store",
+]
+
+
+class PluginStateValue(enum.StrEnum):
+    """What a plugin is doing, as ``gitplug status`` shows it."""
+
+    LIVE = "live"
+    STOPPED = "stopped"
+    FAILED = "failed"  # no release is live: the first deploy failed
+    PENDING = "pending"  # configured, never deployed yet
+
+
+class DeployResult(enum.StrEnum):
+    """The outcome of one deploy (SPEC 10)."""
+
+    RUNNING = "running"
+    LIVE = "live"
+    FAILED = "failed"
+    SKIPPED = "skipped"  # nothing to do
+    SUPERSEDED = "superseded"  # a newer trigger took over
+    INTERRUPTED = "interrupted"  # the process died mid-deploy
+
+
+class Stage(enum.StrEnum):
+    """The pipeline step where a deploy stopped (SPEC 10)."""
+
+    FETCH = "fetch"
+    STAGE = "stage"
+    TEST = "test"
+    LOAD = "load"
+    VERIFY = "verify"
+    SWAP = "swap"
+
+
+#: The error recorded on deploys found RUNNING when their host starts again.
+INTERRUPTED_ERROR = "the process died during the deploy"
+
+
+def now_iso() -> str:
+    """The current UTC time as ``2026-11-28T01:02:03.456Z``."""
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse_iso(text: str) -> datetime:
+    """Parse a timestamp written by :func:`now_iso` into an aware datetime."""
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def default_host() -> str:
+    """The name this machine records on its deploys and heartbeats."""
+    return socket.gethostname()
+
+
+@dataclass(frozen=True)
+class PluginState:
+    """The durable state of one plugin.
+
+    ``ref`` is the tracked ref as last applied, ``pin`` the ref a rollback
+    pinned (None when following ``ref``), ``desired_commit`` the commit every
+    worker should serve (workers converge on it), ``live_commit`` the commit
+    the deploying host last swapped in, ``previous_commit`` the one before it
+    (``rollback previous``).
+    """
+
+    name: str
+    ref: str | None
+    pin: str | None
+    live_commit: str | None
+    previous_commit: str | None
+    state: PluginStateValue
+    desired_commit: str | None
+    last_error: str | None
+    updated_at: str
+
+
+@dataclass(frozen=True)
+class DeployRecord:
+    """One deploy, from trigger to result (SPEC 10's ``last_deploy``)."""
+
+    id: int
+    plugin: str
+    trigger: str
+    ref: str | None
+    commit: str | None
+    result: DeployResult
+    stage: Stage | None
+    error: str | None
+    started_at: str
+    duration_s: float | None
+    log_path: str | None
+    host: str
+
+    def to_json(self) -> dict[str, Any]:
+        """The record as SPEC 10 prints it, plus ``plugin``, ``log_path``, ``host``."""
+        return {
+            "id": self.id,
+            "trigger": self.trigger,
+            "ref": self.ref,
+            "commit": self.commit,
+            "result": self.result.value,
+            "stage": None if self.stage is None else self.stage.value,
+            "error": self.error,
+            "started_at": self.started_at,
+            "duration_s": self.duration_s,
+            "plugin": self.plugin,
+            "log_path": self.log_path,
+            "host": self.host,
+        }
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """A serving process's heartbeat: who it is and which commit each plugin serves.
+
+    ``heartbeat_at`` is ``time.time()`` of the beat.
+    """
+
+    worker_id: str
+    host: str
+    pid: int
+    plugin_commits: dict[str, str]
+    heartbeat_at: float
+
+
+@dataclass(frozen=True)
+class DeployRequest:
+    """A deploy asked for by one process, to be run by the controller."""
+
+    id: int
+    plugin: str
+    trigger: str
+    ref: str | None
+    requested_at: str
+
+
+#: Fields :meth:`StateStore.update_plugin` accepts.
+PLUGIN_FIELDS = frozenset(
+    {"ref", "pin", "live_commit", "previous_commit", "state", "desired_commit", "last_error"}
+)
+#: Fields :meth:`StateStore.update_deploy` accepts.
+DEPLOY_FIELDS = frozenset(
+    {"trigger", "ref", "commit", "result", "stage", "error", "duration_s", "log_path"}
+)
+
+
+class StateStore(Protocol):
+    """The durable state shared by all processes of a server (or a fleet).
+
+    Implementations are safe to use from several threads and several
+    processes at once, and raise :class:`~gitplug.errors.StateError` (never a
+    backend's own exception) when the store cannot be read or written.
+    """
+
+    def get_plugin(self, name: str) -> PluginState | None:
+        """The plugin's state, or None if it was never written."""
+
+    def list_plugins(self) -> list[PluginState]:
+        """Every plugin with a state, sorted by name."""
+
+    def update_plugin(self, name: str, **fields: Any) -> PluginState:
+        """Set ``fields`` (among :data:`PLUGIN_FIELDS`) on the plugin, creating it.
+
+        A new plugin starts PENDING with every other field None. Bumps
+        :meth:`change_counter` in the same transaction. Unknown field names
+        raise TypeError. Returns the state as written.
+        """
+
+    def delete_plugin(self, name: str) -> None:
+        """Forget the plugin's state (its history stays). Bumps the counter if it existed."""
+
+    def start_deploy(
+        self,
+        plugin: str,
+        *,
+        trigger: str,
+        ref: str | None,
+        commit: str | None = None,
+        host: str | None = None,
+    ) -> DeployRecord:
+        """Record a new RUNNING deploy started now by ``host`` (default: this machine)."""
+
+    def finish_deploy(
+        self,
+        deploy_id: int,
+        *,
+        result: DeployResult,
+        stage: Stage | None = None,
+        error: str | None = None,
+        commit: str | None = None,
+        duration_s: float | None = None,
+        log_path: str | None = None,
+    ) -> DeployRecord:
+        """Record the deploy's outcome; ``result`` must not be RUNNING.
+
+        ``stage`` and ``error`` are set as given (None clears them);
+        ``commit`` and ``log_path`` only when given. ``duration_s`` defaults
+        to the time since ``started_at``. An unknown id raises StateError.
+        """
+
+    def update_deploy(self, deploy_id: int, **fields: Any) -> DeployRecord:
+        """Set ``fields`` (among :data:`DEPLOY_FIELDS`) on a deploy, e.g. the resolved commit."""
+
+    def get_deploy(self, deploy_id: int) -> DeployRecord | None:
+        """The deploy with that id, or None."""
+
+    def history(self, plugin: str, *, limit: int | None = 50) -> list[DeployRecord]:
+        """The plugin's deploys, newest first, at most ``limit`` (None: all)."""
+
+    def last_deploy(self, plugin: str) -> DeployRecord | None:
+        """The plugin's newest deploy, running or finished, or None."""
+
+    def mark_running_interrupted(self, host: str | None = None) -> list[DeployRecord]:
+        """Turn RUNNING deploys of ``host`` (default: this machine) into INTERRUPTED.
+
+        Called once at startup by the process that deploys for its host: a
+        deploy still RUNNING then belongs to a process that died. The error
+        is :data:`INTERRUPTED_ERROR`. Returns the records as updated.
+        """
+
+    def failed_commits(self, plugin: str) -> set[str]:
+        """Commits whose latest decisive deploy (LIVE or FAILED) failed.
+
+        Polls skip these so a broken commit is not retried every interval.
+        A later LIVE deploy of the commit clears it; SKIPPED, SUPERSEDED,
+        INTERRUPTED and RUNNING deploys neither set nor clear it.
+        """
+
+    def remember_delivery(self, delivery_id: str, *, ttl_s: float = 7 * 86400) -> bool:
+        """True the first time ``delivery_id`` is seen within ``ttl_s``, else False.
+
+        Atomic across threads and processes: of concurrent callers with one
+        id, exactly one gets True. Expired ids are forgotten.
+        """
+
+    def request_deploy(self, plugin: str, *, trigger: str, ref: str | None = None) -> int:
+        """Queue a deploy for the controller process; returns the request id."""
+
+    def take_deploy_requests(self) -> list[DeployRequest]:
+        """Remove and return every queued request, oldest first (controller only)."""
+
+    def heartbeat(self, worker: WorkerInfo) -> None:
+        """Record (replace) the worker's latest heartbeat."""
+
+    def workers(self, *, max_age_s: float = 10.0) -> list[WorkerInfo]:
+        """Workers that beat within ``max_age_s``, by id; older ones are deleted."""
+
+    def remove_worker(self, worker_id: str) -> None:
+        """Forget a worker (it is shutting down)."""
+
+    def change_counter(self) -> int:
+        """A number that grows with every plugin-state write; cheap to poll.
+
+        Workers compare it with the value they last saw to know when to
+        re-read plugin states and converge.
+        """
+
+    def close(self) -> None:
+        """Release the store's connections; the store must not be used afterwards."""
+
+
+#: How long a writer waits for another process's transaction before failing.
+BUSY_TIMEOUT_S = 10.0
+
+#: Schema migrations: entry ``i`` brings the schema from version ``i`` to
+#: ``i + 1``. Append only; never edit an entry that has shipped.
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE plugins (
+            name TEXT PRIMARY KEY, ref TEXT, pin TEXT, live_commit TEXT,
+            previous_commit TEXT, state TEXT NOT NULL, desired_commit TEXT,
+            last_error TEXT, updated_at TEXT NOT NULL)""",
+        """CREATE TABLE deploys (
+            id INTEGER PRIMARY KEY AUTOINCREMENT, plugin TEXT NOT NULL,
+            trigger TEXT NOT NULL, ref TEXT, commit_sha TEXT, result TEXT NOT NULL,
+            stage TEXT, error TEXT, started_at TEXT NOT NULL, duration_s REAL,
+            log_path TEXT, host TEXT NOT NULL)""",
+        "CREATE INDEX deploys_by_plugin ON deploys (plugin, id)",
+        "CREATE INDEX deploys_by_commit ON deploys (plugin, commit_sha, id)",
+        "CREATE INDEX deploys_running ON deploys (result) WHERE result = 'running'",
+        "CREATE TABLE deliveries (id TEXT PRIMARY KEY, expires_at REAL NOT NULL)",
+        "CREATE INDEX deliveries_by_expiry ON deliveries (expires_at)",
+        """CREATE TABLE workers (
+            worker_id TEXT PRIMARY KEY, host TEXT NOT NULL, pid INTEGER NOT NULL,
+            plugin_commits TEXT NOT NULL, heartbeat_at REAL NOT NULL)""",
+        "CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)",
+        "INSERT INTO counters (name, value) VALUES ('plugins', 0)",
+    ),
+    (
+        # Deploys asked for by a process that is not the controller (a
+        # webhook or API call that reached another worker).
+        """CREATE TABLE deploy_requests (
+            id INTEGER PRIMARY KEY AUTOINCREMENT, plugin TEXT NOT NULL,
+            trigger TEXT NOT NULL, ref TEXT, requested_at TEXT NOT NULL)""",
+    ),
+)
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+#: Connections a forked child inherited; see :meth:`SQLiteStateStore._conn`.
+_FORK_ORPHANS: list[sqlite3.Connection] = []
+
+_PLUGIN_COLUMNS = (
+    "name, ref, pin, live_commit, previous_commit, state, desired_commit, last_error, updated_at"
+)
+_DEPLOY_COLUMNS = (
+    "id, plugin, trigger, ref, commit_sha, result, stage, error, started_at, duration_s, "
+    "log_path, host"
+)
+
+
+def _plugin_from_row(row: sqlite3.Row) -> PluginState:
+    values = dict(row)
+    values["state"] = PluginStateValue(values["state"])
+    return PluginState(**values)
+
+
+def _deploy_from_row(row: sqlite3.Row) -> DeployRecord:
+    values = dict(row)
+    values["commit"] = values.pop("commit_sha")
+    values["result"] = DeployResult(values["result"])
+    values["stage"] = None if values["stage"] is None else Stage(values["stage"])
+    return DeployRecord(**values)
+
+
+def _hint(exc: sqlite3.Error) -> str:
+    text = str(exc).lower()
+    if "locked" in text or "busy" in text:
+        return (
+            f"; another process held the database for more than {BUSY_TIMEOUT_S:g} s: look "
+            "for a stuck gitplug process, and keep the database on a local disk (not NFS)"
+        )
+    if "unable to open" in text or "readonly" in text or "i/o" in text:
+        return "; check that its directory exists and is writable by this user"
+    if "not a database" in text or "malformed" in text:
+        return "; it is not a gitplug state database or is damaged: move it aside to start afresh"
+    return ""
+
+
+class SQLiteStateStore:
+    """:class:`StateStore` in one SQLite file, shared by every process of a host.
+
+    WAL mode lets readers run during a write; ``BEGIN IMMEDIATE`` makes each
+    write take the lock up front so concurrent writers queue (for up to
+    :data:`BUSY_TIMEOUT_S`) instead of failing on lock upgrade. Each thread
+    gets its own connection; a forked child (gunicorn with ``--preload``)
+    opens new ones rather than reusing its parent's.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StateError(
+                f"state database {self.path}: cannot create its directory "
+                f"{self.path.parent}: {exc}; choose a writable path for `state:`"
+            ) from exc
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        #: (owning thread, its connection); this process's connections only.
+        self._connections: list[tuple[threading.Thread, sqlite3.Connection]] = []
+        self._pid = os.getpid()
+        self._closed = False
+        self._migrate()
+
+    def __repr__(self) -> str:
+        return f"<SQLiteStateStore {str(self.path)!r}>"
+
+    # -- plumbing ------------------------------------------------------------
+
+    def _error(self, action: str, exc: sqlite3.Error) -> StateError:
+        return StateError(f"state database {self.path}: could not {action}: {exc}{_hint(exc)}")
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._closed:
+            raise StateError(f"state database {self.path}: the store is closed")
+        if os.getpid() != self._pid:
+            # A connection must not cross fork(). The parent's are kept
+            # referenced, never closed here: closing the last connection may
+            # checkpoint and delete the WAL the parent is still using.
+            _FORK_ORPHANS.extend(conn for _, conn in self._connections)
+            self._pid = os.getpid()
+            self._lock = threading.Lock()
+            self._local = threading.local()
+            self._connections = []
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            try:
+                conn = sqlite3.connect(
+                    self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
+                    check_same_thread=False,
+                )
+            except sqlite3.Error as exc:
+                raise self._error("open it", exc) from exc
+            try:
+                conn.row_factory = sqlite3.Row
+                conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+                conn.execute("PRAGMA journal_mode = WAL")
+            except sqlite3.Error as exc:
+                self._close_quietly(conn)
+                raise self._error("open it", exc) from exc
+            self._local.conn = conn
+            with self._lock:
+                # Close the connections of threads that have ended, so a
+                # thread per deploy does not leak one connection each.
+                dead = [c for t, c in self._connections if not t.is_alive()]
+                self._connections = [(t, c) for t, c in self._connections if t.is_alive()]
+                self._connections.append((threading.current_thread(), conn))
+            for old in dead:
+                self._close_quietly(old)
+        return conn
+
+    def _close_quietly(self, conn: sqlite3.Connection) -> None:
+        try:
+            conn.close()
+        except sqlite3.Error as exc:  # closing is best effort; report, don't raise
+            logger.warning("state database %s: closing a connection failed: %s", self.path, exc)
+
+    @contextmanager
+    def _write(self, action: str) -> Iterator[sqlite3.Connection]:
+        """One write transaction: BEGIN IMMEDIATE ... COMMIT, rolled back on error."""
+        conn = self._conn()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                self._rollback(conn)
+                raise
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback(conn)
+            raise self._error(action, exc) from exc
+
+    @staticmethod
+    def _rollback(conn: sqlite3.Connection) -> None:
+        # The error being raised matters more than a failed rollback; SQLite
+        # rolls back by itself when the connection is next used or closed.
+        if conn.in_transaction:
+            with suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+
+    def _read(self, action: str, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        try:
+            return self._conn().execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise self._error(action, exc) from exc
+
+    def _migrate(self) -> None:
+        with self._write("create or upgrade its schema") as conn:
+            conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = conn.execute("SELECT version FROM schema_version").fetchone()
+            current = 0 if row is None else int(row[0])
+            if current > SCHEMA_VERSION:
+                raise StateError(
+                    f"state database {self.path} has schema version {current}, newer than "
+                    f"this gitplug knows ({SCHEMA_VERSION}); upgrade gitplug"
+                )
+            for statements in _MIGRATIONS[current:]:
+                for statement in statements:
+                    conn.execute(statement)
+            if row is None:
+                conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+            elif current != SCHEMA_VERSION:
+                conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
+            if current != SCHEMA_VERSION:
+                logger.info(
+                    "state database %s: schema %d -> %d", self.path, current, SCHEMA_VERSION
+                )
+
+    def _deploy_row(self, conn: sqlite3.Connection, deploy_id: int) -> sqlite3.Row:
+        row = conn.execute(
+            f"SELECT {_DEPLOY_COLUMNS} FROM deploys WHERE id = ?", (deploy_id,)
+        ).fetchone()
+        if row is None:
+            raise StateError(f"state database {self.path}: no deploy with id {deploy_id}")
+        return row
+
+    # -- plugins ---------------------------------------------------------------
+
+    def get_plugin(self, name: str) -> PluginState | None:
+        rows = self._read(
+            f"read plugin {name!r}",
+            f"SELECT {_PLUGIN_COLUMNS} FROM plugins WHERE name = ?", (name,),
+        )
+        return _plugin_from_row(rows[0]) if rows else None
+
+    def list_plugins(self) -> list[PluginState]:
+        rows = self._read("list plugins", f"SELECT {_PLUGIN_COLUMNS} FROM plugins ORDER BY name")
+        return [_plugin_from_row(row) for row in rows]
+
+    def update_plugin(self, name: str, **fields: Any) -> PluginState:
+        unknown = sorted(set(fields) - PLUGIN_FIELDS)
+        if unknown:
+            raise TypeError(
+                f"update_plugin() got unknown fields {unknown}; "
+                f"expected some of {sorted(PLUGIN_FIELDS)}"
+            )
+        if "state" in fields:
+            fields["state"] = PluginStateValue(fields["state"]).value
+        now = now_iso()
+        # Column names come from PLUGIN_FIELDS only, never from the caller.
+        assignments = "".join(f"{column} = ?, " for column in fields)
+        with self._write(f"update plugin {name!r}") as conn:
+            conn.execute(
+                "INSERT INTO plugins (name, state, updated_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (name) DO NOTHING",
+                (name, PluginStateValue.PENDING.value, now),
+            )
+            conn.execute(
+                f"UPDATE plugins SET {assignments}updated_at = ? WHERE name = ?",
+                (*fields.values(), now, name),
+            )
+            conn.execute("UPDATE counters SET value = value + 1 WHERE name = 'plugins'")
+            row = conn.execute(
+                f"SELECT {_PLUGIN_COLUMNS} FROM plugins WHERE name = ?", (name,)
+            ).fetchone()
+        return _plugin_from_row(row)
+
+    def delete_plugin(self, name: str) -> None:
+        with self._write(f"delete plugin {name!r}") as conn:
+            if conn.execute("DELETE FROM plugins WHERE name = ?", (name,)).rowcount:
+                conn.execute("UPDATE counters SET value = value + 1 WHERE name = 'plugins'")
+
+    def change_counter(self) -> int:
+        rows = self._read(
+            "read the change counter", "SELECT value FROM counters WHERE name = 'plugins'"
+        )
+        return int(rows[0][0])
+
+    # -- deploys -----------------------------------------------------------------
+
+    def start_deploy(
+        self,
+        plugin: str,
+        *,
+        trigger: str,
+        ref: str | None,
+        commit: str | None = None,
+        host: str | None = None,
+    ) -> DeployRecord:
+        with self._write(f"record a deploy of {plugin!r}") as conn:
+            cursor = conn.execute(
+                "INSERT INTO deploys (plugin, trigger, ref, commit_sha, result, started_at, host) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (plugin, trigger, ref, commit, DeployResult.RUNNING.value, now_iso(),
+                 host or default_host()),
+            )
+            row = self._deploy_row(conn, int(cursor.lastrowid or 0))
+        return _deploy_from_row(row)
+
+    def finish_deploy(
+        self,
+        deploy_id: int,
+        *,
+        result: DeployResult,
+        stage: Stage | None = None,
+        error: str | None = None,
+        commit: str | None = None,
+        duration_s: float | None = None,
+        log_path: str | None = None,
+    ) -> DeployRecord:
+        result = DeployResult(result)
+        if result is DeployResult.RUNNING:
+            raise ValueError(f"finish_deploy({deploy_id}) needs a final result, not 'running'")
+        with self._write(f"finish deploy {deploy_id}") as conn:
+            row = self._deploy_row(conn, deploy_id)
+            if duration_s is None:
+                elapsed = datetime.now(timezone.utc) - parse_iso(row["started_at"])
+                duration_s = round(max(elapsed.total_seconds(), 0.0), 3)
+            conn.execute(
+                "UPDATE deploys SET result = ?, stage = ?, error = ?, duration_s = ?, "
+                "commit_sha = COALESCE(?, commit_sha), log_path = COALESCE(?, log_path) "
+                "WHERE id = ?",
+                (result.value, None if stage is None else Stage(stage).value, error,
+                 duration_s, commit, log_path, deploy_id),
+            )
+            row = self._deploy_row(conn, deploy_id)
+        return _deploy_from_row(row)
+
+    def update_deploy(self, deploy_id: int, **fields: Any) -> DeployRecord:
+        unknown = sorted(set(fields) - DEPLOY_FIELDS)
+        if unknown:
+            raise TypeError(
+                f"update_deploy() got unknown fields {unknown}; "
+                f"expected some of {sorted(DEPLOY_FIELDS)}"
+            )
+        if fields.get("result") is not None:
+            fields["result"] = DeployResult(fields["result"]).value
+        if fields.get("stage") is not None:
+            fields["stage"] = Stage(fields["stage"]).value
+        columns = {"commit_sha" if key == "commit" else key: value for key, value in fields.items()}
+        with self._write(f"update deploy {deploy_id}") as conn:
+            self._deploy_row(conn, deploy_id)
+            if columns:
+                assignments = ", ".join(f"{column} = ?" for column in columns)
+                conn.execute(
+                    f"UPDATE deploys SET {assignments} WHERE id = ?", (*columns.values(), deploy_id)
+                )
+            row = self._deploy_row(conn, deploy_id)
+        return _deploy_from_row(row)
+
+    def get_deploy(self, deploy_id: int) -> DeployRecord | None:
+        rows = self._read(
+            f"read deploy {deploy_id}",
+            f"SELECT {_DEPLOY_COLUMNS} FROM deploys WHERE id = ?", (deploy_id,),
+        )
+        return _deploy_from_row(rows[0]) if rows else None
+
+    def history(self, plugin: str, *, limit: int | None = 50) -> list[DeployRecord]:
+        rows = self._read(
+            f"read the history of {plugin!r}",
+            f"SELECT {_DEPLOY_COLUMNS} FROM deploys WHERE plugin = ? ORDER BY id DESC LIMIT ?",
+            (plugin, -1 if limit is None else max(limit, 0)),
+        )
+        return [_deploy_from_row(row) for row in rows]
+
+    def last_deploy(self, plugin: str) -> DeployRecord | None:
+        records = self.history(plugin, limit=1)
+        return records[0] if records else None
+
+    def mark_running_interrupted(self, host: str | None = None) -> list[DeployRecord]:
+        where = "result = 'running' AND host = ?"
+        params = (host or default_host(),)
+        with self._write("mark interrupted deploys") as conn:
+            ids = [row[0] for row in conn.execute(f"SELECT id FROM deploys WHERE {where}", params)]
+            conn.execute(
+                f"UPDATE deploys SET result = ?, error = ? WHERE {where}",
+                (DeployResult.INTERRUPTED.value, INTERRUPTED_ERROR, *params),
+            )
+            rows = [self._deploy_row(conn, deploy_id) for deploy_id in ids]
+        for row in rows:
+            logger.warning(
+                "deploy %d of plugin %s (commit %s) was interrupted: %s",
+                row["id"], row["plugin"], row["commit_sha"], INTERRUPTED_ERROR,
+            )
+        return [_deploy_from_row(row) for row in rows]
+
+    def failed_commits(self, plugin: str) -> set[str]:
+        rows = self._read(
+            f"read the failed commits of {plugin!r}",
+            """SELECT d.commit_sha FROM deploys AS d
+               WHERE d.plugin = ? AND d.result = 'failed' AND d.commit_sha IS NOT NULL
+                 AND NOT EXISTS (
+                     SELECT 1 FROM deploys AS later
+                     WHERE later.plugin = d.plugin AND later.commit_sha = d.commit_sha
+                       AND later.id > d.id AND later.result IN ('live', 'failed'))""",
+            (plugin,),
+        )
+        return {row[0] for row in rows}
+
+    # -- webhooks and workers -----------------------------------------------
+
+    def remember_delivery(self, delivery_id: str, *, ttl_s: float = 7 * 86400) -> bool:
+        now = time.time()
+        with self._write(f"remember webhook delivery {delivery_id!r}") as conn:
+            conn.execute("DELETE FROM deliveries WHERE expires_at <= ?", (now,))
+            cursor = conn.execute(
+                "INSERT OR IGNORE INTO deliveries (id, expires_at) VALUES (?, ?)",
+                (delivery_id, now + ttl_s),
+            )
+            return cursor.rowcount == 1
+
+    def request_deploy(self, plugin: str, *, trigger: str, ref: str | None = None) -> int:
+        with self._write(f"queue a deploy request for {plugin!r}") as conn:
+            cursor = conn.execute(
+                "INSERT INTO deploy_requests (plugin, trigger, ref, requested_at) VALUES (?, ?, ?, ?)",
+                (plugin, trigger, ref, now_iso()),
+            )
+            return int(cursor.lastrowid or 0)
+
+    def take_deploy_requests(self) -> list[DeployRequest]:
+        # A cheap read first: the controller calls this several times a second.
+        if not self._read("read deploy requests", "SELECT 1 FROM deploy_requests LIMIT 1"):
+            return []
+        with self._write("take deploy requests") as conn:
+            rows = conn.execute(
+                "SELECT id, plugin, trigger, ref, requested_at FROM deploy_requests ORDER BY id"
+            ).fetchall()
+            conn.execute("DELETE FROM deploy_requests WHERE id <= ?", (rows[-1]["id"],) if rows else (0,))
+        return [DeployRequest(**dict(row)) for row in rows]
+
+    def heartbeat(self, worker: WorkerInfo) -> None:
+        with self._write(f"record the heartbeat of worker {worker.worker_id!r}") as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO workers "
+                "(worker_id, host, pid, plugin_commits, heartbeat_at) VALUES (?, ?, ?, ?, ?)",
+                (worker.worker_id, worker.host, worker.pid,
+                 json.dumps(worker.plugin_commits, sort_keys=True), worker.heartbeat_at),
+            )
+
+    def workers(self, *, max_age_s: float = 10.0) -> list[WorkerInfo]:
+        with self._write("list workers") as conn:
+            conn.execute("DELETE FROM workers WHERE heartbeat_at < ?", (time.time() - max_age_s,))
+            rows = conn.execute(
+                "SELECT worker_id, host, pid, plugin_commits, heartbeat_at FROM workers "
+                "ORDER BY worker_id"
+            ).fetchall()
+        return [
+            WorkerInfo(row[0], row[1], int(row[2]), json.loads(row[3]), float(row[4]))
+            for row in rows
+        ]
+
+    def remove_worker(self, worker_id: str) -> None:
+        with self._write(f"remove worker {worker_id!r}") as conn:
+            conn.execute("DELETE FROM workers WHERE worker_id = ?", (worker_id,))
+
+    def close(self) -> None:
+        with self._lock:
+            connections, self._connections = self._connections, []
+            self._closed = True
+        self._local = threading.local()
+        for _, conn in connections:
+            self._close_quietly(conn)
+
+    def __enter__(self) -> SQLiteStateStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def open_state_store(url: str, *, base_dir: Path | None = None) -> StateStore:
+    """Open the store named by the ``state:`` setting.
+
+    ``sqlite:///<path>`` follows SQLAlchemy's convention: a relative path
+    (``sqlite:///.gitplug/state.db``) is resolved against ``base_dir``
+    (the configuration file's directory; default: the working directory) and
+    an absolute one takes four slashes (``sqlite:////srv/state.db``, which is
+    also what ``"sqlite:///" + str(absolute_path)`` gives).
+    """
+    scheme, sep, rest = url.partition("://")
+    scheme = scheme.lower()
+    if sep and scheme in ("redis", "rediss", "redis+sentinel", "unix"):
+        raise StateError(
+            f"state {url!r}: the redis store is not built yet; "
+            "use sqlite:///path/to/state.db"
+        )
+    if not sep or scheme != "sqlite" or not rest.startswith("/"):
+        raise StateError(
+            f"state {url!r} is not a store URL gitplug knows; expected "
+            "sqlite:///relative/state.db or sqlite:////absolute/state.db"
+        )
+    raw = rest[1:]
+    if not raw or raw == ":memory:":
+        raise StateError(
+            f"state {url!r} names no file; every process of a server must share the "
+            "database, so give a path: sqlite:///.gitplug/state.db"
+        )
+    path = Path(raw)
+    if not path.is_absolute():
+        path = (base_dir if base_dir is not None else Path.cwd()) / path
+    return SQLiteStateStore(path)

@@ -1,0 +1,70 @@
+"""The data of ``gitplug status --json`` and ``GET /_gitplug/api/plugins`` (SPEC 10)."""
+
+from __future__ import annotations
+
+import typing as t
+
+from .config import GitplugConfig, PluginConfig
+from .errors import UnknownPlugin
+from .runtime import Runtime
+from .state import PluginStateValue, StateStore
+
+__all__ = ["plugin_status", "build_status"]
+
+
+def plugin_status(
+    plugin: PluginConfig,
+    store: StateStore,
+    *,
+    runtime: Runtime | None = None,
+    workers: list[t.Any] | None = None,
+) -> dict[str, t.Any]:
+    """One plugin's entry of the status object."""
+    state = store.get_plugin(plugin.name)
+    last = store.last_deploy(plugin.name)
+    if runtime is not None:
+        live = runtime.live(plugin.name)
+        live_commit = live.commit if live is not None else None
+    else:
+        live_commit = state.live_commit if state and state.state != PluginStateValue.STOPPED else None
+    if state is None:
+        value = PluginStateValue.PENDING.value
+    elif state.state == PluginStateValue.STOPPED:
+        value = "stopped"
+    elif state.live_commit:
+        value = "live"
+    else:
+        value = state.state.value
+    workers = workers if workers is not None else store.workers()
+    return {
+        "name": plugin.name,
+        "repo": plugin.repo,
+        "ref": plugin.ref,
+        "pin": state.pin if state else None,
+        "state": value,
+        "live_commit": live_commit,
+        "previous_commit": state.previous_commit if state else None,
+        "url_prefix": plugin.url_prefix,
+        "workers": {w.worker_id: w.plugin_commits.get(plugin.name) for w in workers},
+        "last_error": state.last_error if state else None,
+        "last_deploy": last.to_json() if last is not None else None,
+    }
+
+
+def build_status(
+    config: GitplugConfig,
+    store: StateStore,
+    *,
+    runtime: Runtime | None = None,
+    only: str | None = None,
+) -> dict[str, t.Any]:
+    """``{"plugins": [...]}`` for every configured plugin (or just ``only``)."""
+    if only is not None and only not in config.plugins:
+        raise UnknownPlugin(only, list(config.plugins))
+    workers = store.workers()
+    names = [only] if only is not None else list(config.plugins)
+    return {
+        "plugins": [
+            plugin_status(config.plugins[n], store, runtime=runtime, workers=workers) for n in names
+        ]
+    }

@@ -1,0 +1,160 @@
+"""Deploy triggers: a coalescing queue and the APScheduler poll jobs.
+
+Every trigger (poll, webhook, API, config change) goes through
+:class:`TriggerQueue`, which runs at most one deploy per plugin at a time
+and folds a burst of triggers for one plugin into a single follow-up run:
+ten webhooks for one push make one deploy (SPEC 4.6).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import typing as t
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from .state import DeployRecord
+
+__all__ = ["Trigger", "TriggerQueue", "PollScheduler"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Trigger:
+    """A request to bring one plugin up to date."""
+
+    plugin: str
+    kind: str  # poll | webhook | api | config | startup
+    ref: str | None = None
+
+
+RunDeploy = Callable[[Trigger], "DeployRecord | None"]
+
+
+class TriggerQueue:
+    """At most one running and one pending deploy per plugin."""
+
+    def __init__(self, run: RunDeploy, *, max_workers: int = 4) -> None:
+        self._run = run
+        self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="gitplug-deploy")
+        self._lock = threading.Lock()
+        self._running: dict[str, Future[DeployRecord | None]] = {}
+        self._pending: dict[str, tuple[Trigger, Future[DeployRecord | None]]] = {}
+        self._closed = False
+
+    def submit(self, trigger: Trigger) -> Future[DeployRecord | None]:
+        """Queue ``trigger``; returns a future of its deploy record.
+
+        While a deploy of the plugin runs, triggers coalesce into one
+        pending run; a pending run takes the most explicit trigger kind.
+        """
+        with self._lock:
+            if self._closed:
+                future: Future[DeployRecord | None] = Future()
+                future.set_result(None)
+                return future
+            pending = self._pending.get(trigger.plugin)
+            if pending is not None:
+                kept, future = pending
+                if trigger.ref is not None or kept.kind == "poll":
+                    self._pending[trigger.plugin] = (trigger, future)
+                return future
+            future = Future()
+            if trigger.plugin in self._running:
+                self._pending[trigger.plugin] = (trigger, future)
+            else:
+                self._start(trigger, future)
+            return future
+
+    def _start(self, trigger: Trigger, future: Future[DeployRecord | None]) -> None:
+        # Lock held.
+        self._running[trigger.plugin] = future
+        self._executor.submit(self._execute, trigger, future)
+
+    def _execute(self, trigger: Trigger, future: Future[DeployRecord | None]) -> None:
+        try:
+            result = self._run(trigger)
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits
+            logger.exception("plugin %s: %s trigger failed", trigger.plugin, trigger.kind)
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
+        finally:
+            with self._lock:
+                self._running.pop(trigger.plugin, None)
+                pending = self._pending.pop(trigger.plugin, None)
+                if pending is not None and not self._closed:
+                    self._start(*pending)
+                elif pending is not None:
+                    pending[1].set_result(None)
+
+    def busy(self, plugin: str) -> bool:
+        with self._lock:
+            return plugin in self._running or plugin in self._pending
+
+    def shutdown(self, wait: bool = True) -> None:
+        with self._lock:
+            self._closed = True
+        self._executor.shutdown(wait=wait, cancel_futures=False)
+
+
+class PollScheduler:
+    """One APScheduler interval job per plugin, with jitter.
+
+    ``coalesce=True`` and ``max_instances=1``: a late or slow poll never
+    piles up. Started once per process by :class:`gitplug.services.HostServices`.
+    """
+
+    def __init__(self, queue: TriggerQueue) -> None:
+        self._queue = queue
+        self._scheduler = BackgroundScheduler(daemon=True, timezone="UTC")
+        self._started = False
+
+    def poll(self, plugin: str) -> None:
+        """The job body: queue a poll trigger (deploy only if the ref moved)."""
+        self._queue.submit(Trigger(plugin, "poll"))
+
+    def set_plugins(self, intervals: dict[str, float], *, first_delay_s: float = 1.0) -> None:
+        """Make the jobs match ``{plugin: poll interval}``."""
+        import datetime as dt
+
+        wanted = {f"poll:{name}": (name, interval) for name, interval in intervals.items()}
+        for job in self._scheduler.get_jobs():
+            if job.id not in wanted:
+                job.remove()
+        for job_id, (name, interval) in wanted.items():
+            existing = self._scheduler.get_job(job_id)
+            if existing is not None and getattr(existing.trigger, "interval", None) == dt.timedelta(seconds=interval):
+                continue
+            self._scheduler.add_job(
+                self.poll,
+                "interval",
+                seconds=interval,
+                jitter=max(0.0, min(interval * 0.1, 30.0)),
+                args=[name],
+                id=job_id,
+                name=f"poll {name}",
+                coalesce=True,
+                max_instances=1,
+                replace_existing=True,
+                next_run_time=dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=first_delay_s),
+            )
+
+    def start(self) -> None:
+        if not self._started:
+            self._scheduler.start()
+            self._started = True
+
+    def shutdown(self) -> None:
+        if self._started:
+            self._scheduler.shutdown(wait=False)
+            self._started = False
+
+    @property
+    def jobs(self) -> list[t.Any]:
+        return list(self._scheduler.get_jobs())
