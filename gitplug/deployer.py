@@ -39,6 +39,7 @@ from .errors import (
 from .gitsource import GitSource, ResolvedRef
 from .layout import DataLayout, FileLock
 from .loaded import ReleaseSpec
+from .metrics import mark_poll_ok, observe_stage
 from .releases import Release, ReleaseStore, TestRecord
 from .runtime import Runtime
 from .state import DeployRecord, DeployResult, PluginStateValue, Stage, StateStore, now_iso
@@ -70,6 +71,24 @@ _STAGE_OF_ERROR: tuple[tuple[type[BaseException], Stage], ...] = (
 #: The directory holding the ``gitplug`` package, put on the test gate's
 #: PYTHONPATH so a plugin's tests can ``import gitplug.testing``.
 _GITPLUG_PARENT = Path(__file__).resolve().parent.parent
+
+
+def _timed(plugin: str, progress: Progress | None) -> Progress:
+    """Wrap ``progress`` so the time between stages feeds the stage histogram."""
+    last: list[t.Any] = [None, time.monotonic()]
+
+    def say(stage: str, message: str) -> None:
+        now = time.monotonic()
+        if last[0] is not None:
+            observe_stage(plugin, last[0], now - last[1])
+        last[0], last[1] = (stage if stage in _TIMED_STAGES else None), now
+        if progress is not None:
+            progress(stage, message)
+
+    return say
+
+
+_TIMED_STAGES = frozenset({"fetch", "stage", "test", "load", "swap"})
 
 
 def _stage_of(exc: BaseException, default: Stage) -> Stage:
@@ -153,10 +172,15 @@ class Deployer:
         False to leave as is) is written together with the new live commit.
         """
         plugin = self.plugin_config(name)
-        say = progress or (lambda stage, message: None)
+        say = _timed(name, progress)
         explicit = trigger in EXPLICIT_TRIGGERS
         with self.lock_for(name).held():
             state = self.store.get_plugin(name)
+            if not explicit and state is not None:
+                # Re-checked under the lock: a rollback may have pinned or a
+                # stop may have stopped the plugin while this trigger waited.
+                if state.pin or state.state == PluginStateValue.STOPPED:
+                    return None
             target = ref or (state.pin if state and state.pin else None) or plugin.ref
             started = time.monotonic()
             record: DeployRecord | None = None
@@ -167,10 +191,14 @@ class Deployer:
             try:
                 say("fetch", f"{plugin.repo} ({target})")
                 resolved = self._resolve(plugin, target, fetch=fetch)
+                if trigger == "poll":
+                    mark_poll_ok(name)
                 if record is not None:
                     record = self.store.update_deploy(record.id, commit=resolved.commit)
                 if resolved.commit == self.served_commit(name):
                     raise _NothingToDo(resolved.commit)
+                if not explicit and state is not None and resolved.commit == state.live_commit:
+                    return None  # already deployed; this process converges on it by itself
                 if not explicit:
                     if resolved.commit in self.store.failed_commits(name):
                         logger.info("plugin %s: %s failed before; not retrying on %s", name, resolved.commit[:12], trigger)

@@ -75,6 +75,7 @@ class GitPlug:
             deployer = Deployer(config, store, runtime)
             state.store, state.deployer = store, deployer
             state.services = HostServices(config, store, deployer, runtime)
+            state.services.on_config.append(lambda new: setattr(state, "config", new))
             state.services.restore()
             from .admin import register_admin
 

@@ -23,10 +23,12 @@ import os
 import socket
 import threading
 import time
+import typing as t
 import uuid
 from concurrent.futures import Future
+from pathlib import Path
 
-from .config import GitplugConfig
+from .config import ConfigDiff, GitplugConfig, diff_plugins, load_config
 from .deployer import Deployer
 from .errors import GitplugError
 from .layout import DataLayout, FileLock
@@ -66,6 +68,9 @@ class HostServices:
         self._seen_counter = -1
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self._converge_lock = threading.Lock()
+        #: Called with the new configuration after a reload (the extension's state).
+        self.on_config: list[t.Callable[[GitplugConfig], None]] = []
+        self._config_mtime = self._source_mtime()
 
     # -- startup ------------------------------------------------------------------
 
@@ -200,6 +205,10 @@ class HostServices:
 
     def _control_loop(self) -> None:
         while not self._stop.is_set():
+            mtime = self._source_mtime()
+            if mtime is not None and mtime != self._config_mtime:
+                self._config_mtime = mtime
+                self.reload_config()
             if not self.is_controller:
                 if self._controller_lock.acquire(blocking=False):
                     self.is_controller = True
@@ -265,10 +274,65 @@ class HostServices:
         request(plugin, trigger=kind, ref=ref)
         return None
 
+    # -- configuration reload -----------------------------------------------------
+
+    def _source_path(self) -> Path | None:
+        source = self.config.source
+        if source and Path(source).is_file():
+            return Path(source)
+        return None
+
+    def _source_mtime(self) -> int | None:
+        path = self._source_path()
+        try:
+            return path.stat().st_mtime_ns if path is not None else None
+        except OSError:
+            return None
+
+    def reload_config(self) -> ConfigDiff | None:
+        """Re-read the configuration file and apply the difference.
+
+        An invalid file is refused whole (logged); the running configuration
+        stays. Added plugins are deployed, removed ones stopped, changed ones
+        reloaded (prefix, config) and deployed (ref).
+        """
+        path = self._source_path()
+        if path is None:
+            return None
+        try:
+            new = load_config(path)
+        except GitplugError as exc:
+            logger.error("gitplug: refusing the edited configuration, keeping the running one: %s", exc)
+            return None
+        diff = diff_plugins(self.config, new)
+        if not diff:
+            self.config = new
+            self.deployer.config = new
+            return diff
+        logger.info(
+            "gitplug: configuration reloaded: added %s, removed %s, changed %s",
+            list(diff.added), list(diff.removed), list(diff.changed),
+        )
+        old = self.config
+        self.set_config(new)
+        for name in diff.changed:
+            live = self.runtime.live(name)
+            before, after = old.plugins[name], new.plugins[name]
+            if live is not None and live.commit and (
+                before.url_prefix != after.url_prefix or before.config != after.config or before.entry != after.entry
+            ):
+                self.deployer.load_from_disk(name, live.commit)
+        if self.is_controller or self._started_pid is None:
+            for name in (*diff.added, *diff.changed):
+                self.queue.submit(Trigger(name, "config"))
+        return diff
+
     def set_config(self, config: GitplugConfig) -> None:
         """Adopt a new configuration (already validated)."""
         self.config = config
         self.deployer.config = config
+        for callback in self.on_config:
+            callback(config)
         if self.is_controller:
             self.scheduler.set_plugins({n: p.poll_interval for n, p in config.plugins.items()})
         self._converge(force=True)

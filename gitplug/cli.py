@@ -1,0 +1,311 @@
+"""The ``gitplug`` command line, also mounted as ``flask gitplug``.
+
+Every command reads the same configuration and state store as the server
+(``-c FILE``, else ``$GITPLUG_CONFIG``, else ``./deploy.yaml``), so a
+``gitplug rollback`` run beside a live server is served by it within two
+seconds: the server watches the store. Domain errors become one line on
+stderr and an exit code (1 for a failed deploy, 2 for bad input); never a
+traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import typing as t
+from pathlib import Path
+
+import click
+
+from .config import GitplugConfig, load_config, resolve_config_path
+from .errors import GitplugError
+from .state import DeployRecord, DeployResult, StateStore, open_state_store
+
+__all__ = ["main", "cli", "flask_group"]
+
+F = t.TypeVar("F", bound=t.Callable[..., t.Any])
+
+
+def _fail(exc: GitplugError) -> t.NoReturn:
+    click.secho(f"Error: {exc}", fg="red", err=True)
+    sys.exit(exc.exit_code)
+
+
+def domain_errors(func: F) -> F:
+    """Turn gitplug's errors into a message and an exit code."""
+
+    @functools.wraps(func)
+    def wrapper(*args: t.Any, **kwargs: t.Any) -> t.Any:
+        try:
+            return func(*args, **kwargs)
+        except GitplugError as exc:
+            _fail(exc)
+
+    return t.cast(F, wrapper)
+
+
+config_option = click.option(
+    "-c",
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Configuration file (default: $GITPLUG_CONFIG, else ./deploy.yaml).",
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+
+
+def _load(config_path: Path | None) -> GitplugConfig:
+    return load_config(resolve_config_path(str(config_path) if config_path else None))
+
+
+def _store(config: GitplugConfig) -> StateStore:
+    return open_state_store(config.state, base_dir=config.base_dir)
+
+
+def _deployer(config: GitplugConfig) -> t.Any:
+    from .deployer import Deployer
+
+    return Deployer(config, _store(config))
+
+
+def _print_json(data: t.Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=False))
+
+
+def _short(sha: str | None) -> str:
+    return sha[:12] if sha else "-"
+
+
+def _progress(stage: str, message: str) -> None:
+    colour = {"failed": "red", "live": "green", "skipped": "yellow"}.get(stage)
+    click.secho(f"  {stage:<8} {message}", fg=colour, err=True)
+
+
+def _report(record: DeployRecord | None, as_json: bool) -> None:
+    if record is None:
+        if as_json:
+            _print_json(None)
+        else:
+            click.echo("nothing to do")
+        return
+    if as_json:
+        _print_json(record.to_json())
+    elif record.result == DeployResult.FAILED:
+        click.secho(
+            f"deploy {record.id} of {record.plugin} failed at {record.stage.value if record.stage else '?'}: {record.error}",
+            fg="red",
+            err=True,
+        )
+    else:
+        click.echo(f"deploy {record.id} of {record.plugin}: {record.result.value} ({_short(record.commit)})")
+    if record.result == DeployResult.FAILED:
+        sys.exit(1)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="gitplug")
+def cli() -> None:
+    """Deploy Flask plugins from git and hot-swap them in a running server."""
+
+
+@cli.command("check-config")
+@config_option
+@domain_errors
+def check_config(config_path: Path | None) -> None:
+    """Validate the configuration and say what is wrong, where."""
+    config = _load(config_path)
+    click.echo(f"{config.source}: OK, {len(config.plugins)} plugin(s)")
+    for plugin in config.plugins.values():
+        gate = " ".join(plugin.test) if plugin.test else "off"
+        click.echo(f"  {plugin.name}: {plugin.repo} @ {plugin.ref} -> {plugin.url_prefix} (tests: {gate})")
+
+
+@cli.command()
+@config_option
+@json_option
+@domain_errors
+def status(config_path: Path | None, as_json: bool) -> None:
+    """Every plugin: tracked ref, pin, live commit per worker, last deploy."""
+    from .status import build_status
+
+    config = _load(config_path)
+    data = build_status(config, _store(config))
+    if as_json:
+        _print_json(data)
+        return
+    for p in data["plugins"]:
+        pin = f" (pinned at {p['pin']})" if p["pin"] else ""
+        click.echo(f"{p['name']}: {p['state']}  {_short(p['live_commit'])}  ref {p['ref']}{pin}  {p['url_prefix']}")
+        for worker, commit in sorted(p["workers"].items()):
+            click.echo(f"    worker {worker}: {_short(commit)}")
+        last = p["last_deploy"]
+        if last:
+            stage = f" at {last['stage']}" if last["stage"] else ""
+            click.echo(f"    last deploy #{last['id']} ({last['trigger']}): {last['result']}{stage}  {last['started_at']}")
+            if last["error"] and last["result"] == "failed":
+                click.echo(f"      {last['error'].splitlines()[0]}")
+        if p["last_error"] and (not last or last["error"] != p["last_error"]):
+            click.echo(f"    error: {p['last_error'].splitlines()[0]}")
+
+
+@cli.command()
+@click.argument("plugin")
+@click.option("--limit", default=20, show_default=True, help="How many deploys to show.")
+@config_option
+@json_option
+@domain_errors
+def history(plugin: str, limit: int, config_path: Path | None, as_json: bool) -> None:
+    """Deploys of PLUGIN: when, trigger, ref, commit, result, stage, duration."""
+    config = _load(config_path)
+    config.plugin(plugin)
+    records = _store(config).history(plugin, limit=limit)
+    if as_json:
+        _print_json([r.to_json() for r in records])
+        return
+    click.echo(f"{'id':>5}  {'started':<26} {'trigger':<13} {'ref':<12} {'commit':<12} {'result':<11} {'stage':<7} duration")
+    for r in records:
+        duration = f"{r.duration_s:.2f}s" if r.duration_s is not None else "-"
+        click.echo(
+            f"{r.id:>5}  {r.started_at:<26} {r.trigger:<13} {(r.ref or '-')[:12]:<12} {_short(r.commit):<12}"
+            f" {r.result.value:<11} {(r.stage.value if r.stage else '-'):<7} {duration}"
+        )
+
+
+@cli.command()
+@click.argument("plugin")
+@click.option("--ref", default=None, help="Deploy this ref instead of the tracked one.")
+@config_option
+@json_option
+@domain_errors
+def deploy(plugin: str, ref: str | None, config_path: Path | None, as_json: bool) -> None:
+    """Deploy PLUGIN now and wait for the result (exit 1 on failure)."""
+    deployer = _deployer(_load(config_path))
+    if not as_json:
+        click.echo(f"deploying {plugin} ...", err=True)
+    _report(deployer.deploy(plugin, ref=ref, trigger="cli", progress=None if as_json else _progress), as_json)
+
+
+@cli.command()
+@click.argument("plugin")
+@click.argument("ref")
+@config_option
+@json_option
+@domain_errors
+def rollback(plugin: str, ref: str, config_path: Path | None, as_json: bool) -> None:
+    """Pin PLUGIN at REF (a tag, sha, branch or `previous`) and deploy it."""
+    deployer = _deployer(_load(config_path))
+    _report(deployer.rollback(plugin, ref, progress=None if as_json else _progress), as_json)
+
+
+@cli.command()
+@click.argument("plugin")
+@config_option
+@json_option
+@domain_errors
+def resume(plugin: str, config_path: Path | None, as_json: bool) -> None:
+    """Unpin PLUGIN and deploy its tracked ref."""
+    deployer = _deployer(_load(config_path))
+    _report(deployer.resume(plugin, progress=None if as_json else _progress), as_json)
+
+
+@cli.command()
+@click.argument("plugin")
+@config_option
+@domain_errors
+def stop(plugin: str, config_path: Path | None) -> None:
+    """Stop serving PLUGIN (its URLs answer 404) on every worker."""
+    _deployer(_load(config_path)).stop(plugin)
+    click.echo(f"{plugin}: stopped")
+
+
+@cli.command()
+@click.argument("plugin")
+@config_option
+@domain_errors
+def start(plugin: str, config_path: Path | None) -> None:
+    """Serve PLUGIN again on the release it had."""
+    _deployer(_load(config_path)).start(plugin)
+    click.echo(f"{plugin}: started")
+
+
+@cli.command()
+@click.argument("plugin")
+@click.option("--deploy", "deploy_id", type=int, default=None, help="A deploy id (default: the latest with a log).")
+@config_option
+@domain_errors
+def logs(plugin: str, deploy_id: int | None, config_path: Path | None) -> None:
+    """Print the test gate's output of a deploy of PLUGIN."""
+    config = _load(config_path)
+    config.plugin(plugin)
+    store = _store(config)
+    if deploy_id is not None:
+        record = store.get_deploy(deploy_id)
+        if record is None or record.plugin != plugin:
+            raise GitplugError(f"no deploy {deploy_id} of plugin {plugin!r}; see `gitplug history {plugin}`.")
+    else:
+        record = next((r for r in store.history(plugin, limit=200) if r.log_path), None)
+        if record is None:
+            raise GitplugError(f"no deploy of {plugin!r} has a test log yet; run `gitplug deploy {plugin}`.")
+    if not record.log_path or not Path(record.log_path).is_file():
+        raise GitplugError(f"deploy {record.id} of {plugin!r} has no test log (the gate did not run).")
+    click.echo(Path(record.log_path).read_text(errors="replace"), nl=False)
+
+
+@cli.command("reload-config")
+@config_option
+@domain_errors
+def reload_config(config_path: Path | None) -> None:
+    """Validate the configuration and make running servers apply it."""
+    path = resolve_config_path(str(config_path) if config_path else None)
+    config = load_config(path)
+    os.utime(path)  # servers watch the file's mtime
+    click.echo(f"{path}: OK, {len(config.plugins)} plugin(s); running servers apply it within ~2 s")
+
+
+def _parse_dev(values: tuple[str, ...]) -> list[tuple[str, Path]]:
+    pairs = []
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise click.BadParameter(f"{value!r}: expected NAME=PATH, e.g. --dev hello=./plugins_repo_example")
+        pairs.append((name, Path(path)))
+    return pairs
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=5000, show_default=True, type=int)
+@click.option("--dev", "dev", multiple=True, metavar="NAME=PATH", help="Serve a plugin from a directory; swap on every save.")
+@config_option
+@domain_errors
+def serve(host: str, port: int, dev: tuple[str, ...], config_path: Path | None) -> None:
+    """Run the server (a bare host application serving the plugins)."""
+    from .serve import run_server
+
+    dev_pairs = _parse_dev(dev)
+    path = resolve_config_path(str(config_path) if config_path else None)
+    config = load_config(path) if (config_path or not dev_pairs or path.exists()) else None
+    run_server(config, host=host, port=port, dev=dev_pairs)
+
+
+@cli.command()
+@click.option("--port", default=5000, show_default=True, type=int)
+@config_option
+@domain_errors
+def demo(port: int, config_path: Path | None) -> None:
+    """The example of SPEC 8, end to end, on this machine alone."""
+    from .demo import run_demo
+
+    run_demo(port=port, config_path=config_path)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="gitplug")
+
+
+#: ``flask gitplug ...`` (registered as a ``flask.commands`` entry point).
+flask_group = click.Group("gitplug", help=cli.help, commands=dict(cli.commands))
