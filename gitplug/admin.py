@@ -84,7 +84,7 @@ def register_admin(app: Flask, gp: GitPlug, config: GitplugConfig) -> None:
     # -- webhook ----------------------------------------------------------------
 
     def _webhook(plugin: str | None) -> tuple[Response, int]:
-        from .webhook import handle_webhook
+        from .webhook import MAX_BODY, handle_webhook
 
         cfg = current_config()
         state = gp._state
@@ -100,7 +100,8 @@ def register_admin(app: Flask, gp: GitPlug, config: GitplugConfig) -> None:
 
         answer = handle_webhook(
             headers=dict(request.headers),
-            body=request.get_data(cache=False),
+            # Never read an unbounded body: one byte past the limit is enough to answer 413.
+            body=request.stream.read(MAX_BODY + 1),
             secret=cfg.webhook_secret,
             plugins=cfg.plugins,
             plugin=plugin,
