@@ -409,7 +409,15 @@ class Deployer:
 
     # -- rollback, resume, stop, start -----------------------------------------
 
-    def rollback(self, name: str, target: str, *, trigger: str = "rollback", progress: Progress | None = None) -> DeployRecord | None:
+    def rollback(
+        self,
+        name: str,
+        target: str,
+        *,
+        trigger: str = "rollback",
+        progress: Progress | None = None,
+        reason: str | None = None,
+    ) -> DeployRecord | None:
         """Pin ``name`` at ``target`` (a ref, a sha or ``previous``) and deploy it.
 
         A release on disk that passed its tests is swapped in with no fetch
@@ -427,16 +435,30 @@ class Deployer:
             ref = state.previous_commit
         from_commit = state.live_commit if state else None
         record = self.deploy(name, ref=ref, trigger=trigger, pin=ref, fetch=False, progress=progress)
+        if record is not None and reason:
+            # Why it rolled back is part of the history (auto-rollback's observed rate).
+            record = self.store.update_deploy(record.id, error=reason)
         if record is not None and record.result in (DeployResult.LIVE, DeployResult.SKIPPED):
             signals.rolled_back.send(
-                self, plugin=name, deploy=record, from_commit=from_commit, to_commit=record.commit, reason=trigger
+                self,
+                plugin=name,
+                deploy=record,
+                from_commit=from_commit,
+                to_commit=record.commit,
+                reason=reason or trigger,
             )
         return record
 
     def resume(self, name: str, *, trigger: str = "cli", progress: Progress | None = None) -> DeployRecord | None:
-        """Unpin ``name`` and deploy its tracked ref."""
+        """Unpin ``name`` and deploy its tracked ref.
+
+        The pin is lifted even if the deploy fails: the plugin follows its
+        ref again (polls and webhooks apply), still serving what it served.
+        """
         plugin = self.plugin_config(name)
-        return self.deploy(name, ref=plugin.ref, trigger=trigger, pin=None, progress=progress)
+        with self.lock_for(name).held():
+            self.store.update_plugin(name, pin=None)
+        return self.deploy(name, ref=plugin.ref, trigger=trigger, progress=progress)
 
     def stop(self, name: str) -> None:
         """Record ``name`` as stopped; serving runtimes unmount it."""

@@ -28,6 +28,7 @@ import uuid
 from concurrent.futures import Future
 from pathlib import Path
 
+from .autorollback import AutoRollbackWatch
 from .config import ConfigDiff, GitplugConfig, diff_plugins, load_config
 from .deployer import Deployer
 from .errors import GitplugError
@@ -59,6 +60,8 @@ class HostServices:
         self.layout = DataLayout(config.data_dir)
         self.queue = TriggerQueue(self._run_trigger)
         self.scheduler = PollScheduler(self.queue)
+        self.auto_rollback = AutoRollbackWatch(store, deployer)
+        self._pushed_stats: dict[tuple[str, str], tuple[int, int]] = {}
         self._controller_lock = FileLock(self.layout.lock_file("controller"))
         self.is_controller = False
         self._stop = threading.Event()
@@ -109,6 +112,8 @@ class HostServices:
         self._controller_lock = FileLock(self.layout.lock_file("controller"))
         self.queue = TriggerQueue(self._run_trigger)
         self.scheduler = PollScheduler(self.queue)
+        self.auto_rollback = AutoRollbackWatch(self.store, self.deployer)
+        self._pushed_stats = {}
         self._seen_counter = -1
 
     def shutdown(self) -> None:
@@ -135,6 +140,7 @@ class HostServices:
         while not self._stop.wait(self.converge_interval):
             try:
                 self._converge()
+                self.push_stats()
                 now = time.monotonic()
                 if now >= next_beat:
                     self.heartbeat()
@@ -189,6 +195,17 @@ class HostServices:
         elif self.deployer.load_from_disk(name, state.live_commit):
             logger.info("plugin %s: now serving %s", name, state.live_commit[:12])
 
+    def push_stats(self) -> None:
+        """Write this process's request/error counts per release when they changed."""
+        stats = {
+            (name, release.commit or release.release_id): (release.requests, release.errors)
+            for name, release in self.runtime.snapshot.releases.items()
+        }
+        changed = {k: v for k, v in stats.items() if self._pushed_stats.get(k) != v}
+        if changed:
+            self.store.record_release_stats(self.worker_id, changed)
+            self._pushed_stats.update(changed)
+
     def heartbeat(self) -> None:
         commits = {name: (r.commit or r.release_id) for name, r in self.runtime.snapshot.releases.items()}
         self.store.heartbeat(
@@ -217,8 +234,9 @@ class HostServices:
             if self.is_controller:
                 try:
                     self._take_requests()
-                except Exception:  # noqa: BLE001
-                    logger.exception("gitplug: taking deploy requests failed")
+                    self.auto_rollback.check(self.config)
+                except Exception:  # noqa: BLE001 - the controller must keep controlling
+                    logger.exception("gitplug: controller duties failed")
             self._stop.wait(self.converge_interval if self.is_controller else self.election_interval)
 
     def _become_controller(self) -> None:

@@ -27,7 +27,7 @@ import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -293,6 +293,12 @@ class StateStore(Protocol):
     def heartbeat(self, worker: WorkerInfo) -> None:
         """Record (replace) the worker's latest heartbeat."""
 
+    def record_release_stats(self, worker_id: str, stats: Mapping[tuple[str, str], tuple[int, int]]) -> None:
+        """Store ``{(plugin, commit): (requests, errors)}`` counted by one worker (totals)."""
+
+    def release_stats(self, plugin: str, commit: str) -> tuple[int, int]:
+        """``(requests, errors)`` of a release summed over every worker that served it."""
+
     def workers(self, *, max_age_s: float = 10.0) -> list[WorkerInfo]:
         """Workers that beat within ``max_age_s``, by id; older ones are deleted."""
 
@@ -343,6 +349,14 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """CREATE TABLE deploy_requests (
             id INTEGER PRIMARY KEY AUTOINCREMENT, plugin TEXT NOT NULL,
             trigger TEXT NOT NULL, ref TEXT, requested_at TEXT NOT NULL)""",
+    ),
+    (
+        # Requests and errors each worker served per release (auto-rollback
+        # and status sum them over the workers of a host).
+        """CREATE TABLE release_stats (
+            worker_id TEXT NOT NULL, plugin TEXT NOT NULL, commit_sha TEXT NOT NULL,
+            requests INTEGER NOT NULL, errors INTEGER NOT NULL, updated_at REAL NOT NULL,
+            PRIMARY KEY (worker_id, plugin, commit_sha))""",
     ),
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -755,6 +769,26 @@ class SQLiteStateStore:
     def remove_worker(self, worker_id: str) -> None:
         with self._write(f"remove worker {worker_id!r}") as conn:
             conn.execute("DELETE FROM workers WHERE worker_id = ?", (worker_id,))
+
+    def record_release_stats(self, worker_id: str, stats: Mapping[tuple[str, str], tuple[int, int]]) -> None:
+        if not stats:
+            return
+        now = time.time()
+        with self._write(f"record request counts of worker {worker_id!r}") as conn:
+            conn.executemany(
+                "INSERT OR REPLACE INTO release_stats "
+                "(worker_id, plugin, commit_sha, requests, errors, updated_at) VALUES (?, ?, ?, ?, ?, ?)",
+                [(worker_id, p, c, r, e, now) for (p, c), (r, e) in stats.items()],
+            )
+
+    def release_stats(self, plugin: str, commit: str) -> tuple[int, int]:
+        rows = self._read(
+            f"read request counts of {plugin!r} {commit}",
+            "SELECT COALESCE(SUM(requests), 0), COALESCE(SUM(errors), 0) FROM release_stats "
+            "WHERE plugin = ? AND commit_sha = ?",
+            (plugin, commit),
+        )
+        return int(rows[0][0]), int(rows[0][1])
 
     def close(self) -> None:
         with self._lock:

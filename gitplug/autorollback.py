@@ -1,0 +1,87 @@
+"""Automatic rollback of a newly live release that errors (SPEC 6).
+
+Run by the controller. For each plugin with ``auto_rollback``, a release
+that went live is watched for ``window`` seconds: once its first
+``min_requests`` requests (summed over every worker of the host, from the
+counts workers write with their heartbeats) are in, an error rate (5xx and
+unhandled exceptions) above ``max_error_rate`` swaps the previous release
+back, pins it, and records the deploy with trigger ``auto-rollback`` and
+the observed rate. A release judged once is not judged again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from .config import GitplugConfig
+from .deployer import Deployer
+from .state import DeployRecord, PluginStateValue, StateStore
+
+__all__ = ["AutoRollbackWatch"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Watched:
+    commit: str
+    since: float
+    judged: bool = False
+
+
+class AutoRollbackWatch:
+    """Judges newly live releases; call :meth:`check` periodically."""
+
+    def __init__(self, store: StateStore, deployer: Deployer) -> None:
+        self.store = store
+        self.deployer = deployer
+        self._watched: dict[str, _Watched] = {}
+
+    def check(self, config: GitplugConfig) -> list[DeployRecord]:
+        """Roll back every release that breached its error budget; return the records."""
+        done: list[DeployRecord] = []
+        now = time.monotonic()
+        for name, plugin in config.plugins.items():
+            policy = plugin.auto_rollback
+            if policy is None:
+                self._watched.pop(name, None)
+                continue
+            state = self.store.get_plugin(name)
+            if state is None or state.state != PluginStateValue.LIVE or not state.live_commit:
+                continue
+            watched = self._watched.get(name)
+            if watched is None or watched.commit != state.live_commit:
+                # First sight of this live commit: its window starts now.
+                # The release the service started with is judged too: it
+                # may have gone live just before a restart.
+                watched = self._watched[name] = _Watched(state.live_commit, now)
+            if watched.judged:
+                continue
+            if now - watched.since > policy.window:
+                watched.judged = True  # survived its window: accepted
+                continue
+            requests, errors = self.store.release_stats(name, watched.commit)
+            if requests < policy.min_requests:
+                continue
+            watched.judged = True
+            rate = errors / requests if requests else 0.0
+            if rate <= policy.max_error_rate:
+                continue
+            if not state.previous_commit:
+                logger.error(
+                    "plugin %s: release %s errs on %.0f%% of %d requests but there is no previous"
+                    " release to roll back to",
+                    name, watched.commit[:12], rate * 100, requests,
+                )
+                continue
+            reason = (
+                f"error rate {rate:.0%} ({errors} of {requests} requests) exceeded"
+                f" max_error_rate {policy.max_error_rate:.0%} for {watched.commit[:12]}"
+            )
+            logger.warning("plugin %s: auto-rollback to %s: %s", name, state.previous_commit[:12], reason)
+            record = self.deployer.rollback(name, state.previous_commit, trigger="auto-rollback", reason=reason)
+            if record is not None:
+                done.append(record)
+        return done
