@@ -401,7 +401,7 @@ class Deployer:
                 break
         try:
             removed = self.releases.prune(name, self.config.keep_releases, protect)
-        except OSError as exc:
+        except (OSError, GitplugError) as exc:
             logger.warning("plugin %s: pruning releases failed: %s", name, exc)
             return
         if removed:

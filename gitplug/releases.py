@@ -1,0 +1,500 @@
+"""Releases: immutable, atomically staged checkouts of one commit of one plugin.
+
+The *stage* step of the pipeline. Staging writes into a temp dir, fsyncs
+everything, writes the metadata last and renames the directory into place,
+so a directory under a final name is always complete (SPEC 4.3). A tree that
+would write outside its release is refused before anything is written.
+Files are read-only (0o444, 0o555 if executable), directories 0o755: a
+release is never edited in place, yet can be deleted. Layout::
+
+    releases/hello/.tmp-<sha>-<rand>(.lock)  being staged; the stager holds the lock
+    releases/hello/<sha>/                    a complete release
+    releases/hello/<sha>/.gitplug/           release.json (metadata), test.json (verdict)
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from gitplug.errors import StagingError, UnsafeTree
+from gitplug.gitsource import MODE_GITLINK, MODE_LINK, GitSource, TreeEntry, redact_url
+
+__all__ = ["Release", "ReleaseStore", "TestRecord", "MiB"]
+
+logger = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+METADATA_DIR = ".gitplug"
+_FORMAT = 1
+_SHA = re.compile(r"^[0-9a-f]{40}([0-9a-f]{24})?$")
+_PLUGIN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+#: Code points HFS+ ignores in names, so ".g\u200cit" would be ".git" there.
+_IGNORABLE = re.compile("[\u200b-\u200f\u202a-\u202e\u2060-\u206f\ufeff]")
+_MAX_LINK = 4095
+_MAX_HOPS = 40
+
+
+@dataclass(frozen=True)
+class TestRecord:
+    """The outcome of the test gate for one release (``.gitplug/test.json``)."""
+
+    __test__ = False  # not a pytest test class
+
+    passed: bool
+    returncode: int | None
+    timed_out: bool
+    duration_s: float
+    log_path: str | None
+    ran_at: str  # ISO 8601, UTC
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TestRecord:
+        """Build from the JSON form; raises KeyError/TypeError/ValueError if malformed."""
+        code, log = data["returncode"], data["log_path"]
+        return cls(bool(data["passed"]), None if code is None else int(code),
+                   bool(data["timed_out"]), float(data["duration_s"]),
+                   None if log is None else str(log), str(data["ran_at"]))
+
+
+@dataclass(frozen=True)
+class Release:
+    """A complete release on disk, as its metadata describes it."""
+
+    plugin: str
+    commit: str
+    path: Path
+    ref: str  # the ref it was first staged for
+    tree: str
+    author: str
+    message: str
+    staged_at: str  # ISO 8601, UTC
+    test: TestRecord | None  # None until the test gate recorded a result
+
+
+class ReleaseStore:
+    """The releases of every plugin under ``releases_dir``."""
+
+    def __init__(self, releases_dir: Path) -> None:
+        self.releases_dir = Path(releases_dir)
+
+    def __repr__(self) -> str:
+        return f"ReleaseStore({str(self.releases_dir)!r})"
+
+    def path_for(self, plugin: str, commit: str) -> Path:
+        """``releases_dir/<plugin>/<commit>``; ValueError for a malformed name or sha."""
+        if not _PLUGIN.match(plugin):
+            raise ValueError(f"invalid plugin name {plugin!r}")
+        if not _SHA.match(commit):
+            raise ValueError(f"invalid commit sha {commit!r} (expected full lowercase hex)")
+        return self.releases_dir / plugin / commit
+
+    def get(self, plugin: str, commit: str) -> Release | None:
+        """The release of ``commit``, or None if absent or incomplete (no valid metadata)."""
+        path = self.path_for(plugin, commit)
+        try:
+            meta = json.loads((path / METADATA_DIR / "release.json").read_text("utf-8"))
+            if meta["plugin"] != plugin or meta["commit"] != commit:
+                return None
+            return Release(plugin, commit, path, str(meta["ref"]), str(meta["tree"]),
+                           str(meta["author"]), str(meta["message"]), str(meta["staged_at"]),
+                           _read_test_record(path / METADATA_DIR / "test.json"))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            if path.exists():
+                logger.warning("plugin %s: release %s has no valid metadata (%s)", plugin,
+                               commit, exc)
+            return None
+
+    def list(self, plugin: str) -> list[Release]:
+        """Every complete release of ``plugin``, most recently staged first."""
+        plugin_dir = self.path_for(plugin, "0" * 40).parent  # validates the name
+        try:
+            names = [p.name for p in plugin_dir.iterdir() if _SHA.match(p.name)]
+        except FileNotFoundError:
+            return []
+        releases = [r for r in (self.get(plugin, n) for n in names) if r is not None]
+        return sorted(releases, key=lambda r: (r.staged_at, r.commit), reverse=True)
+
+    def stage(
+        self,
+        plugin: str,
+        source: GitSource,
+        url: str,
+        commit: str,
+        ref: str,
+        *,
+        max_file_bytes: int = 50 * MiB,
+        max_total_bytes: int = 500 * MiB,
+    ) -> Release:
+        """Write the checkout of ``commit`` as a release and return it.
+
+        Idempotent: an existing complete release is returned untouched. The
+        commit must be in ``source``'s mirror of ``url``. Raises UnsafeTree
+        (naming the path) for a tree that could write outside the release,
+        StagingError for a size limit or a disk error; in every failure case
+        nothing is left under the plugin's releases directory.
+        """
+        final = self.path_for(plugin, commit)
+        existing = self.get(plugin, commit)
+        if existing is not None:
+            return existing
+        info = source.commit_info(url, commit, plugin=plugin)
+        entries = list(source.iter_tree(url, commit, plugin=plugin))
+        plan = _plan(plugin, commit, entries,
+                     lambda sha: source.read_blob(url, sha, plugin=plugin))
+        meta = {
+            "format": _FORMAT, "plugin": plugin, "commit": commit, "ref": ref,
+            "url": redact_url(url), "tree": info.tree, "author": info.author,
+            "message": info.message, "committed_at": info.committed_at.isoformat(),
+            "staged_at": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
+        }
+        with self._disk_errors(plugin, commit, final.parent), self._temp_dir(final) as tmp, \
+                contextlib.ExitStack() as stack:
+            total = 0
+            files = [(parts, entry) for parts, entry, link in plan if link is None]
+            blobs = stack.enter_context(contextlib.closing(
+                source.read_blobs(url, [entry.sha for _, entry in files], plugin=plugin)))
+            for (parts, entry), data in zip(files, blobs, strict=True):
+                total += len(data)
+                if len(data) > max_file_bytes or total > max_total_bytes:
+                    what, limit = (("file", max_file_bytes) if len(data) > max_file_bytes
+                                   else ("release", max_total_bytes))
+                    raise StagingError(
+                        f"plugin {plugin!r}: commit {commit} is too large to stage: {what} "
+                        f"size limit of {limit} bytes exceeded at {'/'.join(parts)!r} "
+                        f"({len(data)} bytes, {total} in total). Remove large files from the "
+                        "repository or raise the limit.", plugin=plugin, commit=commit)
+                _write_file(tmp.joinpath(*parts), data, executable=bool(entry.mode & 0o111))
+            # Symlinks last: no file is ever written while a link exists in the tree.
+            for parts, _entry, link in plan:
+                if link is not None:
+                    tmp.joinpath(*parts).parent.mkdir(parents=True, exist_ok=True)
+                    os.symlink(link, tmp.joinpath(*parts))
+            meta["files"], meta["bytes"] = len(plan), total
+            (tmp / METADATA_DIR).mkdir()
+            _write_file(tmp / METADATA_DIR / "release.json",
+                        json.dumps(meta, indent=2).encode(), executable=False)
+            for directory, _dirs, _files in os.walk(tmp):
+                os.chmod(directory, 0o755)
+                _fsync_dir(Path(directory))
+            published = self._publish(plugin, commit, tmp, final)
+        if published:
+            logger.info("plugin %s: staged release %s (%s) at %s", plugin, commit, ref, final)
+        release = self.get(plugin, commit)
+        if release is None:
+            raise StagingError(f"plugin {plugin!r}: release {commit} vanished from {final} "
+                               "right after staging. Is another process pruning it?",
+                               plugin=plugin, commit=commit)
+        return release
+
+    def record_test_result(self, plugin: str, commit: str, record: TestRecord) -> Release:
+        """Store the test gate's verdict in the release (atomic replace); return the release."""
+        release = self.get(plugin, commit)
+        if release is None:
+            raise StagingError(
+                f"plugin {plugin!r}: cannot record a test result: no complete release of "
+                f"{commit} under {self.releases_dir / plugin}. Stage it first.",
+                plugin=plugin, commit=commit)
+        target = release.path / METADATA_DIR / "test.json"
+        with self._disk_errors(plugin, commit, target.parent):
+            tmp = target.with_name(f".test.json.{secrets.token_hex(4)}")
+            try:
+                _write_file(tmp, json.dumps(asdict(record), indent=2).encode(),
+                            executable=False)
+                os.replace(tmp, target)
+            finally:
+                tmp.unlink(missing_ok=True)
+            _fsync_dir(target.parent)
+        return self.get(plugin, commit) or release
+
+    def prune(self, plugin: str, keep: int, protect: Iterable[str]) -> builtins.list[str]:
+        """Delete releases beyond the ``keep`` most recent, never a protected commit.
+
+        ``protect`` holds full shas (live, pinned, previous, being deployed).
+        Returns the removed shas, newest first.
+        """
+        if keep < 0:
+            raise ValueError(f"keep must be >= 0, got {keep}")
+        protected, removed = set(protect), []
+        for release in self.list(plugin)[keep:]:
+            if release.commit in protected:
+                continue
+            with self._disk_errors(plugin, release.commit, release.path.parent):
+                _remove_tree(release.path)
+            logger.info("plugin %s: pruned release %s", plugin, release.commit)
+            removed.append(release.commit)
+        return removed
+
+    def cleanup_incomplete(self) -> builtins.list[Path]:
+        """Remove what a crash can leave: temp dirs and release dirs without metadata.
+
+        Call at startup. A temp dir whose stager is still running (its lock
+        is held) is left alone. Returns the removed paths.
+        """
+        removed: builtins.list[Path] = []
+        if not self.releases_dir.is_dir():
+            return removed
+        for plugin_dir in sorted(self.releases_dir.iterdir()):
+            if plugin_dir.is_symlink() or not plugin_dir.is_dir():
+                continue
+            for child in sorted(plugin_dir.iterdir()):
+                if child.name.startswith(".tmp-"):  # a temp dir, or its lock file
+                    tmp = child.with_name(child.name.removesuffix(".lock"))
+                    lock = tmp.with_name(tmp.name + ".lock")
+                    with _try_lock(lock) as free:
+                        if free and tmp.is_dir():
+                            _remove_tree(tmp)
+                            removed.append(tmp)
+                        if free:
+                            lock.unlink(missing_ok=True)
+                elif _SHA.match(child.name) and _PLUGIN.match(plugin_dir.name) \
+                        and self.get(plugin_dir.name, child.name) is None:
+                    _remove_tree(child)
+                    removed.append(child)
+        for path in removed:
+            logger.warning("removed incomplete release directory %s", path)
+        return removed
+
+    # -- internals ------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _temp_dir(self, final: Path) -> Iterator[Path]:
+        """A locked temp dir beside ``final``; removed unless it was renamed into place."""
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.with_name(f".tmp-{final.name}-{secrets.token_hex(4)}")
+        lock = tmp.with_name(tmp.name + ".lock")
+        with open(lock, "xb") as handle:  # before the dir: cleanup sees who is alive
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                tmp.mkdir(mode=0o755)
+                yield tmp
+            finally:
+                if tmp.exists():
+                    _remove_tree(tmp)
+                lock.unlink(missing_ok=True)
+
+    def _publish(self, plugin: str, commit: str, tmp: Path, final: Path) -> bool:
+        """Rename ``tmp`` to ``final``; False if a concurrent stager got there first."""
+        with _locked_dir(final.parent):  # so two stagers never both clear a squatter
+            for _attempt in range(3):
+                try:
+                    os.rename(tmp, final)
+                    _fsync_dir(final.parent)
+                    return True
+                except OSError as exc:
+                    if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                        raise
+                if self.get(plugin, commit) is not None:
+                    logger.debug("plugin %s: release %s staged concurrently", plugin, commit)
+                    return False
+                # A directory without metadata squats the final name: clear it.
+                logger.warning("plugin %s: replacing incomplete release dir %s", plugin, final)
+                with contextlib.suppress(FileNotFoundError):
+                    _remove_tree(final)
+        raise StagingError(f"plugin {plugin!r}: could not move the release of {commit} into "
+                           f"{final}. Remove that directory.", plugin=plugin, commit=commit)
+
+    @contextlib.contextmanager
+    def _disk_errors(self, plugin: str, commit: str, directory: Path) -> Iterator[None]:
+        try:
+            yield
+        except OSError as exc:
+            at = f" ({exc.filename})" if exc.filename else ""
+            hint = ("Free some disk space." if exc.errno in (errno.ENOSPC, errno.EDQUOT) else
+                    f"Check that {directory} is a directory writable by this user (fix its "
+                    "permissions, or point data_dir elsewhere).")
+            raise StagingError(f"plugin {plugin!r}: could not write the release of {commit} "
+                               f"under {directory}: {exc.strerror or exc}{at}. {hint}",
+                               plugin=plugin, commit=commit) from exc
+
+
+def _read_test_record(path: Path) -> TestRecord | None:
+    """The recorded verdict, or None; a damaged file is logged, never fatal to the release."""
+    try:
+        return TestRecord.from_dict(json.loads(path.read_text("utf-8")))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        logger.warning("ignoring unreadable test result %s: %s", path, exc)
+        return None
+
+
+def _plan(plugin: str, commit: str, entries: Iterable[TreeEntry],
+          read_link: Callable[[bytes], bytes],
+          ) -> builtins.list[tuple[tuple[str, ...], TreeEntry, str | None]]:
+    """Validate every path of the tree; return sorted (components, entry, link target).
+
+    Paths are checked before any symlink target is read: a malformed tree
+    (duplicate names) may lack the blobs of its shadowed entries.
+    """
+
+    def unsafe(path: str, why: str) -> UnsafeTree:
+        return UnsafeTree(
+            f"plugin {plugin!r}: refusing to stage commit {commit}: tree entry {path!r} "
+            f"{why}. Remove it from the repository and push a new commit.",
+            plugin=plugin, commit=commit, path=path)
+
+    plan: dict[tuple[str, ...], TreeEntry] = {}
+    for entry in entries:
+        path = os.fsdecode(entry.path)
+        parts = tuple(path.split("/"))
+        if entry.mode == MODE_GITLINK:
+            raise unsafe(path, "is a submodule; submodules cannot be staged")
+        if entry.mode != MODE_LINK and entry.mode & 0o170000 != 0o100000:
+            raise unsafe(path, f"has an unsupported mode {entry.mode:o}")
+        if path.startswith("/"):
+            raise unsafe(path, "is an absolute path")
+        if "" in parts:
+            raise unsafe(path, "has an empty path component")
+        if "." in parts or ".." in parts:
+            raise unsafe(path, "has a '.' or '..' component and could write outside the release")
+        # As git does: what Windows/macOS would read as ".git" is ".git" (CVE-2014-9390).
+        if any(_fold(part) in (".git", "git~1") for part in parts):
+            raise unsafe(path, "has a .git component")
+        if _fold(parts[0]) == METADATA_DIR:
+            raise unsafe(path, f"is inside {METADATA_DIR}/, which is reserved for gitplug")
+        if parts in plan:
+            raise unsafe(path, "appears twice in the tree")
+        plan[parts] = entry
+    for parts in plan:
+        for i in range(1, len(parts)):
+            above = plan.get(parts[:i])
+            if above is not None:
+                kind = "symlink" if above.mode == MODE_LINK else "file"
+                raise unsafe("/".join(parts),
+                             f"would be written through the {kind} {'/'.join(parts[:i])!r}")
+    targets: dict[tuple[str, ...], str] = {}
+    for parts, entry in plan.items():
+        path = "/".join(parts)
+        if entry.mode == MODE_LINK:
+            raw = read_link(entry.sha)
+            if not raw or b"\0" in raw or len(raw) > _MAX_LINK:
+                raise unsafe(path, "is a symlink with an empty or invalid target")
+            targets[parts] = os.fsdecode(raw)
+    for parts, target in targets.items():
+        problem = _link_escapes(parts, target, targets)
+        if problem:
+            raise unsafe("/".join(parts), f"is a symlink to {target!r}, which {problem}")
+    return [(parts, entry, targets.get(parts)) for parts, entry in sorted(plan.items())]
+
+
+def _fold(name: str) -> str:
+    return _IGNORABLE.sub("", name).rstrip(" .").lower()
+
+
+def _link_escapes(link: tuple[str, ...], target: str,
+                  targets: dict[tuple[str, ...], str]) -> str | None:
+    """Why the symlink ``link -> target`` leaves the release, or None if it stays inside.
+
+    Resolves like the kernel, following the tree's other symlinks, so a chain
+    such as ``s -> .`` and ``t -> s/..`` is caught although each looks harmless.
+    """
+    if target.startswith("/"):
+        return "is an absolute path"
+    stack = list(link[:-1])
+    pending = target.split("/")
+    hops = 0
+    while pending:
+        part = pending.pop(0)
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not stack:
+                return "resolves outside the release"
+            stack.pop()
+            continue
+        stack.append(part)
+        next_target = targets.get(tuple(stack))
+        if next_target is not None:
+            hops += 1
+            if hops > _MAX_HOPS:
+                return "is a symlink loop"
+            if next_target.startswith("/"):
+                return "goes through a symlink to an absolute path"
+            stack.pop()
+            pending = next_target.split("/") + pending
+    return None
+
+
+def _write_file(path: Path, data: bytes, *, executable: bool) -> None:
+    """Create ``path`` (never through a symlink, never over a file), fsync, make read-only."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+        os.fchmod(fd, 0o555 if executable else 0o444)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_tree(path: Path) -> None:
+    """Delete a release (read-only files, maybe read-only dirs): rename away, then rmtree.
+
+    The rename first means a half-deleted release never sits under its name.
+    """
+    doomed = path
+    if not path.name.startswith(".tmp-"):
+        doomed = path.with_name(f".tmp-delete-{path.name}-{secrets.token_hex(4)}")
+        os.rename(path, doomed)
+
+    # Files need no chmod (unlink depends on the directory), but a directory
+    # someone made read-only does: open every one up, top-down, first.
+    os.chmod(doomed, 0o755)
+    for root, dirs, _files in os.walk(doomed):
+        for name in dirs:
+            if not os.path.islink(os.path.join(root, name)):
+                os.chmod(os.path.join(root, name), 0o755)
+    shutil.rmtree(doomed)
+
+
+@contextlib.contextmanager
+def _locked_dir(directory: Path) -> Iterator[None]:
+    """Hold an exclusive flock on ``directory`` itself (no lock file to leave behind)."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _try_lock(lock: Path) -> Iterator[bool]:
+    """Yield True if nobody holds ``lock`` (or it does not exist), holding it meanwhile."""
+    try:
+        handle = open(lock, "rb")
+    except FileNotFoundError:
+        yield True
+        return
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
