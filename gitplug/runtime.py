@@ -24,6 +24,7 @@ import threading
 import time
 import typing as t
 import weakref
+from collections import defaultdict
 from collections.abc import Iterable, Iterator
 
 from flask import Flask
@@ -69,8 +70,9 @@ class Runtime:
 
     def _install(self) -> None:
         app = self.app
-        for registry in HOOK_REGISTRIES:
-            setattr(app, registry, LayeredHooks(getattr(app, registry), self, registry))
+        # Hook registries start plain; _sync_registries layers one only while
+        # an open snapshot has plugin hooks in it (see there).
+        self._open_snapshots: set[Snapshot] = {self.snapshot}
         app.error_handler_spec = LayeredErrorHandlers(app.error_handler_spec, self)
         app.view_functions = LayeredViews(app.view_functions, self)
         host_create_url_adapter = app.create_url_adapter
@@ -125,11 +127,33 @@ class Runtime:
         with self._lock:
             release.errors += 1
 
+    def _sync_registries(self) -> None:
+        """Layer exactly the hook registries that some open snapshot needs. Lock held.
+
+        A registry no open snapshot has plugin hooks for stays the host's
+        plain dict, so requests pay nothing for it. Swapping the attribute is
+        one assignment, and both objects hold the same host entries, so a
+        request that reads it before and after sees the same answers.
+        """
+        app = self.app
+        for registry in HOOK_REGISTRIES:
+            needed = any(snapshot.hooks.get(registry) for snapshot in self._open_snapshots)
+            current = getattr(app, registry)
+            layered = isinstance(current, LayeredHooks)
+            if needed and not layered:
+                setattr(app, registry, LayeredHooks(current, self, registry))
+            elif layered and not needed:
+                plain: defaultdict[t.Any, t.Any] = defaultdict(current.default_factory)
+                dict.update(plain, dict.items(current))
+                setattr(app, registry, plain)
+
     def _close_if_idle(self, snapshot: Snapshot) -> list[LoadedRelease]:
         """Close a superseded, idle snapshot; return releases now unused. Lock held."""
         if snapshot.inflight or snapshot.closed or not snapshot.superseded:
             return []
         snapshot.closed = True
+        self._open_snapshots.discard(snapshot)
+        self._sync_registries()
         unused = []
         for release in snapshot.releases.values():
             release.snapshot_refs -= 1
@@ -238,6 +262,8 @@ class Runtime:
             new_snapshot = Snapshot(releases, next(self._generations))
             for live in new_snapshot.releases.values():
                 live.snapshot_refs += 1
+            self._open_snapshots.add(new_snapshot)
+            self._sync_registries()
             refused = self._templates.apply(release, old if old is not release else None)
             if old is not None and old is not release:
                 old.retired = True
@@ -405,11 +431,17 @@ class _PinRequests:
 
     def __call__(self, environ: dict[str, t.Any], start_response: _StartResponse) -> Iterable[bytes]:
         runtime = self.runtime
-        snapshot, release = runtime._enter(environ.get("PATH_INFO") or "/")
+        # Runtime._enter, inlined: this runs on every request of the host.
+        with runtime._lock:
+            snapshot = runtime.snapshot
+            snapshot.inflight += 1
+            release = snapshot.release_for_path(environ.get("PATH_INFO") or "/") if snapshot.releases else None
+            if release is not None:
+                release.requests += 1
         environ[ENVIRON_SNAPSHOT] = snapshot
         if release is not None:
             environ[ENVIRON_RELEASE] = release
-            start_response = _error_counting(start_response, runtime, release)
+            start_response = _ErrorCounting(start_response, runtime, release)
         try:
             result = self.wsgi_app(environ, start_response)
         except BaseException:
@@ -418,13 +450,20 @@ class _PinRequests:
         return _Finish(result, runtime, snapshot)
 
 
-def _error_counting(start_response: _StartResponse, runtime: Runtime, release: LoadedRelease) -> _StartResponse:
-    def counting_start_response(status: str, headers: t.Any, exc_info: t.Any = None) -> t.Any:
-        if status[:1] == "5":
-            runtime._count_error(release)
-        return start_response(status, headers, exc_info)
+class _ErrorCounting:
+    """A ``start_response`` that counts 5xx answers (and so unhandled errors) per release."""
 
-    return counting_start_response
+    __slots__ = ("start_response", "runtime", "release")
+
+    def __init__(self, start_response: _StartResponse, runtime: Runtime, release: LoadedRelease) -> None:
+        self.start_response = start_response
+        self.runtime = runtime
+        self.release = release
+
+    def __call__(self, status: str, headers: t.Any, exc_info: t.Any = None) -> t.Any:
+        if status[:1] == "5":
+            self.runtime._count_error(self.release)
+        return self.start_response(status, headers, exc_info)
 
 
 class _Finish:

@@ -29,6 +29,9 @@ class Snapshot:
         "_prefix_depths",
         "app_wide",
         "app_error_handlers",
+        "hooks",
+        "error_handlers",
+        "view_functions",
         "inflight",
         "superseded",
         "closed",
@@ -51,6 +54,21 @@ class Snapshot:
         for release in self.releases.values():
             for code, handlers in release.app_error_handlers.items():
                 self.app_error_handlers.setdefault(code, {}).update(handlers)
+        # Flattened for the per-request lookups of gitplug.hooks: one dict
+        # lookup answers "does this scope have hooks in this snapshot".
+        #: ``{registry: {scope: funcs}}``; scope ``None`` holds the app-wide hooks.
+        self.hooks: dict[str, dict[str | None, list[t.Any]]] = {}
+        #: ``{scope: {code: {exception class: handler}}}`` of plugin scopes.
+        self.error_handlers: dict[str, t.Any] = {}
+        #: ``{endpoint: view}`` of every live release.
+        self.view_functions: dict[str, t.Callable[..., t.Any]] = {}
+        for release in self.releases.values():
+            for registry, scoped in release.scoped.items():
+                self.hooks.setdefault(registry, {}).update(scoped)
+            self.error_handlers.update(release.error_handlers)
+            self.view_functions.update(release.view_functions)
+        for registry, funcs in self.app_wide.items():
+            self.hooks.setdefault(registry, {})[None] = funcs
         # Guarded by the runtime's lock:
         self.inflight = 0
         self.superseded = False

@@ -50,7 +50,7 @@ def make_app(tmp_path: Path, repo_url: str, **plugin: object) -> tuple[Flask, Gi
     app.config["TESTING"] = True
     app.config["GITPLUG"] = {
         "data_dir": str(tmp_path / "data"),
-        "plugins": {"hello": {"repo": repo_url, "ref": "main", "test_timeout": 3, **plugin}},
+        "plugins": {"hello": {"repo": repo_url, "ref": "main", "test_timeout": 10, **plugin}},
     }
     return app, GitPlug(app)
 
