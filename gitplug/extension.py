@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 import typing as t
 from collections.abc import Mapping
@@ -250,7 +251,9 @@ class GitPlug:
             state.services.shutdown()
         for watcher in state.watchers:
             watcher.stop()
+        state.watchers = []
         state.runtime.shutdown()
+        state.remove_temporary_snapshots()
 
     def live_release(self, name: str) -> LoadedRelease | None:
         """The release currently serving ``name`` in this process."""
@@ -272,13 +275,22 @@ class _AppState:
 
     @property
     def dev_root(self) -> Path:
+        """Where ``load_directory`` snapshots go: ``<data_dir>/dev``, else a temp dir."""
         if self._dev_root is None:
             if self.dev_root_base is not None:
                 self.dev_root_base.mkdir(parents=True, exist_ok=True)
                 self._dev_root = self.dev_root_base
             else:
                 self._dev_root = Path(tempfile.mkdtemp(prefix="gitplug-dev-"))
+                self._temporary_dev_root = True
         return self._dev_root
+
+    def remove_temporary_snapshots(self) -> None:
+        """Delete the temp dir of directory snapshots (never ``<data_dir>/dev``)."""
+        if self._dev_root is not None and getattr(self, "_temporary_dev_root", False):
+            shutil.rmtree(self._dev_root, ignore_errors=True)
+            self._dev_root = None
+            self._temporary_dev_root = False
 
 
 def _config_from_app(app: Flask) -> GitplugConfig | None:

@@ -210,6 +210,7 @@ class Runtime:
     def _verify(self, release: LoadedRelease) -> None:
         plugin = release.plugin
         assert plugin is not None
+        loaded = False
         try:
             with self.app.app_context():
                 for func in plugin.on_load_funcs:
@@ -224,6 +225,7 @@ class Runtime:
                             release=release.release_id,
                             **_location(exc, release),
                         ) from exc
+                loaded = True
                 for func in plugin.health_check_funcs:
                     try:
                         healthy = release.run_in_context(func)
@@ -244,7 +246,8 @@ class Runtime:
                             release=release.release_id,
                         )
         except PluginLoadError:
-            self._unload_now(release, run_callbacks=False)
+            # What on_load opened is closed again when the health check fails.
+            self._unload_now(release, run_callbacks=loaded)
             raise
 
     def publish(self, name: str, release: LoadedRelease | None) -> LoadedRelease | None:
@@ -478,14 +481,21 @@ class _Finish:
         self._done = False
 
     def __iter__(self) -> Iterator[bytes]:
-        return iter(self._result)
+        try:
+            yield from self._result
+        finally:
+            # Also ends the request when a server drops the iterable without
+            # calling close() (Werkzeug's dev server does, on a client reset):
+            # the generator is closed when it is collected.
+            self.close()
 
     def close(self) -> None:
+        if self._done:
+            return
+        self._done = True
         try:
             close = getattr(self._result, "close", None)
             if close is not None:
                 close()
         finally:
-            if not self._done:
-                self._done = True
-                self._runtime._leave(self._snapshot)
+            self._runtime._leave(self._snapshot)
