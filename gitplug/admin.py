@@ -52,9 +52,11 @@ def bearer_ok(config: GitplugConfig) -> tuple[Response, int] | None:
     scheme, _, given = header.partition(" ")
     if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode()):
         return None
-    from .statuspage import logged_in
+    from .statuspage import cookie_allows
 
-    if logged_in(config):
+    # The status page's login cookie: reads with the cookie alone, writes
+    # only with its CSRF token from a same-site page.
+    if cookie_allows(config):
         return None
     if not header:
         return _error(401, "missing Authorization header; send `Authorization: Bearer <admin_token>`")

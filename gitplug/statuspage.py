@@ -1,0 +1,629 @@
+"""The status page under ``api_prefix`` (``/_gitplug/``): see and steer every plugin.
+
+Routes (endpoints named ``page*`` on the admin blueprint; :mod:`gitplug.admin`
+leaves their authentication to this module)::
+
+    GET  /                              every plugin, its buttons and history (or the login form)
+    POST /login                         admin token in, login cookie out
+    POST /logout                        forget the login cookie
+    POST /plugins/<p>/<action>          deploy | rollback | resume | stop | start
+    GET  /plugins/<p>/deploys/<id>/log  a deploy's test log (last 1 MiB; ?download=1: all)
+    GET  /assets/status.css             the stylesheet (a file, so the CSP needs no inline style)
+
+Authentication needs no server-side session, nor the host's session or
+``SECRET_KEY`` (a host may have none). Everything is keyed on the admin
+token, so changing the token logs every browser out:
+
+- login cookie :data:`COOKIE` = ``<expires>.<nonce>.<mac>``, ``mac =
+  HMAC-SHA256(admin_token, "gitplug-status-page-login|<expires>|<nonce>")``;
+  HttpOnly, SameSite=Strict, ``Path=<api_prefix>`` (plugins never see it),
+  Secure over https, valid for :data:`LOGIN_TTL_S`;
+- CSRF: every form carries ``csrf = HMAC-SHA256(admin_token,
+  "gitplug-status-page-csrf|<cookie>")``, so it is per login. Missing: 400;
+  wrong: 403 (compared in constant time); a cross-site ``Origin``: 403;
+- the message after an action rides a signed, read-once cookie
+  (:data:`FLASH_COOKIE`); a deploy's outcome is read back from the store by id.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import hashlib
+import hmac
+import importlib.resources
+import json
+import logging
+import secrets
+import time
+import typing as t
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import jinja2
+from dulwich.errors import NotGitRepository
+from dulwich.objects import Commit, Tag
+from dulwich.repo import Repo
+from flask import Blueprint, Response, redirect, request, send_file, url_for
+
+from .config import GitplugConfig, PluginConfig
+from .errors import GitplugError, UnknownPlugin
+from .gitsource import redact_url
+from .releases import MiB
+from .state import DeployRecord, DeployResult, default_host, parse_iso
+
+if t.TYPE_CHECKING:
+    from werkzeug.wrappers import Response as BaseResponse
+
+__all__ = ["COOKIE", "FLASH_COOKIE", "cookie_allows", "csrf_token", "logged_in", "register_pages"]
+
+logger = logging.getLogger(__name__)
+
+#: The login cookie.
+COOKIE = "gitplug_admin"
+#: The read-once message shown after an action.
+FLASH_COOKIE = "gitplug_flash"
+#: How long a login lasts.
+LOGIN_TTL_S = 12 * 3600
+#: How much of the end of a test log the log page shows.
+LOG_TAIL_BYTES = MiB
+#: Rows of history per plugin, and entries per group of the rollback list.
+HISTORY_ROWS = 15
+CHOICE_LIMIT = 20
+ACTIONS = ("deploy", "rollback", "resume", "stop", "start")
+
+#: Sent with every page (not with the JSON API). The stylesheet is a file,
+#: so no 'unsafe-inline' is needed; there is no script at all.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; img-src 'self' data:; script-src 'none'; object-src 'none';"
+        " base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+    ),
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+
+NO_TOKEN_HELP = (
+    "Set `admin_token: ${GITPLUG_ADMIN_TOKEN}` in deploy.yaml, export"
+    " GITPLUG_ADMIN_TOKEN=<a long random string> (e.g. from `python -c 'import secrets;"
+    " print(secrets.token_urlsafe(32))'`) and restart the server."
+)
+
+_LOGIN = "gitplug-status-page-login"
+_CSRF = "gitplug-status-page-csrf"
+_FLASH = "gitplug-status-page-flash"
+_RELOAD = "reload the status page and try again"
+
+
+# -- login, CSRF, messages -----------------------------------------------------------
+
+
+def _mac(token: str, *parts: str) -> str:
+    return hmac.new(token.encode(), "|".join(parts).encode(), hashlib.sha256).hexdigest()
+
+
+def _same(given: str, expected: str) -> bool:
+    # As bytes, so a non-ASCII value from a client is a mismatch, not a TypeError.
+    return hmac.compare_digest(given.encode("utf-8", "replace"), expected.encode())
+
+
+def _session_value(
+    config: GitplugConfig, *, expires: int | None = None, nonce: str | None = None
+) -> str:
+    """A fresh login cookie value for ``config``'s admin token (see the module docstring)."""
+    if not config.admin_token:
+        raise ValueError("no admin token is configured: nobody can log in")
+    expires = int(time.time()) + LOGIN_TTL_S if expires is None else expires
+    nonce = nonce or secrets.token_urlsafe(16)
+    return f"{expires}.{nonce}.{_mac(config.admin_token, _LOGIN, str(expires), nonce)}"
+
+
+def _valid_session(config: GitplugConfig, value: str) -> bool:
+    token = config.admin_token
+    expires, _, rest = value.partition(".")
+    nonce, _, mac = rest.partition(".")
+    if not token or not (expires.isascii() and expires.isdigit()) or not nonce or not mac:
+        return False
+    return _same(mac, _mac(token, _LOGIN, expires, nonce)) and int(expires) > time.time()
+
+
+def logged_in(config: GitplugConfig) -> bool:
+    """True when the request carries a valid, unexpired login cookie."""
+    return _valid_session(config, request.cookies.get(COOKIE, ""))
+
+
+def csrf_token(config: GitplugConfig) -> str:
+    """The CSRF token of the current login ("" when not logged in)."""
+    cookie = request.cookies.get(COOKIE, "")
+    if not config.admin_token or not _valid_session(config, cookie):
+        return ""
+    return _mac(config.admin_token, _CSRF, cookie)
+
+
+def cookie_allows(config: GitplugConfig) -> bool:
+    """True when the login cookie may authenticate this request to the JSON API.
+
+    Reads (GET, HEAD) need only the cookie; a write also needs this login's
+    CSRF token (``X-CSRF-Token`` header or ``csrf`` form field) and no
+    cross-site ``Origin``, so a form on another site can never drive the API.
+    """
+    if not logged_in(config):
+        return False
+    if request.method in ("GET", "HEAD", "OPTIONS"):
+        return True
+    origin = request.headers.get("Origin")
+    if origin is not None and urlsplit(origin).netloc != request.host:
+        return False
+    given = request.headers.get("X-CSRF-Token") or request.form.get("csrf", "")
+    return bool(given) and _same(given, csrf_token(config))
+
+
+def _csrf_refusal(config: GitplugConfig) -> tuple[int, str] | None:
+    """None when the form's CSRF token and Origin are right; else (status, reason)."""
+    origin = request.headers.get("Origin")
+    if origin is not None and urlsplit(origin).netloc != request.host:
+        return 403, f"this form was sent from another site ({origin}); {_RELOAD}"
+    given = request.form.get("csrf", "")
+    if not given:
+        return 400, f"the form has no CSRF token; {_RELOAD}"
+    if not _same(given, csrf_token(config)):
+        return 403, f"the form's CSRF token is wrong or from an older login; {_RELOAD}"
+    return None
+
+
+def _flash_value(token: str, data: dict[str, t.Any]) -> str:
+    text = str(data.get("text", "")).encode()[:1500].decode("utf-8", "ignore")  # cookies: ~4 KB
+    raw = json.dumps({**data, "text": text}, separators=(",", ":")).encode()
+    payload = base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    return f"{payload}.{_mac(token, _FLASH, payload)}"
+
+
+def _read_flash(config: GitplugConfig) -> dict[str, t.Any] | None:
+    payload, _, mac = request.cookies.get(FLASH_COOKIE, "").partition(".")
+    token = config.admin_token
+    if not payload or not token or not _same(mac, _mac(token, _FLASH, payload)):
+        return None
+    try:
+        data = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+# -- what the page shows ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CommitView:
+    """A commit as the page shows it: sha, first line, author, age, test verdict."""
+
+    sha: str
+    summary: str
+    author: str
+    when: str  #: ISO time: the commit's, else the release's staging time
+    when_label: str  #: "committed" or "staged"
+    tests: str
+
+
+@dataclass(frozen=True)
+class PluginView:
+    """Everything the page shows about one plugin."""
+
+    name: str
+    state: str
+    ref: str
+    pin: str | None
+    repo: str  #: password-free
+    url_prefix: str
+    live: CommitView | None
+    live_since: DeployRecord | None
+    workers: tuple[tuple[str, str | None], ...]
+    last_error: str | None
+    history: tuple[DeployRecord, ...]
+    #: Rollback targets: ((group label, ((value, label), ...)), ...).
+    choices: tuple[tuple[str, tuple[tuple[str, str], ...]], ...]
+
+    @property
+    def running(self) -> bool:
+        return any(r.result == DeployResult.RUNNING for r in self.history[:3])
+
+
+@dataclass(frozen=True)
+class FlashView:
+    """The message shown once after an action."""
+
+    kind: str  #: ok | info | error
+    title: str
+    detail: str | None
+    plugin: str | None
+    record: DeployRecord | None
+
+
+def _ago(iso: str | None) -> str:
+    if not iso:
+        return "-"
+    try:
+        seconds = (datetime.now(timezone.utc) - parse_iso(iso)).total_seconds()
+    except ValueError:
+        return iso
+    for unit, size in (("day", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            n = int(seconds // size)
+            return f"{n} {unit}{'s' if unit == 'day' and n > 1 else ''} ago"
+    return "just now" if seconds < 5 else f"{int(seconds)} s ago"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.2f} s"
+    return f"{int(seconds // 60)} min {int(seconds % 60)} s"
+
+
+def _short_ref(ref: str | None) -> str:
+    """A full sha cut to 12 digits (a pin set from "previous"); any other ref as it is."""
+    if ref and len(ref) == 40 and all(c in "0123456789abcdef" for c in ref):
+        return ref[:12]
+    return ref or ""
+
+
+def _first_line(text: str) -> str:
+    return (text.strip().splitlines() or [""])[0]
+
+
+def _commit_view(deployer: t.Any, plugin: PluginConfig, sha: str) -> CommitView:
+    try:
+        release = deployer.releases.get(plugin.name, sha)
+    except ValueError:  # not a full sha: a directory release
+        release = None
+    when, label = (release.staged_at if release else ""), "staged"
+    try:
+        info = deployer.git.commit_info(plugin.repo, sha, plugin=plugin.name)
+        when, label = info.committed_at.isoformat().replace("+00:00", "Z"), "committed"
+    except GitplugError:
+        info = None  # no mirror (served from disk): the release metadata will do
+    message = release.message if release else (info.message if info else "")
+    author = release.author if release else (info.author if info else "")
+    test = release.test if release else None
+    if test is None:
+        tests = "tests not run yet"
+    elif test.passed:
+        skipped = test.returncode is None  # the gate is off, or no tests/ to run
+        tests = "test gate skipped" if skipped else f"tests passed in {_duration(test.duration_s)}"
+    else:
+        tests = "tests failed"
+    return CommitView(sha, _first_line(message), author.split(" <")[0], when, label, tests)
+
+
+def _tags(deployer: t.Any, plugin: PluginConfig) -> list[tuple[str, str]]:
+    """(tag, commit) of the mirror's tags, newest commit first; [] before the first fetch."""
+    mirror = deployer.git.mirror_path(plugin.repo)
+    if not mirror.is_dir():
+        return []
+    found: list[tuple[int, str, str]] = []
+    try:
+        with Repo(str(mirror)) as repo:
+            for name, sha in repo.refs.as_dict(b"refs/tags").items():
+                obj = repo[sha]
+                while isinstance(obj, Tag):
+                    obj = repo[obj.object[1]]
+                if isinstance(obj, Commit):
+                    found.append((obj.commit_time, name.decode(), obj.id.decode()))
+    except (OSError, KeyError, ValueError, NotGitRepository) as exc:
+        logger.warning("plugin %s: could not list the tags of %s: %s", plugin.name, mirror, exc)
+    found.sort(reverse=True)
+    return [(name, sha) for _, name, sha in found[:CHOICE_LIMIT]]
+
+
+def _choices(
+    deployer: t.Any, plugin: PluginConfig, live: str | None, previous: str | None
+) -> tuple[tuple[str, tuple[tuple[str, str], ...]], ...]:
+    """The rollback list: the previous commit, the tags, the releases on disk."""
+    on_disk = deployer.releases.list(plugin.name)[:CHOICE_LIMIT]
+    summaries = {r.commit: _first_line(r.message)[:50] for r in on_disk}
+
+    def label(sha: str, prefix: str = "") -> str:
+        parts = [prefix, sha[:7], summaries.get(sha, ""), "live" if sha == live else ""]
+        return " · ".join(p for p in parts if p)
+
+    def tested(release: t.Any) -> str:
+        return "" if release.test is None or release.test.passed else " · tests failed"
+
+    groups = (
+        ("Previous release",
+         tuple((c, label(c, "previous")) for c in [previous] if c and c != live)),
+        ("Tags", tuple((name, label(sha, name)) for name, sha in _tags(deployer, plugin))),
+        ("Releases on disk", tuple((r.commit, label(r.commit) + tested(r)) for r in on_disk)),
+    )
+    return tuple((name, items) for name, items in groups if any(v for v, _ in items))
+
+
+def _plugin_view(
+    deployer: t.Any, store: t.Any, plugin: PluginConfig, status: dict[str, t.Any]
+) -> PluginView:
+    """One plugin's card, from its ``gitplug status`` entry, history and releases."""
+    live = status["live_commit"]
+    history = tuple(store.history(plugin.name, limit=HISTORY_ROWS))
+    return PluginView(
+        name=plugin.name,
+        state=status["state"],
+        ref=plugin.ref,
+        pin=status["pin"],
+        repo=redact_url(plugin.repo),
+        url_prefix=plugin.url_prefix,
+        live=_commit_view(deployer, plugin, live) if live else None,
+        live_since=next(
+            (r for r in history if r.result == DeployResult.LIVE and r.commit == live), None
+        ),
+        workers=tuple(sorted(status["workers"].items())),
+        last_error=status["last_error"],
+        history=history,
+        choices=_choices(deployer, plugin, live, status.get("previous_commit")),
+    )
+
+
+def _flash_view(store: t.Any, data: dict[str, t.Any]) -> FlashView:
+    """The message for the flash ``data``; a deploy's outcome is read back from the store."""
+    plugin, action = data.get("plugin"), str(data.get("action") or "deploy")
+    record = store.get_deploy(data["deploy"]) if isinstance(data.get("deploy"), int) else None
+    if record is None:
+        kind = data.get("kind") if data.get("kind") in ("ok", "info", "error") else "info"
+        title, _, detail = str(data.get("text") or "Done.").partition("\n")
+        return FlashView(kind, title, detail.strip() or None, plugin, None)
+    short = (record.commit or "")[:7] or "?"
+    if record.result == DeployResult.LIVE:
+        title = f"{plugin}: {short} is live (deploy #{record.id}, {action})."
+        if action == "rollback":
+            title += (f" Pinned at {_short_ref(record.ref)}: polls and webhooks are ignored"
+                      " until you resume.")
+        return FlashView("ok", title, None, plugin, record)
+    if record.result == DeployResult.SKIPPED:
+        title = f"{plugin}: {short} is already live; nothing to swap (deploy #{record.id})."
+        return FlashView("info", title, None, plugin, record)
+    # The plugin's card shows the error itself; the message says what happened.
+    stage = record.stage.value if record.stage else "?"
+    title = (f"{plugin}: {action} failed at {stage} (deploy #{record.id});"
+             " the live release is unchanged.")
+    return FlashView("error", title, None, plugin, record)
+
+
+# -- rendering ---------------------------------------------------------------------
+
+
+@functools.cache
+def _env() -> jinja2.Environment:
+    # gitplug's own environment: the host's Jinja settings, context processors
+    # and plugins' template globals never reach these pages.
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("gitplug", "templates/gitplug"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.globals["url_for"] = url_for
+    env.filters.update(
+        ago=_ago, duration=_duration, ref=_short_ref, short=lambda sha: sha[:7] if sha else "-"
+    )
+    return env
+
+
+@functools.cache
+def _stylesheet() -> tuple[str, str]:
+    """The CSS and a hash of it (in its URL, so it can be cached for good)."""
+    css = importlib.resources.files("gitplug").joinpath("static/gitplug/status.css")
+    text = css.read_text("utf-8")
+    return text, hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _page(template: str, config: GitplugConfig, *, status: int = 200, **context: t.Any) -> Response:
+    html = _env().get_template(template).render(
+        host=default_host(),
+        css_url=url_for("gitplug_admin.page_css", v=_stylesheet()[1]),
+        csrf=csrf_token(config),
+        logged_in=logged_in(config),
+        **context,
+    )
+    return Response(html, status=status, content_type="text/html; charset=utf-8")
+
+
+def _login_page(config: GitplugConfig, *, status: int = 200, error: str | None = None) -> Response:
+    if not config.admin_token:
+        return _page("login.html", config, status=403, no_token=True, help=NO_TOKEN_HELP,
+                     error=None, next="")
+    return _page("login.html", config, status=status, no_token=False, help="", error=error,
+                 next=_safe_next())
+
+
+def _refused(config: GitplugConfig, status: int, message: str) -> Response:
+    return _page("error.html", config, status=status, message=message)
+
+
+def _cookie_path() -> str:
+    # The blueprint's real mount point: api_prefix under the host's script root.
+    return url_for("gitplug_admin.page").rstrip("/") or "/"
+
+
+def _set_cookie(response: BaseResponse, name: str, value: str, max_age: int) -> None:
+    response.set_cookie(name, value, max_age=max_age, path=_cookie_path(), httponly=True,
+                        samesite="Strict", secure=request.is_secure)
+
+
+def _safe_next() -> str:
+    """The page to return to after login, if it is one of ours (never an open redirect)."""
+    target = request.values.get("next", "")
+    if not target and request.method == "GET":
+        target = request.full_path
+    home = url_for("gitplug_admin.page")
+    if target.startswith(home) and "\\" not in target:
+        return target.rstrip("?")
+    return ""
+
+
+def _tail(path: Path, limit: int) -> tuple[str, int]:
+    """The last ``limit`` bytes of ``path`` (from a line start when cut) and its size."""
+    with path.open("rb") as handle:
+        size = handle.seek(0, 2)
+        handle.seek(max(0, size - limit))
+        data = handle.read(limit)
+    if size > limit and b"\n" in data:
+        data = data.split(b"\n", 1)[1]
+    return data.decode("utf-8", "replace"), size
+
+
+# -- routes ----------------------------------------------------------------------------
+
+
+def register_pages(
+    bp: Blueprint, gp: t.Any, current_config: t.Callable[[], GitplugConfig]
+) -> None:
+    """Add the status page routes (endpoints named ``page*``) and their headers to ``bp``."""
+
+    @bp.after_request
+    def security_headers(response: Response) -> Response:
+        if request.endpoint and request.endpoint.startswith(f"{bp.name}.page"):
+            for name, value in SECURITY_HEADERS.items():
+                response.headers.setdefault(name, value)
+        return response
+
+    @bp.get("/assets/status.css")
+    def page_css() -> Response:
+        css, version = _stylesheet()
+        response = Response(css, content_type="text/css; charset=utf-8")
+        fresh = request.args.get("v") == version  # a new version is a new URL
+        response.headers["Cache-Control"] = (
+            "public, max-age=31536000, immutable" if fresh else "no-cache"
+        )
+        return response
+
+    @bp.get("/")
+    def page() -> Response:
+        config = current_config()
+        if not logged_in(config):
+            return _login_page(config)
+        state = gp._state
+        plugins = [
+            _plugin_view(state.deployer, state.store, config.plugins[p["name"]], p)
+            for p in gp.status()["plugins"]
+            if p["name"] in config.plugins
+        ]
+        flash = _read_flash(config)
+        response = _page(
+            "overview.html",
+            config,
+            plugins=plugins,
+            flash=_flash_view(state.store, flash) if flash else None,
+            # Reload while a deploy runs so its result appears by itself; never
+            # otherwise, so a half-typed ref is not wiped.
+            refresh=10 if any(v.running for v in plugins) else None,
+            now=time.strftime("%H:%M:%S"),
+            root=request.script_root,
+        )
+        if flash is not None:
+            response.delete_cookie(FLASH_COOKIE, path=_cookie_path(), httponly=True,
+                                   samesite="Strict")
+        return response
+
+    @bp.post("/login")
+    def page_login() -> Response | BaseResponse:
+        config = current_config()
+        if not config.admin_token:
+            return _login_page(config)
+        if not _same(request.form.get("token", "").strip(), config.admin_token):
+            logger.warning("status page: failed login from %s", request.remote_addr)
+            return _login_page(config, status=401, error=(
+                "That is not the admin token. Check GITPLUG_ADMIN_TOKEN (or admin_token in"
+                " deploy.yaml) on the server."))
+        response = redirect(_safe_next() or url_for("gitplug_admin.page"), code=303)
+        _set_cookie(response, COOKIE, _session_value(config), LOGIN_TTL_S)
+        logger.info("status page: login from %s", request.remote_addr)
+        return response
+
+    @bp.post("/logout")
+    def page_logout() -> Response | BaseResponse:
+        config = current_config()
+        if logged_in(config) and (refusal := _csrf_refusal(config)) is not None:
+            return _refused(config, *refusal)
+        response = redirect(url_for("gitplug_admin.page"), code=303)
+        response.delete_cookie(COOKIE, path=_cookie_path(), httponly=True, samesite="Strict")
+        return response
+
+    @bp.post(f"/plugins/<name>/<any({', '.join(ACTIONS)}):action>")
+    def page_action(name: str, action: str) -> Response | BaseResponse:
+        config = current_config()
+        if not logged_in(config):
+            return _login_page(config, status=401, error=(
+                "You are not logged in (or the login expired). Log in, then repeat the action."))
+        refusal = _csrf_refusal(config)
+        if refusal is not None:
+            return _refused(config, *refusal)
+        try:
+            config.plugin(name)
+            flash = _run_action(gp, name, action)
+        except UnknownPlugin as exc:
+            return _refused(config, 404, str(exc))
+        except GitplugError as exc:
+            logger.info("status page: %s of %s refused: %s", action, name, exc)
+            flash = {"kind": "error", "plugin": name, "action": action, "text": str(exc)}
+        response = redirect(f"{url_for('gitplug_admin.page')}#plugin-{name}", code=303)
+        _set_cookie(response, FLASH_COOKIE, _flash_value(t.cast(str, config.admin_token), flash),
+                    60)
+        return response
+
+    @bp.get("/plugins/<name>/deploys/<int:deploy_id>/log")
+    def page_log(name: str, deploy_id: int) -> Response:
+        config = current_config()
+        if not logged_in(config):
+            return _login_page(config, status=401)
+        record: DeployRecord | None = gp._state.store.get_deploy(deploy_id)
+        if name not in config.plugins or record is None or record.plugin != name:
+            return _refused(config, 404, f"no deploy {deploy_id} of plugin {name!r}; see its"
+                            " history on the status page.")
+        text, size, note = "", 0, None
+        path = Path(record.log_path).resolve() if record.log_path else None
+        if path is None:
+            note = ("The test gate did not run in this deploy: the gate is off, the release had"
+                    " passed its tests before, or the deploy stopped before the test stage.")
+        elif not path.is_relative_to(config.data_dir.resolve()) or not path.is_file():
+            note = f"The log {record.log_path} is gone (or outside the data directory)."
+        elif request.args.get("download"):
+            download = send_file(path, mimetype="text/plain", as_attachment=True,
+                                 download_name=f"{name}-deploy-{deploy_id}.log")
+            download.headers["Cache-Control"] = "no-store"
+            return download
+        else:
+            text, size = _tail(path, LOG_TAIL_BYTES)
+        return _page("log.html", config, plugin=name, record=record, text=text, size=size,
+                     truncated=size > LOG_TAIL_BYTES, note=note, mib=MiB)
+
+
+def _run_action(gp: t.Any, name: str, action: str) -> dict[str, t.Any]:
+    """Do ``action`` on ``name``; return the flash data reporting it. Domain errors propagate."""
+    base = {"plugin": name, "action": action}
+    if action in ("stop", "start"):
+        getattr(gp, action)(name)
+        text = (f"{name} is stopped: its URLs answer 404 until you start it." if action == "stop"
+                else f"{name} is serving again.")
+        return {**base, "kind": "ok", "text": text}
+    if action == "rollback":
+        ref = (request.form.get("ref_text") or "").strip() or (request.form.get("ref") or "")
+        if not ref.strip():
+            return {**base, "kind": "error",
+                    "text": "Choose a release from the list, or type a ref, to roll back to."}
+        if len(ref) > 200 or not ref.isprintable():
+            return {**base, "kind": "error",
+                    "text": f"{ref[:60]!r} is not a ref: use a tag, a branch or a commit sha."}
+        logger.info("status page: rollback of %s to %s", name, ref)
+        record = gp.rollback(name, ref.strip())
+    elif action == "resume":
+        record = gp.resume(name, trigger="api")
+    else:
+        record = gp.deploy(name, wait=True, trigger="api")
+    if record is None:
+        return {**base, "kind": "info", "text": "Nothing to do: the wanted commit is already live."}
+    return {**base, "deploy": record.id}
