@@ -21,7 +21,7 @@ import typing as t
 from flask import Blueprint, Flask, Response, jsonify, request
 
 from .config import GitplugConfig
-from .errors import GitplugError, UnknownPlugin
+from .errors import GitplugError, StateError, UnknownPlugin
 from .state import DeployRecord
 
 if t.TYPE_CHECKING:
@@ -80,7 +80,12 @@ def register_admin(app: Flask, gp: GitPlug, config: GitplugConfig) -> None:
 
     @bp.errorhandler(GitplugError)
     def domain_error(exc: GitplugError) -> tuple[Response, int]:
-        status = 404 if isinstance(exc, UnknownPlugin) else 400
+        # The state store being down is the server's trouble, not the caller's: retry later.
+        status = 400
+        if isinstance(exc, UnknownPlugin):
+            status = 404
+        elif isinstance(exc, StateError):
+            status = 503
         return _error(status, str(exc))
 
     # -- webhook ----------------------------------------------------------------
@@ -163,6 +168,7 @@ def register_admin(app: Flask, gp: GitPlug, config: GitplugConfig) -> None:
 
     @bp.post("/api/plugins/<name>/rollback")
     def rollback(name: str) -> tuple[Response, int]:
+        current_config().plugin(name)  # an unknown plugin is 404 whatever the body
         ref = _body().get("ref")
         if not ref:
             return _error(400, "rollback needs a ref: {\"ref\": \"v1.2.0\"} (a tag, sha, branch or \"previous\")")

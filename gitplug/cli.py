@@ -1,17 +1,24 @@
 """The ``gitplug`` command line, also mounted as ``flask gitplug``.
 
 Every command reads the same configuration and state store as the server
-(``-c FILE``, else ``$GITPLUG_CONFIG``, else ``./deploy.yaml``), so a
+(``-c FILE``, else ``$GITPLUG_CONFIG``, else, under ``flask gitplug``, the
+application's own gitplug configuration, else ``./deploy.yaml``), so a
 ``gitplug rollback`` run beside a live server is served by it within two
 seconds: the server watches the store. Domain errors become one line on
 stderr and an exit code (1 for a failed deploy, 2 for bad input); never a
 traceback.
+
+Library code logs; the one-shot commands show gitplug's log records of
+level ERROR and above on stderr (``-v``: warnings too, ``-vv``: info), since
+what a deploy logs as a warning is already in its progress lines and its
+result. ``serve`` and ``demo`` configure their own logging.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import sys
 import typing as t
@@ -19,13 +26,22 @@ from pathlib import Path
 
 import click
 
-from .config import GitplugConfig, load_config, resolve_config_path
+from .config import CONFIG_ENV_VAR, GitplugConfig, load_config, resolve_config_path
 from .errors import GitplugError
 from .state import DeployRecord, DeployResult, StateStore, open_state_store
 
 __all__ = ["main", "cli", "flask_group"]
 
 F = t.TypeVar("F", bound=t.Callable[..., t.Any])
+
+#: Commands that set up logging themselves (a server logs at INFO).
+_OWN_LOGGING = frozenset({"serve", "demo"})
+
+
+class BadInput(GitplugError):  # TODO(lead): move to errors.py
+    """The command line names something that does not exist (exit status 2)."""
+
+    exit_code = 2
 
 
 def _fail(exc: GitplugError) -> t.NoReturn:
@@ -58,7 +74,42 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print machin
 
 
 def _load(config_path: Path | None) -> GitplugConfig:
+    if config_path is None and not os.environ.get(CONFIG_ENV_VAR):
+        from_app = _flask_app_config()
+        if from_app is not None:
+            return from_app
     return load_config(resolve_config_path(str(config_path) if config_path else None))
+
+
+def _flask_app_config() -> GitplugConfig | None:
+    """Under ``flask gitplug``: the configuration of the app's GitPlug, if it has one.
+
+    None outside ``flask``, and when no app is found without ``--app`` (then
+    ``./deploy.yaml`` is read, as by ``gitplug``).
+    """
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return None
+    from flask.cli import NoAppException, ScriptInfo
+
+    info = ctx.find_object(ScriptInfo)
+    if info is None:
+        return None
+    try:
+        app = info.load_app()
+    except NoAppException as exc:
+        if info.app_import_path:
+            raise BadInput(
+                f"could not load the Flask app {info.app_import_path!r}: {exc} Pass -c FILE to"
+                " read a configuration file instead."
+            ) from exc
+        return None
+    state = app.extensions.get("gitplug")
+    if state is not None and state.config is not None:
+        return t.cast(GitplugConfig, state.config)
+    from .extension import _config_from_app
+
+    return _config_from_app(app)
 
 
 def _store(config: GitplugConfig) -> StateStore:
@@ -105,10 +156,36 @@ def _report(record: DeployRecord | None, as_json: bool) -> None:
         sys.exit(1)
 
 
+def _configure_logging(verbose: int) -> None:
+    """Show gitplug's log records on stderr; quiet unless asked (see the module doc).
+
+    Leaves logging alone when something (a host app under ``flask gitplug``,
+    a test runner) already configured it, so records are never shown twice.
+    """
+    logger = logging.getLogger("gitplug")
+    if logging.getLogger().handlers or logger.handlers:
+        return
+    level = (logging.ERROR, logging.WARNING, logging.INFO)[min(verbose, 2)]
+    handler = logging.StreamHandler()  # stderr, looked up at emit time
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(level)
+    logger.addHandler(handler)
+    logger.setLevel(min(level, logger.getEffectiveLevel()))
+
+
+verbose_option = click.option(
+    "-v", "--verbose", count=True, help="Also show gitplug's warnings (-v) and progress logs (-vv)."
+)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="gitplug")
-def cli() -> None:
+@click.version_option(package_name="gitplug", prog_name="gitplug")
+@verbose_option
+@click.pass_context
+def cli(ctx: click.Context, verbose: int) -> None:
     """Deploy Flask plugins from git and hot-swap them in a running server."""
+    if ctx.invoked_subcommand not in _OWN_LOGGING:
+        _configure_logging(verbose)
 
 
 @cli.command("check-config")
@@ -153,7 +230,13 @@ def status(config_path: Path | None, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("plugin")
-@click.option("--limit", default=20, show_default=True, help="How many deploys to show.")
+@click.option(
+    "--limit",
+    default=20,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="How many deploys to show.",
+)
 @config_option
 @json_option
 @domain_errors
@@ -183,8 +266,9 @@ def history(plugin: str, limit: int, config_path: Path | None, as_json: bool) ->
 def deploy(plugin: str, ref: str | None, config_path: Path | None, as_json: bool) -> None:
     """Deploy PLUGIN now and wait for the result (exit 1 on failure)."""
     deployer = _deployer(_load(config_path))
+    deployer.plugin_config(plugin)  # an unknown name fails before "deploying ..."
     if not as_json:
-        click.echo(f"deploying {plugin} ...", err=True)
+        click.echo(f"deploying {plugin}{f' at {ref}' if ref else ''} ...", err=True)
     _report(deployer.deploy(plugin, ref=ref, trigger="cli", progress=None if as_json else _progress), as_json)
 
 
@@ -197,6 +281,11 @@ def deploy(plugin: str, ref: str | None, config_path: Path | None, as_json: bool
 def rollback(plugin: str, ref: str, config_path: Path | None, as_json: bool) -> None:
     """Pin PLUGIN at REF (a tag, sha, branch or `previous`) and deploy it."""
     deployer = _deployer(_load(config_path))
+    deployer.plugin_config(plugin)
+    if not as_json:
+        click.echo(
+            f"rolling {plugin} back to {ref} (pinned until `gitplug resume {plugin}`) ...", err=True
+        )
     _report(deployer.rollback(plugin, ref, progress=None if as_json else _progress), as_json)
 
 
@@ -208,6 +297,9 @@ def rollback(plugin: str, ref: str, config_path: Path | None, as_json: bool) -> 
 def resume(plugin: str, config_path: Path | None, as_json: bool) -> None:
     """Unpin PLUGIN and deploy its tracked ref."""
     deployer = _deployer(_load(config_path))
+    deployer.plugin_config(plugin)
+    if not as_json:
+        click.echo(f"resuming {plugin}: unpinned, deploying its tracked ref ...", err=True)
     _report(deployer.resume(plugin, progress=None if as_json else _progress), as_json)
 
 
@@ -244,7 +336,9 @@ def logs(plugin: str, deploy_id: int | None, config_path: Path | None) -> None:
     if deploy_id is not None:
         record = store.get_deploy(deploy_id)
         if record is None or record.plugin != plugin:
-            raise GitplugError(f"no deploy {deploy_id} of plugin {plugin!r}; see `gitplug history {plugin}`.")
+            raise BadInput(
+                f"no deploy {deploy_id} of plugin {plugin!r}; see `gitplug history {plugin}`."
+            )
     else:
         record = next((r for r in store.history(plugin, limit=200) if r.log_path), None)
         if record is None:
@@ -259,10 +353,17 @@ def logs(plugin: str, deploy_id: int | None, config_path: Path | None) -> None:
 @domain_errors
 def reload_config(config_path: Path | None) -> None:
     """Validate the configuration and make running servers apply it."""
-    path = resolve_config_path(str(config_path) if config_path else None)
-    config = load_config(path)
-    os.utime(path)  # servers watch the file's mtime
-    click.echo(f"{path}: OK, {len(config.plugins)} plugin(s); running servers apply it within ~2 s")
+    config = _load(config_path)
+    source = Path(config.source) if config.source else None
+    if source is None or not source.is_file():
+        raise BadInput(
+            f"the configuration comes from {config.source or 'the application'}, not a file;"
+            " restart the server to apply a change, or pass -c FILE."
+        )
+    os.utime(source)  # servers watch the file's mtime
+    click.echo(
+        f"{source}: OK, {len(config.plugins)} plugin(s); running servers apply it within ~2 s"
+    )
 
 
 def _parse_dev(values: tuple[str, ...]) -> list[tuple[str, Path]]:
@@ -308,4 +409,10 @@ def main() -> None:
 
 
 #: ``flask gitplug ...`` (registered as a ``flask.commands`` entry point).
-flask_group = click.Group("gitplug", help=cli.help, commands=dict(cli.commands))
+flask_group = click.Group(
+    "gitplug",
+    help=cli.help,
+    commands=dict(cli.commands),
+    params=list(cli.params),  # --version and -v
+    callback=cli.callback,  # the same logging setup
+)

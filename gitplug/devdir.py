@@ -67,13 +67,21 @@ def snapshot_directory(source: Path, dest_root: Path) -> tuple[str, Path]:
                 continue  # a development snapshot never follows links out of the tree
             data = path.read_bytes()
             target.write_bytes(data)
-            digest.update(str(rel).encode() + b"\0" + data + b"\0")
+            # Length-prefixed path and content digest: no two trees hash alike.
+            name = str(rel).encode()
+            digest.update(len(name).to_bytes(8, "big") + name + hashlib.sha256(data).digest())
         release_id = "dir-" + digest.hexdigest()[:16]
         final = dest_root / release_id
         if final.exists():
             shutil.rmtree(staging)
         else:
-            os.rename(staging, final)
+            try:
+                os.rename(staging, final)
+            except OSError:
+                if not final.is_dir():
+                    raise
+                # Another snapshot of the same content won the race: use it.
+                shutil.rmtree(staging, ignore_errors=True)
         return release_id, final
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

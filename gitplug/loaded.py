@@ -14,6 +14,7 @@ host application.
 
 from __future__ import annotations
 
+import functools
 import logging
 import typing as t
 from collections import ChainMap, defaultdict
@@ -28,7 +29,7 @@ from werkzeug.routing import Map
 
 from .errors import PluginLoadError
 from .loader import ReleaseNamespace, import_release, purge_namespace
-from .plugin import Plugin, PluginContext, _active_plugin
+from .plugin import Plugin, PluginContext, _active_release
 
 __all__ = ["ReleaseSpec", "LoadedRelease", "build_release", "HOOK_REGISTRIES"]
 
@@ -116,11 +117,11 @@ class LoadedRelease:
 
     def run_in_context(self, func: t.Callable[[], t.Any]) -> t.Any:
         """Call ``func`` with :data:`current_plugin` set to this release."""
-        token = _active_plugin.set(self.context)
+        token = _active_release.set(self)
         try:
             return func()
         finally:
-            _active_plugin.reset(token)
+            _active_release.reset(token)
 
     def purge(self) -> None:
         """Drop every reference this object holds to the release's code."""
@@ -170,18 +171,22 @@ def _scratch_app(host: Flask, namespace: ReleaseNamespace) -> Flask:
 
 
 def _wrap_app_wide(release: LoadedRelease, func: t.Callable[..., t.Any]) -> t.Callable[..., t.Any]:
-    """Make an app-wide hook see :data:`current_plugin` as its own plugin."""
-    context = release.context
+    """Run an app-wide hook, filter or global as its own plugin's code.
+
+    Inside, :data:`current_plugin` is its plugin and ``render_template``
+    finds its release's templates, even on a host request. Attributes such
+    as Jinja's ``jinja_pass_arg`` are copied, so ``pass_context`` filters
+    keep working.
+    """
 
     def app_wide_hook(*args: t.Any, **kwargs: t.Any) -> t.Any:
-        token = _active_plugin.set(context)
+        token = _active_release.set(release)
         try:
             return func(*args, **kwargs)
         finally:
-            _active_plugin.reset(token)
+            _active_release.reset(token)
 
-    app_wide_hook.__name__ = getattr(func, "__name__", "app_wide_hook")
-    app_wide_hook.__wrapped__ = func  # type: ignore[attr-defined]
+    functools.update_wrapper(app_wide_hook, func)
     return app_wide_hook
 
 
@@ -244,9 +249,11 @@ def _register(host: Flask, release: LoadedRelease, plugin: Plugin, namespace: Re
             release.error_handlers[scope] = spec_for_scope
     fake_env = t.cast(SimpleNamespace, scratch.jinja_env)
     release.template_registrations = {
-        "filters": dict(fake_env.filters),
-        "globals": dict(fake_env.globals),
-        "tests": dict(fake_env.tests),
+        kind: {
+            name: _wrap_app_wide(release, value) if callable(value) and not isinstance(value, type) else value
+            for name, value in getattr(fake_env, kind).items()
+        }
+        for kind in ("filters", "globals", "tests")
     }
     release.template_loaders = [
         bp.jinja_loader for bp in scratch.iter_blueprints() if bp.jinja_loader is not None

@@ -131,10 +131,11 @@ class PluginContext:
     logger: logging.Logger = field(repr=False)
 
 
-#: Set while gitplug runs a plugin's own callbacks outside a plugin request
-#: (``on_load``, ``health_check``, ``on_unload``, app-wide hooks).
-_active_plugin: contextvars.ContextVar[PluginContext | None] = contextvars.ContextVar(
-    "gitplug_active_plugin", default=None
+#: The release (a ``gitplug.loaded.LoadedRelease``) whose code gitplug is
+#: running outside that plugin's own requests: ``on_load``, ``health_check``,
+#: ``on_unload``, app-wide hooks, template filters and globals.
+_active_release: contextvars.ContextVar[t.Any] = contextvars.ContextVar(
+    "gitplug_active_release", default=None
 )
 
 #: WSGI environ key under which the request's pinned release is stored.
@@ -142,9 +143,9 @@ ENVIRON_RELEASE = "gitplug.release"
 
 
 def _find_current_plugin() -> PluginContext:
-    active = _active_plugin.get()
+    active = _active_release.get()
     if active is not None:
-        return active
+        return t.cast(PluginContext, active.context)
     ctx = _cv_request.get(None)
     if ctx is not None:
         release = ctx.request.environ.get(ENVIRON_RELEASE)

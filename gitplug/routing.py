@@ -17,7 +17,7 @@ from werkzeug.routing import Map, MapAdapter
 
 from .snapshot import Snapshot
 
-__all__ = ["SnapshotAdapter"]
+__all__ = ["SnapshotAdapter", "install_snapshot_map"]
 
 
 def _adapter_like(map: Map, base: MapAdapter) -> MapAdapter:
@@ -77,3 +77,37 @@ class SnapshotAdapter(MapAdapter):
                 self, endpoint, values, method, force_external, append_unknown, url_scheme
             )
         return adapter.build(endpoint, values, method, force_external, append_unknown, url_scheme)
+
+
+class _SnapshotAwareMap:
+    """Mixed into the host's ``Map``: endpoint queries also see live plugins.
+
+    Flask's documented URL-defaults pattern asks
+    ``app.url_map.is_endpoint_expecting(endpoint, "lang_code")``; for a
+    plugin endpoint the answer comes from the request's snapshot.
+    """
+
+    def is_endpoint_expecting(self, endpoint: t.Any, *arguments: str) -> bool:
+        self.update()  # type: ignore[attr-defined]
+        if endpoint not in self._rules_by_endpoint:  # type: ignore[attr-defined]
+            from .hooks import request_snapshot
+
+            release = request_snapshot(self._gitplug_runtime).release_for_scope(str(endpoint))  # type: ignore[attr-defined]
+            if release is not None and endpoint in release.view_functions:
+                return release.url_map.is_endpoint_expecting(endpoint, *arguments)
+        return super().is_endpoint_expecting(endpoint, *arguments)  # type: ignore[misc]
+
+
+_map_classes: dict[type, type] = {}
+
+
+def install_snapshot_map(url_map: Map, runtime: t.Any) -> None:
+    """Make the host's map answer endpoint queries for plugin endpoints too."""
+    if isinstance(url_map, _SnapshotAwareMap):
+        return
+    cls = type(url_map)
+    routing = _map_classes.get(cls)
+    if routing is None:
+        routing = _map_classes[cls] = type(f"Gitplug{cls.__name__}", (_SnapshotAwareMap, cls), {})
+    url_map.__class__ = routing
+    url_map._gitplug_runtime = runtime  # type: ignore[attr-defined]

@@ -20,6 +20,7 @@ import gc
 import itertools
 import logging
 import queue
+import sys
 import threading
 import time
 import typing as t
@@ -35,9 +36,9 @@ from .errors import HealthCheckFailed, MountError, OnLoadFailed, PluginLoadError
 from .hooks import ENVIRON_SNAPSHOT, LayeredErrorHandlers, LayeredHooks, LayeredViews
 from .loaded import HOOK_REGISTRIES, LoadedRelease, ReleaseSpec, build_release
 from .plugin import ENVIRON_RELEASE
-from .routing import SnapshotAdapter
+from .routing import SnapshotAdapter, install_snapshot_map
 from .snapshot import Snapshot
-from .templating import TemplateRegistrations, install_routing_environment
+from .templating import TEMPLATE_KINDS, install_routing_environment, install_template_layers
 
 __all__ = ["Runtime"]
 
@@ -63,7 +64,9 @@ class Runtime:
         self._reaper_queue: queue.Queue[LoadedRelease | None] = queue.Queue()
         self._reaper: threading.Thread | None = None
         self._leak_grace_s = leak_grace_s
-        self._retired_refs: list[tuple[str, weakref.ref[t.Any]]] = []
+        #: ``(deadline, label, weakref to the package module)`` of unloaded releases,
+        #: oldest first; checked for leaks by the reaper once the deadline passes.
+        self._retired_refs: list[tuple[float, str, weakref.ref[t.Any]]] = []
         self._install()
 
     # -- installation ------------------------------------------------------
@@ -103,7 +106,8 @@ class Runtime:
 
         app.create_url_adapter = create_url_adapter  # type: ignore[method-assign]
         install_routing_environment(app.jinja_env)
-        self._templates = TemplateRegistrations(app.jinja_env)
+        install_template_layers(app.jinja_env, self)
+        install_snapshot_map(app.url_map, self)
         app.wsgi_app = _PinRequests(app.wsgi_app, self)  # type: ignore[method-assign]
 
     # -- request accounting ------------------------------------------------
@@ -247,43 +251,94 @@ class Runtime:
                         )
         except PluginLoadError:
             # What on_load opened is closed again when the health check fails.
-            self._unload_now(release, run_callbacks=loaded)
+            self._unload_now(release, run_callbacks=loaded, was_live=False)
             raise
+
+    def _clash(self, release: LoadedRelease, others: t.Iterable[LoadedRelease]) -> str | None:
+        """Why ``release`` cannot be live beside ``others``, or None."""
+        for other in others:
+            if other.name == release.name:
+                continue
+            a, b = other.prefix, release.prefix
+            if a == b or a.startswith(b + "/") or b.startswith(a + "/"):
+                return (
+                    f"plugin {release.name!r}: url_prefix {b!r} overlaps plugin {other.name!r} at"
+                    f" {a!r}. Give each plugin its own prefix."
+                )
+            for kind in TEMPLATE_KINDS:
+                shared = set(release.template_registrations.get(kind, ())) & set(
+                    other.template_registrations.get(kind, ())
+                )
+                if shared:
+                    return (
+                        f"plugin {release.name!r}: app-wide template {kind[:-1]}"
+                        f" {', '.join(sorted(shared))!r} is already registered by plugin"
+                        f" {other.name!r}. Rename it in one of the plugins."
+                    )
+        return None
 
     def publish(self, name: str, release: LoadedRelease | None) -> LoadedRelease | None:
         """Make ``release`` the live release of ``name`` (``None`` stops it).
 
-        One reference assignment; returns the release it replaced.
+        One reference assignment; returns the release it replaced. Raises
+        :class:`MountError` (and unloads ``release``) when it clashes with
+        another live plugin: checked here, under the lock, so two plugins
+        loaded at once can never both take one prefix.
         """
         with self._lock:
             old_snapshot = self.snapshot
-            releases = dict(old_snapshot.releases)
-            old = releases.pop(name, None)
             if release is not None:
-                releases[name] = release
-                release.retired = False
-            new_snapshot = Snapshot(releases, next(self._generations))
-            for live in new_snapshot.releases.values():
-                live.snapshot_refs += 1
-            self._open_snapshots.add(new_snapshot)
-            self._sync_registries()
-            refused = self._templates.apply(release, old if old is not release else None)
-            if old is not None and old is not release:
-                old.retired = True
-            self.snapshot = new_snapshot
-            old_snapshot.superseded = True
-            unused = self._close_if_idle(old_snapshot)
-        if refused:
+                clash = self._clash(release, old_snapshot.releases.values())
+                if clash is not None:
+                    error = MountError(clash)
+                else:
+                    error = None
+            else:
+                error = None
+            if error is None:
+                releases = dict(old_snapshot.releases)
+                old = releases.pop(name, None)
+                if release is not None:
+                    releases[name] = release
+                    release.retired = False
+                new_snapshot = Snapshot(releases, next(self._generations))
+                for live in new_snapshot.releases.values():
+                    live.snapshot_refs += 1
+                self._open_snapshots.add(new_snapshot)
+                self._sync_registries()
+                if old is not None and old is not release:
+                    old.retired = True
+                self.snapshot = new_snapshot
+                old_snapshot.superseded = True
+                unused = self._close_if_idle(old_snapshot)
+        if error is not None:
+            assert release is not None
+            self._unload_now(release, run_callbacks=True, was_live=False)
+            signals.plugin_load_failed.send(self.app, plugin=name, release=release.release_id, error=error)
+            raise error
+        shadowed = self._shadowed_template_names(release)
+        if shadowed:
             logger.warning(
-                "plugin %s: app-wide template names already used by the host were not applied: %s",
+                "plugin %s: app-wide template names the host already uses are ignored (the host's win): %s",
                 name,
-                ", ".join(refused),
+                ", ".join(shadowed),
             )
         if release is not None and release is not old:
             logger.info("plugin %s: release %s is live", name, release.release_id)
             signals.plugin_loaded.send(self.app, plugin=name, release=release.release_id, commit=release.commit)
         self._schedule_unload(unused)
         return old
+
+    def _shadowed_template_names(self, release: LoadedRelease | None) -> list[str]:
+        if release is None:
+            return []
+        env = self.app.jinja_env
+        return [
+            f"{kind[:-1]} {name!r}"
+            for kind in TEMPLATE_KINDS
+            for name in release.template_registrations.get(kind, ())
+            if dict.__contains__(getattr(env, kind), name)
+        ]
 
     def swap(self, spec: ReleaseSpec) -> LoadedRelease:
         """Load, verify and publish a release; the old one retires."""
@@ -330,8 +385,20 @@ class Runtime:
                     self._reaper.start()
 
     def _reap(self) -> None:
+        """Unload drained releases; check for leaks once their grace period is over.
+
+        One thread does both: leak checks are deadlines it waits for, not a
+        timer thread per unload.
+        """
         while True:
-            release = self._reaper_queue.get()
+            timeout = None
+            if self._retired_refs:
+                timeout = max(0.0, self._retired_refs[0][0] - time.monotonic())
+            try:
+                release = self._reaper_queue.get(timeout=timeout)
+            except queue.Empty:
+                self.report_leaks()
+                continue
             try:
                 if release is None:
                     return
@@ -341,7 +408,13 @@ class Runtime:
             finally:
                 self._reaper_queue.task_done()
 
-    def _unload_now(self, release: LoadedRelease, *, run_callbacks: bool) -> None:
+    def _unload_now(self, release: LoadedRelease, *, run_callbacks: bool, was_live: bool = True) -> None:
+        """Run ``on_unload`` (when asked) and purge the release's modules.
+
+        ``was_live`` is False for a release that failed verification: its
+        ``on_unload`` still closes what ``on_load`` opened, but no
+        ``plugin_unloaded`` is sent for a release that never served.
+        """
         if release.unloaded:
             return
         plugin = release.plugin
@@ -357,23 +430,17 @@ class Runtime:
                             getattr(func, "__qualname__", func),
                             release.release_id,
                         )
-        module = None
-        import sys
-
         module = sys.modules.get(release.namespace.mangled)
-        if module is not None:
-            self._retired_refs.append((repr(release), weakref.ref(module)))
+        if module is not None and self._leak_grace_s > 0:
+            deadline = time.monotonic() + self._leak_grace_s
+            self._retired_refs.append((deadline, repr(release), weakref.ref(module)))
         del module
         release.purge()
-        if run_callbacks:
+        if run_callbacks and was_live:
             logger.info("plugin %s: release %s unloaded", release.name, release.release_id)
             signals.plugin_unloaded.send(
                 self.app, plugin=release.name, release=release.release_id, commit=release.commit
             )
-        if self._leak_grace_s > 0:
-            timer = threading.Timer(self._leak_grace_s, self.report_leaks)
-            timer.daemon = True
-            timer.start()
 
     def wait_idle(self, timeout: float = 10.0) -> bool:
         """Wait until every retired, drained release has been unloaded."""
@@ -384,22 +451,28 @@ class Runtime:
             time.sleep(0.005)
         return False
 
-    def report_leaks(self) -> list[str]:
-        """Log what still holds retired releases' modules; return the findings."""
+    def report_leaks(self, *, all_now: bool = False) -> list[str]:
+        """Log what still holds retired releases whose grace period is over.
+
+        Returns the findings. ``all_now`` checks every retired release at
+        once, whatever its deadline (tests, diagnostics).
+        """
+        now = time.monotonic()
+        due = [entry for entry in self._retired_refs if all_now or entry[0] <= now]
+        if not due:
+            return []
+        self._retired_refs = [entry for entry in self._retired_refs if entry not in due]
         gc.collect()
         findings = []
-        alive = []
-        for label, ref in self._retired_refs:
+        for _deadline, label, ref in due:
             module = ref()
             if module is None:
                 continue
-            alive.append((label, ref))
             holders = sorted({type(r).__name__ for r in gc.get_referrers(module)} - {"frame", "list"})
             finding = f"{label}: package module still reachable, held by {', '.join(holders) or 'unknown'}"
             findings.append(finding)
             logger.warning("leak: %s (see README: what plugin code must not do)", finding)
             del module
-        self._retired_refs = alive
         return findings
 
     def shutdown(self) -> None:

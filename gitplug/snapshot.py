@@ -32,6 +32,7 @@ class Snapshot:
         "hooks",
         "error_handlers",
         "view_functions",
+        "templates",
         "inflight",
         "superseded",
         "closed",
@@ -69,6 +70,13 @@ class Snapshot:
             self.view_functions.update(release.view_functions)
         for registry, funcs in self.app_wide.items():
             self.hooks.setdefault(registry, {})[None] = funcs
+        #: App-wide template filters/globals/tests: ``{kind: {name: value}}``.
+        #: Names are unique across live plugins (the runtime refuses clashes).
+        self.templates: dict[str, dict[str, t.Any]] = {}
+        for release in self.releases.values():
+            for kind, entries in release.template_registrations.items():
+                if entries:
+                    self.templates.setdefault(kind, {}).update(entries)
         # Guarded by the runtime's lock:
         self.inflight = 0
         self.superseded = False

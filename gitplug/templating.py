@@ -2,18 +2,19 @@
 
 The host's Jinja environment gets a routing subclass (by ``__class__``
 assignment, so every existing reference to ``app.jinja_env`` stays valid).
-When a request is served by a plugin release, ``render_template`` and
-friends are answered by that release's own environment: an overlay of the
-host's with a loader that searches the release's templates first, then the
-host's, and a template cache of its own. Jinja caches templates by
-``(loader, name)``, so two plugins' ``index.html`` can never be confused,
-and ``extends``/``include`` stay inside the release because a template
-resolves them through its own environment.
+When a plugin's code renders (its views, and its app-wide hooks even on a
+host request), ``render_template`` and friends are answered by that
+release's own environment: an overlay of the host's with a loader that
+searches the release's templates first, then the host's, and a template
+cache of its own. Jinja caches templates by ``(loader, name)``, so two
+plugins' ``index.html`` can never be confused, and ``extends``/``include``
+stay inside the release because a template resolves them through its own
+environment.
 
-App-wide template filters, globals and tests of plugins are merged into the
-host environment's dicts when a release goes live and removed when it
-retires (the overlays share those dicts). This is the one registration that
-is swapped by mutation; the host's own entries always win.
+App-wide template filters, globals and tests of plugins are layered into the
+host environment's dicts per request, from the request's snapshot, exactly
+like the hook registries: a swap changes them for new requests only, and the
+host's own entries always win.
 """
 
 from __future__ import annotations
@@ -23,17 +24,18 @@ import typing as t
 import jinja2
 from flask.globals import _cv_request
 
-from .plugin import ENVIRON_RELEASE
+from .hooks import ENVIRON_SNAPSHOT
+from .plugin import ENVIRON_RELEASE, _active_release
 
-if t.TYPE_CHECKING:
-    from .loaded import LoadedRelease
-
-__all__ = ["install_routing_environment", "TemplateRegistrations"]
+__all__ = ["install_routing_environment", "install_template_layers", "LayeredTemplateDict", "TEMPLATE_KINDS"]
 
 
 def _release_env(env: jinja2.Environment) -> jinja2.Environment | None:
     if not env.__dict__.get("_gitplug_routing", False):
         return None
+    active = _active_release.get()
+    if active is not None:
+        return t.cast("jinja2.Environment | None", active.jinja_env)
     ctx = _cv_request.get(None)
     if ctx is None:
         return None
@@ -89,37 +91,81 @@ def install_routing_environment(env: jinja2.Environment) -> None:
     env.__dict__["_gitplug_routing"] = True
 
 
-class TemplateRegistrations:
-    """Applies plugins' app-wide template filters/globals/tests to the host env.
+class LayeredTemplateDict(dict):  # type: ignore[type-arg]
+    """The host env's ``filters``/``globals``/``tests`` with live plugins' layered in.
 
-    Not thread-safe by itself: the runtime calls it under its swap lock.
+    The host's own entries are the dict itself and win; plugin entries come
+    from the request's snapshot (the live snapshot outside a request). The
+    full mapping protocol is layered, because Jinja both looks names up
+    (``environment.filters[name]``) and copies globals into each render's
+    context (``dict(ChainMap(..., env.globals))``).
     """
 
-    KINDS = ("filters", "globals", "tests")
+    def __init__(self, original: dict, runtime: t.Any, kind: str) -> None:  # type: ignore[type-arg]
+        super().__init__(original)
+        self._runtime = runtime
+        self._kind = kind
 
-    def __init__(self, env: jinja2.Environment) -> None:
-        self._env = env
-        #: ``{(kind, name): release}`` of entries a plugin put there.
-        self._owner: dict[tuple[str, str], LoadedRelease] = {}
+    def _layer(self) -> dict[str, t.Any]:
+        ctx = _cv_request.get(None)
+        snapshot = ctx.request.environ.get(ENVIRON_SNAPSHOT) if ctx is not None else None
+        if snapshot is None:
+            snapshot = self._runtime.snapshot
+        return snapshot.templates.get(self._kind, _EMPTY)  # type: ignore[no-any-return]
 
-    def apply(self, new: LoadedRelease | None, old: LoadedRelease | None) -> list[str]:
-        """Swap ``old``'s registrations for ``new``'s; return refused names."""
-        refused: list[str] = []
-        if old is not None:
-            for kind in self.KINDS:
-                target: dict[str, t.Any] = getattr(self._env, kind)
-                for name in old.template_registrations.get(kind, {}):
-                    if self._owner.get((kind, name)) is old:
-                        del self._owner[(kind, name)]
-                        target.pop(name, None)
-        if new is not None:
-            for kind in self.KINDS:
-                target = getattr(self._env, kind)
-                for name, value in new.template_registrations.get(kind, {}).items():
-                    owner = self._owner.get((kind, name))
-                    if name in target and owner is None:
-                        refused.append(f"{kind[:-1]} {name!r}")  # the host's own wins
-                        continue
-                    target[name] = value
-                    self._owner[(kind, name)] = new
-        return refused
+    def __getitem__(self, name: t.Any) -> t.Any:
+        if dict.__contains__(self, name):
+            return dict.__getitem__(self, name)
+        layer = self._layer()
+        if name in layer:
+            return layer[name]
+        raise KeyError(name)
+
+    def __contains__(self, name: object) -> bool:
+        return dict.__contains__(self, name) or name in self._layer()
+
+    def get(self, name: t.Any, default: t.Any = None) -> t.Any:
+        if dict.__contains__(self, name):
+            return dict.__getitem__(self, name)
+        return self._layer().get(name, default)
+
+    def _merged(self) -> dict[str, t.Any]:
+        layer = self._layer()
+        if not layer:
+            return dict(dict.items(self))
+        return {**layer, **dict(dict.items(self))}
+
+    def __iter__(self) -> t.Iterator[t.Any]:
+        return iter(self._merged())
+
+    def __len__(self) -> int:
+        return len(self._merged())
+
+    def keys(self) -> t.Any:
+        return self._merged().keys()
+
+    def items(self) -> t.Any:
+        return self._merged().items()
+
+    def values(self) -> t.Any:
+        return self._merged().values()
+
+    def copy(self) -> dict[str, t.Any]:
+        return self._merged()
+
+    def __reduce__(self) -> t.Any:  # pragma: no cover - never pickled in practice
+        return (dict, (self._merged(),))
+
+
+#: The kinds of app-wide template registration a plugin can make.
+TEMPLATE_KINDS = ("filters", "globals", "tests")
+
+_EMPTY: dict[str, t.Any] = {}
+
+
+def install_template_layers(env: jinja2.Environment, runtime: t.Any) -> None:
+    """Layer the live plugins' app-wide filters/globals/tests into ``env``."""
+    for kind in TEMPLATE_KINDS:
+        current = getattr(env, kind)
+        if not isinstance(current, LayeredTemplateDict):
+            setattr(env, kind, LayeredTemplateDict(current, runtime, kind))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.client
 import itertools
+import typing as t
 import sys
 import threading
 import time
@@ -21,6 +22,21 @@ from flask import Flask
 from conftest import serve_wsgi
 from gitplug import GitPlug, PluginImportError, PluginLoadError
 from pluginfactory import BROKEN_KINDS, parse_stamps, stamped_plugin
+
+
+@pytest.fixture
+def make_gp() -> t.Iterator[t.Callable[[Flask], GitPlug]]:
+    """GitPlug instances that are shut down (reaper, snapshots) after the test."""
+    made: list[GitPlug] = []
+
+    def make(app: Flask) -> GitPlug:
+        gp = GitPlug(app)
+        made.append(gp)
+        return gp
+
+    yield make
+    for gp in made:
+        gp.shutdown()
 
 
 def _get(base: str, path: str, timeout: float = 10.0) -> tuple[int, str]:
@@ -45,8 +61,10 @@ def _assert_one_release(body: str, good: set[str]) -> str:
     return label
 
 
-def test_hammer_while_swapping_100_times_one_in_five_broken(tmp_path: Path, host_app: Flask) -> None:
-    gp = GitPlug(host_app)
+def test_hammer_while_swapping_100_times_one_in_five_broken(
+    tmp_path: Path, host_app: Flask, make_gp: t.Callable[[Flask], GitPlug]
+) -> None:
+    gp = make_gp(host_app)
     # Prepare releases up front: 100 swaps, every fifth broken in turn.
     plans = []
     broken_kinds = itertools.cycle(BROKEN_KINDS)
@@ -109,8 +127,10 @@ def test_hammer_while_swapping_100_times_one_in_five_broken(tmp_path: Path, host
         assert parse_stamps(c.get("/stampy/", buffered=True).get_data(as_text=True))["template"] == last_good
 
 
-def test_request_in_flight_finishes_on_its_release(tmp_path: Path, host_app: Flask) -> None:
-    gp = GitPlug(host_app)
+def test_request_in_flight_finishes_on_its_release(
+    tmp_path: Path, host_app: Flask, make_gp: t.Callable[[Flask], GitPlug]
+) -> None:
+    gp = make_gp(host_app)
     gp.load_directory("stampy", stamped_plugin(tmp_path / "a", "OLD"))
     unloaded = threading.Event()
     from gitplug import signals
@@ -139,8 +159,10 @@ def test_request_in_flight_finishes_on_its_release(tmp_path: Path, host_app: Fla
 
 
 @pytest.mark.parametrize("kind", BROKEN_KINDS)
-def test_broken_release_leaves_old_one_and_nothing_behind(tmp_path: Path, host_app: Flask, kind: str) -> None:
-    gp = GitPlug(host_app)
+def test_broken_release_leaves_old_one_and_nothing_behind(
+    tmp_path: Path, host_app: Flask, make_gp: t.Callable[[Flask], GitPlug], kind: str
+) -> None:
+    gp = make_gp(host_app)
     gp.load_directory("stampy", stamped_plugin(tmp_path / "good", "GOOD"))
     before = set(sys.modules)
     with pytest.raises(PluginLoadError) as info:

@@ -1,0 +1,378 @@
+"""The host is left as it was (SPEC 4.9), and mounts never clash.
+
+Two identical host applications are served by real threaded servers, one
+plain and one with gitplug and two plugins loaded; every request outside the
+plugins' prefixes must get the same answer from both (status, headers, body):
+routes, 404 page, 405 + ``Allow``, ``HEAD``, ``OPTIONS``, redirects, static
+files, hooks and templates.
+"""
+
+from __future__ import annotations
+
+import http.client
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+from flask import Blueprint, Flask, g, render_template, request
+
+from conftest import serve_wsgi
+from gitplug import GitPlug, MountError
+from pluginfactory import write_files
+
+HELLO = {
+    "hello/__init__.py": """
+        from flask import g, render_template
+        from gitplug import Plugin
+
+        plugin = Plugin("hello", __name__)
+
+        @plugin.route("/")
+        def index():
+            return render_template("index.html", seen=g.get("seen"))
+
+        @plugin.route("/boom")
+        def boom():
+            raise RuntimeError("plugin view failed")
+    """,
+    # Same names as the host's templates: they must not shadow the host's.
+    "hello/templates/index.html": "PLUGIN-INDEX seen={{ seen }}\n",
+    "hello/templates/layout.html": "PLUGIN-LAYOUT\n",
+}
+
+
+def _get(base: str, method: str, path: str, body: str | None = None) -> tuple[int, list[tuple[str, str]], bytes]:
+    parts = urlsplit(base)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=15)
+    try:
+        conn.request(method, path, body=body, headers={"Content-Type": "application/x-www-form-urlencoded"} if body else {})
+        response = conn.getresponse()
+        # Normalise what differs between two servers: the port, the date.
+        # and the order of methods in Allow, which is a set's iteration order.
+        headers = [
+            (k, ", ".join(sorted(v.split(", "))) if k == "Allow" else v.replace(base, "<base>"))
+            for k, v in response.getheaders()
+            if k not in ("Date", "Server")
+        ]
+        return response.status, headers, response.read().replace(base.encode(), b"<base>")
+    finally:
+        conn.close()
+
+
+def _make_host(root: Path) -> Flask:
+    write_files(
+        root,
+        {
+            "templates/index.html": "HOST-INDEX seen={{ g.seen }}\n",
+            "templates/layout.html": "HOST-LAYOUT({% block body %}{% endblock %})\n",
+            "templates/page.html": '{% extends "layout.html" %}{% block body %}page{% endblock %}\n',
+            "templates/404.html": "HOST-404 {{ request.path }}\n",
+            "templates/500.html": "HOST-500\n",
+            "static/host.txt": "host static file\n",
+        },
+    )
+    app = Flask("host_under_test", root_path=str(root))
+    app.config.update(SECRET_KEY="s", HOOK_PATHS=[])
+
+    @app.before_request
+    def host_hook() -> None:
+        g.seen = "host-hook"
+        app.config["HOOK_PATHS"].append(request.path)
+
+    @app.after_request
+    def host_after(response):  # type: ignore[no-untyped-def]
+        response.headers["X-Host-After"] = "1"
+        return response
+
+    @app.errorhandler(404)
+    def not_found(error: Exception) -> tuple[str, int]:
+        return render_template("404.html"), 404
+
+    @app.errorhandler(500)
+    def server_error(error: Exception) -> tuple[str, int]:
+        return render_template("500.html"), 500
+
+    @app.route("/")
+    def home() -> str:
+        return render_template("index.html")
+
+    @app.route("/page")
+    def page() -> str:
+        return render_template("page.html")
+
+    @app.route("/only-get")
+    def only_get() -> str:
+        return "only get"
+
+    @app.route("/form", methods=["GET", "POST"])
+    def form() -> str:
+        return f"form {request.method} {request.form.get('x', '')}"
+
+    @app.route("/hellox")
+    def hellox() -> str:
+        return "host hellox"
+
+    @app.route("/items/<int:item>")
+    def item(item: int) -> str:
+        return f"item {item}"
+
+    @app.route("/slash/")
+    def slash() -> str:
+        return "slash"
+
+    @app.route("/fail")
+    def fail() -> str:
+        raise RuntimeError("host view failed")
+
+    admin = Blueprint("admin", __name__, url_prefix="/admin")
+
+    @admin.route("/")
+    def admin_index() -> str:
+        return "admin"
+
+    app.register_blueprint(admin)
+    return app
+
+
+def _plugins(root: Path) -> dict[str, Path]:
+    return {
+        "hello": write_files(root / "hello", HELLO),
+        "world": write_files(
+            root / "world",
+            {
+                "world/__init__.py": """
+                    from gitplug import Plugin
+                    plugin = Plugin("world", __name__)
+
+                    @plugin.get("/")
+                    def index():
+                        return "world"
+                """
+            },
+        ),
+    }
+
+
+HOST_REQUESTS: list[tuple[str, str, str | None]] = [
+    ("GET", "/", None),
+    ("HEAD", "/", None),
+    ("OPTIONS", "/", None),
+    ("POST", "/", None),
+    ("GET", "/page", None),
+    ("GET", "/only-get", None),
+    ("POST", "/only-get", "x=1"),
+    ("DELETE", "/only-get", None),
+    ("HEAD", "/only-get", None),
+    ("OPTIONS", "/only-get", None),
+    ("GET", "/form", None),
+    ("POST", "/form", "x=42"),
+    ("PUT", "/form", None),
+    ("GET", "/hellox", None),
+    ("POST", "/hellox", None),
+    ("GET", "/hellox/deeper", None),
+    ("GET", "/helloworld", None),
+    ("GET", "/items/7", None),
+    ("GET", "/items/x", None),
+    ("GET", "/slash", None),
+    ("GET", "/slash/", None),
+    ("GET", "/nowhere", None),
+    ("GET", "/nowhere/deeper/still", None),
+    ("GET", "/static/host.txt", None),
+    ("HEAD", "/static/host.txt", None),
+    ("GET", "/static/missing.txt", None),
+    ("GET", "/admin/", None),
+    ("GET", "/admin", None),
+    ("OPTIONS", "/admin/", None),
+    ("GET", "/fail", None),
+    ("GET", "/w", None),  # the bare prefix of "/world" is not a plugin URL
+]
+
+
+def _shutdown(gp: GitPlug) -> None:
+    """Stop ``gp``: its reaper thread and directory snapshots."""
+    gp.shutdown()
+
+
+@pytest.fixture
+def make_gp() -> Iterator[Callable[[Flask], GitPlug]]:
+    made: list[GitPlug] = []
+
+    def make(app: Flask) -> GitPlug:
+        gp = GitPlug(app)
+        made.append(gp)
+        return gp
+
+    yield make
+    for gp in made:
+        _shutdown(gp)
+
+
+def test_host_answers_exactly_as_without_gitplug(tmp_path: Path, make_gp: Callable[[Flask], GitPlug]) -> None:
+    plain = _make_host(tmp_path / "host")
+    hosted = _make_host(tmp_path / "host")
+    rules_before = sorted((r.rule, r.endpoint, tuple(sorted(r.methods or ()))) for r in hosted.url_map.iter_rules())
+    views_before = set(hosted.view_functions)
+    gp = make_gp(hosted)
+    plugins = _plugins(tmp_path / "plugins")
+    gp.load_directory("hello", plugins["hello"])
+    gp.load_directory("world", plugins["world"], url_prefix="/world")
+
+    with serve_wsgi(plain) as plain_base, serve_wsgi(hosted) as hosted_base:
+        for method, path, body in HOST_REQUESTS:
+            expected = _get(plain_base, method, path, body)
+            actual = _get(hosted_base, method, path, body)
+            assert actual == expected, f"{method} {path}: gitplug host answered differently"
+        # Spot checks that the comparison covers what it claims to.
+        status, headers, content = _get(hosted_base, "POST", "/only-get")
+        assert status == 405 and ("Allow", "GET, HEAD, OPTIONS") in headers
+        assert _get(hosted_base, "GET", "/nowhere")[::2] == (404, b"HOST-404 /nowhere")
+        assert _get(hosted_base, "GET", "/")[::2] == (200, b"HOST-INDEX seen=host-hook")
+        assert _get(hosted_base, "GET", "/page")[::2] == (200, b"HOST-LAYOUT(page)")
+        status, headers, content = _get(hosted_base, "HEAD", "/")
+        assert status == 200 and content == b"" and ("Content-Length", "25") in headers
+        assert _get(hosted_base, "GET", "/hellox")[::2] == (200, b"host hellox")
+        assert _get(hosted_base, "GET", "/fail")[::2] == (500, b"HOST-500")
+        # And the plugins really are mounted next to those host routes.
+        assert _get(hosted_base, "GET", "/hello/")[::2] == (200, b"PLUGIN-INDEX seen=host-hook")
+        assert _get(hosted_base, "GET", "/world/")[::2] == (200, b"world")
+
+    # No catch-all rule (nor any rule) was added to the host.
+    assert sorted((r.rule, r.endpoint, tuple(sorted(r.methods or ()))) for r in hosted.url_map.iter_rules()) == rules_before
+    assert set(dict.keys(hosted.view_functions)) == views_before
+
+
+def test_plugin_requests_get_host_hooks_and_host_error_answers(
+    tmp_path: Path, make_gp: Callable[[Flask], GitPlug]
+) -> None:
+    app = _make_host(tmp_path / "host")
+    gp = make_gp(app)
+    gp.load_directory("hello", _plugins(tmp_path / "plugins")["hello"])
+    with serve_wsgi(app) as base:
+        app.config["HOOK_PATHS"].clear()
+        status, headers, body = _get(base, "GET", "/hello/")
+        assert (status, body) == (200, b"PLUGIN-INDEX seen=host-hook")
+        assert ("X-Host-After", "1") in headers
+        _get(base, "GET", "/")
+        assert app.config["HOOK_PATHS"] == ["/hello/", "/"]
+        # Unknown URL under the prefix: the host's 404 page, as for a blueprint.
+        status, headers, body = _get(base, "GET", "/hello/nope")
+        assert (status, body) == (404, b"HOST-404 /hello/nope")
+        status, headers, body = _get(base, "POST", "/hello/")
+        assert status == 405 and ("Allow", "GET, HEAD, OPTIONS") in headers
+        status, headers, body = _get(base, "OPTIONS", "/hello/")
+        assert status == 200 and ("Allow", "GET, HEAD, OPTIONS") in headers
+        status, headers, body = _get(base, "HEAD", "/hello/")
+        assert status == 200 and body == b""
+        assert ("Content-Length", str(len(b"PLUGIN-INDEX seen=host-hook"))) in headers
+        status, headers, body = _get(base, "GET", "/hello")
+        assert status == 308 and ("Location", "<base>/hello/") in headers
+        assert _get(base, "GET", "/hello/boom")[::2] == (500, b"HOST-500")
+        assert gp.live_release("hello") is not None
+        assert gp.live_release("hello").errors == 1  # type: ignore[union-attr]
+
+
+def test_mount_errors(tmp_path: Path, make_gp: Callable[[Flask], GitPlug]) -> None:
+    app = _make_host(tmp_path / "host")
+
+    @app.route("/shop/cart")
+    def cart() -> str:
+        return "cart"
+
+    @app.route("/exact")
+    def exact() -> str:
+        return "exact"
+
+    gp = make_gp(app)
+    plugins = _plugins(tmp_path / "plugins")
+    world = gp.load_directory("world", plugins["world"], url_prefix="/world/v1")
+    with pytest.raises(MountError, match=r"url_prefix '/shop' would hide the host's route '/shop/cart'"):
+        gp.load_directory("hello", plugins["hello"], url_prefix="/shop")
+    with pytest.raises(MountError, match=r"would hide the host's route '/exact'"):
+        gp.load_directory("hello", plugins["hello"], url_prefix="/exact")
+    with pytest.raises(MountError, match=r"would hide the host's route '/static/<path:filename>'"):
+        gp.load_directory("hello", plugins["hello"], url_prefix="/static")
+    for prefix in ("/world", "/world/v1", "/world/v1/deeper"):
+        with pytest.raises(MountError, match=rf"url_prefix '{prefix}' overlaps plugin 'world' at '/world/v1'"):
+            gp.load_directory("hello", plugins["hello"], url_prefix=prefix)
+    with pytest.raises(MountError, match=r"already has a blueprint named 'admin'. Rename the plugin"):
+        gp.load_directory("admin", plugins["hello"], url_prefix="/somewhere")
+    # None of that changed what is served.
+    assert gp.live_release("hello") is None and gp.live_release("admin") is None
+    assert gp.live_release("world") is world
+    client = app.test_client()
+    assert client.get("/shop/cart", buffered=True).get_data(as_text=True) == "cart"
+    assert client.get("/world/v1/", buffered=True).get_data(as_text=True) == "world"
+    # Not overlapping: a sibling prefix that merely shares characters.
+    gp.load_directory("hello", plugins["hello"], url_prefix="/worldwide")
+    assert client.get("/worldwide/", buffered=True).status_code == 200
+
+
+def test_concurrent_loads_onto_one_prefix_mount_only_one(tmp_path: Path, make_gp: Callable[[Flask], GitPlug]) -> None:
+    app = _make_host(tmp_path / "host")
+    gp = make_gp(app)
+    dirs = {
+        name: write_files(
+            tmp_path / name,
+            {
+                f"{name}/__init__.py": f"""
+                    import time
+                    from gitplug import Plugin
+                    time.sleep(0.2)  # a plugin that takes a moment to import
+                    plugin = Plugin("{name}", __name__)
+
+                    @plugin.route("/")
+                    def index():
+                        return "{name}"
+                """
+            },
+        )
+        for name in ("first", "second")
+    }
+    barrier = threading.Barrier(2)
+    outcome: dict[str, str] = {}
+
+    def load(name: str) -> None:
+        barrier.wait()
+        try:
+            gp.load_directory(name, dirs[name], url_prefix="/shared")
+            outcome[name] = "live"
+        except MountError as exc:
+            outcome[name] = f"refused: {exc}"
+
+    threads = [threading.Thread(target=load, args=(n,)) for n in dirs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(v == "live" for v in outcome.values()) == [False, True], outcome
+
+
+def test_host_url_defaults_from_the_flask_docs_work_with_plugin_endpoints(
+    tmp_path: Path, make_gp: Callable[[Flask], GitPlug]
+) -> None:
+    """https://flask.palletsprojects.com/patterns/urlprocessors/, verbatim but for names."""
+    app = Flask("i18n_host")
+
+    @app.url_defaults
+    def add_language_code(endpoint: str, values: dict[str, object]) -> None:
+        if "lang_code" in values or not g.get("lang_code"):
+            return
+        if app.url_map.is_endpoint_expecting(endpoint, "lang_code"):
+            values["lang_code"] = g.lang_code
+
+    @app.url_value_preprocessor
+    def pull_lang_code(endpoint: str | None, values: dict[str, object] | None) -> None:
+        g.lang_code = (values or {}).pop("lang_code", None)
+
+    @app.route("/<lang_code>/about")
+    def about() -> str:
+        from flask import url_for
+
+        return f"{url_for('about')} {url_for('hello.index')}"
+
+    gp = make_gp(app)
+    gp.load_directory("hello", _plugins(tmp_path / "plugins")["hello"])
+    response = app.test_client().get("/de/about", buffered=True)
+    assert (response.status_code, response.get_data(as_text=True)) == (200, "/de/about /hello/")
