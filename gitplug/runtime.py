@@ -26,7 +26,7 @@ import time
 import typing as t
 import weakref
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 from flask import Flask
 from werkzeug.routing import MapAdapter
@@ -35,6 +35,7 @@ from . import signals
 from .errors import HealthCheckFailed, MountError, OnLoadFailed, PluginLoadError
 from .hooks import ENVIRON_SNAPSHOT, LayeredErrorHandlers, LayeredHooks, LayeredViews
 from .loaded import HOOK_REGISTRIES, LoadedRelease, ReleaseSpec, build_release
+from .pinning import PinRequests
 from .plugin import ENVIRON_RELEASE
 from .routing import SnapshotAdapter, install_snapshot_map
 from .snapshot import Snapshot
@@ -108,18 +109,9 @@ class Runtime:
         install_routing_environment(app.jinja_env)
         install_template_layers(app.jinja_env, self)
         install_snapshot_map(app.url_map, self)
-        app.wsgi_app = _PinRequests(app.wsgi_app, self)  # type: ignore[method-assign]
+        app.wsgi_app = PinRequests(app.wsgi_app, self)  # type: ignore[method-assign]
 
     # -- request accounting ------------------------------------------------
-
-    def _enter(self, path: str) -> tuple[Snapshot, LoadedRelease | None]:
-        with self._lock:
-            snapshot = self.snapshot
-            snapshot.inflight += 1
-            release = snapshot.release_for_path(path) if snapshot.releases else None
-            if release is not None:
-                release.requests += 1
-        return snapshot, release
 
     def _leave(self, snapshot: Snapshot) -> None:
         with self._lock:
@@ -496,79 +488,3 @@ def _location(exc: BaseException, release: LoadedRelease) -> dict[str, t.Any]:
 def _where(exc: BaseException, release: LoadedRelease) -> str:
     loc = _location(exc, release)
     return f" in {loc['file']} line {loc['line']}" if loc["file"] else ""
-
-
-class _PinRequests:
-    """WSGI middleware: pin each request to the live snapshot until it ends."""
-
-    def __init__(self, wsgi_app: t.Callable[..., Iterable[bytes]], runtime: Runtime) -> None:
-        self.wsgi_app = wsgi_app
-        self.runtime = runtime
-
-    def __call__(self, environ: dict[str, t.Any], start_response: _StartResponse) -> Iterable[bytes]:
-        runtime = self.runtime
-        # Runtime._enter, inlined: this runs on every request of the host.
-        with runtime._lock:
-            snapshot = runtime.snapshot
-            snapshot.inflight += 1
-            release = snapshot.release_for_path(environ.get("PATH_INFO") or "/") if snapshot.releases else None
-            if release is not None:
-                release.requests += 1
-        environ[ENVIRON_SNAPSHOT] = snapshot
-        if release is not None:
-            environ[ENVIRON_RELEASE] = release
-            start_response = _ErrorCounting(start_response, runtime, release)
-        try:
-            result = self.wsgi_app(environ, start_response)
-        except BaseException:
-            runtime._leave(snapshot)
-            raise
-        return _Finish(result, runtime, snapshot)
-
-
-class _ErrorCounting:
-    """A ``start_response`` that counts 5xx answers (and so unhandled errors) per release."""
-
-    __slots__ = ("start_response", "runtime", "release")
-
-    def __init__(self, start_response: _StartResponse, runtime: Runtime, release: LoadedRelease) -> None:
-        self.start_response = start_response
-        self.runtime = runtime
-        self.release = release
-
-    def __call__(self, status: str, headers: t.Any, exc_info: t.Any = None) -> t.Any:
-        if status[:1] == "5":
-            self.runtime._count_error(self.release)
-        return self.start_response(status, headers, exc_info)
-
-
-class _Finish:
-    """Wraps a WSGI response; the request ends when the server closes it."""
-
-    __slots__ = ("_result", "_runtime", "_snapshot", "_done")
-
-    def __init__(self, result: Iterable[bytes], runtime: Runtime, snapshot: Snapshot) -> None:
-        self._result = result
-        self._runtime = runtime
-        self._snapshot = snapshot
-        self._done = False
-
-    def __iter__(self) -> Iterator[bytes]:
-        try:
-            yield from self._result
-        finally:
-            # Also ends the request when a server drops the iterable without
-            # calling close() (Werkzeug's dev server does, on a client reset):
-            # the generator is closed when it is collected.
-            self.close()
-
-    def close(self) -> None:
-        if self._done:
-            return
-        self._done = True
-        try:
-            close = getattr(self._result, "close", None)
-            if close is not None:
-                close()
-        finally:
-            self._runtime._leave(self._snapshot)

@@ -52,6 +52,9 @@ def run_server(
         gp.start_background()
         services = app.extensions["gitplug"].services
         signal.signal(signal.SIGHUP, lambda *_: services.reload_config())
+    # SIGTERM (systemd, docker, kill) ends the server like Ctrl+C: the finally
+    # below stops the services and removes this worker's heartbeat.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     click.echo(banner or f"gitplug serving on http://{host}:{port}/  (Ctrl+C to stop)", err=True)
     try:
         run_simple(host, port, app, threaded=True, use_reloader=False, use_debugger=False)

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from gitplug import state as state_module
+from gitplug import sqlite_store as state_module
 from gitplug.errors import StateError
 from gitplug.state import (
     DeployResult,
@@ -398,7 +398,8 @@ def test_newer_schema_is_refused(db: Path) -> None:
     SQLiteStateStore(db).close()
     with sqlite3.connect(db) as conn:
         conn.execute("UPDATE schema_version SET version = 99")
-    with pytest.raises(StateError, match=rf"schema version 99, newer than this gitplug knows \({state_module.SCHEMA_VERSION}\)"):
+    known = state_module.SCHEMA_VERSION
+    with pytest.raises(StateError, match=rf"schema version 99, newer than this gitplug knows \({known}\)"):
         SQLiteStateStore(db)
 
 

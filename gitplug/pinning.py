@@ -1,0 +1,101 @@
+"""The WSGI side of request pinning.
+
+:class:`PinRequests` wraps the host's ``wsgi_app``: on arrival a request
+takes the runtime's live snapshot (one locked counter increment) and keeps
+it until the server closes the response, streaming included. Plugin
+requests also count their 5xx answers per release, for metrics and
+automatic rollback.
+"""
+
+from __future__ import annotations
+
+import typing as t
+from collections.abc import Iterable, Iterator
+
+from .hooks import ENVIRON_SNAPSHOT
+from .plugin import ENVIRON_RELEASE
+
+if t.TYPE_CHECKING:
+    from .loaded import LoadedRelease
+    from .runtime import Runtime
+    from .snapshot import Snapshot
+
+__all__ = ["PinRequests"]
+
+_StartResponse = t.Callable[..., t.Any]
+
+
+class PinRequests:
+    """WSGI middleware: pin each request to the live snapshot until it ends."""
+
+    def __init__(self, wsgi_app: t.Callable[..., Iterable[bytes]], runtime: Runtime) -> None:
+        self.wsgi_app = wsgi_app
+        self.runtime = runtime
+
+    def __call__(self, environ: dict[str, t.Any], start_response: _StartResponse) -> Iterable[bytes]:
+        runtime = self.runtime
+        # This runs on every request of the host: keep it inline and short.
+        with runtime._lock:
+            snapshot = runtime.snapshot
+            snapshot.inflight += 1
+            release = snapshot.release_for_path(environ.get("PATH_INFO") or "/") if snapshot.releases else None
+            if release is not None:
+                release.requests += 1
+        environ[ENVIRON_SNAPSHOT] = snapshot
+        if release is not None:
+            environ[ENVIRON_RELEASE] = release
+            start_response = _ErrorCounting(start_response, runtime, release)
+        try:
+            result = self.wsgi_app(environ, start_response)
+        except BaseException:
+            runtime._leave(snapshot)
+            raise
+        return _Finish(result, runtime, snapshot)
+
+
+class _ErrorCounting:
+    """A ``start_response`` that counts 5xx answers (and so unhandled errors) per release."""
+
+    __slots__ = ("start_response", "runtime", "release")
+
+    def __init__(self, start_response: _StartResponse, runtime: Runtime, release: LoadedRelease) -> None:
+        self.start_response = start_response
+        self.runtime = runtime
+        self.release = release
+
+    def __call__(self, status: str, headers: t.Any, exc_info: t.Any = None) -> t.Any:
+        if status[:1] == "5":
+            self.runtime._count_error(self.release)
+        return self.start_response(status, headers, exc_info)
+
+
+class _Finish:
+    """Wraps a WSGI response; the request ends when the server closes it."""
+
+    __slots__ = ("_result", "_runtime", "_snapshot", "_done")
+
+    def __init__(self, result: Iterable[bytes], runtime: Runtime, snapshot: Snapshot) -> None:
+        self._result = result
+        self._runtime = runtime
+        self._snapshot = snapshot
+        self._done = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            yield from self._result
+        finally:
+            # Also ends the request when a server drops the iterable without
+            # calling close() (Werkzeug's dev server does, on a client reset):
+            # the generator is closed when it is collected.
+            self.close()
+
+    def close(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        try:
+            close = getattr(self._result, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self._runtime._leave(self._snapshot)

@@ -1,0 +1,608 @@
+"""The ``gitplug`` command line, as an operator runs it (SPEC 3, 6, 7, 10).
+
+Every command runs in a real subprocess (``python -c "from gitplug.cli
+import main; main()"``, the installed console script, or ``python -m flask
+... gitplug``) against real git repositories in ``tmp_path``. The server
+tests start ``gitplug serve`` as a subprocess and watch what it serves over
+HTTP while the CLI rolls back, resumes, stops, starts and reloads.
+
+The helpers at the top (:func:`run_cli`, :class:`Server`, :func:`request`,
+:func:`wait_for`, :func:`write_version`) are reused by ``test_api.py``.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import typing as t
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import pytest
+import yaml
+from gitrepo import GitRepo
+
+from gitplug.config import load_config
+from gitplug.state import open_state_store
+
+#: The keys SPEC 10 gives a deploy record.
+RECORD_KEYS = frozenset(
+    ("id", "trigger", "ref", "commit", "result", "stage", "error", "started_at", "duration_s")
+)
+#: The keys SPEC 10 gives each plugin of ``status --json``.
+STATUS_KEYS = {"name", "repo", "ref", "pin", "state", "live_commit", "workers", "last_deploy"}
+CLI = [sys.executable, "-c", "from gitplug.cli import main; main()"]
+#: Variables of the caller's shell that would change what a command reads.
+_SCRUBBED = ("GITPLUG_CONFIG", "GITPLUG_ADMIN_TOKEN", "GITPLUG_WEBHOOK_SECRET", "FLASK_APP")
+
+
+def script(name: str) -> str:
+    """A console script: the one beside this interpreter (pyenv's shims are slow), else PATH's."""
+    beside = Path(sys.executable).parent / name
+    found = str(beside) if beside.exists() else shutil.which(name)
+    assert found, f"the {name!r} console script is not installed; run pip install -e '.[test]'"
+    return found
+
+
+PLUGIN_SOURCE = """\
+from gitplug import Plugin, current_plugin
+
+plugin = Plugin("{name}", __name__)
+
+
+@plugin.route("/")
+def index():
+    return "{name} {version} " + current_plugin.commit[:12]
+"""
+
+GATE_TEST = """\
+def test_gate():
+    print("GATE-OUTPUT {version}")
+"""
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without gitplug's variables, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED}
+    env.update(extra)
+    return env
+
+
+def run_cli(
+    *args: str | Path,
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    argv0: list[str] | None = None,
+    timeout: float = 180,
+) -> subprocess.CompletedProcess[str]:
+    """Run one gitplug command to completion; never raises for its exit status."""
+    return subprocess.run(
+        [*(argv0 or CLI), *map(str, args)],
+        check=False,  # callers assert on the exit status
+        cwd=cwd,
+        env=dict(env) if env is not None else clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def cli_json(*args: str | Path, **kwargs: t.Any) -> t.Any:
+    """Run a command with ``--json``; assert it succeeded and printed one JSON value."""
+    proc = run_cli(*args, "--json", **kwargs)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def request(
+    method: str, url: str, *, body: bytes | None = None, headers: Mapping[str, str] | None = None
+) -> tuple[int, str]:
+    """One request to 127.0.0.1 (no proxies); ``(status, body text)``."""
+    assert url.startswith("http://127.0.0.1:"), url
+    hostport, _, path = url.removeprefix("http://").partition("/")
+    host, _, port = hostport.partition(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        conn.request(method, "/" + path, body=body, headers=dict(headers or {}))
+        response = conn.getresponse()
+        return response.status, response.read().decode("utf-8", "replace")
+    finally:
+        conn.close()
+
+
+def get(url: str) -> str:
+    """``"<status> <body>"`` of a GET, or ``"down"`` when nothing answers."""
+    try:
+        status, text = request("GET", url)
+    except OSError:
+        return "down"
+    return f"{status} {text}"
+
+
+def wait_for(
+    check: Callable[[], t.Any], *, timeout: float, interval: float = 0.05, what: str = ""
+) -> float:
+    """Call ``check`` every ``interval`` s until it is truthy; return the seconds it took."""
+    start = time.monotonic()
+    last: t.Any = None
+    while True:
+        last = check()
+        elapsed = time.monotonic() - start
+        if last:
+            return elapsed
+        if elapsed > timeout:
+            pytest.fail(f"waited {timeout} s for {what or check}; last result: {last!r}")
+        time.sleep(interval)
+
+
+def within(limit: float, check: Callable[[], t.Any], *, what: str) -> float:
+    """Assert that ``check`` turns truthy within ``limit`` s, polling every 50 ms.
+
+    Waits on past the limit (a loaded machine is slow, not wrong) so that a
+    failure says how long it really took.
+    """
+    took = wait_for(check, timeout=max(10.0, 4 * limit), what=what)
+    assert took < limit, f"{what}: took {took:.2f} s, over the {limit} s promised"
+    return took
+
+
+def write_version(
+    repo: GitRepo, name: str, version: str, *, gate_test: bool = False, broken: bool = False
+) -> str:
+    """Commit a plugin ``name`` answering ``"<name> <version> <sha12>"``; return the sha."""
+    source = PLUGIN_SOURCE.format(name=name, version=version)
+    repo.write(f"{name}/__init__.py", source)
+    if broken:
+        repo.write(f"{name}/views.py", "def broken(:\n    pass\n")
+        repo.write(f"{name}/__init__.py", source + "from . import views\n")
+    elif (repo.path / name / "views.py").exists():
+        repo.remove(f"{name}/views.py")
+    if gate_test:
+        repo.write("tests/test_gate.py", GATE_TEST.format(version=version))
+    return repo.commit(f"{name} {version}")
+
+
+def expected(name: str, version: str, sha: str) -> str:
+    """What the plugin's index answers."""
+    return f"200 {name} {version} {sha[:12]}"
+
+
+def write_config(path: Path, plugins: Mapping[str, Mapping[str, t.Any]], **top: t.Any) -> Path:
+    """Write a deploy.yaml; plugins default to a quick, gate-less setup."""
+    data: dict[str, t.Any] = {"data_dir": "data", "poll_interval": 3600, **top}
+    data["plugins"] = {
+        name: {"ref": "main", "test": False, "test_timeout": 20, **settings}
+        for name, settings in plugins.items()
+    }
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+class Server:
+    """``gitplug serve`` in a subprocess on a free port; stopped on exit.
+
+    Its output goes to a log file (:meth:`log`), so a chatty server never
+    blocks on a full pipe.
+    """
+
+    def __init__(self, config: Path, *, env: Mapping[str, str] | None = None) -> None:
+        self.config = config
+        self.env = dict(env) if env is not None else clean_env()
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log_path = config.parent / f"serve-{self.port}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> t.Self:
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [*CLI, "serve", "-c", str(self.config), "--port", str(self.port)],
+                cwd=self.config.parent,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            wait_for(self._ready, timeout=60, interval=0.05, what=f"gitplug serve on {self.base}")
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def _ready(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            pytest.fail(f"gitplug serve exited with {self.proc.returncode}:\n{self.log()}")
+        return get(self.base + "/").startswith("200 ")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)  # Ctrl+C: shuts down cleanly
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def get(self, path: str) -> str:
+        return get(self.base + path)
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> GitRepo:
+    return GitRepo(tmp_path / "hello-repo")
+
+
+@pytest.fixture
+def config(tmp_path: Path, repo: GitRepo) -> Path:
+    return write_config(tmp_path / "deploy.yaml", {"hello": {"repo": repo.url}})
+
+
+# --------------------------------------------------------------------------- check-config
+
+
+def test_check_config_reads_dash_c_env_and_default_file(tmp_path: Path, config: Path) -> None:
+    proc = run_cli("check-config", "-c", config)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"{config}: OK, 1 plugin(s)")
+    assert "hello:" in proc.stdout and "-> /hello" in proc.stdout and "tests: off" in proc.stdout
+
+    # $GITPLUG_CONFIG, from another directory; the console script works the same.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = run_cli(
+        "check-config",
+        cwd=elsewhere,
+        env=clean_env(GITPLUG_CONFIG=str(config)),
+        argv0=[script("gitplug")],
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "OK, 1 plugin(s)" in proc.stdout
+
+    # Neither: ./deploy.yaml.
+    proc = run_cli("check-config", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("deploy.yaml: OK, 1 plugin(s)")
+
+
+def test_check_config_refuses_a_broken_file_in_one_line(tmp_path: Path, repo: GitRepo) -> None:
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(
+        f"data_dir: data\nplugins:\n  hello:\n    repo: {repo.url}\n    poll_interval: soon\n"
+    )
+    proc = run_cli("check-config", "-c", broken)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"Error: {broken}:5: plugins.hello.poll_interval: expected ")
+    assert "'soon'" in lines[0]
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+    # Bad YAML: the line, no traceback.
+    broken.write_text("plugins:\n  hello: [\n")
+    proc = run_cli("check-config", "-c", broken)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"Error: {broken}:3: invalid YAML")
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_check_config_missing_file_says_how_to_choose_one(tmp_path: Path) -> None:
+    proc = run_cli("check-config", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert (
+        "no configuration file at" in proc.stderr and str(tmp_path / "deploy.yaml") in proc.stderr
+    )
+    assert "-c FILE" in proc.stderr and "GITPLUG_CONFIG" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+    proc = run_cli(
+        "status", cwd=tmp_path, env=clean_env(GITPLUG_CONFIG=str(tmp_path / "nope.yaml"))
+    )
+    assert proc.returncode == 2
+    assert str(tmp_path / "nope.yaml") in proc.stderr and "GITPLUG_CONFIG" in proc.stderr
+
+
+# --------------------------------------------------------------------------- deploy, logs, history
+
+
+def test_deploy_runs_the_test_gate_and_logs_shows_its_output(tmp_path: Path, repo: GitRepo) -> None:
+    sha = write_version(repo, "hello", "v1", gate_test=True)
+    config = write_config(
+        tmp_path / "deploy.yaml",
+        {
+            "hello": {
+                "repo": repo.url,
+                "test": "python -m pytest -q -s -p no:cacheprovider",
+                "test_timeout": 60,
+            }
+        },
+    )
+    proc = run_cli("deploy", "hello", "-c", config)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"deploy 1 of hello: live ({sha[:12]})"
+    progress = [line.split()[0] for line in proc.stderr.splitlines() if line.startswith("  ")]
+    assert progress == ["fetch", "stage", "test", "load", "live"], proc.stderr
+    assert "python -m pytest" in proc.stderr
+
+    proc = run_cli("logs", "hello", "-c", config)
+    assert proc.returncode == 0, proc.stderr
+    assert "GATE-OUTPUT v1" in proc.stdout and "1 passed" in proc.stdout
+    assert run_cli("logs", "hello", "--deploy", "1", "-c", config).stdout == proc.stdout
+
+    proc = run_cli("logs", "hello", "--deploy", "99", "-c", config)
+    assert proc.returncode == 2
+    assert (
+        "no deploy 99 of plugin 'hello'" in proc.stderr and "gitplug history hello" in proc.stderr
+    )
+
+
+def test_deploy_json_failure_history_and_status(
+    tmp_path: Path, repo: GitRepo, config: Path
+) -> None:
+    v1 = write_version(repo, "hello", "v1")
+    proc = run_cli("deploy", "hello", "-c", config, "--json")
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(proc.stdout)  # exactly one JSON value, nothing else on stdout
+    assert isinstance(record, dict) and RECORD_KEYS <= set(record), record
+    assert (record["id"], record["trigger"], record["ref"], record["commit"]) == (
+        1,
+        "cli",
+        "main",
+        v1,
+    )
+    assert (record["result"], record["stage"], record["error"]) == ("live", None, None)
+    assert isinstance(record["duration_s"], float) and record["started_at"].endswith("Z")
+
+    # Nothing new: skipped, still exit 0.
+    proc = run_cli("deploy", "hello", "-c", config)
+    assert proc.returncode == 0 and "skipped" in proc.stdout, proc.stderr
+
+    bad = write_version(repo, "hello", "v2", broken=True)
+    proc = run_cli("deploy", "hello", "-c", config)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert (
+        last.startswith("deploy 3 of hello failed at load: ") and "hello/views.py line 1" in last
+    ), proc.stderr
+    # Said once: no log records repeating the progress lines (those need -v).
+    assert [line for line in proc.stderr.splitlines() if not line.startswith("  ")] == [
+        "deploying hello ...",
+        last,
+    ]
+    assert "  failed   load: " in proc.stderr
+
+    proc = run_cli("-v", "deploy", "hello", "-c", config, "--json")
+    assert proc.returncode == 1
+    assert "WARNING gitplug.deployer: plugin hello: deploy 4 failed at load" in proc.stderr
+    failed = json.loads(proc.stdout)
+    assert (failed["result"], failed["stage"], failed["commit"]) == ("failed", "load", bad)
+    assert "syntax error" in failed["error"]
+
+    history = cli_json("history", "hello", "-c", config)
+    assert [r["id"] for r in history] == [4, 3, 2, 1]
+    assert [r["result"] for r in history] == ["failed", "failed", "skipped", "live"]
+    assert all(RECORD_KEYS <= set(r) for r in history)
+
+    status = cli_json("status", "-c", config)
+    (plugin,) = status["plugins"]
+    assert STATUS_KEYS <= set(plugin), plugin
+    assert (plugin["name"], plugin["repo"], plugin["ref"], plugin["pin"]) == (
+        "hello",
+        repo.url,
+        "main",
+        None,
+    )
+    assert (plugin["state"], plugin["live_commit"], plugin["workers"]) == ("live", v1, {})
+    assert plugin["last_deploy"] == history[0]
+
+    proc = run_cli("history", "hello", "-c", config)
+    assert proc.returncode == 0
+    assert [line.split()[0] for line in proc.stdout.splitlines()[1:]] == ["4", "3", "2", "1"]
+
+
+def test_unknown_plugin_exits_2_listing_the_known_ones(config: Path) -> None:
+    for args in (
+        ["deploy", "nope"],
+        ["history", "nope"],
+        ["rollback", "nope", "v1"],
+        ["stop", "nope"],
+        ["logs", "nope"],
+    ):
+        proc = run_cli(*args, "-c", config)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert proc.stderr.strip() == (
+            "Error: no plugin named 'nope' in the configuration. Known plugins: hello."
+            " Add it under 'plugins:' in deploy.yaml."
+        ), args
+        assert proc.stdout == ""
+
+
+def test_flask_gitplug_group(tmp_path: Path, repo: GitRepo, config: Path) -> None:
+    from importlib.metadata import entry_points
+
+    from gitplug.cli import cli, flask_group
+
+    (ep,) = [ep for ep in entry_points(group="flask.commands") if ep.name == "gitplug"]
+    assert ep.load() is flask_group
+    assert set(flask_group.commands) == set(cli.commands)
+
+    sha = write_version(repo, "hello", "v1")
+    assert run_cli("deploy", "hello", "-c", config).returncode == 0
+    (tmp_path / "myhost.py").write_text("from flask import Flask\n\napp = Flask(__name__)\n")
+    flask = [script("flask"), "--app", "myhost"]
+    proc = run_cli("gitplug", "status", "-c", config, cwd=tmp_path, argv0=flask)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"hello: live  {sha[:12]}  ref main  /hello")
+
+    # Without -c, `flask gitplug` uses the app's own GITPLUG_CONFIG.
+    (tmp_path / "confighost.py").write_text(
+        "from flask import Flask\n\napp = Flask(__name__)\n"
+        f"app.config['GITPLUG_CONFIG'] = {str(config)!r}\n"
+    )
+    proc = run_cli(
+        "--app",
+        "confighost",
+        "gitplug",
+        "status",
+        "--json",
+        cwd=tmp_path,
+        argv0=[sys.executable, "-m", "flask"],
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["plugins"][0]["live_commit"] == sha
+
+
+# --------------------------------------------------------------------------- with a server
+
+
+def test_cli_drives_a_running_server(tmp_path: Path, repo: GitRepo, config: Path) -> None:
+    v1 = write_version(repo, "hello", "v1")
+    repo.tag("v1")
+    assert run_cli("deploy", "hello", "-c", config).returncode == 0
+    with Server(config) as server:
+        assert server.get("/hello/") == expected("hello", "v1", v1)
+
+        v2 = write_version(repo, "hello", "v2")
+        deployed = cli_json("deploy", "hello", "-c", config)
+        # The server polls once a second after it starts; it may have taken v2 first.
+        assert deployed["result"] in ("live", "skipped") and deployed["commit"] == v2, deployed
+        within(
+            2, lambda: server.get("/hello/") == expected("hello", "v2", v2), what="v2 after deploy"
+        )
+
+        proc = run_cli("rollback", "hello", "v1", "-c", config)
+        assert proc.returncode == 0, proc.stderr
+        assert "live" in proc.stdout and v1[:12] in proc.stdout
+        within(
+            2,
+            lambda: server.get("/hello/") == expected("hello", "v1", v1),
+            what="v1 after rollback",
+        )
+
+        # The server's heartbeat (every 2 s) carries the commit it serves.
+        store = open_state_store(load_config(config).state)
+        try:
+            wait_for(
+                lambda: [
+                    w
+                    for w in store.workers()
+                    if w.pid == server.pid and w.plugin_commits == {"hello": v1}
+                ],
+                timeout=20,
+                what="the server's heartbeat with v1",
+            )
+        finally:
+            store.close()
+        (plugin,) = cli_json("status", "-c", config)["plugins"]
+        assert (plugin["pin"], plugin["live_commit"], plugin["last_deploy"]["trigger"]) == (
+            "v1",
+            v1,
+            "rollback",
+        )
+        ((worker, commit),) = plugin["workers"].items()
+        assert f":{server.pid}:" in worker and commit == v1
+        text = run_cli("status", "-c", config).stdout
+        assert "(pinned at v1)" in text and f"worker {worker}: {v1[:12]}" in text
+
+        proc = run_cli("resume", "hello", "-c", config)
+        assert proc.returncode == 0, proc.stderr
+        within(
+            2, lambda: server.get("/hello/") == expected("hello", "v2", v2), what="v2 after resume"
+        )
+        assert cli_json("status", "-c", config)["plugins"][0]["pin"] is None
+
+        proc = run_cli("stop", "hello", "-c", config)
+        assert (proc.returncode, proc.stdout.strip()) == (0, "hello: stopped"), proc.stderr
+        within(2, lambda: server.get("/hello/").startswith("404 "), what="404 after stop")
+        assert cli_json("status", "-c", config)["plugins"][0]["state"] == "stopped"
+
+        proc = run_cli("start", "hello", "-c", config)
+        assert (proc.returncode, proc.stdout.strip()) == (0, "hello: started"), proc.stderr
+        within(
+            2, lambda: server.get("/hello/") == expected("hello", "v2", v2), what="v2 after start"
+        )
+    assert "Traceback" not in server.log()
+
+
+def test_config_reload_while_serving(tmp_path: Path, repo: GitRepo, config: Path) -> None:
+    v1 = write_version(repo, "hello", "v1")
+    v2 = write_version(repo, "hello", "v2")
+    repo.branch("release")
+    repo.set_ref("main", v1)  # main stays at v1: v2 is only on "release"
+    world_repo = GitRepo(tmp_path / "world-repo")
+    w1 = write_version(world_repo, "world", "w1")
+    assert run_cli("deploy", "hello", "-c", config).returncode == 0
+    with Server(config) as server:
+        assert server.get("/world/").startswith("404 ")
+
+        # An added plugin is deployed and served without a restart.
+        write_config(config, {"hello": {"repo": repo.url}, "world": {"repo": world_repo.url}})
+        within(
+            5, lambda: server.get("/world/") == expected("world", "w1", w1), what="the added plugin"
+        )
+
+        # An invalid edit is refused; the running configuration keeps serving.
+        good = config.read_text()
+        config.write_text(good.replace("poll_interval: 3600", "poll_interval: soon"))
+        wait_for(
+            lambda: "refusing the edited configuration" in server.log(),
+            timeout=20,
+            what="the refusal",
+        )
+        assert f"{config.name}:2: poll_interval: expected a positive number" in server.log()
+        assert server.get("/hello/") == expected("hello", "v1", v1)
+        assert server.get("/world/") == expected("world", "w1", w1)
+
+        # reload-config refuses it too, and leaves the file untouched.
+        mtime = config.stat().st_mtime_ns
+        proc = run_cli("reload-config", "-c", config)
+        assert proc.returncode == 2 and "poll_interval" in proc.stderr
+        assert config.stat().st_mtime_ns == mtime
+
+        # A valid file the watcher cannot see (same mtime): reload-config nudges it.
+        # world is removed (stopped) and hello's ref changed (deployed).
+        staged = tmp_path / "staged.yaml"
+        write_config(staged, {"hello": {"repo": repo.url, "ref": "release"}})
+        os.utime(staged, ns=(mtime, mtime))
+        os.replace(staged, config)
+        time.sleep(1)  # four watcher ticks: it must not have noticed
+        assert server.get("/world/") == expected("world", "w1", w1)
+        proc = run_cli("reload-config", "-c", config)
+        assert proc.returncode == 0, proc.stderr
+        assert "OK, 1 plugin(s)" in proc.stdout
+        within(
+            5, lambda: server.get("/world/").startswith("404 "), what="the removed plugin stopped"
+        )
+        within(
+            5,
+            lambda: server.get("/hello/") == expected("hello", "v2", v2),
+            what="the changed ref deployed",
+        )
+    assert "Traceback" not in server.log()
