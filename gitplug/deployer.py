@@ -57,6 +57,9 @@ Progress = Callable[[str, str], None]
 #: stay silent when there is nothing to do and never retry a failed commit.
 EXPLICIT_TRIGGERS = frozenset({"cli", "api", "rollback", "auto-rollback", "startup"})
 
+#: Triggers that pin an earlier release and send ``rolled_back``.
+ROLLBACK_TRIGGERS = frozenset({"rollback", "auto-rollback"})
+
 _STAGE_OF_ERROR: tuple[tuple[type[BaseException], Stage], ...] = (
     (FetchError, Stage.FETCH),
     (RefNotFound, Stage.FETCH),
@@ -163,6 +166,7 @@ class Deployer:
         pin: str | None | t.Literal[False] = False,
         fetch: bool = True,
         progress: Progress | None = None,
+        reason: str | None = None,
     ) -> DeployRecord | None:
         """Deploy ``ref`` (default: the pin, else the tracked ref) of ``name``.
 
@@ -227,30 +231,36 @@ class Deployer:
                     fields["previous_commit"] = previous
                 if pin is not False:
                     fields["pin"] = pin
-                self.store.update_plugin(name, **fields)
                 record = self.store.finish_deploy(
                     record.id,
                     result=DeployResult.LIVE,
                     commit=release.commit,
                     duration_s=round(time.monotonic() - started, 3),
+                    error=reason,
+                    plugin_update=fields,
                 )
                 say("live", release.commit[:12])
                 logger.info("plugin %s: %s is live (%s)", name, release.commit[:12], trigger)
                 signals.deploy_succeeded.send(self, plugin=name, deploy=record)
+                if trigger in ROLLBACK_TRIGGERS:
+                    self._signal_rolled_back(name, record, previous, reason or trigger)
                 self._prune(name)
                 return record
             except _NothingToDo as done:
-                if pin is not False:
-                    self.store.update_plugin(name, pin=pin)
                 if record is None:
+                    if pin is not False:
+                        self.store.update_plugin(name, pin=pin)
                     return None
                 record = self.store.finish_deploy(
                     record.id,
                     result=DeployResult.SKIPPED,
                     error=f"{str(done)[:12]} is already live",
                     duration_s=round(time.monotonic() - started, 3),
+                    plugin_update={"pin": pin} if pin is not False else None,
                 )
                 say("skipped", f"{str(done)[:12]} is already live")
+                if trigger in ROLLBACK_TRIGGERS:
+                    self._signal_rolled_back(name, record, state.live_commit if state else None, reason or trigger)
                 return record
             except GitplugError as exc:
                 failed_stage = _stage_of(exc, stage)
@@ -433,21 +443,15 @@ class Deployer:
                     " Name a tag or commit: `gitplug rollback NAME v1.2.0`."
                 )
             ref = state.previous_commit
-        from_commit = state.live_commit if state else None
-        record = self.deploy(name, ref=ref, trigger=trigger, pin=ref, fetch=False, progress=progress)
-        if record is not None and reason:
-            # Why it rolled back is part of the history (auto-rollback's observed rate).
-            record = self.store.update_deploy(record.id, error=reason)
-        if record is not None and record.result in (DeployResult.LIVE, DeployResult.SKIPPED):
-            signals.rolled_back.send(
-                self,
-                plugin=name,
-                deploy=record,
-                from_commit=from_commit,
-                to_commit=record.commit,
-                reason=reason or trigger,
-            )
-        return record
+        # The reason (auto-rollback's observed error rate) is recorded with the
+        # deploy; rolled_back is sent from inside the deploy, under its lock,
+        # so from_commit is the commit it really replaced.
+        return self.deploy(name, ref=ref, trigger=trigger, pin=ref, fetch=False, progress=progress, reason=reason)
+
+    def _signal_rolled_back(self, name: str, record: DeployRecord, from_commit: str | None, reason: str) -> None:
+        signals.rolled_back.send(
+            self, plugin=name, deploy=record, from_commit=from_commit, to_commit=record.commit, reason=reason
+        )
 
     def resume(self, name: str, *, trigger: str = "cli", progress: Progress | None = None) -> DeployRecord | None:
         """Unpin ``name`` and deploy its tracked ref.

@@ -211,6 +211,21 @@ def find_package(release_dir: Path, entry: str | None, plugin_name: str) -> tupl
     return candidates[0], f"{candidates[0]}:plugin"
 
 
+def _refuse_shadowing(package: str, plugin_name: str) -> None:
+    """A plugin package may not share its name with a module the host uses.
+
+    Its own ``import flask`` would then import itself (a circular import)
+    and the error would point nowhere useful.
+    """
+    if package in sys.modules or package in sys.stdlib_module_names:
+        raise EntryPointError(
+            f"plugin {plugin_name!r}: package {package!r} has the same name as a module the"
+            " host application already uses, so the plugin could not import the real one."
+            f" Rename the package (for example to {plugin_name}_plugin) and set `entry`.",
+            plugin=plugin_name,
+        )
+
+
 def _relative(path: str | Path, release_dir: Path) -> str:
     try:
         return str(Path(path).relative_to(release_dir))
@@ -286,6 +301,7 @@ def import_release(
     """
     release_dir = Path(release_dir).resolve()
     package, entry_spec = find_package(release_dir, entry, plugin_name)
+    _refuse_shadowing(package, plugin_name)
     token = re.sub(r"[^0-9A-Za-z]", "", release_id)[:10] or "x"
     namespace = ReleaseNamespace(
         package=package,

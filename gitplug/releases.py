@@ -176,7 +176,7 @@ class ReleaseStore:
                         f"plugin {plugin!r}: commit {commit} is too large to stage: {what} "
                         f"size limit of {limit} bytes exceeded at {'/'.join(parts)!r} "
                         f"({len(data)} bytes, {total} in total). Remove large files from the "
-                        "repository or raise the limit.", plugin=plugin, commit=commit)
+                        "repository; releases hold code, templates and small assets.", plugin=plugin, commit=commit)
                 _write_file(tmp.joinpath(*parts), data, executable=bool(entry.mode & 0o111))
             # Symlinks last: no file is ever written while a link exists in the tree.
             for parts, _entry, link in plan:

@@ -286,26 +286,29 @@ class SQLiteStateStore:
                 f"update_plugin() got unknown fields {unknown}; "
                 f"expected some of {sorted(PLUGIN_FIELDS)}"
             )
+        with self._write(f"update plugin {name!r}") as conn:
+            row = self._update_plugin_in(conn, name, fields)
+        return _plugin_from_row(row)
+
+    @staticmethod
+    def _update_plugin_in(conn: sqlite3.Connection, name: str, fields: dict[str, Any]) -> sqlite3.Row:
+        """The upsert of :meth:`update_plugin`, inside the caller's transaction."""
         if "state" in fields:
             fields["state"] = PluginStateValue(fields["state"]).value
         now = now_iso()
         # Column names come from PLUGIN_FIELDS only, never from the caller.
         assignments = "".join(f"{column} = ?, " for column in fields)
-        with self._write(f"update plugin {name!r}") as conn:
-            conn.execute(
-                "INSERT INTO plugins (name, state, updated_at) VALUES (?, ?, ?) "
-                "ON CONFLICT (name) DO NOTHING",
-                (name, PluginStateValue.PENDING.value, now),
-            )
-            conn.execute(
-                f"UPDATE plugins SET {assignments}updated_at = ? WHERE name = ?",
-                (*fields.values(), now, name),
-            )
-            conn.execute("UPDATE counters SET value = value + 1 WHERE name = 'plugins'")
-            row = conn.execute(
-                f"SELECT {_PLUGIN_COLUMNS} FROM plugins WHERE name = ?", (name,)
-            ).fetchone()
-        return _plugin_from_row(row)
+        conn.execute(
+            "INSERT INTO plugins (name, state, updated_at) VALUES (?, ?, ?) "
+            "ON CONFLICT (name) DO NOTHING",
+            (name, PluginStateValue.PENDING.value, now),
+        )
+        conn.execute(
+            f"UPDATE plugins SET {assignments}updated_at = ? WHERE name = ?",
+            (*fields.values(), now, name),
+        )
+        conn.execute("UPDATE counters SET value = value + 1 WHERE name = 'plugins'")
+        return conn.execute(f"SELECT {_PLUGIN_COLUMNS} FROM plugins WHERE name = ?", (name,)).fetchone()
 
     def delete_plugin(self, name: str) -> None:
         with self._write(f"delete plugin {name!r}") as conn:
@@ -349,12 +352,21 @@ class SQLiteStateStore:
         commit: str | None = None,
         duration_s: float | None = None,
         log_path: str | None = None,
+        plugin_update: Mapping[str, Any] | None = None,
     ) -> DeployRecord:
         result = DeployResult(result)
         if result is DeployResult.RUNNING:
             raise ValueError(f"finish_deploy({deploy_id}) needs a final result, not 'running'")
+        if plugin_update:
+            unknown = sorted(set(plugin_update) - PLUGIN_FIELDS)
+            if unknown:
+                raise TypeError(f"finish_deploy() got unknown plugin fields {unknown}")
         with self._write(f"finish deploy {deploy_id}") as conn:
             row = self._deploy_row(conn, deploy_id)
+            if plugin_update:
+                # The plugin's new state and the deploy's result: one transaction,
+                # so no crash can leave one written without the other.
+                self._update_plugin_in(conn, row["plugin"], dict(plugin_update))
             if duration_s is None:
                 elapsed = datetime.now(timezone.utc) - parse_iso(row["started_at"])
                 duration_s = round(max(elapsed.total_seconds(), 0.0), 3)

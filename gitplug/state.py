@@ -235,12 +235,15 @@ class StateStore(Protocol):
         commit: str | None = None,
         duration_s: float | None = None,
         log_path: str | None = None,
+        plugin_update: Mapping[str, Any] | None = None,
     ) -> DeployRecord:
         """Record the deploy's outcome; ``result`` must not be RUNNING.
 
         ``stage`` and ``error`` are set as given (None clears them);
         ``commit`` and ``log_path`` only when given. ``duration_s`` defaults
-        to the time since ``started_at``. An unknown id raises StateError.
+        to the time since ``started_at``. ``plugin_update`` (fields of
+        :meth:`update_plugin`) is applied to the deploy's plugin in the same
+        transaction. An unknown id raises StateError.
         """
 
     def update_deploy(self, deploy_id: int, **fields: Any) -> DeployRecord:

@@ -40,6 +40,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -264,6 +265,45 @@ def _group_alive(pgid: int) -> bool:
     return False
 
 
+#: Environment variable carrying a per-run id; not scrubbed from the gate's
+#: own children because it is set after scrubbing.
+_RUN_MARKER = "PLUGIN_TEST_RUN_ID"
+
+
+def _kill_marked(marker: str | None) -> int:
+    """SIGKILL every process whose environment carries this run's marker.
+
+    Catches what the tests started in a session of their own (``setsid``,
+    daemonising servers), which killing the process group misses. Needs
+    procfs; returns how many processes were killed.
+    """
+    if not marker:
+        return 0
+    needle = f"{_RUN_MARKER}={marker}".encode()
+    killed = 0
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return 0
+    for entry in entries:
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as handle:
+                environ = handle.read()
+        except OSError:
+            continue
+        if needle in environ.split(b"\0"):
+            try:
+                os.kill(int(entry), signal.SIGKILL)
+                killed += 1
+            except (ProcessLookupError, PermissionError):
+                pass
+    if killed:
+        logger.warning("test gate: killed %d process(es) the tests left running outside their group", killed)
+    return killed
+
+
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
     try:
         os.killpg(pgid, sig)
@@ -334,6 +374,9 @@ def run_test_gate(
     if env.get("PYTHONPATH"):
         paths.append(env["PYTHONPATH"])
     env["PYTHONPATH"] = os.pathsep.join(paths)
+    # Every process of this run inherits the marker, even one that escapes the
+    # process group with setsid(); _kill_marked finds them by it afterwards.
+    env[_RUN_MARKER] = uuid.uuid4().hex
 
     header = (
         f"# gitplug test gate: {shlex.join(argv)}\n"
@@ -393,6 +436,7 @@ def _run(
     finally:
         # Also on success: whatever the tests left running must not outlive them.
         _terminate_group(proc, KILL_GRACE_S if timed_out else 0.0)
+        _kill_marked(env.get(_RUN_MARKER))
         pump.join(timeout=_DRAIN_GRACE_S)
         pump.stop()
         pump.join()

@@ -1,0 +1,395 @@
+"""Validating the plain configuration tree into :class:`~gitplug.config.GitplugConfig`.
+
+The second half of :func:`gitplug.config.load_config` and
+:func:`~gitplug.config.config_from_mapping`: :func:`_finish` runs
+:class:`_Checker` over the values :mod:`gitplug._config_yaml` read, checks
+every key of SPEC section 3 (types, ranges, URLs, refs, prefixes that clash),
+reports each problem to the :class:`~gitplug._config_yaml._Report`, and returns
+the frozen configuration only when no problem was reported.
+
+Separate from the reading because it is about the schema and knows nothing
+of YAML nodes; adding a setting touches this module (and
+:mod:`gitplug._config_types`) only.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import math
+import os
+import re
+import shlex
+from collections.abc import Mapping
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+from urllib.parse import urlsplit
+
+from gitplug._config_types import DEFAULT_TEST_COMMAND, AutoRollback, GitplugConfig, PluginConfig
+from gitplug._config_yaml import _Interpolated, _KeyPath, _plain, _Report, _show
+from gitplug.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+# --------------------------------------------------------------------------- validating
+
+_TOP_KEYS = ("data_dir", "poll_interval", "keep_releases", "state", "admin_token", "webhook",
+             "api_prefix", "plugins")
+_PLUGIN_KEYS = ("repo", "ref", "url_prefix", "entry", "poll_interval", "test", "test_timeout",
+                "auto_rollback", "config")
+_ROLLBACK_KEYS = ("max_error_rate", "min_requests", "window")
+_PLUGIN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*\Z")
+_URL_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+_REPO_SCHEMES = ("http", "https", "ssh", "git", "file")
+_BAD_REF = re.compile(r"[\s\x00-\x1f\x7f~^:?*\[\\]|\.\.|@\{|^-")
+_BAD_PREFIX_CHAR = re.compile(r"[\s<>?#]")
+_SECONDS = "a positive number of seconds"
+
+
+def _finish(data: Any, report: _Report, base_dir: Path) -> GitplugConfig:
+    config = _Checker(report, base_dir).top(data)
+    report.raise_if_any()
+    if config is None:  # unreachable: no config means a problem was reported
+        raise ConfigError("invalid configuration", file=report.file)
+    logger.debug("configuration from %s: %d plugin(s): %s", report.file, len(config.plugins),
+                 ", ".join(config.plugins))
+    return config
+
+
+def _bool_value(value: Any) -> bool | None:
+    """``value`` as a YAML boolean (also "true"/"false" from ``${NAME}``), else None."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, _Interpolated) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    return None
+
+
+def _prefix_problem(prefix: str) -> str | None:
+    if not prefix.startswith("/"):
+        return "it must start with '/'"
+    if prefix == "/":
+        return "'/' is the site root, which stays the host application's"
+    if prefix.endswith("/"):
+        return "remove the trailing '/'"
+    if "//" in prefix:
+        return "it must not contain '//'"
+    if _BAD_PREFIX_CHAR.search(prefix):
+        return "no spaces, '<', '>' (converters), '?' or '#'"
+    return None
+
+
+def _nests(outer: str, inner: str) -> bool:
+    return inner == outer or inner.startswith(outer + "/")
+
+
+class _Checker:
+    """Validates the plain tree against the schema, reporting every problem it finds."""
+
+    def __init__(self, report: _Report, base_dir: Path) -> None:
+        self.report = report
+        self.base_dir = base_dir
+
+    def fail(self, path: _KeyPath, what: str, value: Any) -> None:
+        self.report.expected(path, what, value)
+
+    def keys(self, path: _KeyPath, mapping: Mapping[Any, Any], allowed: tuple[str, ...]) -> None:
+        for key in mapping:
+            if key in allowed or (not path and str(key).startswith("x-")):
+                continue  # top-level x-... keys hold YAML anchors, as in docker-compose
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else "."
+            self.report.add(path + (str(key),),
+                            f"unknown key {key!r}{hint} Allowed here: {', '.join(allowed)}")
+
+    def number(self, path: _KeyPath, value: Any, what: str = _SECONDS, *,
+               at_most: float | None = None) -> float | None:
+        """A finite number > 0 (and <= ``at_most``); bools are refused."""
+        number: float | None = None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)
+        elif isinstance(value, _Interpolated):
+            try:
+                number = float(value.strip())
+            except ValueError:
+                number = None
+        if number is None or not math.isfinite(number) or number <= 0 or (
+                at_most is not None and number > at_most):
+            self.fail(path, what, value)
+            return None
+        return number
+
+    def integer(self, path: _KeyPath, value: Any, what: str) -> int | None:
+        """An integer >= 1 (also from ``${NAME}``); bools are refused."""
+        number: int | None = None
+        if isinstance(value, int) and not isinstance(value, bool):
+            number = value
+        elif isinstance(value, _Interpolated) and re.fullmatch(r"\s*\+?\d+\s*", value):
+            number = int(value)
+        if number is None or number < 1:
+            self.fail(path, what, value)
+            return None
+        return number
+
+    def string(self, path: _KeyPath, value: Any, what: str) -> str | None:
+        if isinstance(value, str) and value:
+            return str(value)
+        hint = ""
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            hint = f" (quote it: '{value}')"
+        self.fail(path, what + hint, value)
+        return None
+
+    def secret(self, path: _KeyPath, value: Any) -> str | None:
+        if value is None or value == "":
+            # An empty ${TOKEN} means "not configured": the endpoints then refuse.
+            if value == "":
+                logger.warning("%s: %s is empty; treating it as not set", self.report.file,
+                               ".".join(path))
+            return None
+        if isinstance(value, str):
+            return str(value)
+        # Never echo a secret's value.
+        self.report.add(path, f"expected a string, got a value of type {type(value).__name__} "
+                              "(quote it, or better use ${NAME} from the environment)")
+        return None
+
+    def prefix(self, path: _KeyPath, value: Any) -> str | None:
+        prefix = self.string(path, value, "a URL path prefix such as '/hello'")
+        problem = _prefix_problem(prefix) if prefix else None
+        if problem:
+            self.fail(path, f"a URL path prefix such as '/hello' ({problem})", value)
+            return None
+        return prefix
+
+    def local_path(self, path: _KeyPath, value: Any, what: str) -> str | None:
+        text = self.string(path, value, what)
+        if text is None:
+            return None
+        return os.path.normpath(os.path.join(self.base_dir, os.path.expanduser(text)))
+
+    def top(self, data: Any) -> GitplugConfig | None:
+        root: _KeyPath = ()
+        if not isinstance(data, Mapping):
+            self.report.add(root, "the top level must be a mapping of settings "
+                                  f"(data_dir:, plugins:, ...), got {_show(data)}")
+            return None
+        self.keys(root, data, _TOP_KEYS)
+        get = data.get
+        data_dir = Path(self.local_path(("data_dir",), get("data_dir", ".gitplug"),
+                                        "a directory path") or self.base_dir / ".gitplug")
+        poll = 60.0
+        if "poll_interval" in data:
+            poll = self.number(("poll_interval",), data["poll_interval"]) or poll
+        keep = 5
+        if "keep_releases" in data:
+            keep = self.integer(("keep_releases",), data["keep_releases"],
+                                "an integer >= 1 (releases kept per plugin)") or keep
+        state = self.state(get("state"), data_dir)
+        admin_token = self.secret(("admin_token",), get("admin_token"))
+        webhook_secret = None
+        webhook = get("webhook")
+        if isinstance(webhook, Mapping):
+            self.keys(("webhook",), webhook, ("secret",))
+            webhook_secret = self.secret(("webhook", "secret"), webhook.get("secret"))
+        elif webhook is not None:
+            self.fail(("webhook",), "a mapping such as {secret: ${GITPLUG_WEBHOOK_SECRET}}",
+                      webhook)
+        api_prefix = "/_gitplug"
+        if "api_prefix" in data:
+            api_prefix = self.prefix(("api_prefix",), data["api_prefix"]) or api_prefix
+        plugins: dict[str, PluginConfig] = {}
+        raw_plugins = get("plugins")
+        if isinstance(raw_plugins, Mapping):
+            for name, raw in raw_plugins.items():
+                plugin = self.plugin(name, raw, poll)
+                if plugin is not None:
+                    plugins[plugin.name] = plugin
+        elif raw_plugins is not None:
+            self.fail(("plugins",), "a mapping of plugin name to settings "
+                                    "(plugins: {hello: {repo: ...}})", raw_plugins)
+        self.clashes(api_prefix, plugins)
+        return GitplugConfig(data_dir=data_dir, poll_interval=poll, keep_releases=keep,
+                             state=state, admin_token=admin_token, webhook_secret=webhook_secret,
+                             api_prefix=api_prefix, plugins=plugins, source=self.report.file,
+                             base_dir=self.base_dir)
+
+    def state(self, value: Any, data_dir: Path) -> str:
+        path: _KeyPath = ("state",)
+        what = ("sqlite:///PATH (relative to the configuration), sqlite:////ABSOLUTE/PATH "
+                "or redis://HOST[:PORT][/DB]")
+        if value is None:
+            return f"sqlite:///{data_dir}/state.db"
+        text = self.string(path, value, what)
+        if text is None:
+            return ""
+        if text.startswith("sqlite:///") and len(text) > len("sqlite:///"):
+            file = text[len("sqlite:///"):]
+            # sqlite:////abs is absolute already; sqlite:///rel resolves like every path here.
+            return "sqlite:///" + os.path.normpath(os.path.join(self.base_dir, file))
+        if text.startswith(("redis://", "rediss://")):
+            try:
+                split = urlsplit(text)
+                if split.hostname and (split.port or 0) >= 0:  # .port raises on a bad port
+                    return text
+            except ValueError:
+                pass
+        self.fail(path, what, value)
+        return ""
+
+    def plugin(self, name: Any, raw: Any, default_poll: float) -> PluginConfig | None:
+        path: _KeyPath = ("plugins", str(name))
+        if not isinstance(name, str) or not _PLUGIN_NAME.match(name):
+            self.report.add(path, f"invalid plugin name {_show(name)}: expected letters, digits, "
+                                  "'_' and '-', starting with a letter or '_' (it becomes a "
+                                  "Flask blueprint name, so no dots or spaces)")
+            return None
+        if not isinstance(raw, Mapping):
+            self.fail(path, "a mapping of plugin settings with at least 'repo:'", raw)
+            return None
+        self.keys(path, raw, _PLUGIN_KEYS)
+        problems_before = len(self.report.problems)
+
+        def opt(key: str, check: Any, *args: Any, default: Any) -> Any:
+            return check(path + (key,), raw[key], *args) if key in raw else default
+
+        if "repo" not in raw:
+            self.report.add(path + ("repo",), "missing; expected the plugin's git repository "
+                                              "(a URL or a local path)")
+        repo = self.repo(path + ("repo",), raw["repo"]) if "repo" in raw else None
+        ref = opt("ref", self.ref, default="main")
+        url_prefix = opt("url_prefix", self.prefix, default=f"/{name}")
+        entry = opt("entry", self.entry, default=None)
+        poll = opt("poll_interval", self.number, default=default_poll)
+        test, test_is_default = opt("test", self.test, default=(DEFAULT_TEST_COMMAND, True))
+        timeout = opt("test_timeout", self.number, default=120.0)
+        rollback = opt("auto_rollback", self.auto_rollback, default=None)
+        config = opt("config", self.free_form, default={})
+        if len(self.report.problems) > problems_before or repo is None:
+            return None
+        return PluginConfig(name=name, repo=repo, ref=ref, url_prefix=url_prefix, entry=entry,
+                            poll_interval=poll, test=test, test_is_default=test_is_default,
+                            test_timeout=timeout, auto_rollback=rollback,
+                            config=MappingProxyType(config))
+
+    def repo(self, path: _KeyPath, value: Any) -> str | None:
+        what = ("a git URL (https://, http://, ssh://, git://, file://, user@host:path) "
+                "or a local path")
+        repo = self.string(path, value, what)
+        if repo is None:
+            return None
+        if repo.startswith("-"):  # would be read by git as an option
+            self.fail(path, what + " not starting with '-'", value)
+            return None
+        scheme = _URL_SCHEME.match(repo)
+        if scheme:
+            split = urlsplit(repo)
+            if scheme.group(1).lower() not in _REPO_SCHEMES:
+                self.fail(path, what, value)
+            elif scheme.group(1).lower() == "file" and split.path:
+                return repo
+            elif scheme.group(1).lower() != "file" and split.hostname:
+                return repo
+            else:
+                self.fail(path, what + " with a host and a path", value)
+            return None
+        colon, slash = repo.find(":"), repo.find("/")
+        if colon >= 0 and (slash < 0 or colon < slash):
+            # Like git: a ':' before any '/' makes it scp-like ssh ([user@]host:path).
+            if repo[:colon].rpartition("@")[2] and repo[colon + 1:]:
+                return repo
+            self.fail(path, what, value)
+            return None
+        return self.local_path(path, repo, what)
+
+    def ref(self, path: _KeyPath, value: Any) -> str | None:
+        what = "a branch, tag or commit sha"
+        ref = self.string(path, value, what)
+        if ref is not None and _BAD_REF.search(ref):
+            self.fail(path, what + " (no spaces, '..', '@{', ~^:?*[\\, nor a leading '-')", value)
+            return None
+        return ref
+
+    def entry(self, path: _KeyPath, value: Any) -> str | None:
+        what = "'module.path:attribute', e.g. 'hello:plugin'"
+        entry = self.string(path, value, what)
+        if entry is None:
+            return None
+        module, colon, attr = entry.partition(":")
+        if not colon or not all(part.isidentifier()
+                                for part in module.split(".") + attr.split(".")):
+            self.fail(path, what, value)
+            return None
+        return entry
+
+    def test(self, path: _KeyPath, value: Any) -> tuple[tuple[str, ...] | None, bool]:
+        what = ("a command (test: python -m pytest -q), a list of arguments, "
+                "or false to skip the gate")
+        flag = _bool_value(value)
+        if flag is False:
+            return None, False
+        if isinstance(value, str) and flag is None:
+            try:
+                argv = tuple(shlex.split(value))
+            except ValueError as exc:
+                self.fail(path, f"{what} ({exc})", value)
+                return None, False
+        elif isinstance(value, list) and all(isinstance(a, str) and a for a in value):
+            argv = tuple(str(a) for a in value)
+        else:
+            argv = ()
+        if not argv:
+            self.fail(path, what, value)
+        return argv or None, False
+
+    def auto_rollback(self, path: _KeyPath, value: Any) -> AutoRollback | None:
+        flag = _bool_value(value)
+        if value is None or flag is not None:
+            return AutoRollback() if flag else None
+        if not isinstance(value, Mapping):
+            self.fail(path, "a mapping {max_error_rate, min_requests, window}, true or false",
+                      value)
+            return None
+        self.keys(path, value, _ROLLBACK_KEYS)
+        defaults = AutoRollback()
+        rate = defaults.max_error_rate
+        if "max_error_rate" in value:
+            rate = self.number(path + ("max_error_rate",), value["max_error_rate"],
+                               "an error rate in (0, 1], e.g. 0.2", at_most=1.0) or rate
+        count = defaults.min_requests
+        if "min_requests" in value:
+            count = self.integer(path + ("min_requests",), value["min_requests"],
+                                 "an integer >= 1 (requests)") or count
+        window = defaults.window
+        if "window" in value:
+            window = self.number(path + ("window",), value["window"]) or window
+        return AutoRollback(max_error_rate=rate, min_requests=count, window=window)
+
+    def free_form(self, path: _KeyPath, value: Any) -> dict[Any, Any]:
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            self.fail(path, "a mapping (the plugin's current_plugin.config)", value)
+            return {}
+        return dict(_plain(dict(value)))
+
+    def clashes(self, api_prefix: str, plugins: Mapping[str, PluginConfig]) -> None:
+        """Refuse prefixes that are equal or nest, between plugins and with the API."""
+        seen: list[PluginConfig] = []
+        for plugin in plugins.values():
+            path = ("plugins", plugin.name, "url_prefix")
+            if _nests(api_prefix, plugin.url_prefix) or _nests(plugin.url_prefix, api_prefix):
+                self.report.add(path, f"url_prefix {plugin.url_prefix!r} of plugin "
+                                      f"{plugin.name!r} clashes with api_prefix {api_prefix!r} "
+                                      "(gitplug's own API); choose another url_prefix or "
+                                      "set api_prefix")
+            for other in seen:
+                a, b = other.url_prefix, plugin.url_prefix
+                if _nests(a, b) or _nests(b, a):
+                    how = "is the same as" if a == b else ("is inside" if _nests(a, b)
+                                                           else "contains")
+                    self.report.add(path, f"url_prefix {b!r} of plugin {plugin.name!r} {how} "
+                                          f"url_prefix {a!r} of plugin {other.name!r}; give "
+                                          "each plugin a prefix that does not nest in another")
+            seen.append(plugin)

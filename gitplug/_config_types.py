@@ -1,0 +1,106 @@
+"""The value types of gitplug's configuration: what loading it returns.
+
+:class:`GitplugConfig` (the whole configuration), :class:`PluginConfig` (one
+plugin), :class:`AutoRollback`, :class:`ConfigDiff` (what a reload changes)
+and :data:`DEFAULT_TEST_COMMAND`. Import them from :mod:`gitplug.config`,
+which re-exports them and is their public home.
+
+They are defined here, apart from the loading functions, because both
+:mod:`gitplug.config` (which returns them) and :mod:`gitplug._config_schema`
+(which builds them) need them: defined in ``config.py`` they would make the
+two modules import each other. This module imports no other part of the
+configuration code.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Final
+
+from gitplug.errors import UnknownPlugin
+
+#: The test gate's command when a plugin gives no ``test``.
+DEFAULT_TEST_COMMAND: Final[tuple[str, ...]] = ("python", "-m", "pytest", "-q", "-p", "no:cacheprovider")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AutoRollback:
+    """When a newly live release is swapped back (SPEC section 6)."""
+
+    max_error_rate: float = 0.2  #: 0 < rate <= 1, over the first ``min_requests`` requests
+    min_requests: int = 20  #: >= 1
+    window: float = 60.0  #: seconds > 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class PluginConfig:
+    """One validated entry of ``plugins:``. ``repo`` is a URL or an absolute path."""
+
+    name: str
+    repo: str
+    ref: str = "main"
+    url_prefix: str = ""  #: "" means "/<name>" (filled in by ``__post_init__``)
+    entry: str | None = None  #: "module.path:attr"; None means the package's ``plugin``
+    poll_interval: float = 60.0
+    test: tuple[str, ...] | None = DEFAULT_TEST_COMMAND  #: None: the gate is off
+    #: True when ``test`` was not given: the gate then runs only if the release has tests/.
+    test_is_default: bool = True
+    test_timeout: float = 120.0
+    auto_rollback: AutoRollback | None = None
+    #: Read-only; the plugin sees it as ``current_plugin.config``.
+    config: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}), hash=False)
+
+    def __post_init__(self) -> None:
+        # Frozen: object.__setattr__ is the sanctioned way to normalise in __post_init__.
+        if not self.url_prefix:
+            object.__setattr__(self, "url_prefix", f"/{self.name}")
+        if not isinstance(self.config, MappingProxyType):
+            object.__setattr__(self, "config", MappingProxyType(copy.deepcopy(dict(self.config))))
+
+
+@dataclass(frozen=True, kw_only=True)
+class GitplugConfig:
+    """The whole validated configuration. Paths are absolute."""
+
+    data_dir: Path
+    poll_interval: float = 60.0
+    keep_releases: int = 5
+    state: str = ""  #: "" means f"sqlite:///{data_dir}/state.db"
+    admin_token: str | None = None
+    webhook_secret: str | None = None
+    api_prefix: str = "/_gitplug"
+    #: Insertion order is the order of the file.
+    plugins: Mapping[str, PluginConfig] = field(
+        default_factory=lambda: MappingProxyType({}), hash=False
+    )
+    source: str | None = None  #: the file it came from, or MAPPING_SOURCE
+    base_dir: Path = field(default_factory=Path.cwd)
+
+    def __post_init__(self) -> None:
+        if not self.state:
+            object.__setattr__(self, "state", f"sqlite:///{self.data_dir}/state.db")
+        if not isinstance(self.plugins, MappingProxyType):
+            object.__setattr__(self, "plugins", MappingProxyType(dict(self.plugins)))
+
+    def plugin(self, name: str) -> PluginConfig:
+        """The plugin called ``name``; raises :class:`UnknownPlugin` if there is none."""
+        try:
+            return self.plugins[name]
+        except KeyError:
+            raise UnknownPlugin(name, list(self.plugins)) from None
+
+
+@dataclass(frozen=True)
+class ConfigDiff:
+    """What a reload changes: plugin names added, removed, and changed in any field."""
+
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    changed: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.removed or self.changed)
