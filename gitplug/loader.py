@@ -211,13 +211,21 @@ def find_package(release_dir: Path, entry: str | None, plugin_name: str) -> tupl
     return candidates[0], f"{candidates[0]}:plugin"
 
 
-def _refuse_shadowing(package: str, plugin_name: str) -> None:
-    """A plugin package may not share its name with a module the host uses.
+#: Top-level modules every plugin imports (directly or through Flask).
+_HOST_FOUNDATIONS = frozenset(
+    {"gitplug", "flask", "werkzeug", "jinja2", "markupsafe", "itsdangerous", "click", "blinker"}
+)
 
-    Its own ``import flask`` would then import itself (a circular import)
-    and the error would point nowhere useful.
+
+def _refuse_shadowing(package: str, plugin_name: str) -> None:
+    """A plugin package may not be named like the standard library or Flask.
+
+    Inside the release, the package's own name means the package, so its
+    ``import flask`` would import itself (a circular import) and the error
+    would point nowhere useful. Other names are fine even if the host has a
+    module of that name: the plugin's imports of it resolve to the release.
     """
-    if package in sys.modules or package in sys.stdlib_module_names:
+    if package in _HOST_FOUNDATIONS or package in sys.stdlib_module_names:
         raise EntryPointError(
             f"plugin {plugin_name!r}: package {package!r} has the same name as a module the"
             " host application already uses, so the plugin could not import the real one."
