@@ -91,6 +91,17 @@ class FileLock:
                 self._thread_lock.release()
             raise
 
+    def try_local(self) -> bool:
+        """Take only the in-process part of the lock, without blocking.
+
+        True means no thread of this process holds the lock; release with
+        :meth:`release_local`. Other processes are not consulted.
+        """
+        return self._thread_lock.acquire(blocking=False)
+
+    def release_local(self) -> None:
+        self._thread_lock.release()
+
     def release(self) -> None:
         fd, self._fd = self._fd, None
         if fd is not None:

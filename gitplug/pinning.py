@@ -70,7 +70,13 @@ class _ErrorCounting:
 
 
 class _Finish:
-    """Wraps a WSGI response; the request ends when the server closes it."""
+    """Wraps a WSGI response; the request ends when the server closes it.
+
+    Iteration goes straight to the wrapped iterable (no per-chunk cost). A
+    server that drops the response without calling ``close()`` (Werkzeug's
+    dev server on a client reset) still ends the request: ``__del__`` runs
+    when the wrapper is collected.
+    """
 
     __slots__ = ("_result", "_runtime", "_snapshot", "_done")
 
@@ -81,13 +87,7 @@ class _Finish:
         self._done = False
 
     def __iter__(self) -> Iterator[bytes]:
-        try:
-            yield from self._result
-        finally:
-            # Also ends the request when a server drops the iterable without
-            # calling close() (Werkzeug's dev server does, on a client reset):
-            # the generator is closed when it is collected.
-            self.close()
+        return iter(self._result)
 
     def close(self) -> None:
         if self._done:
@@ -99,3 +99,7 @@ class _Finish:
                 close()
         finally:
             self._runtime._leave(self._snapshot)
+
+    def __del__(self) -> None:
+        if not self._done:
+            self.close()

@@ -53,6 +53,19 @@ class SnapshotAdapter(MapAdapter):
         self._snapshot = snapshot
         self._others: dict[str, MapAdapter] = {}
 
+    @classmethod
+    def adopt(cls, adapter: MapAdapter, snapshot: Snapshot) -> SnapshotAdapter:
+        """Turn the host's own adapter into one that also builds plugin URLs.
+
+        Cheaper than a new adapter: it is already bound to this request.
+        """
+        adapter.__class__ = cls
+        adopted = t.cast(SnapshotAdapter, adapter)
+        adopted._host_adapter = adapter
+        adopted._snapshot = snapshot
+        adopted._others = {}
+        return adopted
+
     def build(
         self,
         endpoint: t.Any,

@@ -89,7 +89,7 @@ class Runtime:
                 snapshot = self.snapshot
                 if not snapshot.releases:
                     return host_adapter
-                return SnapshotAdapter(app.url_map, host_adapter, snapshot)
+                return SnapshotAdapter.adopt(host_adapter, snapshot)
             environ = request.environ
             snapshot = environ.get(ENVIRON_SNAPSHOT)
             if snapshot is None:
@@ -102,8 +102,9 @@ class Runtime:
             if not snapshot.releases:
                 return host_adapter
             release = environ.get(ENVIRON_RELEASE)
-            url_map = release.url_map if release is not None else app.url_map
-            return SnapshotAdapter(url_map, host_adapter, snapshot)
+            if release is None:
+                return SnapshotAdapter.adopt(host_adapter, snapshot)
+            return SnapshotAdapter(release.url_map, host_adapter, snapshot)
 
         app.create_url_adapter = create_url_adapter  # type: ignore[method-assign]
         install_routing_environment(app.jinja_env)

@@ -67,6 +67,8 @@ class HostServices:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._started_pid: int | None = None
+        #: The process this object was made in (gunicorn's master with --preload).
+        self._owner_pid = os.getpid()
         self._start_lock = threading.Lock()
         self._seen_counter = -1
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
@@ -89,8 +91,11 @@ class HostServices:
         with self._start_lock:
             if self._started_pid == pid:
                 return
-            if self._started_pid is not None:
+            if self._owner_pid != pid:
+                # Made in a parent (gunicorn --preload): this worker needs its
+                # own identity, locks, queue and scheduler.
                 self._after_fork()
+                self._owner_pid = pid
             # A fresh worker (gunicorn --preload, --max-requests) may hold
             # what the master loaded long ago: converge before serving.
             self._converge(force=True)
@@ -151,9 +156,12 @@ class HostServices:
     def _converge(self, *, force: bool = False) -> None:
         """Make this process serve what the store says is live.
 
-        A plugin whose deploy lock is held (a deploy is between its swap and
-        its state write) is skipped and retried on the next tick, so a
-        converge never undoes a swap in progress.
+        A plugin that a thread of *this* process is deploying is skipped and
+        retried on the next tick: that deploy swaps this process itself, and
+        converging between its swap and its state write would undo it. A
+        deploy in another process (the controller, the CLI) does not hold a
+        worker back: until it writes the store, the store's live release is
+        the right one to serve.
         """
         with self._converge_lock:
             counter = self.store.change_counter()
@@ -164,13 +172,13 @@ class HostServices:
                 if not self._needs_change(name, self.store.get_plugin(name)):
                     continue
                 lock = self.deployer.lock_for(name)
-                if not lock.acquire(blocking=False):
+                if not lock.try_local():
                     complete = False
                     continue
                 try:
                     self._apply(name, self.store.get_plugin(name))
                 finally:
-                    lock.release()
+                    lock.release_local()
             for name in list(self.runtime.snapshot.releases):
                 if name not in self.config.plugins:
                     self.runtime.stop(name)

@@ -18,6 +18,8 @@ if t.TYPE_CHECKING:
 
 __all__ = ["Snapshot"]
 
+_ONE_SEGMENT = [1]
+
 
 class Snapshot:
     """An immutable set of live releases, plus in-flight bookkeeping."""
@@ -91,6 +93,10 @@ class Snapshot:
         if not self._by_prefix:
             return None
         by_prefix = self._by_prefix
+        if self._prefix_depths == _ONE_SEGMENT:
+            # The common case: every prefix is one segment ("/hello").
+            end = path.find("/", 1)
+            return by_prefix.get(path if end < 0 else path[:end])
         for depth in self._prefix_depths:
             # The first `depth` segments of the path: "/a/b/c" -> "/a/b" for 2.
             end = -1
