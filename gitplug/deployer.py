@@ -23,6 +23,7 @@ from pathlib import Path
 from flask import Flask
 
 from . import signals
+from .codecache import CodeCache
 from .config import GitplugConfig, PluginConfig
 from .errors import (
     FetchError,
@@ -244,7 +245,8 @@ class Deployer:
                 signals.deploy_succeeded.send(self, plugin=name, deploy=record)
                 if trigger in ROLLBACK_TRIGGERS:
                     self._signal_rolled_back(name, record, previous, reason or trigger)
-                self._prune(name)
+                else:
+                    self._prune(name)  # a rollback only goes back to what is on disk
                 return record
             except _NothingToDo as done:
                 if record is None:
@@ -394,7 +396,8 @@ class Deployer:
         if self._verify_runtime is None:
             app = Flask("gitplug_verify")
             app.config["TESTING"] = True
-            self._verify_runtime = Runtime(app, leak_grace_s=0)
+            # The same code cache as the servers: verifying here warms it for them.
+            self._verify_runtime = Runtime(app, leak_grace_s=0, code_cache=CodeCache(self.layout.root / "cache"))
         return self._verify_runtime
 
     def _prune(self, name: str) -> None:

@@ -19,6 +19,7 @@ from types import MappingProxyType
 
 from flask import Flask, current_app
 
+from .codecache import CodeCache
 from .config import GitplugConfig, config_from_mapping, load_config
 from .deployer import Deployer
 from .devdir import DirectoryWatcher, snapshot_directory
@@ -66,7 +67,8 @@ class GitPlug:
                 "gitplug is already initialised on this application; create one GitPlug per app."
             )
         config = config or self._config or _config_from_app(app)
-        runtime = Runtime(app)
+        code_cache = CodeCache(config.data_dir / "cache") if config is not None else None
+        runtime = Runtime(app, code_cache=code_cache)
         state = _AppState(runtime, config)
         app.extensions[EXTENSION_KEY] = state
         self._app = app

@@ -27,6 +27,7 @@ import jinja2
 from flask import Flask
 from werkzeug.routing import Map
 
+from .codecache import CodeCache
 from .errors import PluginLoadError
 from .loader import ReleaseNamespace, import_release, purge_namespace
 from .plugin import Plugin, PluginContext, _active_release
@@ -190,18 +191,22 @@ def _wrap_app_wide(release: LoadedRelease, func: t.Callable[..., t.Any]) -> t.Ca
     return app_wide_hook
 
 
-def build_release(host: Flask, spec: ReleaseSpec) -> LoadedRelease:
+def build_release(host: Flask, spec: ReleaseSpec, *, code_cache: CodeCache | None = None) -> LoadedRelease:
     """Import and register a release; nothing touches the live host.
 
     Raises a :class:`PluginLoadError` (subclass) naming plugin, file and line.
     """
     namespace, plugin = import_release(
-        spec.path, plugin_name=spec.name, release_id=spec.release_id, entry=spec.entry
+        spec.path,
+        plugin_name=spec.name,
+        release_id=spec.release_id,
+        entry=spec.entry,
+        code_cache=code_cache,
     )
     try:
         release = LoadedRelease(spec, namespace, plugin)
         _register(host, release, plugin, namespace)
-        _compile_templates(host, release)
+        _compile_templates(host, release, code_cache)
     except PluginLoadError:
         purge_namespace(namespace)
         raise
@@ -260,14 +265,15 @@ def _register(host: Flask, release: LoadedRelease, plugin: Plugin, namespace: Re
     ]
 
 
-def _compile_templates(host: Flask, release: LoadedRelease) -> None:
+def _compile_templates(host: Flask, release: LoadedRelease, code_cache: CodeCache | None = None) -> None:
     """Build the release's Jinja overlay and compile every template it ships.
 
     A template syntax error fails the load, like a Python syntax error.
     """
     host_env = host.jinja_env
     loader = jinja2.ChoiceLoader([*release.template_loaders, host_env.loader])  # type: ignore[list-item]
-    env = host_env.overlay(loader=loader, cache_size=400)
+    bytecode_cache = code_cache.jinja() if code_cache is not None else None
+    env = host_env.overlay(loader=loader, cache_size=400, bytecode_cache=bytecode_cache)
     env.__dict__["_gitplug_routing"] = False
     # The release's own app-wide filters/globals/tests first, then the host's
     # (a live view: the host may still add entries). Jinja checks filter names

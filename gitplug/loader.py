@@ -33,9 +33,11 @@ import threading
 import traceback
 import types
 import typing as t
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .codecache import CodeCache
 from .errors import EntryPointError, PluginImportError, PluginLoadError
 from .plugin import Plugin
 
@@ -50,6 +52,23 @@ _NOT_PACKAGES = {"tests", "test", "docs", "doc", "build", "dist", "examples", "_
 
 _sequence = itertools.count(1)
 _registry_lock = threading.Lock()
+
+
+class ReleaseSentinel:
+    """Planted as ``__gitplug_release__`` in every module of a release.
+
+    A function, class or frame of the release keeps its module's globals
+    alive, and with them this object: a weak reference to it tells whether
+    anything of an unloaded release is still reachable.
+    """
+
+    __slots__ = ("label", "__weakref__")
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+
+    def __repr__(self) -> str:
+        return f"<release {self.label}>"
 
 
 @dataclass(eq=False)
@@ -69,6 +88,12 @@ class ReleaseNamespace:
     #: Code objects compiled in the check pass, reused by the loader.
     codes: dict[str, types.CodeType] = field(default_factory=dict, repr=False)
     builtins: dict[str, t.Any] = field(default_factory=dict, repr=False)
+    #: Where compiled code is shared between processes (None: compile every time).
+    code_cache: CodeCache | None = field(default=None, repr=False)
+    #: A weak reference to the object every module of the release holds in
+    #: its globals: alive exactly as long as any of the release's code is.
+    sentinel_ref: weakref.ref[ReleaseSentinel] | None = field(default=None, repr=False)
+    _sentinel: ReleaseSentinel | None = field(default=None, repr=False)
 
     def module_name(self, real_name: str) -> str:
         """Map ``hello.views`` to ``hello__gp7_....views``."""
@@ -103,6 +128,7 @@ class _ReleaseLoader(importlib.machinery.SourceFileLoader):
 
     def exec_module(self, module: types.ModuleType) -> None:
         module.__dict__["__builtins__"] = self.namespace.builtins
+        module.__dict__["__gitplug_release__"] = self.namespace._sentinel
         super().exec_module(module)
 
 
@@ -269,7 +295,10 @@ def _compile_package(namespace: ReleaseNamespace) -> list[str]:
             continue  # inside a directory that is not a package
         source = path.read_bytes()
         try:
-            namespace.codes[str(path)] = compile(source, str(path), "exec", dont_inherit=True)
+            if namespace.code_cache is not None:
+                namespace.codes[str(path)] = namespace.code_cache.compile(source, str(path))
+            else:
+                namespace.codes[str(path)] = compile(source, str(path), "exec", dont_inherit=True)
         except SyntaxError as exc:
             rel_file = _relative(exc.filename or path, namespace.release_dir)
             raise PluginImportError(
@@ -300,7 +329,12 @@ def _fault_location(exc: BaseException, namespace: ReleaseNamespace) -> tuple[st
 
 
 def import_release(
-    release_dir: Path, *, plugin_name: str, release_id: str, entry: str | None
+    release_dir: Path,
+    *,
+    plugin_name: str,
+    release_id: str,
+    entry: str | None,
+    code_cache: CodeCache | None = None,
 ) -> tuple[ReleaseNamespace, Plugin]:
     """Import every module of a release under a fresh namespace.
 
@@ -318,7 +352,12 @@ def import_release(
         release_dir=release_dir,
         plugin_name=plugin_name,
         release_id=release_id,
+        code_cache=code_cache,
     )
+    sentinel = ReleaseSentinel(f"{plugin_name}@{release_id[:12]}")
+    namespace._sentinel = sentinel
+    namespace.sentinel_ref = weakref.ref(sentinel)
+    del sentinel
     namespace.builtins = dict(builtins.__dict__)
     namespace.builtins["__import__"] = _make_import(namespace)
     _install_finder()
@@ -333,8 +372,10 @@ def import_release(
         purge_namespace(namespace)
         raise
     finally:
-        # The code objects are only needed while importing.
+        # The code objects are only needed while importing; the modules hold
+        # the sentinel from now on, the namespace only a weak reference.
         namespace.codes.clear()
+        namespace._sentinel = None
     return namespace, plugin
 
 

@@ -20,7 +20,6 @@ import gc
 import itertools
 import logging
 import queue
-import sys
 import threading
 import time
 import typing as t
@@ -32,6 +31,7 @@ from flask import Flask
 from werkzeug.routing import MapAdapter
 
 from . import signals
+from .codecache import CodeCache
 from .errors import HealthCheckFailed, MountError, OnLoadFailed, PluginLoadError
 from .hooks import ENVIRON_SNAPSHOT, LayeredErrorHandlers, LayeredHooks, LayeredViews
 from .loaded import HOOK_REGISTRIES, LoadedRelease, ReleaseSpec, build_release
@@ -54,8 +54,10 @@ class Runtime:
     One per host application, created by :class:`gitplug.GitPlug`.
     """
 
-    def __init__(self, app: Flask, *, leak_grace_s: float = 30.0) -> None:
+    def __init__(self, app: Flask, *, leak_grace_s: float = 30.0, code_cache: CodeCache | None = None) -> None:
         self.app = app
+        #: Compiled code shared with other processes loading the same releases.
+        self.code_cache = code_cache
         #: The live snapshot. Replaced (never mutated) under ``_lock``.
         self.snapshot = Snapshot({}, 0)
         self._lock = threading.Lock()
@@ -65,7 +67,7 @@ class Runtime:
         self._reaper_queue: queue.Queue[LoadedRelease | None] = queue.Queue()
         self._reaper: threading.Thread | None = None
         self._leak_grace_s = leak_grace_s
-        #: ``(deadline, label, weakref to the package module)`` of unloaded releases,
+        #: ``(deadline, label, weakref to the release's sentinel)`` of unloaded releases,
         #: oldest first; checked for leaks by the reaper once the deadline passes.
         self._retired_refs: list[tuple[float, str, weakref.ref[t.Any]]] = []
         self._install()
@@ -196,7 +198,7 @@ class Runtime:
         """
         self.check_mount(spec.name, spec.url_prefix)
         try:
-            release = build_release(self.app, spec)
+            release = build_release(self.app, spec, code_cache=self.code_cache)
             self._verify(release)
         except PluginLoadError as exc:
             logger.warning("plugin %s: release %s failed to load: %s", spec.name, spec.release_id, exc)
@@ -423,11 +425,10 @@ class Runtime:
                             getattr(func, "__qualname__", func),
                             release.release_id,
                         )
-        module = sys.modules.get(release.namespace.mangled)
-        if module is not None and self._leak_grace_s > 0:
+        sentinel_ref = release.namespace.sentinel_ref
+        if sentinel_ref is not None and self._leak_grace_s > 0:
             deadline = time.monotonic() + self._leak_grace_s
-            self._retired_refs.append((deadline, repr(release), weakref.ref(module)))
-        del module
+            self._retired_refs.append((deadline, repr(release), sentinel_ref))
         release.purge()
         if run_callbacks and was_live:
             logger.info("plugin %s: release %s unloaded", release.name, release.release_id)
@@ -458,14 +459,19 @@ class Runtime:
         gc.collect()
         findings = []
         for _deadline, label, ref in due:
-            module = ref()
-            if module is None:
+            sentinel = ref()
+            if sentinel is None:
                 continue
-            holders = sorted({type(r).__name__ for r in gc.get_referrers(module)} - {"frame", "list"})
-            finding = f"{label}: package module still reachable, held by {', '.join(holders) or 'unknown'}"
+            # The sentinel is held by module globals; say what holds those.
+            holders: set[str] = set()
+            for module_globals in gc.get_referrers(sentinel):
+                if isinstance(module_globals, dict):
+                    holders.update(type(r).__name__ for r in gc.get_referrers(module_globals))
+            holders -= {"frame", "list", "dict", "module"}
+            finding = f"{label}: code still reachable after unload, held by {', '.join(sorted(holders)) or 'unknown'}"
             findings.append(finding)
             logger.warning("leak: %s (see README: what plugin code must not do)", finding)
-            del module
+            del sentinel
         return findings
 
     def shutdown(self) -> None:

@@ -234,3 +234,25 @@ def test_threads_do_not_grow(cycles: dict[str, t.Any]) -> None:
 def test_rss_growth_under_5_mib(cycles: dict[str, t.Any]) -> None:
     growth = cycles["rss_growth"]
     assert growth < MAX_RSS_GROWTH, f"RSS grew by {growth / 1024 / 1024:.1f} MiB from cycle {MEASURE_FROM} to {CYCLES}"
+
+
+def test_a_held_function_is_reported_as_a_leak(tmp_path: Path) -> None:
+    """The leak check sees any code of the release, not just its package module."""
+    from pluginfactory import stamped_plugin
+
+    app = Flask("leak_report_host")
+    gp = GitPlug(app)
+    try:
+        first = gp.load_directory("stampy", stamped_plugin(tmp_path / "a", "A"))
+        held = first.view_functions["stampy.index"]
+        del first
+        gp.load_directory("stampy", stamped_plugin(tmp_path / "b", "B"))
+        assert gp.runtime.wait_idle(10)
+        findings = gp.runtime.report_leaks(all_now=True)
+        assert len(findings) == 1 and "held by function" in findings[0], findings
+        del held
+        gp.load_directory("stampy", stamped_plugin(tmp_path / "c", "C"))
+        assert gp.runtime.wait_idle(10)
+        assert gp.runtime.report_leaks(all_now=True) == []
+    finally:
+        gp.shutdown()
