@@ -1,0 +1,122 @@
+"""Triggers (SPEC 4.6, 5): a burst makes one deploy; polls are jobs per plugin.
+
+Real git repositories, a real host app, the real deploy queue and the real
+APScheduler scheduler; jobs are called directly instead of waiting for them.
+"""
+
+from __future__ import annotations
+
+import textwrap
+import threading
+from pathlib import Path
+
+from flask import Flask
+
+from gitplug import GitPlug
+from gitplug.state import DeployResult
+from gitplug.triggers import Trigger
+from gitrepo import GitRepo, serve_http
+
+PLUGIN = '''
+from gitplug import Plugin, current_plugin
+
+plugin = Plugin("hello", __name__)
+
+@plugin.route("/")
+def index():
+    return current_plugin.commit[:7]
+'''
+
+
+def commit_plugin(repo: GitRepo, note: str) -> str:
+    repo.write("hello/__init__.py", textwrap.dedent(PLUGIN) + f"# {note}\n")
+    return repo.commit(note)
+
+
+def host(tmp_path: Path, url: str, **plugin: object) -> tuple[Flask, GitPlug]:
+    app = Flask("trigger_host")
+    app.config["GITPLUG"] = {
+        "data_dir": str(tmp_path / "data"),
+        "poll_interval": 3600,
+        "plugins": {"hello": {"repo": url, "test": False, **plugin}},
+    }
+    return app, GitPlug(app)
+
+
+def served(app: Flask) -> str:
+    with app.test_client() as client:
+        return client.get("/hello/", buffered=True).get_data(as_text=True)
+
+
+def test_a_burst_of_triggers_for_one_commit_makes_one_deploy(tmp_path: Path) -> None:
+    repo = GitRepo(tmp_path / "repo")
+    v1 = commit_plugin(repo, "v1")
+    app, gp = host(tmp_path, repo.url)
+    try:
+        services = app.extensions["gitplug"].services
+        futures = []
+        barrier = threading.Barrier(20)
+
+        def fire() -> None:
+            barrier.wait()
+            futures.append(services.queue.submit(Trigger("hello", "webhook")))
+
+        threads = [threading.Thread(target=fire) for _ in range(20)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        for future in futures:
+            future.result(timeout=60)
+        history = gp.history("hello")
+        assert [(r.trigger, r.result, r.commit) for r in history] == [("webhook", DeployResult.LIVE, v1)]
+        assert served(app) == v1[:7]
+    finally:
+        gp.shutdown()
+
+
+def test_poll_job_deploys_only_when_the_ref_moved(tmp_path: Path) -> None:
+    repo = GitRepo(tmp_path / "repo")
+    v1 = commit_plugin(repo, "v1")
+    app, gp = host(tmp_path, repo.url)
+    try:
+        services = app.extensions["gitplug"].services
+        services.scheduler.set_plugins({"hello": 3600})
+        (job,) = services.scheduler.jobs
+        assert (job.id, job.coalesce, job.max_instances) == ("poll:hello", True, 1)
+
+        def poll() -> None:
+            job.func(*job.args)  # the job body, called now instead of in an hour
+            while services.queue.busy("hello"):
+                threading.Event().wait(0.02)
+
+        poll()
+        assert served(app) == v1[:7]
+        poll()  # nothing moved: no new history line
+        assert len(gp.history("hello")) == 1
+        v2 = commit_plugin(repo, "v2")
+        poll()
+        assert served(app) == v2[:7]
+        assert [r.trigger for r in gp.history("hello")] == ["poll", "poll"]
+    finally:
+        gp.shutdown()
+
+
+def test_the_pipeline_over_http(tmp_path: Path) -> None:
+    """Deploy, update and roll back from a git server on 127.0.0.1 (smart HTTP)."""
+    repo = GitRepo(tmp_path / "repos" / "hello")
+    v1 = commit_plugin(repo, "v1")
+    repo.tag("v1")
+    with serve_http(tmp_path / "repos") as base:
+        app, gp = host(tmp_path, f"{base}/hello")
+        try:
+            assert gp.deploy("hello").result == DeployResult.LIVE
+            assert served(app) == v1[:7]
+            v2 = commit_plugin(repo, "v2")
+            assert gp.deploy("hello").result == DeployResult.LIVE
+            assert served(app) == v2[:7]
+            record = gp.rollback("hello", "v1")
+            assert (record.result, record.commit) == (DeployResult.LIVE, v1)
+            assert served(app) == v1[:7]
+        finally:
+            gp.shutdown()
