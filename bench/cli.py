@@ -26,9 +26,9 @@ from importlib import metadata
 from pathlib import Path
 
 from . import inprocess, live, underload
-from .site import LivePlan
 from .figures import Figure, FigureSpec, guarded, render_table, spread
 from .fixtures import REPO_ROOT
+from .site import LivePlan
 
 __all__ = ["Plan", "QUICK", "FULL", "KEYS", "run", "main"]
 

@@ -41,7 +41,14 @@ from flask import Flask
 from gitplug import GitPlug
 from gitplug.loaded import ReleaseSpec
 
-from .fixtures import commit_version, environ_for, init_repo, native_blueprint, write_synthetic_plugin, wsgi_call
+from .fixtures import (
+    commit_version,
+    environ_for,
+    init_repo,
+    native_blueprint,
+    write_synthetic_plugin,
+    wsgi_call,
+)
 
 __all__ = ["profile_cases", "compare", "cumulative", "main"]
 

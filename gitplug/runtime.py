@@ -282,14 +282,8 @@ class Runtime:
         """
         with self._lock:
             old_snapshot = self.snapshot
-            if release is not None:
-                clash = self._clash(release, old_snapshot.releases.values())
-                if clash is not None:
-                    error = MountError(clash)
-                else:
-                    error = None
-            else:
-                error = None
+            clash = self._clash(release, old_snapshot.releases.values()) if release is not None else None
+            error = MountError(clash) if clash is not None else None
             if error is None:
                 releases = dict(old_snapshot.releases)
                 old = releases.pop(name, None)
