@@ -23,7 +23,7 @@ import pytest
 from flask import Flask
 from gitrepo import GitRepo
 from prometheus_client.parser import text_string_to_metric_families
-from test_cli import (
+from serverproc import (
     RECORD_KEYS,
     STATUS_KEYS,
     Server,

@@ -1,0 +1,105 @@
+"""Decoding and checking what the gunicorn tests' plugin answered.
+
+Each response carries its release label from four modules and a template, the
+worker's pid, the snapshot generation the request was pinned to and the view's
+``time.time()`` (see :mod:`gunicorn_site`); the checks here tell mixed
+releases, regressions and late workers apart from requests still in flight.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from gunicorn_site import label
+from loadgen import Sample
+
+
+@dataclass(frozen=True)
+class Served:
+    """A decoded plugin response."""
+
+    sample: Sample
+    stamps: tuple[str, ...]
+    seq: int
+    commit: str
+    pid: int
+    generation: int
+    t: float
+
+
+def decode(samples: list[Sample]) -> list[Served]:
+    out = []
+    for sample in samples:
+        data = json.loads(sample.body)
+        out.append(
+            Served(
+                sample,
+                tuple(data["stamps"]),
+                data["seq"],
+                data["commit"],
+                data["pid"],
+                data["generation"],
+                data["t"],
+            )
+        )
+    return out
+
+
+def mixed(served: list[Served]) -> list[Served]:
+    """Responses whose modules, template and commit do not all name one release."""
+    return [s for s in served if set(s.stamps) != {label(s.seq)}]
+
+
+def regressions(served: list[Served]) -> tuple[list[tuple[Served, Served]], int]:
+    """Per worker, ordered by the view's ``time.time()``: responses of an older release
+    after one of a newer release; and how many in-flight pairs were told apart.
+
+    A request keeps the snapshot it was pinned to on arrival (SPEC 4.1: in-flight
+    requests finish on the release they started on), and the view reads the clock
+    after the pin: a request pinned just before a swap can take its timestamp after
+    one pinned just after it. The snapshot generation (per process, it grows with
+    every publish) tells such a pair apart; a regression is an older release served
+    from a newer-or-equal generation, i.e. the worker went back.
+    """
+    found = []
+    in_flight = 0
+    by_pid: dict[int, list[Served]] = {}
+    for s in served:
+        by_pid.setdefault(s.pid, []).append(s)
+    for responses in by_pid.values():
+        responses.sort(key=lambda s: s.t)
+        newest: Served | None = None
+        for s in responses:
+            if newest is not None and s.seq < newest.seq:
+                if s.generation >= newest.generation:
+                    found.append((newest, s))
+                else:
+                    in_flight += 1
+            if newest is None or s.seq > newest.seq:
+                newest = s
+    return found, in_flight
+
+
+def first_serving(served: list[Served], seq: int, pids: set[int]) -> dict[int, float | None]:
+    """Per pid: the view's ``time.time()`` of its first response of ``seq`` or newer."""
+    first: dict[int, float] = {}
+    for s in served:
+        if s.pid in pids and s.seq >= seq and s.t < first.get(s.pid, float("inf")):
+            first[s.pid] = s.t
+    return {pid: first.get(pid) for pid in pids}
+
+
+def killed_in_flight(samples: list[Sample], killed_at: float, clients: int) -> list[Sample]:
+    """Connection errors of requests in flight when a worker was SIGKILLed (monotonic time).
+
+    A killed worker takes the requests it was serving with it; nothing can answer them.
+    Each client thread has at most one request in flight.
+    """
+    lost = [
+        s
+        for s in samples
+        if s.status is None and s.sent <= killed_at + 0.01 and s.received >= killed_at
+    ]
+    assert len(lost) <= clients, lost
+    return lost
