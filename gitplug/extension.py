@@ -223,7 +223,8 @@ class GitPlug:
         state = self._require()
         state.deployer.plugin_config(name)  # type: ignore[union-attr]
         if wait:
-            return state.deployer.deploy(name, ref=ref, trigger=trigger)  # type: ignore[union-attr]
+            # Runs on the controller (this process or, via the store, another).
+            return state.services.deploy_and_wait(name, trigger, ref)  # type: ignore[union-attr]
         state.services.trigger(name, trigger, ref)  # type: ignore[union-attr]
         return None
 

@@ -353,6 +353,32 @@ class HostServices:
                 self.queue.submit(Trigger(name, "config"))
         return diff
 
+    def deploy_and_wait(
+        self, plugin: str, kind: str, ref: str | None = None, *, timeout: float = 900.0
+    ) -> DeployRecord | None:
+        """Run a deploy where deploys run, and wait for its record.
+
+        In the controller (or a process without background services) it
+        runs on this process's queue. In any other worker it is handed to
+        the controller through the store, so only one process per host
+        fetches, stages and tests; the record is read back from the store.
+        """
+        if self.is_controller or self._started_pid is None:
+            return self.queue.submit(Trigger(plugin, kind, ref)).result(timeout=timeout)
+        last = self.store.last_deploy(plugin)
+        after = last.id if last is not None else 0
+        self.store.request_deploy(plugin, trigger=kind, ref=ref)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for record in self.store.history(plugin, limit=20):
+                if record.id > after and record.trigger == kind and record.result != DeployResult.RUNNING:
+                    return record
+            time.sleep(0.1)
+        raise GitplugError(
+            f"plugin {plugin!r}: the controller did not finish the deploy within {timeout:g} s;"
+            f" it may still be running: see `gitplug history {plugin}`."
+        )
+
     def set_config(self, config: GitplugConfig) -> None:
         """Adopt a new configuration (already validated)."""
         self.config = config

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from .deployer import EXPLICIT_TRIGGERS
 from .state import DeployRecord
 
 __all__ = ["Trigger", "TriggerQueue", "PollScheduler"]
@@ -61,7 +62,9 @@ class TriggerQueue:
             pending = self._pending.get(trigger.plugin)
             if pending is not None:
                 kept, future = pending
-                if trigger.ref is not None or kept.kind == "poll":
+                # Keep the most specific request: an explicit ref, or a person's
+                # trigger (it must leave a history record) over a background one.
+                if trigger.ref is not None or (trigger.kind in EXPLICIT_TRIGGERS and kept.ref is None):
                     self._pending[trigger.plugin] = (trigger, future)
                 return future
             future = Future()
