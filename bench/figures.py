@@ -36,7 +36,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-class Unmeasurable(GitplugError):  # TODO(lead): move to errors.py (or keep it bench-local)
+class Unmeasurable(GitplugError):  # the bench's own: not a product error
     """A figure cannot be measured on this machine; the message says why and what to do."""
 
 

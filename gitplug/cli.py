@@ -27,7 +27,7 @@ from pathlib import Path
 import click
 
 from .config import CONFIG_ENV_VAR, GitplugConfig, load_config, resolve_config_path
-from .errors import GitplugError
+from .errors import BadInput, GitplugError
 from .state import DeployRecord, DeployResult, StateStore, open_state_store
 
 __all__ = ["main", "cli", "flask_group"]
@@ -36,12 +36,6 @@ F = t.TypeVar("F", bound=t.Callable[..., t.Any])
 
 #: Commands that set up logging themselves (a server logs at INFO).
 _OWN_LOGGING = frozenset({"serve", "demo"})
-
-
-class BadInput(GitplugError):  # TODO(lead): move to errors.py
-    """The command line names something that does not exist (exit status 2)."""
-
-    exit_code = 2
 
 
 def _fail(exc: GitplugError) -> t.NoReturn:

@@ -20,7 +20,9 @@ codes (see :mod:`gitplug.cli`)::
     │   └── HealthCheckFailed    ``health_check`` returned False or raised
     ├── MountError               a prefix or name clashes with the host or another plugin
     ├── StateError               the state store could not be read or written
-    └── DeployInProgress         another deploy of the plugin holds its lock
+    ├── DeployInProgress         another deploy of the plugin holds its lock
+    ├── WebhookRejected          a webhook request is refused (carries the HTTP status)
+    └── BadInput                 the command line names something that does not exist
 """
 
 from __future__ import annotations
@@ -190,3 +192,17 @@ class StateError(GitplugError):
 
 class DeployInProgress(GitplugError):
     """Another deploy of the same plugin holds its lock."""
+
+
+class WebhookRejected(GitplugError):
+    """A webhook request is refused; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, message: str) -> None:
+        self.status = status
+        super().__init__(message)
+
+
+class BadInput(GitplugError):
+    """The command line names something that does not exist (exit status 2)."""
+
+    exit_code = 2

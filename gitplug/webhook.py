@@ -34,7 +34,8 @@ from typing import Any, Final, Literal, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from gitplug.config import PluginConfig
-from gitplug.errors import GitplugError, UnknownPlugin
+
+from .errors import GitplugError, UnknownPlugin, WebhookRejected
 
 logger = logging.getLogger(__name__)
 
@@ -72,14 +73,6 @@ _URL_FIELDS: Final = {"gitlab": "project.git_http_url", "generic": "repository.u
                       "bitbucket": "repository.links.html.href"}  # else repository.clone_url
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 _FULL_SHA = re.compile(r"[0-9a-fA-F]{40}|[0-9a-fA-F]{64}")
-
-
-class WebhookRejected(GitplugError):  # TODO(lead): move to errors.py
-    """A webhook request is refused; ``status`` is the HTTP status to answer with."""
-
-    def __init__(self, status: int, message: str) -> None:
-        self.status = status
-        super().__init__(message)
 
 
 @dataclass(frozen=True)
