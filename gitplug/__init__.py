@@ -7,6 +7,8 @@ Public API::
 
 from __future__ import annotations
 
+import typing as t
+
 from . import signals
 from .errors import (
     ConfigError,
@@ -23,8 +25,21 @@ from .errors import (
     TestGateFailed,
     UnsafeTree,
 )
-from .extension import GitPlug
 from .plugin import Plugin, PluginContext, current_plugin
+
+if t.TYPE_CHECKING:
+    from .extension import GitPlug
+
+
+def __getattr__(name: str) -> t.Any:
+    # GitPlug pulls in the whole deploy machinery (dulwich, APScheduler,
+    # SQLite); plugin code only needs Plugin and current_plugin, and a
+    # plugin's tests run in a fresh interpreter per deploy: import it lazily.
+    if name == "GitPlug":
+        from .extension import GitPlug
+
+        return GitPlug
+    raise AttributeError(f"module 'gitplug' has no attribute {name!r}")
 
 __all__ = [
     "GitPlug",
