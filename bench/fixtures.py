@@ -64,12 +64,29 @@ def item(n):
 #: Its rule, relative to the plugin's prefix or the blueprint's.
 VIEW_RULE = "/item/<int:n>"
 
+#: A second view on both sides: it renders a template (30 list items, a
+#: filter, a url_for), the common case of a real page.
+PAGE_SOURCE = '''
+from flask import render_template
+
+def page():
+    return render_template("bench_page.html", items=list(range(30)), title="Bench")
+'''
+PAGE_RULE = "/page"
+PAGE_TEMPLATE = (
+    "<!doctype html><html><head><title>{{ title }}</title></head><body><h1>{{ title }}</h1>"
+    "<ul>{% for i in items %}<li class=\"item-{{ i }}\">{{ i * 2 }} {{ 'x'|upper }}</li>{% endfor %}</ul>"
+    "<a href=\"{{ url_for(request.endpoint) }}\">again</a></body></html>"
+)
+
 _PLUGIN_INIT = (
-    '"""Synthetic bench plugin: one JSON view (bench.fixtures.VIEW_SOURCE)."""\n'
+    '"""Synthetic bench plugin: a JSON view and a page (bench.fixtures)."""\n'
     "from gitplug import Plugin\n\n"
     'plugin = Plugin("benchplug", __name__)\n'
     f"{VIEW_SOURCE}\n"
     f'plugin.add_url_rule("{VIEW_RULE}", view_func=item)\n'
+    f"{PAGE_SOURCE}\n"
+    f'plugin.add_url_rule("{PAGE_RULE}", view_func=page)\n'
 )
 
 
@@ -124,17 +141,26 @@ def stage_example(root: Path, versions: Iterable[str]) -> list[Path]:
 def write_synthetic_plugin(release_dir: Path) -> Path:
     """A release holding the one-view plugin package ``benchplug``; returns ``release_dir``."""
     package = release_dir / "benchplug"
-    package.mkdir(parents=True, exist_ok=True)
+    (package / "templates").mkdir(parents=True, exist_ok=True)
     (package / "__init__.py").write_text(_PLUGIN_INIT)
+    (package / "templates" / "bench_page.html").write_text(PAGE_TEMPLATE)
     return release_dir
 
 
+_NATIVE_TEMPLATES = Path(__file__).resolve().parent / "_native_templates"
+
+
 def native_blueprint(name: str = "native") -> Blueprint:
-    """A plain Flask blueprint serving :data:`VIEW_SOURCE` at :data:`VIEW_RULE`."""
+    """A plain Flask blueprint serving the same two views as the synthetic plugin."""
     namespace: dict[str, t.Any] = {"__name__": f"bench_native_{name}"}
-    exec(compile(VIEW_SOURCE, "<bench view>", "exec"), namespace)  # noqa: S102 - our own constant
-    bp = Blueprint(name, __name__)
+    exec(compile(VIEW_SOURCE + PAGE_SOURCE, "<bench view>", "exec"), namespace)  # noqa: S102 - our own constant
+    _NATIVE_TEMPLATES.mkdir(exist_ok=True)
+    template = _NATIVE_TEMPLATES / "bench_page.html"
+    if not template.is_file() or template.read_text() != PAGE_TEMPLATE:
+        template.write_text(PAGE_TEMPLATE)
+    bp = Blueprint(name, __name__, template_folder=str(_NATIVE_TEMPLATES))
     bp.add_url_rule(VIEW_RULE, view_func=namespace["item"])
+    bp.add_url_rule(PAGE_RULE, view_func=namespace["page"])
     return bp
 
 

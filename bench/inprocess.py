@@ -115,12 +115,15 @@ def measure_overhead(*, rounds: int, per_round: int) -> list[Figure]:
             "native": (plain.wsgi_app, [environ_for("/native/item/7")]),
             "plugin": (host.wsgi_app, [environ_for("/plug/item/7")]),
             "host_native": (host.wsgi_app, [environ_for("/native/item/7")]),
+            "native_page": (plain.wsgi_app, [environ_for("/native/page")]),
+            "plugin_page": (host.wsgi_app, [environ_for("/plug/page")]),
         }
         try:
             medians = interleaved(cases, rounds=rounds, per_round=per_round)
         finally:
             _unmount_all(gp)
         host_ratio = spread([a / b for a, b in zip(medians["host_native"], medians["native"])])
+        page_ratio = spread([a / b for a, b in zip(medians["plugin_page"], medians["native_page"])])
     return [
         _ratio_figure(
             OVERHEAD, medians, "plugin", "native",
@@ -128,7 +131,11 @@ def measure_overhead(*, rounds: int, per_round: int) -> list[Figure]:
             note=f"{rounds} interleaved rounds x {per_round} requests; minimal JSON view (worst case)",
             detail={"host_route_ratio_p50": host_ratio.p50, "host_route_ratio_p10": host_ratio.p10,
                     "host_route_ratio_p90": host_ratio.p90,
-                    "host_route_ratio_is": "native blueprint in the gitplug host / in the plain app"},
+                    "host_route_ratio_is": "native blueprint in the gitplug host / in the plain app",
+                    "page_ratio_p50": page_ratio.p50, "page_ratio_p10": page_ratio.p10,
+                    "page_ratio_p90": page_ratio.p90,
+                    "page_ratio_is": "a view rendering a template (30 items, a filter, url_for):"
+                                     " plugin / native blueprint"},
         )
     ]
 

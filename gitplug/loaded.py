@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import logging
 import typing as t
-from collections import ChainMap, defaultdict
+from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,12 +25,14 @@ from types import MappingProxyType, SimpleNamespace
 
 import jinja2
 from flask import Flask
+from flask.templating import _default_template_ctx_processor
 from werkzeug.routing import Map
 
 from .codecache import CodeCache
 from .errors import PluginLoadError
 from .loader import ReleaseNamespace, import_release, purge_namespace
 from .plugin import Plugin, PluginContext, _active_release
+from .templating import TEMPLATE_KINDS, ReleaseTemplateDict
 
 __all__ = ["ReleaseSpec", "LoadedRelease", "build_release", "HOOK_REGISTRIES"]
 
@@ -138,7 +140,8 @@ class LoadedRelease:
         if self.jinja_env is not None and self.jinja_env.cache is not None:
             self.jinja_env.cache.clear()
         self.jinja_env = None
-        self.url_map = Map()
+        # url_map is kept: it holds rules and endpoint names, no plugin code,
+        # and a host request that began before the swap may still build a URL.
         self.unloaded = True
 
     def __repr__(self) -> str:
@@ -233,10 +236,16 @@ def _register(host: Flask, release: LoadedRelease, plugin: Plugin, namespace: Re
     release.view_functions = dict(scratch.view_functions)
     for registry in HOOK_REGISTRIES:
         source: dict[t.Any, list[t.Any]] = getattr(scratch, registry)
-        scoped = {k: list(v) for k, v in source.items() if k is not None and v}
+        scoped = {}
+        for scope, funcs in source.items():
+            # Every scaffold starts with Flask's default context processor;
+            # the host already runs it for every request, so the plugin's
+            # copies are dropped (and the registry stays plain, see runtime).
+            funcs = [f for f in funcs if f is not _default_template_ctx_processor]
+            if scope is not None and funcs:
+                scoped[scope] = funcs
         release.scoped[registry] = scoped
-        # template_context_processors[None] holds Flask's default processor.
-        app_wide = [f for f in source.get(None, []) if registry != "template_context_processors" or f.__module__ != "flask.templating"]
+        app_wide = [f for f in source.get(None, []) if f is not _default_template_ctx_processor]
         if app_wide:
             release.app_wide[registry] = [_wrap_app_wide(release, f) for f in app_wide]
     for scope, by_code in scratch.error_handler_spec.items():
@@ -279,9 +288,10 @@ def _compile_templates(host: Flask, release: LoadedRelease, code_cache: CodeCach
     # (a live view: the host may still add entries). Jinja checks filter names
     # at compile time, so the release's own must be visible here already.
     regs = release.template_registrations
-    env.filters = ChainMap(dict(regs.get("filters", {})), host_env.filters)  # type: ignore[assignment]
-    env.tests = ChainMap(dict(regs.get("tests", {})), host_env.tests)  # type: ignore[assignment]
-    env.globals = ChainMap(dict(regs.get("globals", {})), host_env.globals)  # type: ignore[assignment]
+    for kind in TEMPLATE_KINDS:
+        own = regs.get(kind)
+        if own:
+            setattr(env, kind, ReleaseTemplateDict(dict(own), getattr(host_env, kind)))
     release.jinja_env = env
     for own_loader in release.template_loaders:
         for name in own_loader.list_templates():

@@ -35,6 +35,16 @@ class PinRequests:
     def __call__(self, environ: dict[str, t.Any], start_response: _StartResponse) -> Iterable[bytes]:
         runtime = self.runtime
         # This runs on every request of the host: keep it inline and short.
+        snapshot = runtime.snapshot
+        if not snapshot.host_visible and (
+            not snapshot.releases or snapshot.release_for_path(environ.get("PATH_INFO") or "/") is None
+        ):
+            # A host request while no plugin has app-wide code: no plugin code
+            # can run in it, so it needs no in-flight count, only the snapshot
+            # (host templates may build plugin URLs; a release's URL map stays
+            # usable after it is unloaded).
+            environ[ENVIRON_SNAPSHOT] = snapshot
+            return self.wsgi_app(environ, start_response)
         with runtime._lock:
             snapshot = runtime.snapshot
             snapshot.inflight += 1

@@ -79,6 +79,9 @@ class Runtime:
         # Hook registries start plain; _sync_registries layers one only while
         # an open snapshot has plugin hooks in it (see there).
         self._open_snapshots: set[Snapshot] = {self.snapshot}
+        #: True while an open snapshot has app-wide template registrations
+        #: (read without the lock by gitplug.templating: a bool is atomic).
+        self.template_layers_needed = False
         app.error_handler_spec = LayeredErrorHandlers(app.error_handler_spec, self)
         app.view_functions = LayeredViews(app.view_functions, self)
         host_create_url_adapter = app.create_url_adapter
@@ -135,6 +138,7 @@ class Runtime:
         request that reads it before and after sees the same answers.
         """
         app = self.app
+        self.template_layers_needed = any(snapshot.templates for snapshot in self._open_snapshots)
         for registry in HOOK_REGISTRIES:
             needed = any(snapshot.hooks.get(registry) for snapshot in self._open_snapshots)
             current = getattr(app, registry)

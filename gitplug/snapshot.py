@@ -35,6 +35,7 @@ class Snapshot:
         "error_handlers",
         "view_functions",
         "templates",
+        "host_visible",
         "inflight",
         "superseded",
         "closed",
@@ -79,6 +80,9 @@ class Snapshot:
             for kind, entries in release.template_registrations.items():
                 if entries:
                     self.templates.setdefault(kind, {}).update(entries)
+        #: True when plugin code can run in a host request of this snapshot
+        #: (app-wide hooks, error handlers, template filters/globals/tests).
+        self.host_visible = bool(self.app_wide or self.app_error_handlers or self.templates)
         # Guarded by the runtime's lock:
         self.inflight = 0
         self.superseded = False

@@ -27,7 +27,13 @@ from flask.globals import _cv_request
 from .hooks import ENVIRON_SNAPSHOT
 from .plugin import ENVIRON_RELEASE, _active_release
 
-__all__ = ["install_routing_environment", "install_template_layers", "LayeredTemplateDict", "TEMPLATE_KINDS"]
+__all__ = [
+    "install_routing_environment",
+    "install_template_layers",
+    "LayeredTemplateDict",
+    "ReleaseTemplateDict",
+    "TEMPLATE_KINDS",
+]
 
 
 def _release_env(env: jinja2.Environment) -> jinja2.Environment | None:
@@ -95,10 +101,12 @@ class LayeredTemplateDict(dict):  # type: ignore[type-arg]
     """The host env's ``filters``/``globals``/``tests`` with live plugins' layered in.
 
     The host's own entries are the dict itself and win; plugin entries come
-    from the request's snapshot (the live snapshot outside a request). The
-    full mapping protocol is layered, because Jinja both looks names up
-    (``environment.filters[name]``) and copies globals into each render's
-    context (``dict(ChainMap(..., env.globals))``).
+    from the request's snapshot (the live snapshot outside a request).
+    Lookups of the host's own names stay on dict's C path (only a miss
+    reaches :meth:`__missing__`), because compiled templates look filters
+    up on every render. Jinja also copies globals into each render's
+    context (``dict(ChainMap(..., env.globals))``), so iteration is layered
+    too, and costs nothing extra while no plugin registers anything.
     """
 
     def __init__(self, original: dict, runtime: t.Any, kind: str) -> None:  # type: ignore[type-arg]
@@ -107,15 +115,15 @@ class LayeredTemplateDict(dict):  # type: ignore[type-arg]
         self._kind = kind
 
     def _layer(self) -> dict[str, t.Any]:
+        if not self._runtime.template_layers_needed:
+            return _EMPTY  # no open snapshot registers any: skip the request lookup
         ctx = _cv_request.get(None)
         snapshot = ctx.request.environ.get(ENVIRON_SNAPSHOT) if ctx is not None else None
         if snapshot is None:
             snapshot = self._runtime.snapshot
         return snapshot.templates.get(self._kind, _EMPTY)  # type: ignore[no-any-return]
 
-    def __getitem__(self, name: t.Any) -> t.Any:
-        if dict.__contains__(self, name):
-            return dict.__getitem__(self, name)
+    def __missing__(self, name: t.Any) -> t.Any:
         layer = self._layer()
         if name in layer:
             return layer[name]
@@ -136,6 +144,57 @@ class LayeredTemplateDict(dict):  # type: ignore[type-arg]
         return {**layer, **dict(dict.items(self))}
 
     def __iter__(self) -> t.Iterator[t.Any]:
+        if not self._layer():
+            return dict.__iter__(self)
+        return iter(self._merged())
+
+    def __len__(self) -> int:
+        layer = self._layer()
+        return dict.__len__(self) if not layer else len(self._merged())
+
+    def keys(self) -> t.Any:
+        return self._merged().keys()
+
+    def items(self) -> t.Any:
+        return self._merged().items()
+
+    def values(self) -> t.Any:
+        return self._merged().values()
+
+    def copy(self) -> dict[str, t.Any]:
+        return self._merged()
+
+    def __reduce__(self) -> t.Any:  # pragma: no cover - never pickled in practice
+        return (dict, (self._merged(),))
+
+
+class ReleaseTemplateDict(dict):  # type: ignore[type-arg]
+    """A release environment's filters/globals/tests: its own first, then the host's.
+
+    Used only by a release that registers app-wide template names (Jinja
+    checks filter names when it compiles the release's templates, so they
+    must be visible here); the others share the host's dicts directly.
+    """
+
+    def __init__(self, own: dict, host: dict) -> None:  # type: ignore[type-arg]
+        super().__init__(own)
+        self._host = host
+
+    def __missing__(self, name: t.Any) -> t.Any:
+        return self._host[name]
+
+    def __contains__(self, name: object) -> bool:
+        return dict.__contains__(self, name) or name in self._host
+
+    def get(self, name: t.Any, default: t.Any = None) -> t.Any:
+        if dict.__contains__(self, name):
+            return dict.__getitem__(self, name)
+        return self._host.get(name, default)
+
+    def _merged(self) -> dict[str, t.Any]:
+        return {**dict(self._host.items()), **dict(dict.items(self))}
+
+    def __iter__(self) -> t.Iterator[t.Any]:
         return iter(self._merged())
 
     def __len__(self) -> int:
@@ -152,9 +211,6 @@ class LayeredTemplateDict(dict):  # type: ignore[type-arg]
 
     def copy(self) -> dict[str, t.Any]:
         return self._merged()
-
-    def __reduce__(self) -> t.Any:  # pragma: no cover - never pickled in practice
-        return (dict, (self._merged(),))
 
 
 #: The kinds of app-wide template registration a plugin can make.
