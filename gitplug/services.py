@@ -67,8 +67,9 @@ class HostServices:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._started_pid: int | None = None
-        #: The process this object was made in (gunicorn's master with --preload).
-        self._owner_pid = os.getpid()
+        #: The process this object was made in (gunicorn's master with --preload);
+        #: None after shutdown().
+        self._owner_pid: int | None = os.getpid()
         self._start_lock = threading.Lock()
         self._seen_counter = -1
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
@@ -92,8 +93,8 @@ class HostServices:
             if self._started_pid == pid:
                 return
             if self._owner_pid != pid:
-                # Made in a parent (gunicorn --preload): this worker needs its
-                # own identity, locks, queue and scheduler.
+                # Made in a parent (gunicorn --preload), or shut down before:
+                # this process needs its own identity, locks, queue and scheduler.
                 self._after_fork()
                 self._owner_pid = pid
             # A fresh worker (gunicorn --preload, --max-requests) may hold
@@ -120,6 +121,7 @@ class HostServices:
         self.auto_rollback = AutoRollbackWatch(self.store, self.deployer)
         self._pushed_stats = {}
         self._seen_counter = -1
+        self._converge_lock = threading.Lock()
 
     def shutdown(self) -> None:
         """Stop threads, the scheduler and the queue; drop the heartbeat."""
@@ -137,6 +139,8 @@ class HostServices:
         except GitplugError:
             pass
         self._started_pid = None
+        # A later ensure_started() builds a fresh queue, scheduler and identity.
+        self._owner_pid = None
 
     # -- converge -------------------------------------------------------------------
 
