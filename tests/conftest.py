@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from flask import Flask
 from werkzeug.serving import make_server
+
+from gitplug import GitPlug
 
 TESTS_DIR = Path(__file__).resolve().parent
 if str(TESTS_DIR) not in sys.path:
@@ -43,3 +45,22 @@ def host_app() -> Flask:
         return "host home"
 
     return app
+
+
+@pytest.fixture
+def make_gp() -> Iterator[Callable[[Flask], GitPlug]]:
+    """``make_gp(app)`` installs gitplug; every instance is shut down after the test.
+
+    Shutting down stops the runtime's reaper thread and removes the
+    directory snapshots ``load_directory`` made.
+    """
+    made: list[GitPlug] = []
+
+    def make(app: Flask) -> GitPlug:
+        gp = GitPlug(app)
+        made.append(gp)
+        return gp
+
+    yield make
+    for gp in made:
+        gp.shutdown()

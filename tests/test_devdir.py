@@ -9,7 +9,7 @@ import threading
 import time
 import types
 import typing as t
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -168,24 +168,6 @@ def test_concurrent_snapshots_of_the_same_content_both_succeed(tmp_path: Path) -
     assert not errors, errors
     assert len({r[0] for r in results}) == 1  # type: ignore[index]
 
-
-def _shutdown(gp: GitPlug) -> None:
-    """Stop ``gp``: its reaper thread and directory snapshots."""
-    gp.shutdown()
-
-
-@pytest.fixture
-def make_gp() -> Iterator[Callable[[Flask], GitPlug]]:
-    made: list[GitPlug] = []
-
-    def make(app: Flask) -> GitPlug:
-        gp = GitPlug(app)
-        made.append(gp)
-        return gp
-
-    yield make
-    for gp in made:
-        _shutdown(gp)
 
 
 def _dev_plugin(root: Path, version: str) -> Path:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import http.client
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -148,24 +148,6 @@ def _get(base: str, path: str) -> tuple[int, str]:
     finally:
         conn.close()
 
-
-def _shutdown(gp: GitPlug) -> None:
-    """Stop ``gp``: its reaper thread and directory snapshots."""
-    gp.shutdown()
-
-
-@pytest.fixture
-def make_gp() -> Iterator[Callable[[Flask], GitPlug]]:
-    made: list[GitPlug] = []
-
-    def make(app: Flask) -> GitPlug:
-        gp = GitPlug(app)
-        made.append(gp)
-        return gp
-
-    yield make
-    for gp in made:
-        _shutdown(gp)
 
 
 def _events(app: Flask, kind: str) -> list[tuple[object, ...]]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import http.client
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -189,24 +189,6 @@ HOST_REQUESTS: list[tuple[str, str, str | None]] = [
     ("GET", "/w", None),  # the bare prefix of "/world" is not a plugin URL
 ]
 
-
-def _shutdown(gp: GitPlug) -> None:
-    """Stop ``gp``: its reaper thread and directory snapshots."""
-    gp.shutdown()
-
-
-@pytest.fixture
-def make_gp() -> Iterator[Callable[[Flask], GitPlug]]:
-    made: list[GitPlug] = []
-
-    def make(app: Flask) -> GitPlug:
-        gp = GitPlug(app)
-        made.append(gp)
-        return gp
-
-    yield make
-    for gp in made:
-        _shutdown(gp)
 
 
 def test_host_answers_exactly_as_without_gitplug(tmp_path: Path, make_gp: Callable[[Flask], GitPlug]) -> None:

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import http.client
 import itertools
-import typing as t
 import sys
 import threading
 import time
+import typing as t
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -22,21 +22,6 @@ from flask import Flask
 from conftest import serve_wsgi
 from gitplug import GitPlug, PluginImportError, PluginLoadError
 from pluginfactory import BROKEN_KINDS, parse_stamps, stamped_plugin
-
-
-@pytest.fixture
-def make_gp() -> t.Iterator[t.Callable[[Flask], GitPlug]]:
-    """GitPlug instances that are shut down (reaper, snapshots) after the test."""
-    made: list[GitPlug] = []
-
-    def make(app: Flask) -> GitPlug:
-        gp = GitPlug(app)
-        made.append(gp)
-        return gp
-
-    yield make
-    for gp in made:
-        gp.shutdown()
 
 
 def _get(base: str, path: str, timeout: float = 10.0) -> tuple[int, str]:

@@ -12,7 +12,7 @@ import http.client
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -124,24 +124,6 @@ def _expected_index(name: str, label: str, release: LoadedRelease) -> str:
     static = f"/{name}/static/{release.release_id[:12]}/s.css"
     return f"{label}:base[{label}:index:{name} {label}:part /{other}/ / {static}]"
 
-
-def _shutdown(gp: GitPlug) -> None:
-    """Stop ``gp``: its reaper thread and directory snapshots."""
-    gp.shutdown()
-
-
-@pytest.fixture
-def make_gp() -> Iterator[Callable[[Flask], GitPlug]]:
-    made: list[GitPlug] = []
-
-    def make(app: Flask) -> GitPlug:
-        gp = GitPlug(app)
-        made.append(gp)
-        return gp
-
-    yield make
-    for gp in made:
-        _shutdown(gp)
 
 
 def test_concurrent_requests_render_the_right_files_across_swaps(
