@@ -20,10 +20,9 @@ from .snapshot import Snapshot
 __all__ = ["SnapshotAdapter", "install_snapshot_map"]
 
 
-def _adapter_like(map: Map, base: MapAdapter) -> MapAdapter:
-    """A plain adapter for ``map`` bound exactly like ``base``."""
-    return MapAdapter(
-        map,
+def _binding(base: MapAdapter) -> tuple[t.Any, ...]:
+    """How ``base`` is bound to its request: MapAdapter's arguments after the map."""
+    return (
         base.server_name,
         base.script_name,
         base.subdomain,
@@ -34,21 +33,16 @@ def _adapter_like(map: Map, base: MapAdapter) -> MapAdapter:
     )
 
 
+def _adapter_like(map: Map, base: MapAdapter) -> MapAdapter:
+    """A plain adapter for ``map`` bound exactly like ``base``."""
+    return MapAdapter(map, *_binding(base))
+
+
 class SnapshotAdapter(MapAdapter):
     """Matches on one map, builds URLs for host and every plugin."""
 
     def __init__(self, map: Map, host_adapter: MapAdapter, snapshot: Snapshot) -> None:
-        base = host_adapter
-        super().__init__(
-            map,
-            base.server_name,
-            base.script_name,
-            base.subdomain,
-            base.url_scheme,
-            base.path_info,
-            base.default_method,
-            base.query_args,
-        )
+        super().__init__(map, *_binding(host_adapter))
         self._host_adapter = host_adapter
         self._snapshot = snapshot
         self._others: dict[str, MapAdapter] = {}

@@ -97,7 +97,33 @@ def install_routing_environment(env: jinja2.Environment) -> None:
     env.__dict__["_gitplug_routing"] = True
 
 
-class LayeredTemplateDict(dict):  # type: ignore[type-arg]
+class _MergedView(dict):  # type: ignore[type-arg]
+    """A dict whose full mapping view (``keys``, ``items``, ...) is :meth:`_merged`.
+
+    Jinja copies globals with ``dict(ChainMap(...))``, which iterates the
+    mapping, so the views must show every layer, not just the dict's own.
+    """
+
+    def _merged(self) -> dict[str, t.Any]:
+        raise NotImplementedError
+
+    def keys(self) -> t.Any:
+        return self._merged().keys()
+
+    def items(self) -> t.Any:
+        return self._merged().items()
+
+    def values(self) -> t.Any:
+        return self._merged().values()
+
+    def copy(self) -> dict[str, t.Any]:
+        return self._merged()
+
+    def __reduce__(self) -> t.Any:  # pragma: no cover - never pickled in practice
+        return (dict, (self._merged(),))
+
+
+class LayeredTemplateDict(_MergedView):
     """The host env's ``filters``/``globals``/``tests`` with live plugins' layered in.
 
     The host's own entries are the dict itself and win; plugin entries come
@@ -152,23 +178,8 @@ class LayeredTemplateDict(dict):  # type: ignore[type-arg]
         layer = self._layer()
         return dict.__len__(self) if not layer else len(self._merged())
 
-    def keys(self) -> t.Any:
-        return self._merged().keys()
 
-    def items(self) -> t.Any:
-        return self._merged().items()
-
-    def values(self) -> t.Any:
-        return self._merged().values()
-
-    def copy(self) -> dict[str, t.Any]:
-        return self._merged()
-
-    def __reduce__(self) -> t.Any:  # pragma: no cover - never pickled in practice
-        return (dict, (self._merged(),))
-
-
-class ReleaseTemplateDict(dict):  # type: ignore[type-arg]
+class ReleaseTemplateDict(_MergedView):
     """A release environment's filters/globals/tests: its own first, then the host's.
 
     Used only by a release that registers app-wide template names (Jinja
@@ -199,18 +210,6 @@ class ReleaseTemplateDict(dict):  # type: ignore[type-arg]
 
     def __len__(self) -> int:
         return len(self._merged())
-
-    def keys(self) -> t.Any:
-        return self._merged().keys()
-
-    def items(self) -> t.Any:
-        return self._merged().items()
-
-    def values(self) -> t.Any:
-        return self._merged().values()
-
-    def copy(self) -> dict[str, t.Any]:
-        return self._merged()
 
 
 #: The kinds of app-wide template registration a plugin can make.
