@@ -30,7 +30,7 @@ from werkzeug.routing import Map
 
 from .codecache import CodeCache
 from .errors import PluginLoadError
-from .loader import ReleaseNamespace, import_release, purge_namespace
+from .loader import ReleaseNamespace, import_release, purge_namespace, release_relative
 from .plugin import Plugin, PluginContext, _active_release
 from .templating import TEMPLATE_KINDS, ReleaseTemplateDict
 
@@ -306,11 +306,9 @@ def _compile_templates(host: Flask, release: LoadedRelease, code_cache: CodeCach
             try:
                 env.get_template(name)
             except jinja2.TemplateSyntaxError as exc:
-                file = exc.filename or name
-                try:
-                    file = str(Path(file).resolve().relative_to(release.spec.path.resolve()))
-                except ValueError:
-                    pass
+                file = name
+                if exc.filename:
+                    file = release_relative(Path(exc.filename).resolve(), release.namespace.release_dir)
                 raise PluginLoadError(
                     f"plugin {release.name!r}: template syntax error in {file} line {exc.lineno}:"
                     f" {exc.message}. Fix the template and deploy a new commit; the live"

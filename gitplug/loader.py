@@ -41,7 +41,14 @@ from .codecache import CodeCache
 from .errors import EntryPointError, PluginImportError, PluginLoadError
 from .plugin import Plugin
 
-__all__ = ["ReleaseNamespace", "import_release", "purge_namespace", "find_entry"]
+__all__ = [
+    "ReleaseNamespace",
+    "import_release",
+    "purge_namespace",
+    "find_entry",
+    "fault_location",
+    "release_relative",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -260,7 +267,8 @@ def _refuse_shadowing(package: str, plugin_name: str) -> None:
         )
 
 
-def _relative(path: str | Path, release_dir: Path) -> str:
+def release_relative(path: str | Path, release_dir: Path) -> str:
+    """``path`` relative to the release directory, for messages; as given if outside."""
     try:
         return str(Path(path).relative_to(release_dir))
     except ValueError:
@@ -276,12 +284,12 @@ def _compile_package(namespace: ReleaseNamespace) -> list[str]:
             continue
         if path.suffix in _NATIVE_SUFFIXES or path.name.endswith(_NATIVE_SUFFIXES):
             raise PluginImportError(
-                f"plugin {namespace.plugin_name!r}: {_relative(path, namespace.release_dir)} is a"
+                f"plugin {namespace.plugin_name!r}: {release_relative(path, namespace.release_dir)} is a"
                 " native extension module; native code cannot be unloaded, so gitplug refuses"
                 " it. Install native dependencies in the host environment instead.",
                 plugin=namespace.plugin_name,
                 release=namespace.release_id,
-                file=_relative(path, namespace.release_dir),
+                file=release_relative(path, namespace.release_dir),
             )
         if path.suffix != ".py" or not path.is_file():
             continue
@@ -300,7 +308,7 @@ def _compile_package(namespace: ReleaseNamespace) -> list[str]:
             else:
                 namespace.codes[str(path)] = compile(source, str(path), "exec", dont_inherit=True)
         except SyntaxError as exc:
-            rel_file = _relative(exc.filename or path, namespace.release_dir)
+            rel_file = release_relative(exc.filename or path, namespace.release_dir)
             raise PluginImportError(
                 f"plugin {namespace.plugin_name!r}: syntax error in {rel_file} line"
                 f" {exc.lineno}: {exc.msg}. Fix the file and deploy a new commit;"
@@ -316,15 +324,15 @@ def _compile_package(namespace: ReleaseNamespace) -> list[str]:
     return modules
 
 
-def _fault_location(exc: BaseException, namespace: ReleaseNamespace) -> tuple[str | None, int | None]:
+def fault_location(exc: BaseException, release_dir: Path) -> tuple[str | None, int | None]:
     """The innermost traceback frame inside the release, as (file, line)."""
     location: tuple[str | None, int | None] = (None, None)
-    release = str(namespace.release_dir)
+    release = str(release_dir)
     for frame in traceback.extract_tb(exc.__traceback__):
         if frame.filename.startswith(release):
-            location = (_relative(frame.filename, namespace.release_dir), frame.lineno)
+            location = (release_relative(frame.filename, release_dir), frame.lineno)
     if isinstance(exc, SyntaxError) and exc.filename and exc.filename.startswith(release):
-        location = (_relative(exc.filename, namespace.release_dir), exc.lineno)
+        location = (release_relative(exc.filename, release_dir), exc.lineno)
     return location
 
 
@@ -387,7 +395,7 @@ def _import_module(name: str, namespace: ReleaseNamespace) -> None:
     except BaseException as exc:  # noqa: BLE001 - import-time code may raise anything, SystemExit included
         if isinstance(exc, KeyboardInterrupt):
             raise
-        file, line = _fault_location(exc, namespace)
+        file, line = fault_location(exc, namespace.release_dir)
         where = f" in {file} line {line}" if file else ""
         raise PluginImportError(
             f"plugin {namespace.plugin_name!r}: importing {namespace.real_name(name)} failed{where}:"

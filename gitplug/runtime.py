@@ -35,6 +35,7 @@ from .codecache import CodeCache
 from .errors import HealthCheckFailed, MountError, OnLoadFailed, PluginLoadError
 from .hooks import ENVIRON_SNAPSHOT, LayeredErrorHandlers, LayeredHooks, LayeredViews
 from .loaded import HOOK_REGISTRIES, LoadedRelease, ReleaseSpec, build_release
+from .loader import fault_location
 from .pinning import PinRequests
 from .plugin import ENVIRON_RELEASE
 from .routing import SnapshotAdapter, install_snapshot_map
@@ -480,13 +481,7 @@ class Runtime:
 
 
 def _location(exc: BaseException, release: LoadedRelease) -> dict[str, t.Any]:
-    import traceback
-
-    root = str(release.spec.path.resolve())
-    file = line = None
-    for frame in traceback.extract_tb(exc.__traceback__):
-        if frame.filename.startswith(root):
-            file, line = frame.filename[len(root) + 1 :], frame.lineno
+    file, line = fault_location(exc, release.namespace.release_dir)
     return {"file": file, "line": line}
 
 
