@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 from gitplug._config_types import DEFAULT_TEST_COMMAND, AutoRollback, GitplugConfig, PluginConfig
 from gitplug._config_yaml import _Interpolated, _KeyPath, _plain, _Report, _show
 from gitplug.errors import ConfigError
+from gitplug.snapshot import prefixes_overlap, under_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -78,10 +79,6 @@ def _prefix_problem(prefix: str) -> str | None:
     if _BAD_PREFIX_CHAR.search(prefix):
         return "no spaces, '<', '>' (converters), '?' or '#'"
     return None
-
-
-def _nests(outer: str, inner: str) -> bool:
-    return inner == outer or inner.startswith(outer + "/")
 
 
 class _Checker:
@@ -379,15 +376,15 @@ class _Checker:
         seen: list[PluginConfig] = []
         for plugin in plugins.values():
             path = ("plugins", plugin.name, "url_prefix")
-            if _nests(api_prefix, plugin.url_prefix) or _nests(plugin.url_prefix, api_prefix):
+            if prefixes_overlap(api_prefix, plugin.url_prefix):
                 self.report.add(path, f"url_prefix {plugin.url_prefix!r} of plugin "
                                       f"{plugin.name!r} clashes with api_prefix {api_prefix!r} "
                                       "(gitplug's own API); choose another url_prefix or "
                                       "set api_prefix")
             for other in seen:
                 a, b = other.url_prefix, plugin.url_prefix
-                if _nests(a, b) or _nests(b, a):
-                    how = "is the same as" if a == b else ("is inside" if _nests(a, b)
+                if prefixes_overlap(a, b):
+                    how = "is the same as" if a == b else ("is inside" if under_prefix(b, a)
                                                            else "contains")
                     self.report.add(path, f"url_prefix {b!r} of plugin {plugin.name!r} {how} "
                                           f"url_prefix {a!r} of plugin {other.name!r}; give "

@@ -39,7 +39,7 @@ from .loader import fault_location
 from .pinning import PinRequests
 from .plugin import ENVIRON_RELEASE
 from .routing import SnapshotAdapter, install_snapshot_map
-from .snapshot import Snapshot
+from .snapshot import Snapshot, prefixes_overlap, under_prefix
 from .templating import TEMPLATE_KINDS, install_routing_environment, install_template_layers
 
 __all__ = ["Runtime"]
@@ -175,21 +175,14 @@ class Runtime:
                 f" {name!r}. Rename the plugin in the configuration."
             )
         for rule in self.app.url_map.iter_rules():
-            path = rule.rule
-            if path == url_prefix or path.startswith(url_prefix + "/"):
+            if under_prefix(rule.rule, url_prefix):
                 raise MountError(
                     f"plugin {name!r}: url_prefix {url_prefix!r} would hide the host's route"
-                    f" {path!r} (endpoint {rule.endpoint!r}). Choose another url_prefix."
+                    f" {rule.rule!r} (endpoint {rule.endpoint!r}). Choose another url_prefix."
                 )
-        for other in self.snapshot.releases.values():
-            if other.name == name:
-                continue
-            a, b = other.prefix, url_prefix
-            if a == b or a.startswith(b + "/") or b.startswith(a + "/"):
-                raise MountError(
-                    f"plugin {name!r}: url_prefix {url_prefix!r} overlaps plugin"
-                    f" {other.name!r} at {other.prefix!r}. Give each plugin its own prefix."
-                )
+        clash = _prefix_clash(name, url_prefix, self.snapshot.releases.values())
+        if clash is not None:
+            raise MountError(clash)
 
     def swap_lock(self, name: str) -> threading.Lock:
         """The lock that serialises loads and swaps of one plugin."""
@@ -256,15 +249,13 @@ class Runtime:
 
     def _clash(self, release: LoadedRelease, others: t.Iterable[LoadedRelease]) -> str | None:
         """Why ``release`` cannot be live beside ``others``, or None."""
+        others = list(others)
+        clash = _prefix_clash(release.name, release.prefix, others)
+        if clash is not None:
+            return clash
         for other in others:
             if other.name == release.name:
                 continue
-            a, b = other.prefix, release.prefix
-            if a == b or a.startswith(b + "/") or b.startswith(a + "/"):
-                return (
-                    f"plugin {release.name!r}: url_prefix {b!r} overlaps plugin {other.name!r} at"
-                    f" {a!r}. Give each plugin its own prefix."
-                )
             for kind in TEMPLATE_KINDS:
                 shared = set(release.template_registrations.get(kind, ())) & set(
                     other.template_registrations.get(kind, ())
@@ -478,6 +469,17 @@ class Runtime:
         if self._reaper is not None and self._reaper.is_alive():
             self._reaper_queue.put(None)
             self._reaper.join(timeout=5)
+
+
+def _prefix_clash(name: str, prefix: str, others: t.Iterable[LoadedRelease]) -> str | None:
+    """Why plugin ``name`` cannot take ``prefix`` beside ``others``, or None."""
+    for other in others:
+        if other.name != name and prefixes_overlap(other.prefix, prefix):
+            return (
+                f"plugin {name!r}: url_prefix {prefix!r} overlaps plugin {other.name!r} at"
+                f" {other.prefix!r}. Give each plugin its own prefix."
+            )
+    return None
 
 
 def _location(exc: BaseException, release: LoadedRelease) -> dict[str, t.Any]:

@@ -16,9 +16,19 @@ from collections.abc import Mapping
 if t.TYPE_CHECKING:
     from .loaded import LoadedRelease
 
-__all__ = ["Snapshot"]
+__all__ = ["Snapshot", "under_prefix", "prefixes_overlap"]
 
 _ONE_SEGMENT = [1]
+
+
+def under_prefix(path: str, prefix: str) -> bool:
+    """True if URL ``path`` is ``prefix`` itself or lies below it (by whole segments)."""
+    return path == prefix or path.startswith(prefix + "/")
+
+
+def prefixes_overlap(a: str, b: str) -> bool:
+    """True if one URL prefix is, or lies inside, the other."""
+    return under_prefix(a, b) or under_prefix(b, a)
 
 
 class Snapshot:
