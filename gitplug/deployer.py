@@ -179,7 +179,7 @@ class Deployer:
         plugin = self.plugin_config(name)
         say = _timed(name, progress)
         explicit = trigger in EXPLICIT_TRIGGERS
-        with self.lock_for(name).held():
+        with self.lock_for(name):
             state = self.store.get_plugin(name)
             if not explicit and state is not None:
                 # Re-checked under the lock: a rollback may have pinned or a
@@ -463,14 +463,14 @@ class Deployer:
         ref again (polls and webhooks apply), still serving what it served.
         """
         plugin = self.plugin_config(name)
-        with self.lock_for(name).held():
+        with self.lock_for(name):
             self.store.update_plugin(name, pin=None)
         return self.deploy(name, ref=plugin.ref, trigger=trigger, progress=progress)
 
     def stop(self, name: str) -> None:
         """Record ``name`` as stopped; serving runtimes unmount it."""
         self.plugin_config(name)
-        with self.lock_for(name).held():
+        with self.lock_for(name):
             self.store.update_plugin(name, state=PluginStateValue.STOPPED)
             if self.runtime is not None:
                 self.runtime.stop(name)
@@ -478,7 +478,7 @@ class Deployer:
     def start(self, name: str) -> None:
         """Record ``name`` as live again on the commit it had."""
         self.plugin_config(name)
-        with self.lock_for(name).held():
+        with self.lock_for(name):
             state = self.store.get_plugin(name)
             if state is None or not state.live_commit:
                 raise GitplugError(

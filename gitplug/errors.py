@@ -20,7 +20,6 @@ codes (see :mod:`gitplug.cli`)::
     │   └── HealthCheckFailed    ``health_check`` returned False or raised
     ├── MountError               a prefix or name clashes with the host or another plugin
     ├── StateError               the state store could not be read or written
-    ├── DeployInProgress         another deploy of the plugin holds its lock
     ├── WebhookRejected          a webhook request is refused (carries the HTTP status)
     └── BadInput                 the command line names something that does not exist
 """
@@ -189,9 +188,6 @@ class MountError(GitplugError):
 class StateError(GitplugError):
     """The state store could not be read or written."""
 
-
-class DeployInProgress(GitplugError):
-    """Another deploy of the same plugin holds its lock."""
 
 
 class WebhookRejected(GitplugError):

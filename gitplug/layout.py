@@ -15,12 +15,8 @@ import fcntl
 import os
 import threading
 import typing as t
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-
-from .errors import DeployInProgress
 
 __all__ = ["DataLayout", "FileLock"]
 
@@ -109,25 +105,11 @@ class FileLock:
             os.close(fd)
         self._thread_lock.release()
 
-    @contextmanager
-    def held(self, what: str = "") -> Iterator[None]:
-        """Hold the lock (blocking) for the ``with`` block."""
-        self.acquire()
-        try:
-            yield
-        finally:
-            self.release()
-
     def __enter__(self) -> FileLock:
+        """``with lock:`` holds it (blocking) for the block."""
         self.acquire()
         return self
 
     def __exit__(self, *exc: t.Any) -> None:
         self.release()
 
-
-def raise_in_progress(plugin: str, path: Path) -> t.NoReturn:
-    raise DeployInProgress(
-        f"plugin {plugin!r}: another deploy holds {path}; wait for it to finish"
-        " (`gitplug status`) and try again."
-    )

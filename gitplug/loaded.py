@@ -114,10 +114,6 @@ class LoadedRelease:
     def commit(self) -> str | None:
         return self.spec.commit
 
-    def owns_scope(self, scope: str) -> bool:
-        """True if ``scope`` (a blueprint name) belongs to this plugin."""
-        return scope == self.name or scope.startswith(self.name + ".")
-
     def run_in_context(self, func: t.Callable[[], t.Any]) -> t.Any:
         """Call ``func`` with :data:`current_plugin` set to this release."""
         token = _active_release.set(self)
