@@ -185,6 +185,8 @@ class Deployer:
                 # Re-checked under the lock: a rollback may have pinned or a
                 # stop may have stopped the plugin while this trigger waited.
                 if state.pin or state.state == PluginStateValue.STOPPED:
+                    why = f"pinned at {state.pin}" if state.pin else "stopped"
+                    logger.info("plugin %s: %s; ignoring the %s trigger", name, why, trigger)
                     return None
             target = ref or (state.pin if state and state.pin else None) or plugin.ref
             started = time.monotonic()

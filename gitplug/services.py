@@ -283,13 +283,8 @@ class HostServices:
             self.queue.submit(Trigger(request.plugin, request.trigger, request.ref))
 
     def _run_trigger(self, trigger: Trigger) -> DeployRecord | None:
-        if trigger.kind in ("poll", "webhook", "config"):
-            state = self.store.get_plugin(trigger.plugin)
-            if state is not None and state.pin:
-                logger.info("plugin %s: pinned at %s; ignoring %s", trigger.plugin, state.pin, trigger.kind)
-                return None
-            if state is not None and state.state == PluginStateValue.STOPPED:
-                return None
+        # The deployer itself ignores background triggers of a pinned or
+        # stopped plugin (checked under the plugin's lock).
         return self.deployer.deploy(trigger.plugin, ref=trigger.ref, trigger=trigger.kind)
 
     # -- the entry point for webhooks and the API ------------------------------------
