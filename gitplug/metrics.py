@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import time
 import typing as t
-from collections import Counter
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
@@ -69,9 +68,9 @@ class _GitplugCollector:
         )
         workers = GaugeMetricFamily("gitplug_workers", "Serving processes with a recent heartbeat.")
         if config is not None and state.store is not None:
-            for name in config.plugins:
-                counts = Counter(r.result.value for r in state.store.history(name, limit=None))
-                for result, count in sorted(counts.items()):
+            # One GROUP BY per scrape, not every plugin's whole history.
+            for (name, result), count in sorted(state.store.deploy_counts().items()):
+                if name in config.plugins:
                     deploys.add_metric([name, result], count)
             workers.add_metric([], len(state.store.workers()))
         for name, release in state.runtime.snapshot.releases.items():

@@ -417,6 +417,13 @@ class SQLiteStateStore:
         )
         return [_deploy_from_row(row) for row in rows]
 
+    def deploy_counts(self) -> dict[tuple[str, str], int]:
+        rows = self._read(
+            "count deploys",
+            "SELECT plugin, result, COUNT(*) FROM deploys GROUP BY plugin, result",
+        )
+        return {(row[0], row[1]): int(row[2]) for row in rows}
+
     def last_deploy(self, plugin: str) -> DeployRecord | None:
         records = self.history(plugin, limit=1)
         return records[0] if records else None

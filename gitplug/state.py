@@ -258,6 +258,9 @@ class StateStore(Protocol):
     def last_deploy(self, plugin: str) -> DeployRecord | None:
         """The plugin's newest deploy, running or finished, or None."""
 
+    def deploy_counts(self) -> dict[tuple[str, str], int]:
+        """How many deploys each plugin has per result: ``{(plugin, result): n}``."""
+
     def mark_running_interrupted(self, host: str | None = None) -> list[DeployRecord]:
         """Turn RUNNING deploys of ``host`` (default: this machine) into INTERRUPTED.
 

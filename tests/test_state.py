@@ -481,3 +481,15 @@ def test_deploy_requests_are_taken_once_in_order(db: Path) -> None:
         (first + 1, "world", "api", "v2"),
     ]
     assert store.take_deploy_requests() == []
+
+
+def test_deploy_counts_per_plugin_and_result(db: Path) -> None:
+    store = SQLiteStateStore(db)
+    for plugin, result in [("a", DeployResult.LIVE), ("a", DeployResult.LIVE), ("a", DeployResult.FAILED),
+                           ("b", DeployResult.SKIPPED)]:
+        record = store.start_deploy(plugin, trigger="cli", ref="main")
+        store.finish_deploy(record.id, result=result)
+    store.start_deploy("b", trigger="poll", ref="main")  # still running
+    assert store.deploy_counts() == {
+        ("a", "live"): 2, ("a", "failed"): 1, ("b", "skipped"): 1, ("b", "running"): 1,
+    }
