@@ -261,6 +261,19 @@ class GitSource:
             for blob_sha in blob_shas:
                 yield _raw(repo, blob_sha, 3)
 
+    def tags(self, plugin: str, url: str) -> list[tuple[str, str, int]]:
+        """``(tag, commit sha, commit time)`` of the mirror's tags, newest commit first.
+
+        Reads the local mirror only; FetchError before the first fetch.
+        """
+        found = []
+        with self._open_mirror(plugin, url, None) as repo:
+            for name, sha in repo.refs.as_dict(b"refs/tags").items():
+                obj = _peel(repo, sha)
+                if isinstance(obj, Commit):
+                    found.append((name.decode(), obj.id.decode(), obj.commit_time))
+        return sorted(found, key=lambda tag: tag[2], reverse=True)
+
     def has_commit(self, url: str, sha: str) -> bool:
         """Whether the mirror holds commit ``sha`` (full hex). Never raises."""
         if len(sha) != 40 or not _HEX.match(sha):

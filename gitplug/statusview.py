@@ -20,10 +20,6 @@ import typing as t
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from dulwich.errors import NotGitRepository
-from dulwich.objects import Commit, Tag
-from dulwich.repo import Repo
-
 from .config import PluginConfig
 from .errors import GitplugError
 from .gitsource import redact_url
@@ -143,22 +139,14 @@ def _commit_view(deployer: t.Any, plugin: PluginConfig, sha: str) -> CommitView:
 
 def _tags(deployer: t.Any, plugin: PluginConfig) -> list[tuple[str, str]]:
     """(tag, commit) of the mirror's tags, newest commit first; [] before the first fetch."""
-    mirror = deployer.git.mirror_path(plugin.repo)
-    if not mirror.is_dir():
+    if not deployer.git.mirror_path(plugin.repo).is_dir():
         return []
-    found: list[tuple[int, str, str]] = []
     try:
-        with Repo(str(mirror)) as repo:
-            for name, sha in repo.refs.as_dict(b"refs/tags").items():
-                obj = repo[sha]
-                while isinstance(obj, Tag):
-                    obj = repo[obj.object[1]]
-                if isinstance(obj, Commit):
-                    found.append((obj.commit_time, name.decode(), obj.id.decode()))
-    except (OSError, KeyError, ValueError, NotGitRepository) as exc:
-        logger.warning("plugin %s: could not list the tags of %s: %s", plugin.name, mirror, exc)
-    found.sort(reverse=True)
-    return [(name, sha) for _, name, sha in found[:CHOICE_LIMIT]]
+        tags = deployer.git.tags(plugin.name, plugin.repo)
+    except GitplugError as exc:
+        logger.warning("plugin %s: could not list its tags: %s", plugin.name, exc)
+        return []
+    return [(name, sha) for name, sha, _ in tags[:CHOICE_LIMIT]]
 
 
 def _choices(

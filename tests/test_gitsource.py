@@ -413,3 +413,18 @@ def test_mirror_names_are_stable_safe_and_distinct(source: GitSource) -> None:
     assert re.fullmatch(r"[A-Za-z0-9._-]+", scp.name)
     assert normalise_url("ssh://git@Host:22/x/") == "ssh://git@host:22/x"
     assert redact_url("https://u:p@h/x") == "https://u:***@h/x"
+
+
+
+def test_tags_lists_lightweight_and_annotated_tags_newest_first(tmp_path: Path, source: GitSource) -> None:
+    repo = GitRepo(tmp_path / "tagged")
+    repo.write("a.txt", "a")
+    first = repo.commit("first", timestamp=T0)
+    repo.tag("light")
+    repo.write("a.txt", "b")
+    second = repo.commit("second", timestamp=T0 + 100)
+    repo.tag("annotated", annotated=True, message="second release")
+    with pytest.raises(FetchError, match="has not been fetched yet"):
+        source.tags("hello", repo.url)
+    source.fetch("hello", repo.url)
+    assert source.tags("hello", repo.url) == [("annotated", second, T0 + 100), ("light", first, T0)]
