@@ -183,9 +183,6 @@ class HostServices:
                     self._apply(name, self.store.get_plugin(name))
                 finally:
                     lock.release_local()
-            for name in list(self.runtime.snapshot.releases):
-                if name not in self.config.plugins:
-                    self.runtime.stop(name)
             if complete:
                 self._seen_counter = counter
 
@@ -340,6 +337,10 @@ class HostServices:
         )
         old = self.config
         self.set_config(new)
+        for name in diff.removed:
+            # Only what the configuration removed: plugins this process serves
+            # from elsewhere (`serve --dev`, load_directory) are not its to stop.
+            self.runtime.stop(name)
         for name in diff.changed:
             live = self.runtime.live(name)
             before, after = old.plugins[name], new.plugins[name]

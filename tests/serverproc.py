@@ -197,8 +197,11 @@ class Server:
     blocks on a full pipe.
     """
 
-    def __init__(self, config: Path, *, env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, config: Path, *, env: Mapping[str, str] | None = None, extra: t.Sequence[str] = ()
+    ) -> None:
         self.config = config
+        self.extra = list(extra)
         self.env = dict(env) if env is not None else clean_env()
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
@@ -208,7 +211,7 @@ class Server:
     def __enter__(self) -> t.Self:
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
-                [*CLI, "serve", "-c", str(self.config), "--port", str(self.port)],
+                [*CLI, "serve", "-c", str(self.config), "--port", str(self.port), *self.extra],
                 cwd=self.config.parent,
                 env=self.env,
                 stdout=log,

@@ -392,3 +392,24 @@ def test_config_reload_while_serving(tmp_path: Path, repo: GitRepo, config: Path
             what="the changed ref deployed",
         )
     assert "Traceback" not in server.log()
+
+
+def test_serve_dev_swaps_on_every_save_that_loads(tmp_path: Path) -> None:
+    """`gitplug serve --dev NAME=PATH`: a good save goes live, a broken one is reported."""
+    plugin_dir = tmp_path / "workdir"
+    views = plugin_dir / "devplug" / "views.py"
+    views.parent.mkdir(parents=True)
+    (plugin_dir / "devplug" / "__init__.py").write_text(
+        "from gitplug import Plugin\n\nplugin = Plugin('devplug', __name__)\n\nfrom . import views  # noqa\n"
+    )
+    views.write_text("from . import plugin\n\n@plugin.route('/')\ndef index():\n    return 'first'\n")
+    config = tmp_path / "deploy.yaml"
+    config.write_text("data_dir: data\nplugins: {}\n")
+    with Server(config, extra=["--dev", f"devplug={plugin_dir}"]) as server:
+        wait_for(lambda: server.get("/devplug/") == "200 first", timeout=30, what="the first load")
+        views.write_text(views.read_text().replace("'first'", "'second'"))
+        wait_for(lambda: server.get("/devplug/") == "200 second", timeout=30, what="the saved change")
+        views.write_text(views.read_text() + "\ndef broken(:\n")
+        wait_for(lambda: "devplug/views.py line" in server.log(), timeout=30, what="the load error")
+        assert server.get("/devplug/") == "200 second"
+        assert "previous release keeps serving" in server.log()
