@@ -39,10 +39,10 @@ from pathlib import Path
 
 import pytest
 from flask import Flask
-from gitrepo import GitRepo
 
 from gitplug import GitPlug, signals
 from gitplug.state import DeployRecord, DeployResult
+from gitrepo import GitRepo
 
 logger = logging.getLogger(__name__)
 

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+
 from gitrepo import GitRepo
 
 ADMIN_TOKEN = "gunicorn-test-admin-token"

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from gitrepo import GitRepo
 
 #: The keys SPEC 10 gives a deploy record.

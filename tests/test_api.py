@@ -21,8 +21,10 @@ from pathlib import Path
 
 import pytest
 from flask import Flask
-from gitrepo import GitRepo
 from prometheus_client.parser import text_string_to_metric_families
+
+from gitplug import GitPlug
+from gitrepo import GitRepo
 from serverproc import (
     RECORD_KEYS,
     STATUS_KEYS,
@@ -35,8 +37,6 @@ from serverproc import (
     within,
     write_version,
 )
-
-from gitplug import GitPlug
 
 TOKEN = "admin-" + uuid.uuid4().hex
 SECRET = "hook-" + uuid.uuid4().hex

@@ -21,13 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import serve_wsgi
 from flask import Flask
-from gitrepo import GitRepo
 
+from conftest import serve_wsgi
 from gitplug import GitPlug, signals
 from gitplug.state import DeployResult
 from gitplug.triggers import Trigger
+from gitrepo import GitRepo
 
 PLUGIN_INIT = """
 from gitplug import Plugin, current_plugin

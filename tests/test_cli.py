@@ -20,6 +20,9 @@ import time
 from pathlib import Path
 
 import pytest
+
+from gitplug.config import load_config
+from gitplug.state import open_state_store
 from gitrepo import GitRepo
 from serverproc import (
     RECORD_KEYS,
@@ -35,9 +38,6 @@ from serverproc import (
     write_config,
     write_version,
 )
-
-from gitplug.config import load_config
-from gitplug.state import open_state_store
 
 
 @pytest.fixture

@@ -38,7 +38,6 @@ from pathlib import Path
 import psutil
 import pytest
 from flask import Flask
-from gitrepo import GitRepo, serve_http
 
 from gitplug import GitPlug
 from gitplug.config import load_config
@@ -51,6 +50,7 @@ from gitplug.state import (
     StateStore,
     open_state_store,
 )
+from gitrepo import GitRepo, serve_http
 
 PLUGIN_INIT = """
 import os

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+
 from faults_site import (
     DEFAULT_GATE,
     Host,
@@ -22,7 +23,6 @@ from faults_site import (
     make_host_fixture,  # noqa: F401
     plugin_files,
 )
-
 from gitplug.state import DeployRecord, DeployResult
 
 # =========================================================================== plugin code

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from flask import Flask
+
 from faults_site import (
     UNSET_VAR,
     Host,
     make_host_fixture,  # noqa: F401
     v1_repo,
 )
-from flask import Flask
-
 from gitplug import GitPlug
 from gitplug.cli import cli
 from gitplug.config import load_config

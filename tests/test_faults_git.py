@@ -14,6 +14,7 @@ import typing as t
 from pathlib import Path
 
 import pytest
+
 from faults_site import (
     Host,
     MiB,
@@ -22,9 +23,8 @@ from faults_site import (
     plugin_files,
     v1_repo,
 )
-from gitrepo import MODE_EXEC, MODE_FILE, MODE_GITLINK, MODE_LINK, GitRepo, serve_http
-
 from gitplug.state import DeployResult
+from gitrepo import MODE_EXEC, MODE_FILE, MODE_GITLINK, MODE_LINK, GitRepo, serve_http
 
 # =========================================================================== git
 

@@ -18,6 +18,7 @@ import typing as t
 from pathlib import Path
 
 import pytest
+
 from faults_site import (
     DEFAULT_GATE,
     PASSING_TEST,
@@ -28,7 +29,6 @@ from faults_site import (
     make_host_fixture,  # noqa: F401
     plugin_files,
 )
-
 from gitplug import signals
 from gitplug.state import DeployRecord, DeployResult, parse_iso
 

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 from dulwich.objects import Commit, Tree
-from gitrepo import MODE_EXEC, MODE_FILE, MODE_GITLINK, MODE_LINK, GitRepo, serve_http
 
 from gitplug.errors import FetchError, RefNotFound, SourceError
 from gitplug.gitsource import (
@@ -23,6 +22,7 @@ from gitplug.gitsource import (
     normalise_url,
     redact_url,
 )
+from gitrepo import MODE_EXEC, MODE_FILE, MODE_GITLINK, MODE_LINK, GitRepo, serve_http
 
 T0 = 1_700_000_000
 

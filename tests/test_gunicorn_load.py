@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 
 import pytest
+
 from gunicorn_fixtures import site_fixture  # noqa: F401
 from gunicorn_served import Served, decode, first_serving, mixed, regressions
 from gunicorn_site import (

@@ -20,6 +20,7 @@ import sys
 import time
 
 import pytest
+
 from gunicorn_fixtures import gated_site_fixture, site_fixture  # noqa: F401
 from gunicorn_served import decode, first_serving, killed_in_flight, mixed, regressions
 from gunicorn_site import (

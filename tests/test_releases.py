@@ -12,11 +12,11 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from gitrepo import MODE_EXEC, MODE_FILE, MODE_GITLINK, MODE_LINK, GitRepo
 
 from gitplug.errors import RefNotFound, StagingError, UnsafeTree
 from gitplug.gitsource import GitSource
 from gitplug.releases import Release, ReleaseStore, TestRecord
+from gitrepo import MODE_EXEC, MODE_FILE, MODE_GITLINK, MODE_LINK, GitRepo
 
 
 @pytest.fixture()
