@@ -120,3 +120,34 @@ def test_the_pipeline_over_http(tmp_path: Path) -> None:
             assert served(app) == v1[:7]
         finally:
             gp.shutdown()
+
+
+def test_background_starts_on_the_first_request_and_only_once(tmp_path: Path) -> None:
+    """Importing the app (Flask's reloader parent, gunicorn's master) starts nothing."""
+    repo = GitRepo(tmp_path / "repo")
+    commit_plugin(repo, "v1")
+
+    def gitplug_threads() -> list[str]:
+        return sorted(t.name for t in threading.enumerate() if t.name.startswith("gitplug-"))
+
+    before = gitplug_threads()
+    app, gp = host(tmp_path, repo.url)
+    try:
+        assert gitplug_threads() == before
+        services = app.extensions["gitplug"].services
+        assert not services.scheduler._started
+        for _ in range(3):
+            with app.test_client() as client:
+                client.get("/", buffered=True)
+        services_threads = [n for n in gitplug_threads() if n in ("gitplug-control", "gitplug-converge")]
+        assert services_threads == ["gitplug-control", "gitplug-converge"]  # once each
+        pause = threading.Event()
+        for _ in range(100):  # the control thread elects itself, then starts the scheduler
+            if services.scheduler._started:
+                break
+            pause.wait(0.05)
+        assert services.scheduler._started
+        assert [job.id for job in services.scheduler.jobs] == ["poll:hello"]
+    finally:
+        gp.shutdown()
+    assert [name for name in gitplug_threads() if name in ("gitplug-control", "gitplug-converge")] == []
