@@ -33,8 +33,8 @@ from types import MappingProxyType
 from flask import Flask
 
 from gitplug import GitPlug
-from gitplug.loaded import ReleaseSpec
-from gitplug.runtime import Runtime
+from gitplug.runtime.loaded import ReleaseSpec
+from gitplug.runtime.swap import Runtime
 
 from .figures import Figure, FigureSpec, Target, Unmeasurable, figure, spread
 from .fixtures import environ_for, native_blueprint, stage_example, write_synthetic_plugin, wsgi_call

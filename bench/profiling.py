@@ -39,7 +39,7 @@ from pathlib import Path
 from flask import Flask
 
 from gitplug import GitPlug
-from gitplug.loaded import ReleaseSpec
+from gitplug.runtime.loaded import ReleaseSpec
 
 from .fixtures import (
     commit_version,

@@ -25,7 +25,7 @@ from .errors import (
     TestGateFailed,
     UnsafeTree,
 )
-from .plugin import Plugin, PluginContext, current_plugin
+from .runtime.plugin import Plugin, PluginContext, current_plugin
 
 if t.TYPE_CHECKING:
     from .extension import GitPlug

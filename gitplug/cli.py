@@ -111,7 +111,7 @@ def _store(config: GitplugConfig) -> StateStore:
 
 
 def _deployer(config: GitplugConfig) -> t.Any:
-    from .deployer import Deployer
+    from .deploy.pipeline import Deployer
 
     return Deployer(config, _store(config))
 

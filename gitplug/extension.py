@@ -19,15 +19,15 @@ from types import MappingProxyType
 
 from flask import Flask, current_app
 
-from .codecache import CodeCache
 from .config import GitplugConfig, config_from_mapping, load_config
-from .deployer import Deployer
-from .devdir import DirectoryWatcher, snapshot_directory
+from .deploy.pipeline import Deployer
 from .errors import ConfigError, GitplugError, PluginLoadError
-from .loaded import LoadedRelease, ReleaseSpec
-from .runtime import Runtime
+from .runtime.codecache import CodeCache
+from .runtime.devdir import DirectoryWatcher, snapshot_directory
+from .runtime.loaded import LoadedRelease, ReleaseSpec
+from .runtime.swap import Runtime
 from .services import HostServices
-from .state import DeployRecord, open_state_store
+from .state import DeployRecord, StateStore, open_state_store
 from .status import build_status
 
 __all__ = ["GitPlug"]
@@ -80,7 +80,7 @@ class GitPlug:
             state.services = HostServices(config, store, deployer, runtime)
             state.services.on_config.append(lambda new: setattr(state, "config", new))
             state.services.restore()
-            from .admin import register_admin
+            from .web.admin import register_admin
 
             register_admin(app, self, config)
             app.wsgi_app = _StartServices(app.wsgi_app, state.services)  # type: ignore[method-assign]
@@ -236,10 +236,24 @@ class GitPlug:
         """Unpin ``name`` and deploy its tracked ref."""
         return self._require().deployer.resume(name, trigger=trigger)  # type: ignore[union-attr]
 
-    def status(self) -> dict[str, t.Any]:
-        """The data of ``gitplug status --json``."""
+    def status(self, only: str | None = None) -> dict[str, t.Any]:
+        """The data of ``gitplug status --json`` (of plugin ``only``, when given)."""
         state = self._require()
-        return build_status(state.deployer.config, state.store, runtime=self.runtime)  # type: ignore[union-attr,arg-type]
+        return build_status(state.deployer.config, state.store, runtime=self.runtime, only=only)  # type: ignore[union-attr,arg-type]
+
+    @property
+    def store(self) -> StateStore:
+        """The state store (internal API; None until a configuration is given)."""
+        return self._state.store  # type: ignore[no-any-return]
+
+    @property
+    def deployer(self) -> Deployer:
+        """The pipeline of this application (internal API)."""
+        return self._require().deployer  # type: ignore[return-value]
+
+    def queue_deploy(self, name: str, trigger: str) -> None:
+        """Queue a background deploy of ``name``: coalesced, run by the controller."""
+        self._require().services.trigger(name, trigger)  # type: ignore[union-attr]
 
     def history(self, name: str, *, limit: int = 50) -> list[DeployRecord]:
         """Deploys of ``name``, newest first."""

@@ -28,14 +28,14 @@ import uuid
 from concurrent.futures import Future
 from pathlib import Path
 
-from .autorollback import AutoRollbackWatch
 from .config import ConfigDiff, GitplugConfig, diff_plugins, load_config
-from .deployer import Deployer
+from .deploy.autorollback import AutoRollbackWatch
+from .deploy.layout import DataLayout, FileLock
+from .deploy.pipeline import Deployer
+from .deploy.triggers import PollScheduler, Trigger, TriggerQueue
 from .errors import GitplugError
-from .layout import DataLayout, FileLock
-from .runtime import Runtime
+from .runtime.swap import Runtime
 from .state import DeployRecord, DeployResult, PluginState, PluginStateValue, StateStore, WorkerInfo
-from .triggers import PollScheduler, Trigger, TriggerQueue
 
 __all__ = ["HostServices"]
 

@@ -10,6 +10,12 @@ Each is sent with the :class:`~gitplug.GitPlug`-managed Flask app as sender
     deploy_succeeded    plugin, deploy
     deploy_failed       plugin, deploy, error
     rolled_back         plugin, deploy, from_commit, to_commit, reason
+    stage_finished      plugin, stage=<fetch|stage|test|load|swap>, seconds=<float>
+    poll_succeeded      plugin, at=<unix time>
+
+``stage_finished`` and ``poll_succeeded`` are sent by the deployer with itself
+as sender; the metrics of :mod:`gitplug.web.metrics` subscribe to them, so
+the pipeline never imports the HTTP face.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ __all__ = [
     "deploy_succeeded",
     "deploy_failed",
     "rolled_back",
+    "stage_finished",
+    "poll_succeeded",
 ]
 
 _signals = Namespace()
@@ -35,3 +43,5 @@ deploy_started = _signals.signal("gitplug-deploy-started")
 deploy_succeeded = _signals.signal("gitplug-deploy-succeeded")
 deploy_failed = _signals.signal("gitplug-deploy-failed")
 rolled_back = _signals.signal("gitplug-rolled-back")
+stage_finished = _signals.signal("gitplug-stage-finished")
+poll_succeeded = _signals.signal("gitplug-poll-succeeded")

@@ -6,7 +6,7 @@ import typing as t
 
 from .config import GitplugConfig, PluginConfig
 from .errors import UnknownPlugin
-from .runtime import Runtime
+from .runtime.swap import Runtime
 from .state import PluginStateValue, StateStore
 
 __all__ = ["plugin_status", "build_status"]

@@ -63,7 +63,7 @@ from werkzeug.test import TestResponse
 
 from .errors import EntryPointError, GitplugError
 from .extension import EXTENSION_KEY, GitPlug
-from .loader import find_package
+from .runtime.loader import find_package
 
 __all__ = [
     "GitplugTestClient",

@@ -25,8 +25,8 @@ from flask import Flask
 
 from conftest import serve_wsgi
 from gitplug import GitPlug, signals
+from gitplug.deploy.triggers import Trigger
 from gitplug.state import DeployResult
-from gitplug.triggers import Trigger
 from gitrepo import GitRepo
 
 PLUGIN_INIT = """

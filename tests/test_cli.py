@@ -186,7 +186,7 @@ def test_deploy_json_failure_history_and_status(
 
     proc = run_cli("-v", "deploy", "hello", "-c", config, "--json")
     assert proc.returncode == 1
-    assert "WARNING gitplug.deployer: plugin hello: deploy 4 failed at load" in proc.stderr
+    assert "WARNING gitplug.deploy.pipeline: plugin hello: deploy 4 failed at load" in proc.stderr
     failed = json.loads(proc.stdout)
     assert (failed["result"], failed["stage"], failed["commit"]) == ("failed", "load", bad)
     assert "syntax error" in failed["error"]

@@ -41,8 +41,8 @@ from flask import Flask
 
 from gitplug import GitPlug
 from gitplug.config import load_config
-from gitplug.deployer import Deployer
-from gitplug.releases import ReleaseStore
+from gitplug.deploy.pipeline import Deployer
+from gitplug.deploy.releases import ReleaseStore
 from gitplug.state import (
     INTERRUPTED_ERROR,
     DeployRecord,

@@ -16,7 +16,7 @@ import pytest
 from flask import Flask
 
 from gitplug import GitPlug, GitplugError, PluginImportError
-from gitplug.devdir import snapshot_directory
+from gitplug.runtime.devdir import snapshot_directory
 from pluginfactory import write_files
 
 WATCH_DEADLINE_S = 5.0

@@ -1,4 +1,4 @@
-"""Tests of gitplug.gitsource against real repositories (file://, path, HTTP on 127.0.0.1)."""
+"""Tests of gitplug.deploy.gitsource against real repositories (file://, path, HTTP on 127.0.0.1)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 from dulwich.objects import Commit, Tree
 
-from gitplug.errors import FetchError, RefNotFound, SourceError
-from gitplug.gitsource import (
+from gitplug.deploy.gitsource import (
     CommitInfo,
     GitSource,
     ResolvedRef,
@@ -22,6 +21,7 @@ from gitplug.gitsource import (
     normalise_url,
     redact_url,
 )
+from gitplug.errors import FetchError, RefNotFound, SourceError
 from gitrepo import MODE_EXEC, MODE_FILE, MODE_GITLINK, MODE_LINK, GitRepo, serve_http
 
 T0 = 1_700_000_000

@@ -17,6 +17,7 @@ import pytest
 from flask import Flask
 
 from gitplug import GitPlug
+from gitplug.deploy.triggers import Trigger
 from gitplug.state import DeployResult
 from gitrepo import GitRepo
 
@@ -116,7 +117,7 @@ def test_deploy_fail_rollback_resume_restart(tmp_path: Path, repo: GitRepo) -> N
         assert gp.status()["plugins"][0]["pin"] == "v1.0"
         # A poll does nothing while pinned.
         services = gp._state.services
-        assert services._run_trigger(__import__("gitplug.triggers").triggers.Trigger("hello", "poll")) is None
+        assert services._run_trigger(Trigger("hello", "poll")) is None
         assert served(app) == f"200 v1@{v1[:7]}"
 
         v7 = write_version(repo, "v7")

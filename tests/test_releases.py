@@ -1,4 +1,4 @@
-"""Tests of gitplug.releases: staging real commits, refusing unsafe trees, pruning."""
+"""Tests of gitplug.deploy.releases: staging real commits, refusing unsafe trees, pruning."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from gitplug.deploy.gitsource import GitSource
+from gitplug.deploy.releases import Release, ReleaseStore, TestRecord
 from gitplug.errors import RefNotFound, StagingError, UnsafeTree
-from gitplug.gitsource import GitSource
-from gitplug.releases import Release, ReleaseStore, TestRecord
 from gitrepo import MODE_EXEC, MODE_FILE, MODE_GITLINK, MODE_LINK, GitRepo
 
 

@@ -21,8 +21,8 @@ from flask import Flask, render_template
 
 from conftest import serve_wsgi
 from gitplug import GitPlug, GitplugError, PluginLoadError
-from gitplug.loaded import LoadedRelease
-from gitplug.plugin import STATIC_MAX_AGE
+from gitplug.runtime.loaded import LoadedRelease
+from gitplug.runtime.plugin import STATIC_MAX_AGE
 from pluginfactory import write_files
 
 THREADS = 8

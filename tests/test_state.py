@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 
-from gitplug import sqlite_store as state_module
 from gitplug.errors import StateError
 from gitplug.state import (
     DeployResult,
@@ -25,6 +24,7 @@ from gitplug.state import (
     WorkerInfo,
     open_state_store,
 )
+from gitplug.state import sqlite as state_module
 
 ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 FORK = multiprocessing.get_context("fork")

@@ -1,4 +1,4 @@
-"""The status page (gitplug.statuspage): login, CSRF, every button, the log page, a real browser.
+"""The status page (gitplug.web.statuspage): login, CSRF, every button, the log page, a real browser.
 
 Flask test-client tests run against a host app with a real git repository
 and the real pipeline (the test gate is a one-line command, so it runs for
@@ -27,7 +27,7 @@ from flask.testing import FlaskClient
 
 from gitplug import GitPlug
 from gitplug.state import DeployResult
-from gitplug.statuspage import COOKIE, LOG_TAIL_BYTES, _session_value, cookie_allows
+from gitplug.web.statuspage import COOKIE, LOG_TAIL_BYTES, _session_value, cookie_allows
 from gitrepo import GitRepo
 
 TOKEN = "s3cret-admin-token-for-tests"

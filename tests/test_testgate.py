@@ -1,4 +1,4 @@
-"""Tests for gitplug.testgate: real subprocesses, real pipes, real signals."""
+"""Tests for gitplug.deploy.testgate: real subprocesses, real pipes, real signals."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from gitplug.testgate import GateResult, run_test_gate, scrubbed_environment
+from gitplug.deploy.testgate import GateResult, run_test_gate, scrubbed_environment
 
 
 @pytest.fixture()

@@ -10,7 +10,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from gitplug import EntryPointError, GitPlug, GitplugError, PluginImportError
-from gitplug.testgate import run_test_gate
+from gitplug.deploy.testgate import run_test_gate
 from gitplug.testing import (
     PLUGIN_DIR_ENV,
     GitplugTestClient,

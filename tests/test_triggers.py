@@ -13,8 +13,8 @@ from pathlib import Path
 from flask import Flask
 
 from gitplug import GitPlug
+from gitplug.deploy.triggers import Trigger
 from gitplug.state import DeployResult
-from gitplug.triggers import Trigger
 from gitrepo import GitRepo, serve_http
 
 PLUGIN = '''

@@ -1,4 +1,4 @@
-"""Tests for gitplug.webhook: real forge payloads, real HMACs, real configurations."""
+"""Tests for gitplug.web.webhook: real forge payloads, real HMACs, real configurations."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from werkzeug.datastructures import Headers
 
 from gitplug.config import GitplugConfig, PluginConfig, config_from_mapping
 from gitplug.errors import GitplugError, StateError, UnknownPlugin
-from gitplug.webhook import (
+from gitplug.web.webhook import (
     MAX_BODY,
     PushEvent,
     WebhookRejected,

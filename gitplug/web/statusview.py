@@ -4,10 +4,10 @@
 and the rollback :func:`_choices`) from a plugin's ``gitplug status`` entry,
 its history, its releases on disk and its git mirror's tags;
 :func:`_flash_view` turns the read-once message of
-:mod:`gitplug.statuspage` into a :class:`FlashView`; :func:`_ago`,
+:mod:`gitplug.web.statuspage` into a :class:`FlashView`; :func:`_ago`,
 :func:`_duration` and :func:`_short_ref` format values for the templates.
 
-Separate from :mod:`gitplug.statuspage`, which keeps the routes, the login,
+Separate from :mod:`gitplug.web.statuspage`, which keeps the routes, the login,
 CSRF and cookies: nothing here reads the request, a cookie or the admin
 token, so what the page shows can change without touching the code that
 guards it.
@@ -20,10 +20,10 @@ import typing as t
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from .config import PluginConfig
-from .errors import GitplugError
-from .gitsource import redact_url
-from .state import DeployRecord, DeployResult, parse_iso
+from ..config import PluginConfig
+from ..deploy.gitsource import redact_url
+from ..errors import GitplugError
+from ..state import DeployRecord, DeployResult, parse_iso
 
 logger = logging.getLogger(__name__)
 

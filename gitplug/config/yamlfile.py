@@ -11,7 +11,7 @@ convert to a number or a boolean. :class:`_Report` collects the problems of
 reading and of validating, and raises them as one
 :class:`~gitplug.errors.ConfigError`.
 
-Separate from :mod:`gitplug._config_schema` because this is about YAML syntax
+Separate from :mod:`gitplug.config.schema` because this is about YAML syntax
 and line tracking, and knows none of gitplug's keys.
 """
 
@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from gitplug.errors import ConfigError
+from ..errors import ConfigError
 
 # --------------------------------------------------------------------------- reading
 

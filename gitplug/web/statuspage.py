@@ -1,6 +1,6 @@
 """The status page under ``api_prefix`` (``/_gitplug/``): see and steer every plugin.
 
-Routes (endpoints named ``page*`` on the admin blueprint; :mod:`gitplug.admin`
+Routes (endpoints named ``page*`` on the admin blueprint; :mod:`gitplug.web.admin`
 leaves their authentication to this module)::
 
     GET  /                              every plugin, its buttons and history (or the login form)
@@ -24,7 +24,7 @@ token, so changing the token logs every browser out:
 - the message after an action rides a signed, read-once cookie
   (:data:`FLASH_COOKIE`); a deploy's outcome is read back from the store by id.
 
-What the page shows of each plugin is built in :mod:`gitplug.statusview`.
+What the page shows of each plugin is built in :mod:`gitplug.web.statusview`.
 """
 
 from __future__ import annotations
@@ -45,14 +45,16 @@ from urllib.parse import urlsplit
 import jinja2
 from flask import Blueprint, Response, redirect, request, send_file, url_for
 
-from .config import GitplugConfig
-from .errors import GitplugError, UnknownPlugin
-from .releases import MiB
-from .state import DeployRecord, default_host
+from ..config import GitplugConfig
+from ..deploy.releases import MiB
+from ..errors import GitplugError, UnknownPlugin
+from ..state import DeployRecord, default_host
 from .statusview import _ago, _duration, _flash_view, _plugin_view, _short_ref
 
 if t.TYPE_CHECKING:
     from werkzeug.wrappers import Response as BaseResponse
+
+    from .facade import GitplugFacade
 
 __all__ = ["COOKIE", "FLASH_COOKIE", "cookie_allows", "csrf_token", "logged_in", "register_pages"]
 
@@ -276,7 +278,7 @@ def _tail(path: Path, limit: int) -> tuple[str, int]:
 
 
 def register_pages(
-    bp: Blueprint, gp: t.Any, current_config: t.Callable[[], GitplugConfig]
+    bp: Blueprint, gp: GitplugFacade, current_config: t.Callable[[], GitplugConfig]
 ) -> None:
     """Add the status page routes (endpoints named ``page*``) and their headers to ``bp``."""
 
@@ -302,9 +304,8 @@ def register_pages(
         config = current_config()
         if not logged_in(config):
             return _login_page(config)
-        state = gp._state
         plugins = [
-            _plugin_view(state.deployer, state.store, config.plugins[p["name"]], p)
+            _plugin_view(gp.deployer, gp.store, config.plugins[p["name"]], p)
             for p in gp.status()["plugins"]
             if p["name"] in config.plugins
         ]
@@ -313,7 +314,7 @@ def register_pages(
             "overview.html",
             config,
             plugins=plugins,
-            flash=_flash_view(state.store, flash) if flash else None,
+            flash=_flash_view(gp.store, flash) if flash else None,
             # Reload while a deploy runs so its result appears by itself; never
             # otherwise, so a half-typed ref is not wiped.
             refresh=10 if any(v.running for v in plugins) else None,
@@ -376,7 +377,7 @@ def register_pages(
         config = current_config()
         if not logged_in(config):
             return _login_page(config, status=401)
-        record: DeployRecord | None = gp._state.store.get_deploy(deploy_id)
+        record: DeployRecord | None = gp.store.get_deploy(deploy_id)
         if name not in config.plugins or record is None or record.plugin != name:
             return _refused(config, 404, f"no deploy {deploy_id} of plugin {name!r}; see its"
                             " history on the status page.")
@@ -398,7 +399,7 @@ def register_pages(
                      truncated=size > LOG_TAIL_BYTES, note=note, mib=MiB)
 
 
-def _run_action(gp: t.Any, name: str, action: str) -> dict[str, t.Any]:
+def _run_action(gp: GitplugFacade, name: str, action: str) -> dict[str, t.Any]:
     """Do ``action`` on ``name``; return the flash data reporting it. Domain errors propagate."""
     base = {"plugin": name, "action": action}
     if action in ("stop", "start"):

@@ -5,8 +5,8 @@
 * every request is pinned, on arrival, to the current :class:`Snapshot`
   (WSGI middleware, one locked counter increment);
 * Flask's URL adapter, view lookup, hook registries, error handlers and
-  template lookups answer from that snapshot (:mod:`gitplug.routing`,
-  :mod:`gitplug.hooks`, :mod:`gitplug.templating`);
+  template lookups answer from that snapshot (:mod:`gitplug.runtime.routing`,
+  :mod:`gitplug.runtime.hooks`, :mod:`gitplug.runtime.templating`);
 * :meth:`Runtime.swap` builds and verifies a new release completely, then
   publishes a new snapshot with one reference assignment;
 * a retired release is unloaded (``on_unload``, module purge) by a reaper
@@ -30,16 +30,17 @@ from collections.abc import Iterable
 from flask import Flask
 from werkzeug.routing import MapAdapter
 
-from . import signals
+from .. import signals
+from ..errors import HealthCheckFailed, MountError, OnLoadFailed, PluginLoadError
+from ..prefixes import prefixes_overlap, under_prefix
 from .codecache import CodeCache
-from .errors import HealthCheckFailed, MountError, OnLoadFailed, PluginLoadError
-from .hooks import ENVIRON_SNAPSHOT, LayeredErrorHandlers, LayeredHooks, LayeredViews
+from .environ import ENVIRON_RELEASE, ENVIRON_SNAPSHOT
+from .hooks import LayeredErrorHandlers, LayeredHooks, LayeredViews
 from .loaded import HOOK_REGISTRIES, LoadedRelease, ReleaseSpec, build_release
 from .loader import fault_location
 from .pinning import PinRequests
-from .plugin import ENVIRON_RELEASE
 from .routing import SnapshotAdapter, install_snapshot_map
-from .snapshot import Snapshot, prefixes_overlap, under_prefix
+from .snapshot import Snapshot
 from .templating import TEMPLATE_KINDS, install_routing_environment, install_template_layers
 
 __all__ = ["Runtime"]
@@ -81,7 +82,7 @@ class Runtime:
         # an open snapshot has plugin hooks in it (see there).
         self._open_snapshots: set[Snapshot] = {self.snapshot}
         #: True while an open snapshot has app-wide template registrations
-        #: (read without the lock by gitplug.templating: a bool is atomic).
+        #: (read without the lock by gitplug.runtime.templating: a bool is atomic).
         self.template_layers_needed = False
         app.error_handler_spec = LayeredErrorHandlers(app.error_handler_spec, self)
         app.view_functions = LayeredViews(app.view_functions, self)

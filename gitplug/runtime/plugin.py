@@ -3,7 +3,7 @@
 A :class:`Plugin` *is* a :class:`flask.Blueprint`: everything a blueprint can
 register (routes, hooks, error handlers, template filters, static files,
 nested blueprints) a plugin can too, and gitplug registers it for real into a
-private application per release (see :mod:`gitplug.loader`). On top of that it
+private application per release (see :mod:`gitplug.runtime.loader`). On top of that it
 has three life-cycle hooks:
 
 ``on_load``
@@ -30,6 +30,8 @@ from pathlib import Path
 from flask import Blueprint
 from flask.globals import _cv_request
 from werkzeug.local import LocalProxy
+
+from .environ import ENVIRON_RELEASE
 
 __all__ = ["Plugin", "PluginContext", "current_plugin"]
 
@@ -131,15 +133,12 @@ class PluginContext:
     logger: logging.Logger = field(repr=False)
 
 
-#: The release (a ``gitplug.loaded.LoadedRelease``) whose code gitplug is
+#: The release (a ``gitplug.runtime.loaded.LoadedRelease``) whose code gitplug is
 #: running outside that plugin's own requests: ``on_load``, ``health_check``,
 #: ``on_unload``, app-wide hooks, template filters and globals.
 _active_release: contextvars.ContextVar[t.Any] = contextvars.ContextVar(
     "gitplug_active_release", default=None
 )
-
-#: WSGI environ key under which the request's pinned release is stored.
-ENVIRON_RELEASE = "gitplug.release"
 
 
 def _find_current_plugin() -> PluginContext:

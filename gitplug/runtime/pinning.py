@@ -12,17 +12,28 @@ from __future__ import annotations
 import typing as t
 from collections.abc import Iterable, Iterator
 
-from .hooks import ENVIRON_SNAPSHOT
-from .plugin import ENVIRON_RELEASE
+from .environ import ENVIRON_RELEASE, ENVIRON_SNAPSHOT
 
 if t.TYPE_CHECKING:
+    import threading
+
     from .loaded import LoadedRelease
-    from .runtime import Runtime
     from .snapshot import Snapshot
 
 __all__ = ["PinRequests"]
 
 _StartResponse = t.Callable[..., t.Any]
+
+
+class Runtime(t.Protocol):
+    """What pinning needs of :class:`~gitplug.runtime.swap.Runtime` (which wraps the app with it)."""
+
+    snapshot: Snapshot
+    _lock: threading.Lock
+
+    def _leave(self, snapshot: Snapshot) -> None: ...
+
+    def _count_error(self, release: LoadedRelease) -> None: ...
 
 
 class PinRequests:

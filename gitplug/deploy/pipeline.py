@@ -5,7 +5,7 @@ an ``fcntl`` lock file, so the CLI and a server on the same data directory
 never deploy one plugin at once). Every failure is recorded with its stage
 and error; nothing served changes unless every stage passed.
 
-A deployer either serves (it has the server's :class:`~gitplug.runtime.Runtime`
+A deployer either serves (it has the server's :class:`~gitplug.runtime.swap.Runtime`
 and swaps it) or only verifies (the CLI: it loads the release into a private
 host application to prove it loads, then records it as live; the servers
 watching the state store converge on it).
@@ -22,10 +22,9 @@ from pathlib import Path
 
 from flask import Flask
 
-from . import signals
-from .codecache import CodeCache
-from .config import GitplugConfig, PluginConfig
-from .errors import (
+from .. import signals
+from ..config import GitplugConfig, PluginConfig
+from ..errors import (
     FetchError,
     GitplugError,
     HealthCheckFailed,
@@ -37,13 +36,13 @@ from .errors import (
     TestGateFailed,
     UnknownPlugin,
 )
+from ..runtime.codecache import CodeCache
+from ..runtime.loaded import ReleaseSpec
+from ..runtime.swap import Runtime
+from ..state import DeployRecord, DeployResult, PluginStateValue, Stage, StateStore, now_iso
 from .gitsource import GitSource, ResolvedRef
 from .layout import DataLayout, FileLock
-from .loaded import ReleaseSpec
-from .metrics import mark_poll_ok, observe_stage
 from .releases import Release, ReleaseStore, TestRecord
-from .runtime import Runtime
-from .state import DeployRecord, DeployResult, PluginStateValue, Stage, StateStore, now_iso
 from .testgate import run_test_gate
 
 __all__ = ["Deployer", "Progress", "EXPLICIT_TRIGGERS"]
@@ -74,17 +73,17 @@ _STAGE_OF_ERROR: tuple[tuple[type[BaseException], Stage], ...] = (
 
 #: The directory holding the ``gitplug`` package, put on the test gate's
 #: PYTHONPATH so a plugin's tests can ``import gitplug.testing``.
-_GITPLUG_PARENT = Path(__file__).resolve().parent.parent
+_GITPLUG_PARENT = Path(__file__).resolve().parents[2]
 
 
-def _timed(plugin: str, progress: Progress | None) -> Progress:
-    """Wrap ``progress`` so the time between stages feeds the stage histogram."""
+def _timed(sender: object, plugin: str, progress: Progress | None) -> Progress:
+    """Wrap ``progress`` so the time between stages is sent as :data:`~gitplug.signals.stage_finished`."""
     last: list[t.Any] = [None, time.monotonic()]
 
     def say(stage: str, message: str) -> None:
         now = time.monotonic()
         if last[0] is not None:
-            observe_stage(plugin, last[0], now - last[1])
+            signals.stage_finished.send(sender, plugin=plugin, stage=last[0], seconds=now - last[1])
         last[0], last[1] = (stage if stage in _TIMED_STAGES else None), now
         if progress is not None:
             progress(stage, message)
@@ -177,7 +176,7 @@ class Deployer:
         False to leave as is) is written together with the new live commit.
         """
         plugin = self.plugin_config(name)
-        say = _timed(name, progress)
+        say = _timed(self, name, progress)
         explicit = trigger in EXPLICIT_TRIGGERS
         with self.lock_for(name):
             state = self.store.get_plugin(name)
@@ -199,7 +198,7 @@ class Deployer:
                 say("fetch", f"{plugin.repo} ({target})")
                 resolved = self._resolve(plugin, target, fetch=fetch)
                 if trigger == "poll":
-                    mark_poll_ok(name)
+                    signals.poll_succeeded.send(self, plugin=name, at=time.time())
                 if record is not None:
                     record = self.store.update_deploy(record.id, commit=resolved.commit)
                 if resolved.commit == self.served_commit(name):

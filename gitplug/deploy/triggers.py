@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from .deployer import EXPLICIT_TRIGGERS
-from .state import DeployRecord
+from ..state import DeployRecord
+from .pipeline import EXPLICIT_TRIGGERS
 
 __all__ = ["Trigger", "TriggerQueue", "PollScheduler"]
 

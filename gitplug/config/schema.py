@@ -2,14 +2,14 @@
 
 The second half of :func:`gitplug.config.load_config` and
 :func:`~gitplug.config.config_from_mapping`: :func:`_finish` runs
-:class:`_Checker` over the values :mod:`gitplug._config_yaml` read, checks
+:class:`_Checker` over the values :mod:`gitplug.config.yamlfile` read, checks
 every key of SPEC section 3 (types, ranges, URLs, refs, prefixes that clash),
-reports each problem to the :class:`~gitplug._config_yaml._Report`, and returns
+reports each problem to the :class:`~gitplug.config.yamlfile._Report`, and returns
 the frozen configuration only when no problem was reported.
 
 Separate from the reading because it is about the schema and knows nothing
 of YAML nodes; adding a setting touches this module (and
-:mod:`gitplug._config_types`) only.
+:mod:`gitplug.config.values`) only.
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
-from gitplug._config_types import DEFAULT_TEST_COMMAND, AutoRollback, GitplugConfig, PluginConfig
-from gitplug._config_yaml import _Interpolated, _KeyPath, _plain, _Report, _show
-from gitplug.errors import ConfigError
-from gitplug.snapshot import prefixes_overlap, under_prefix
+from ..errors import ConfigError
+from ..prefixes import prefixes_overlap, under_prefix
+from .values import DEFAULT_TEST_COMMAND, AutoRollback, GitplugConfig, PluginConfig
+from .yamlfile import _Interpolated, _KeyPath, _plain, _Report, _show
 
 logger = logging.getLogger(__name__)
 

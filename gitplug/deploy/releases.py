@@ -30,8 +30,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from gitplug.deploy.gitsource import MODE_GITLINK, MODE_LINK, GitSource, TreeEntry, redact_url
 from gitplug.errors import StagingError, UnsafeTree
-from gitplug.gitsource import MODE_GITLINK, MODE_LINK, GitSource, TreeEntry, redact_url
 
 __all__ = ["Release", "ReleaseStore", "TestRecord", "MiB"]
 

@@ -1,4 +1,13 @@
-"""Load and validate gitplug's configuration (SPEC section 3).
+"""The config part: load and validate gitplug's configuration (README, "Configuration").
+
+Owns the schema of ``deploy.yaml`` and its value types. Modules:
+:mod:`.yamlfile` reads YAML keeping every key's line, :mod:`.schema` checks
+the values, :mod:`.values` holds the frozen result types
+(:class:`GitplugConfig`, :class:`PluginConfig`), re-exported here as their
+public home. Public names: :func:`load_config`, :func:`config_from_mapping`,
+:func:`resolve_config_path`, :func:`diff_plugins` and the value types.
+
+May import: the base (:mod:`gitplug.errors`, :mod:`gitplug.prefixes`) only.
 
 One schema, from ``deploy.yaml`` (:func:`load_config`) or from a Python
 mapping such as ``app.config["GITPLUG"]`` (:func:`config_from_mapping`)::
@@ -14,7 +23,7 @@ file order)::
     deploy.yaml:7: plugins.hello.poll_interval: expected a positive number of seconds, got 'soon'
 
 Line numbers come from PyYAML's composed node tree:
-:class:`~gitplug._config_yaml._Walker` turns nodes into plain values itself,
+:class:`~gitplug.config.yamlfile._Walker` turns nodes into plain values itself,
 so that it can remember where every key was written, refuse duplicate keys
 (PyYAML silently keeps the last) and expand ``${NAME}`` from the environment
 in every string value before types are checked (``poll_interval: ${POLL}``
@@ -35,19 +44,20 @@ from typing import Any, Final
 
 import yaml
 
-# Reading (_config_yaml) and validating (_config_schema) live in private modules;
-# the value types live in _config_types, re-exported here as their public home,
-# so that _config_schema, which builds them, never imports this module: no cycle.
-from gitplug._config_schema import _finish
-from gitplug._config_types import (
+from ..errors import ConfigError
+
+# Reading (.yamlfile) and validating (.schema) live in their own modules; the
+# value types live in .values, re-exported here as their public home, so that
+# .schema, which builds them, never imports this module: no cycle.
+from .schema import _finish
+from .values import (
     DEFAULT_TEST_COMMAND,
     AutoRollback,
     ConfigDiff,
     GitplugConfig,
     PluginConfig,
 )
-from gitplug._config_yaml import _Report, _walk_python, _Walker
-from gitplug.errors import ConfigError
+from .yamlfile import _Report, _walk_python, _Walker
 
 __all__ = [
     "CONFIG_ENV_VAR",

@@ -1,6 +1,6 @@
 """The immutable view of which release of every plugin is live.
 
-A :class:`Snapshot` maps plugin names to :class:`~gitplug.loaded.LoadedRelease`
+A :class:`Snapshot` maps plugin names to :class:`~gitplug.runtime.loaded.LoadedRelease`
 objects. The runtime publishes a new snapshot with one reference assignment
 on every swap; each request takes the snapshot that was current when it
 arrived and reads *everything* (routing, views, hooks, templates, static
@@ -16,19 +16,9 @@ from collections.abc import Mapping
 if t.TYPE_CHECKING:
     from .loaded import LoadedRelease
 
-__all__ = ["Snapshot", "under_prefix", "prefixes_overlap"]
+__all__ = ["Snapshot"]
 
 _ONE_SEGMENT = [1]
-
-
-def under_prefix(path: str, prefix: str) -> bool:
-    """True if URL ``path`` is ``prefix`` itself or lies below it (by whole segments)."""
-    return path == prefix or path.startswith(prefix + "/")
-
-
-def prefixes_overlap(a: str, b: str) -> bool:
-    """True if one URL prefix is, or lies inside, the other."""
-    return under_prefix(a, b) or under_prefix(b, a)
 
 
 class Snapshot:
@@ -68,7 +58,7 @@ class Snapshot:
         for release in self.releases.values():
             for code, handlers in release.app_error_handlers.items():
                 self.app_error_handlers.setdefault(code, {}).update(handlers)
-        # Flattened for the per-request lookups of gitplug.hooks: one dict
+        # Flattened for the per-request lookups of gitplug.runtime.hooks: one dict
         # lookup answers "does this scope have hooks in this snapshot".
         #: ``{registry: {scope: funcs}}``; scope ``None`` holds the app-wide hooks.
         self.hooks: dict[str, dict[str | None, list[t.Any]]] = {}

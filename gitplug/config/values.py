@@ -6,7 +6,7 @@ and :data:`DEFAULT_TEST_COMMAND`. Import them from :mod:`gitplug.config`,
 which re-exports them and is their public home.
 
 They are defined here, apart from the loading functions, because both
-:mod:`gitplug.config` (which returns them) and :mod:`gitplug._config_schema`
+:mod:`gitplug.config` (which returns them) and :mod:`gitplug.config.schema`
 (which builds them) need them: defined in ``config.py`` they would make the
 two modules import each other. This module imports no other part of the
 configuration code.
@@ -21,7 +21,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
 
-from gitplug.errors import UnknownPlugin
+from ..errors import UnknownPlugin
 
 #: The test gate's command when a plugin gives no ``test``.
 DEFAULT_TEST_COMMAND: Final[tuple[str, ...]] = ("python", "-m", "pytest", "-q", "-p", "no:cacheprovider")

@@ -21,12 +21,10 @@ from collections import defaultdict
 
 from flask.globals import _cv_request
 
+from .environ import ENVIRON_SNAPSHOT
 from .snapshot import Snapshot
 
-__all__ = ["LayeredHooks", "LayeredErrorHandlers", "LayeredViews", "request_snapshot", "ENVIRON_SNAPSHOT"]
-
-#: WSGI environ key holding the snapshot a request is pinned to.
-ENVIRON_SNAPSHOT = "gitplug.snapshot"
+__all__ = ["LayeredHooks", "LayeredErrorHandlers", "LayeredViews", "request_snapshot"]
 
 _EMPTY: dict[t.Any, t.Any] = {}
 

@@ -1,6 +1,6 @@
 """A release that is imported, registered and ready to be swapped in.
 
-:func:`build_release` imports a release (:mod:`gitplug.loader`), registers
+:func:`build_release` imports a release (:mod:`gitplug.runtime.loader`), registers
 its :class:`~gitplug.Plugin` into a private, throw-away Flask application,
 exactly as Flask registers a blueprint, and harvests what that registration
 produced: the URL rules, view functions, hooks, error handlers and template
@@ -28,8 +28,8 @@ from flask import Flask
 from flask.templating import _default_template_ctx_processor
 from werkzeug.routing import Map
 
+from ..errors import PluginLoadError
 from .codecache import CodeCache
-from .errors import PluginLoadError
 from .loader import ReleaseNamespace, import_release, purge_namespace, release_relative
 from .plugin import Plugin, PluginContext, _active_release
 from .templating import TEMPLATE_KINDS, ReleaseTemplateDict

@@ -3,8 +3,11 @@
 Collected at scrape time from the state store (deploys, live commits, the
 workers' heartbeats) and from this process's runtime (requests and errors
 per release), so every worker answers with the host's deploy figures and
-its own traffic figures. Stage durations are observed in the process that
-runs the deploys (the controller).
+its own traffic figures. Stage durations and successful polls arrive as the
+signals :data:`~gitplug.signals.stage_finished` and
+:data:`~gitplug.signals.poll_succeeded`, in the process that runs the deploys
+(the controller); this module subscribes when it is imported, which
+:mod:`gitplug.web.admin` does when the API is mounted.
 """
 
 from __future__ import annotations
@@ -16,8 +19,10 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from .. import signals
+
 if t.TYPE_CHECKING:
-    from .extension import GitPlug
+    from .facade import GitplugFacade
 
 __all__ = ["render_metrics", "observe_stage", "mark_poll_ok", "STAGE_SECONDS"]
 
@@ -39,18 +44,31 @@ def observe_stage(plugin: str, stage: str, seconds: float) -> None:
     STAGE_SECONDS.labels(plugin=plugin, stage=stage).observe(seconds)
 
 
-def mark_poll_ok(plugin: str) -> None:
-    """Record that a poll of ``plugin`` reached its repository just now."""
-    _last_poll_ok[plugin] = time.time()
+def mark_poll_ok(plugin: str, at: float | None = None) -> None:
+    """Record that a poll of ``plugin`` reached its repository (at ``at``, default now)."""
+    _last_poll_ok[plugin] = time.time() if at is None else at
+
+
+def _on_stage_finished(sender: object, *, plugin: str, stage: str, seconds: float, **_: t.Any) -> None:
+    observe_stage(plugin, stage, seconds)
+
+
+def _on_poll_succeeded(sender: object, *, plugin: str, at: float, **_: t.Any) -> None:
+    mark_poll_ok(plugin, at)
+
+
+# Module-level functions: blinker's weak references stay alive with the module.
+signals.stage_finished.connect(_on_stage_finished)
+signals.poll_succeeded.connect(_on_poll_succeeded)
 
 
 class _GitplugCollector:
-    def __init__(self, gp: GitPlug) -> None:
+    def __init__(self, gp: GitplugFacade) -> None:
         self.gp = gp
 
     def collect(self) -> t.Iterator[t.Any]:
-        state = self.gp._state
-        config = self.gp.config
+        gp = self.gp
+        config = gp.config
         deploys = CounterMetricFamily("gitplug_deploys", "Deploys by plugin and result.", labels=["plugin", "result"])
         live = InfoMetricFamily("gitplug_live_release", "The release each plugin serves in this process.", labels=["plugin"])
         requests = CounterMetricFamily(
@@ -67,13 +85,13 @@ class _GitplugCollector:
             labels=["plugin"],
         )
         workers = GaugeMetricFamily("gitplug_workers", "Serving processes with a recent heartbeat.")
-        if config is not None and state.store is not None:
+        if config is not None:
             # One GROUP BY per scrape, not every plugin's whole history.
-            for (name, result), count in sorted(state.store.deploy_counts().items()):
+            for (name, result), count in sorted(gp.store.deploy_counts().items()):
                 if name in config.plugins:
                     deploys.add_metric([name, result], count)
-            workers.add_metric([], len(state.store.workers()))
-        for name, release in state.runtime.snapshot.releases.items():
+            workers.add_metric([], len(gp.store.workers()))
+        for name, release in gp.runtime.snapshot.releases.items():
             commit = release.commit or release.release_id
             live.add_metric([name], {"commit": commit, "release": release.release_id})
             requests.add_metric([name, commit], release.requests)
@@ -83,7 +101,7 @@ class _GitplugCollector:
         yield from (deploys, live, requests, errors, polls, workers)
 
 
-def render_metrics(gp: GitPlug) -> tuple[bytes, str]:
+def render_metrics(gp: GitplugFacade) -> tuple[bytes, str]:
     """The Prometheus exposition of ``gp``'s metrics and the stage histogram."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_GitplugCollector(gp))  # type: ignore[arg-type]

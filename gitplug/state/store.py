@@ -1,9 +1,9 @@
 """Durable state: plugins' live releases, pins, deploy history, workers.
 
-What must survive a restart (SPEC 4.7) and be shared by every process of a
+What must survive a restart (README, "Guarantees") and be shared by every process of a
 server (gunicorn workers, the CLI) lives behind :class:`StateStore`. The
-embedded implementation is :class:`SQLiteStateStore`; a Redis store for
-fleets (SPEC 9) will implement the same protocol::
+embedded implementation is :class:`~gitplug.state.sqlite.SQLiteStateStore`;
+:func:`gitplug.state.open_state_store` picks one by URL scheme::
 
     store = open_state_store("sqlite:////srv/app/.gitplug/state.db")
     record = store.start_deploy("hello", trigger="webhook", ref="main")
@@ -25,10 +25,7 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any, Protocol
-
-from .errors import StateError
 
 logger = logging.getLogger(__name__)
 
@@ -37,13 +34,11 @@ __all__ = [
     "DeployResult",
     "PluginState",
     "PluginStateValue",
-    "SQLiteStateStore",
     "Stage",
     "StateStore",
     "WorkerInfo",
     "default_host",
     "now_iso",
-    "open_state_store",
 ]
 
 
@@ -314,40 +309,3 @@ class StateStore(Protocol):
 
     def close(self) -> None:
         """Release the store's connections; the store must not be used afterwards."""
-
-
-def open_state_store(url: str, *, base_dir: Path | None = None) -> StateStore:
-    """Open the store named by the ``state:`` setting.
-
-    ``sqlite:///<path>`` follows SQLAlchemy's convention: a relative path
-    (``sqlite:///.gitplug/state.db``) is resolved against ``base_dir``
-    (the configuration file's directory; default: the working directory) and
-    an absolute one takes four slashes (``sqlite:////srv/state.db``, which is
-    also what ``"sqlite:///" + str(absolute_path)`` gives).
-    """
-    scheme, sep, rest = url.partition("://")
-    scheme = scheme.lower()
-    if sep and scheme in ("redis", "rediss", "redis+sentinel", "unix"):
-        raise StateError(
-            f"state {url!r}: the redis store is not built yet; "
-            "use sqlite:///path/to/state.db"
-        )
-    if not sep or scheme != "sqlite" or not rest.startswith("/"):
-        raise StateError(
-            f"state {url!r} is not a store URL gitplug knows; expected "
-            "sqlite:///relative/state.db or sqlite:////absolute/state.db"
-        )
-    raw = rest[1:]
-    if not raw or raw == ":memory:":
-        raise StateError(
-            f"state {url!r} names no file; every process of a server must share the "
-            "database, so give a path: sqlite:///.gitplug/state.db"
-        )
-    path = Path(raw)
-    if not path.is_absolute():
-        path = (base_dir if base_dir is not None else Path.cwd()) / path
-    return SQLiteStateStore(path)
-
-
-# The implementation imports the values above; imported last to avoid a cycle.
-from .sqlite_store import SQLiteStateStore  # noqa: E402

@@ -37,8 +37,8 @@ import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import EntryPointError, PluginImportError, PluginLoadError
 from .codecache import CodeCache
-from .errors import EntryPointError, PluginImportError, PluginLoadError
 from .plugin import Plugin
 
 __all__ = [

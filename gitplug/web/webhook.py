@@ -35,7 +35,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from gitplug.config import PluginConfig
 
-from .errors import GitplugError, UnknownPlugin, WebhookRejected
+from ..errors import GitplugError, UnknownPlugin, WebhookRejected
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The SQLite implementation of :class:`~gitplug.state.StateStore`.
+"""The SQLite implementation of :class:`~gitplug.state.store.StateStore`.
 
 One database file under the data directory, shared by every process of a
 server (gunicorn workers, the CLI): WAL mode, a busy timeout, one connection
@@ -20,8 +20,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .errors import StateError
-from .state import (
+from ..errors import StateError
+from .store import (
     DEPLOY_FIELDS,
     INTERRUPTED_ERROR,
     PLUGIN_FIELDS,

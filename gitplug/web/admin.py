@@ -1,12 +1,12 @@
 """gitplug's own HTTP surface on the host, under ``api_prefix`` (``/_gitplug``).
 
-    POST /webhook, /webhook/<plugin>     signed push events (see gitplug.webhook)
+    POST /webhook, /webhook/<plugin>     signed push events (see gitplug.web.webhook)
     GET  /api/plugins                    status of every plugin (SPEC 10)
     GET  /api/plugins/<p>                one plugin
     GET  /api/plugins/<p>/history        its deploys, newest first
     POST /api/plugins/<p>/<action>       deploy | rollback | resume | stop | start
     GET  /metrics                        Prometheus text format
-    GET  /                               the status page (gitplug.statuspage)
+    GET  /                               the status page (gitplug.web.statuspage)
 
 Everything but the webhook needs ``Authorization: Bearer <admin_token>``
 (or the status page's login cookie). With no admin token configured those
@@ -20,12 +20,13 @@ import typing as t
 
 from flask import Blueprint, Flask, Response, jsonify, request
 
-from .config import GitplugConfig
-from .errors import GitplugError, StateError, UnknownPlugin
-from .state import DeployRecord
+from ..config import GitplugConfig
+from ..errors import GitplugError, StateError, UnknownPlugin
+from ..state import DeployRecord
+from .metrics import render_metrics  # importing it subscribes the stage and poll metrics to the signals
 
 if t.TYPE_CHECKING:
-    from .extension import GitPlug
+    from .facade import GitplugFacade
 
 __all__ = ["register_admin", "ADMIN_BLUEPRINT"]
 
@@ -63,7 +64,7 @@ def bearer_ok(config: GitplugConfig) -> tuple[Response, int] | None:
     return _error(401, "wrong admin token")
 
 
-def register_admin(app: Flask, gp: GitPlug, config: GitplugConfig) -> None:
+def register_admin(app: Flask, gp: GitplugFacade, config: GitplugConfig) -> None:
     """Register the admin blueprint on ``app`` at ``config.api_prefix``."""
     bp = Blueprint(ADMIN_BLUEPRINT, __name__)
 
@@ -94,12 +95,10 @@ def register_admin(app: Flask, gp: GitPlug, config: GitplugConfig) -> None:
         from .webhook import MAX_BODY, handle_webhook
 
         cfg = current_config()
-        state = gp._state
-        store = state.store
-        services = state.services
+        store = gp.store
 
         def queue_deploy(name: str, event: t.Any) -> None:
-            services.trigger(name, "webhook")
+            gp.queue_deploy(name, "webhook")
 
         def is_pinned(name: str) -> bool:
             plugin_state = store.get_plugin(name)
@@ -134,10 +133,7 @@ def register_admin(app: Flask, gp: GitPlug, config: GitplugConfig) -> None:
 
     @bp.get("/api/plugins/<name>")
     def plugin_detail(name: str) -> Response:
-        from .status import build_status
-
-        state = gp._state
-        return jsonify(build_status(current_config(), state.store, runtime=gp.runtime, only=name)["plugins"][0])
+        return jsonify(gp.status(only=name)["plugins"][0])
 
     @bp.get("/api/plugins/<name>/history")
     def history(name: str) -> Response:
@@ -194,7 +190,6 @@ def register_admin(app: Flask, gp: GitPlug, config: GitplugConfig) -> None:
 
     @bp.get("/metrics")
     def metrics() -> Response:
-        from .metrics import render_metrics
 
         body, content_type = render_metrics(gp)
         return Response(body, content_type=content_type)

@@ -15,9 +15,9 @@ import logging
 import time
 from dataclasses import dataclass
 
-from .config import GitplugConfig
-from .deployer import Deployer
-from .state import DeployRecord, PluginStateValue, StateStore
+from ..config import GitplugConfig
+from ..state import DeployRecord, PluginStateValue, StateStore
+from .pipeline import Deployer
 
 __all__ = ["AutoRollbackWatch"]
 

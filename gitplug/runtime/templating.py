@@ -24,8 +24,8 @@ import typing as t
 import jinja2
 from flask.globals import _cv_request
 
-from .hooks import ENVIRON_SNAPSHOT
-from .plugin import ENVIRON_RELEASE, _active_release
+from .environ import ENVIRON_RELEASE, ENVIRON_SNAPSHOT
+from .plugin import _active_release
 
 __all__ = [
     "install_routing_environment",

@@ -1,0 +1,20 @@
+"""The deploy part: the pipeline from a git ref to a live release.
+
+fetch -> resolve -> stage -> test -> load -> verify -> swap -> record.
+
+- :mod:`.gitsource`: dulwich mirrors, ls-remote, ref resolution (fetch, resolve).
+- :mod:`.releases`: immutable release directories, tree validation, pruning (stage).
+- :mod:`.testgate`: the plugin's own tests in a contained subprocess (test).
+- :mod:`.pipeline`: :class:`Deployer`, the pipeline and its per-plugin lock;
+  load, verify and swap through the runtime; the record in the state store.
+- :mod:`.triggers`: the coalescing deploy queue and APScheduler polls.
+- :mod:`.autorollback`: the error-rate watch of a newly live release.
+- :mod:`.layout`: where things live under ``data_dir``; file locks.
+
+It reports progress through :mod:`gitplug.signals` (``deploy_*``,
+``stage_finished``, ``poll_succeeded``); whoever wants figures subscribes.
+
+May import: the base (:mod:`gitplug.errors`, :mod:`gitplug.signals`,
+:mod:`gitplug.prefixes`), :mod:`gitplug.config`, :mod:`gitplug.state`,
+:mod:`gitplug.runtime`. Never the web face or the extension.
+"""
