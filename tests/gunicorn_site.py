@@ -383,6 +383,20 @@ class Gunicorn:
         except urllib.error.HTTPError as exc:
             return exc.code, json.loads(exc.read() or b"null")
 
+    def controller_polled(self, plugin: str = "hello") -> bool:
+        """True once a scrape of /metrics shows the controller's first successful poll.
+
+        Only the controller polls, so a scrape that another worker answers says
+        False; callers retry (each retry is a new connection, any worker).
+        """
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}/_gitplug/metrics",
+            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            text = response.read().decode()
+        return f'gitplug_last_successful_poll_timestamp_seconds{{plugin="{plugin}"}}' in text
+
     def wait_ready(self, timeout: float = 30.0) -> None:
         """Wait for every worker to be up and the plugin to answer."""
         deadline = time.monotonic() + timeout

@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Any
 
 import pytest
 
@@ -262,9 +263,12 @@ def test_sync_workers_converge_after_a_cli_deploy(site: Site) -> None:
 
 # -- regressions of product bugs found here ---------------------------------------------------
 
-#: The controller polls its tracked ref 1 s after its election: tests that hold a
-#: deploy in its gate wait this long first, so that poll does not deploy it instead.
-FIRST_POLL_S = 2.0
+
+def wait_first_poll(server: Any) -> None:
+    """The controller polls its tracked ref once after its election: tests that hold a
+    deploy in its gate wait for that poll first, so that it does not deploy it instead."""
+    wait_for("the controller's first poll", server.controller_polled, timeout=20, interval=0.1)
+
 
 @pytest.mark.parametrize(
     "preload",
@@ -285,7 +289,7 @@ def test_worker_started_during_a_deploy_serves_the_live_release(
     args = ("-k", "gthread", "--threads", "4", *(("--preload",) if preload else ()))
     with gunicorn(site, *args, workers=2) as server:
         pids = set(server.worker_pids())
-        time.sleep(FIRST_POLL_S)
+        wait_first_poll(server)
         load = LoadGenerator(
             server.port,
             "/hello/",
@@ -345,10 +349,19 @@ def test_worker_started_during_a_deploy_serves_the_live_release(
                     lambda: set(server.worker_pids()) - pids,
                     timeout=10,
                 )
-                time.sleep(1.5)  # the newcomer serves while r002 is still in its test gate
-                assert lock_holder(site.deploy_lock) == deploy.pid, (
-                    "the deploy ended too early to tell"
+                # The newcomer must serve while r002 is still in its test gate.
+                wait_for(
+                    "the replacement worker to answer",
+                    lambda: any(
+                        s.status == 200 and json.loads(s.body)["pid"] in newcomer
+                        for s in load.samples_so_far()
+                    ),
+                    timeout=10,
                 )
+                assert lock_holder(site.deploy_lock) == deploy.pid, (
+                    "the deploy ended before the replacement worker answered: nothing was tested"
+                )
+                still_deploying = time.monotonic()
                 out, err = deploy.communicate(timeout=30)
             finally:
                 if deploy.poll() is None:
@@ -365,6 +378,16 @@ def test_worker_started_during_a_deploy_serves_the_live_release(
     ]
     bad = [s for s in during if s.status != 200 or json.loads(s.body)["seq"] < 1]
     example = bad[0].error or bad[0].body[:160] if bad else None
+    # Answered while r002 was certainly still in its gate (the lock was held after them).
+    from_newcomer = [
+        s
+        for s in during
+        if s.status == 200 and json.loads(s.body)["pid"] in newcomer and s.received <= still_deploying
+    ]
+    assert from_newcomer, f"the replacement worker {newcomer} answered nothing during r002's deploy"
+    assert {json.loads(s.body)["seq"] for s in from_newcomer} == {1}, (
+        f"the replacement worker did not serve r001: {sorted({json.loads(s.body)['seq'] for s in from_newcomer})}"
+    )
     assert not bad, (
         f"{len(bad)} of {len(during)} responses during r002's deploy were not r001:"
         f" statuses {sorted({str(s.status) for s in bad})}, e.g. {example!r}"
@@ -376,7 +399,7 @@ def test_convergence_is_not_held_back_by_the_next_deploy(gated_site: Site) -> No
     controller goes straight on to the next deploy (two pushes in a row)."""
     site = gated_site
     with gunicorn(site, "-k", "gthread", "--threads", "4", workers=3) as server:
-        time.sleep(FIRST_POLL_S)
+        wait_first_poll(server)
         load = LoadGenerator(
             server.port,
             "/hello/",

@@ -323,7 +323,7 @@ def test_static_urls_are_versioned_and_old_ones_stop_being_served(
         assert _get(base, "/alpha/")[1].endswith(url_v2 + "]")
 
 
-def _filter_plugin(root: Path, package: str, label: str) -> Path:
+def _filter_plugin(root: Path, package: str, label: str, filter_name: str = "stamp") -> Path:
     return write_files(
         root,
         {
@@ -332,7 +332,7 @@ def _filter_plugin(root: Path, package: str, label: str) -> Path:
 
                 plugin = Plugin("{package}", __name__)
 
-                @plugin.app_template_filter("stamp")
+                @plugin.app_template_filter("{filter_name}")
                 def stamp(value):
                     return f"{{value}}-{label}"
 
@@ -390,14 +390,38 @@ def test_stopping_a_plugin_keeps_another_live_plugins_filter(
     def home() -> str:
         from flask import render_template_string
 
-        return render_template_string("{% if 'stamp' is filter %}{{ 'x'|stamp }}{% else %}no filter{% endif %}")
+        return render_template_string(
+            "{% if 'stamp' is filter %}{{ 'x'|stamp }}{% else %}no filter{% endif %}"
+            "/{% if 'other' is filter %}{{ 'y'|other }}{% else %}no other{% endif %}"
+        )
 
     gp = make_gp(app)
     gp.load_directory("first", _filter_plugin(tmp_path / "a", "first", "A"))
-    try:
-        gp.load_directory("second", _filter_plugin(tmp_path / "b", "second", "B"))
-    except GitplugError:
-        return  # refusing the clash at load time is a fine answer too
+    gp.load_directory("second", _filter_plugin(tmp_path / "b", "second", "B", filter_name="other"))
+    assert gp.runtime.wait_idle()
+    client = app.test_client()
+    assert client.get("/", buffered=True).get_data(as_text=True) == "x-A/y-B"
     gp.stop("second")
     assert gp.runtime.wait_idle()
+    assert client.get("/", buffered=True).get_data(as_text=True) == "x-A/no other"
+
+
+def test_a_second_plugin_registering_the_same_app_wide_filter_is_refused(
+    tmp_path: Path, make_gp: Callable[[Flask], GitPlug]
+) -> None:
+    app = Flask("filters_host3")
+
+    @app.route("/")
+    def home() -> str:
+        from flask import render_template_string
+
+        return render_template_string("{{ 'x'|stamp }}")
+
+    gp = make_gp(app)
+    gp.load_directory("first", _filter_plugin(tmp_path / "a", "first", "A"))
+    with pytest.raises(GitplugError) as refused:
+        gp.load_directory("second", _filter_plugin(tmp_path / "b", "second", "B"))
+    message = str(refused.value)
+    assert "'stamp'" in message and "already registered" in message and "first" in message, message
+    # The refusal changed nothing that is served.
     assert app.test_client().get("/", buffered=True).get_data(as_text=True) == "x-A"
