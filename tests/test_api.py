@@ -365,18 +365,33 @@ def test_webhook_refusals(site: Site) -> None:
 # --------------------------------------------------------------------------- metrics
 
 
-def test_metrics(site: Site) -> None:
-    for _ in range(3):
-        assert site.served().startswith("200 ")
-    live = site.history()[0]["commit"]
-    samples = {
+def _metric_samples(site: Site) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
         (s.name, tuple(sorted(s.labels.items()))): s.value
         for family in text_string_to_metric_families(site_metrics(site))
         for s in family.samples
     }
-    lives = samples[("gitplug_deploys_total", (("plugin", "hello"), ("result", "live")))]
-    assert lives >= 5  # cli v1, api v2, rollback, resume, webhook v3 and v4
-    info = [labels for name, labels in samples if name == "gitplug_live_release_info"]
-    assert (("commit", live), ("plugin", "hello"), ("release", live)) in info
-    requests = samples[("gitplug_plugin_requests_total", (("commit", live), ("plugin", "hello")))]
-    assert requests >= 3
+
+
+def test_metrics(site: Site) -> None:
+    """Each figure moves by exactly what this test did (whatever ran before it)."""
+    live_key = ("gitplug_deploys_total", (("plugin", "hello"), ("result", "live")))
+    failed_key = ("gitplug_deploys_total", (("plugin", "hello"), ("result", "failed")))
+    before = _metric_samples(site)
+
+    good = write_version(site.repo, "hello", "metrics-good")
+    status, record = site.api("POST", "/api/plugins/hello/deploy", {"wait": True})
+    assert status == 200 and (record["result"], record["commit"]) == ("live", good), record
+    write_version(site.repo, "hello", "metrics-broken", broken=True)
+    status, record = site.api("POST", "/api/plugins/hello/deploy", {"wait": True})
+    assert status == 409 and record["result"] == "failed", record  # a failed deploy is a conflict
+    for _ in range(3):
+        assert site.served() == expected("hello", "metrics-good", good)
+
+    after = _metric_samples(site)
+    assert after[live_key] - before.get(live_key, 0) == 1
+    assert after[failed_key] - before.get(failed_key, 0) == 1
+    info = [labels for name, labels in after if name == "gitplug_live_release_info"]
+    assert (("commit", good), ("plugin", "hello"), ("release", good)) in info
+    # A new commit: only this test's three requests can have reached it.
+    assert after[("gitplug_plugin_requests_total", (("commit", good), ("plugin", "hello")))] == 3
