@@ -159,7 +159,9 @@ def test_session_survives_a_swap_and_release_state_does_not(
     assert "<strong>1</strong> greeting</dd>" in html  # this browser's count, from the session
     assert "<strong>0</strong> greetings" in html  # the new release's own count
     assert client.get(f"/hello/static/{old.release_id[:12]}/hello.css").status_code == 404
-    assert client.get(f"/hello/static/{new.release_id[:12]}/hello.css").status_code == 200
+    css = client.get(f"/hello/static/{new.release_id[:12]}/hello.css")
+    assert css.status_code == 200
+    assert css.get_data() == (repo / "hello" / "static" / "hello.css").read_bytes()
 
 
 def test_app_wide_filter_lives_with_the_release(host: tuple[Flask, GitPlug]) -> None:

@@ -288,7 +288,9 @@ def test_mount_errors(tmp_path: Path, make_gp: Callable[[Flask], GitPlug]) -> No
     assert client.get("/world/v1/", buffered=True).get_data(as_text=True) == "world"
     # Not overlapping: a sibling prefix that merely shares characters.
     gp.load_directory("hello", plugins["hello"], url_prefix="/worldwide")
-    assert client.get("/worldwide/", buffered=True).status_code == 200
+    worldwide = client.get("/worldwide/", buffered=True)
+    assert worldwide.status_code == 200
+    assert worldwide.get_data(as_text=True).startswith("PLUGIN-INDEX"), worldwide.get_data(as_text=True)
 
 
 def test_concurrent_loads_onto_one_prefix_mount_only_one(tmp_path: Path, make_gp: Callable[[Flask], GitPlug]) -> None:
