@@ -15,6 +15,44 @@ MODULES = ("alpha", "beta", "gamma", "delta", "epsilon")
 BROKEN_KINDS = ("lazy_syntax", "import_error", "on_load", "health")
 
 
+#: A plugin module (``<package>/holding.py``) that parks a request until the test
+#: lets it go: a view calls ``hold(request.args.get("hold"))``. With no ``hold``
+#: argument it returns at once.
+HOLD_SOURCE = """
+def hold(path):
+    import pathlib, time
+    if not path:
+        return
+    pathlib.Path(path + ".in").touch()
+    deadline = time.monotonic() + 60
+    while not pathlib.Path(path + ".go").exists() and time.monotonic() < deadline:
+        time.sleep(0.005)
+"""
+
+
+class Hold:
+    """The test's side of :data:`HOLD_SOURCE`: know when a request is inside a
+    view, and let it go. Synchronises on the request itself, not on a sleep."""
+
+    def __init__(self, directory: Path, name: str) -> None:
+        self.path = directory / f"hold-{name}"
+
+    @property
+    def arg(self) -> str:
+        return str(self.path)
+
+    def wait_inside(self, timeout: float = 30.0) -> None:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while not self.path.with_name(self.path.name + ".in").exists():
+            assert time.monotonic() < deadline, f"the held request never reached its view ({self.path})"
+            time.sleep(0.005)
+
+    def release(self) -> None:
+        self.path.with_name(self.path.name + ".go").touch()
+
+
 def write_files(root: Path, files: dict[str, str]) -> Path:
     for rel, content in files.items():
         path = root / rel
@@ -39,20 +77,21 @@ def stamped_plugin(root: Path, label: str, *, package: str = "stampy", broken: s
         from . import delta
         import {package}.epsilon
 
+        from {package}.holding import hold
+
         plugin = Plugin("{package}", __name__)
 
         @plugin.route("/")
         def index():
-            import time
             from {package}.lazy import STAMP as LAZY
-            if request.args.get("sleep"):
-                time.sleep(float(request.args["sleep"]))
+            hold(request.args.get("hold"))
             return render_template(
                 "stamp.html",
                 modules=[alpha.STAMP, beta.STAMP, GAMMA, delta.STAMP, {package}.epsilon.STAMP, LAZY],
                 release=current_plugin.release_id,
             )
     '''
+    files[f"{package}/holding.py"] = HOLD_SOURCE
     files[f"{package}/lazy.py"] = f'STAMP = "{label}"\n'
     files[f"{package}/templates/stamp.html"] = (
         "modules={{ modules|join(',') }};template=" + label + ";"

@@ -20,12 +20,13 @@ from flask import Flask, abort, render_template_string
 
 from conftest import serve_wsgi
 from gitplug import GitPlug, HealthCheckFailed, OnLoadFailed, PluginImportError, current_plugin, signals
-from pluginfactory import write_files
+from pluginfactory import HOLD_SOURCE, Hold, write_files
 
 HOOKY = '''
 from flask import current_app, g, render_template, request, stream_with_context
 import time
 from gitplug import Plugin, current_plugin
+from hooky.holding import hold
 
 plugin = Plugin("hooky", __name__)
 LABEL = "{label}"
@@ -48,7 +49,7 @@ def index():
 
 @plugin.route("/slow")
 def slow():
-    time.sleep(float(request.args.get("sleep", "1")))
+    hold(request.args.get("hold"))
     record("view-end", current_plugin.release_id, time.monotonic())
     return LABEL
 
@@ -57,10 +58,13 @@ def slow():
 def stream():
     release = current_plugin.release_id
 
+    held = request.args.get("hold")
+
     def chunks():
         try:
             for i in range(5):
-                time.sleep(0.2)
+                if i == 1:
+                    hold(held)  # the response has started streaming
                 yield f"{{LABEL}}-{{i}};"
         finally:
             record("stream-end", release, time.monotonic())
@@ -120,7 +124,9 @@ HOST_PAGE = (
 
 
 def _hooky(root: Path, label: str, **extra: str) -> Path:
-    return write_files(root, {"hooky/__init__.py": HOOKY.format(label=label), **extra})
+    return write_files(
+        root, {"hooky/__init__.py": HOOKY.format(label=label), "hooky/holding.py": HOLD_SOURCE, **extra}
+    )
 
 
 def _host() -> Flask:
@@ -322,25 +328,34 @@ def test_on_unload_runs_once_after_the_last_in_flight_request(
     v1 = gp.load_directory("hooky", _hooky(tmp_path / "v1", "L1"))
     results: dict[str, tuple[int, str]] = {}
     with serve_wsgi(app) as base:
-        slow = threading.Thread(target=lambda: results.setdefault("slow", _get(base, "/hooky/slow?sleep=1.2")))
-        streaming = threading.Thread(target=lambda: results.setdefault("stream", _get(base, "/hooky/stream")))
+        held_view, held_stream = Hold(tmp_path, "view"), Hold(tmp_path, "stream")
+        slow = threading.Thread(
+            target=lambda: results.setdefault("slow", _get(base, f"/hooky/slow?hold={held_view.arg}"))
+        )
+        streaming = threading.Thread(
+            target=lambda: results.setdefault("stream", _get(base, f"/hooky/stream?hold={held_stream.arg}"))
+        )
         slow.start()
         streaming.start()
-        time.sleep(0.3)  # both requests are now inside v1
-        v2 = gp.load_directory("hooky", _hooky(tmp_path / "v2", "L2"))
-        v3 = gp.load_directory("hooky", _hooky(tmp_path / "v3", "L3"))
-        assert _get(base, "/hooky/slow?sleep=0") == (200, "L3")
-        # v2 never had a request: it is unloaded at once, while v1 still serves.
-        deadline = time.monotonic() + 5
-        while not v2.unloaded and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert v2.unloaded
-        while slow.is_alive() or streaming.is_alive():
+        try:
+            held_view.wait_inside()  # one request inside v1's view,
+            held_stream.wait_inside()  # the other streaming v1's response
+            v2 = gp.load_directory("hooky", _hooky(tmp_path / "v2", "L2"))
+            v3 = gp.load_directory("hooky", _hooky(tmp_path / "v3", "L3"))
+            assert _get(base, "/hooky/slow") == (200, "L3")
+            # v2 never had a request: it is unloaded at once, while v1 still serves.
+            assert gp.runtime.wait_idle()
+            deadline = time.monotonic() + 5
+            while not v2.unloaded and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert v2.unloaded
             assert not v1.unloaded, "v1 unloaded while its requests were in flight"
             assert not [e for e in _events(app, "on_unload") if e[2] == v1.release_id]
-            time.sleep(0.02)
-        slow.join()
-        streaming.join()
+        finally:
+            held_view.release()
+            held_stream.release()
+        slow.join(timeout=30)
+        streaming.join(timeout=30)
         assert gp.runtime.wait_idle()
         deadline = time.monotonic() + 5
         while not v1.unloaded and time.monotonic() < deadline:

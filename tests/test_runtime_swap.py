@@ -21,7 +21,7 @@ from flask import Flask
 
 from conftest import serve_wsgi
 from gitplug import GitPlug, PluginImportError, PluginLoadError
-from pluginfactory import BROKEN_KINDS, parse_stamps, stamped_plugin
+from pluginfactory import BROKEN_KINDS, Hold, parse_stamps, stamped_plugin
 
 
 def _get(base: str, path: str, timeout: float = 10.0) -> tuple[int, str]:
@@ -127,14 +127,19 @@ def test_request_in_flight_finishes_on_its_release(
     try:
         with serve_wsgi(host_app) as base:
             box: dict[str, tuple[int, str]] = {}
-            slow = threading.Thread(target=lambda: box.setdefault("r", _get(base, "/stampy/?sleep=1.0")))
+            held = Hold(tmp_path, "slow")
+            slow = threading.Thread(target=lambda: box.setdefault("r", _get(base, f"/stampy/?hold={held.arg}")))
             slow.start()
-            time.sleep(0.3)  # the slow request is now inside the view
-            gp.load_directory("stampy", stamped_plugin(tmp_path / "b", "NEW"))
-            status, body = _get(base, "/stampy/")
-            assert parse_stamps(body)["template"] == "NEW"
-            assert not unloaded.is_set(), "old release unloaded while a request was in flight"
-            slow.join(timeout=10)
+            held.wait_inside()  # the slow request is inside OLD's view
+            try:
+                gp.load_directory("stampy", stamped_plugin(tmp_path / "b", "NEW"))
+                status, body = _get(base, "/stampy/")
+                assert parse_stamps(body)["template"] == "NEW"
+                assert gp.runtime.wait_idle()  # anything the swap could unload now, it has
+                assert not unloaded.is_set(), "old release unloaded while a request was in flight"
+            finally:
+                held.release()
+            slow.join(timeout=30)
         status, body = box["r"]
         assert status == 200
         assert _assert_one_release(body, {"OLD"}) == "OLD"
