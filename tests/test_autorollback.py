@@ -110,6 +110,16 @@ class Host:
         )
         return v2
 
+    def watch_looked_again(self) -> None:
+        """Wait for two whole checks of the auto-rollback watch from now on.
+
+        The second one started after this call: it read every count that
+        reached the store before, so a rollback it was going to make is made.
+        """
+        watch = self.gp._state.services.auto_rollback
+        seen = watch.checks
+        wait_for("two more checks of the auto-rollback watch", lambda: watch.checks >= seen + 2)
+
     def judged(self) -> bool:
         """Whether the controller has judged the live release (internal; only waited on)."""
         watched = self.gp._state.services.auto_rollback._watched.get("hello")
@@ -217,7 +227,7 @@ def test_healthy_release_is_kept_and_judged_on_its_first_requests(
             "the errors to reach the store",
             lambda: host.store.release_stats("hello", v2) == (50, 25),
         )
-        time.sleep(1.0)  # several controller ticks
+        host.watch_looked_again()
         assert get(base, "/hello/") == (200, f"stamp=v2@{v2[:7]}")
     state = host.state()
     assert (state.live_commit, state.pin) == (v2, None), state
@@ -235,7 +245,7 @@ def test_fewer_than_min_requests_judge_nothing(make_host: t.Callable[..., Host])
             "the errors to reach the store",
             lambda: host.store.release_stats("hello", v2) == (10, 10),
         )
-        time.sleep(1.5)  # several controller ticks
+        host.watch_looked_again()
         assert not host.judged()
         assert get(base, "/hello/") == (200, f"stamp=v2@{v2[:7]}")
     state = host.state()
@@ -255,7 +265,7 @@ def test_requests_after_the_window_do_not_count(make_host: t.Callable[..., Host]
             "the errors to reach the store",
             lambda: host.store.release_stats("hello", v2) == (35, 35),
         )
-        time.sleep(1.0)
+        host.watch_looked_again()
         assert get(base, "/hello/") == (200, f"stamp=v2@{v2[:7]}")
     assert (host.state().live_commit, host.state().pin) == (v2, None)
     assert host.rolled_back == []

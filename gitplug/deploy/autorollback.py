@@ -38,9 +38,18 @@ class AutoRollbackWatch:
         self.store = store
         self.deployer = deployer
         self._watched: dict[str, _Watched] = {}
+        #: Completed calls of :meth:`check`. Whoever must know that the watch has
+        #: looked at the store since some moment (a test, a debugger) waits for it to grow.
+        self.checks = 0
 
     def check(self, config: GitplugConfig) -> list[DeployRecord]:
         """Roll back every release that breached its error budget; return the records."""
+        try:
+            return self._check(config)
+        finally:
+            self.checks += 1
+
+    def _check(self, config: GitplugConfig) -> list[DeployRecord]:
         done: list[DeployRecord] = []
         now = time.monotonic()
         for name, plugin in config.plugins.items():
