@@ -11,7 +11,7 @@ or :meth:`LoadGenerator.stop` is called. Every response is recorded as a
     with LoadGenerator(port, "/hello/", clients=12, max_seconds=20, max_requests=20_000) as load:
         ...                                      # deploy, kill workers, ...
     result = load.result()
-    assert result.connection_errors == [] and result.rps >= 300
+    assert result.connection_errors == [] and not result.non_2xx
 
 Contract:
 

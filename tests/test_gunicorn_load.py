@@ -4,9 +4,10 @@ Harness in :mod:`gunicorn_site`, response checks in :mod:`gunicorn_served`.
 SPEC sections covered: 4.1 (atomic), 4.2 (failure keeps the last good
 release), 4.8 (every worker converges).
 
-The load test paces its clients at 450 requests/s and asserts >= 300: an
-unpaced run reaches ~1,700 rps on 2 cores with gthread x 3, but then starves
-the deploys it runs meanwhile of CPU (each CLI deploy is a new Python process).
+The load test paces its clients at 450 requests/s: an unpaced run reaches
+~1,700 rps on 2 cores with gthread x 3, but then starves the deploys it runs
+meanwhile of CPU (each CLI deploy is a new Python process). It asserts what
+was served, not how fast: throughput is measured by ``python -m bench``.
 """
 
 from __future__ import annotations
@@ -70,13 +71,12 @@ def test_analysis_finds_mixing_regressions_and_late_workers() -> None:
 LOAD_DEPLOYS = 24
 #: The load test drives at least this long.
 LOAD_MIN_S = 20.0
-#: The asserted floor of the load test's throughput (see the module docstring).
-LOAD_MIN_RPS = 300.0
 
 
 @pytest.mark.slow
 def test_load_with_deploys_never_mixes_regresses_or_lags(site: Site) -> None:
-    """Issue 5: >= 300 rps on gthread x 3 while 24 deploys (6 broken) go through."""
+    """Issue 5: gthread x 3 under load while 24 deploys (6 broken) go through: nothing
+    mixes, regresses or lags. Throughput is the bench's figure (throughput_ratio_during_swaps)."""
     done: list[DeployDone] = []
     with gunicorn(site, "-k", "gthread", "--threads", "4", workers=3) as server:
         load = LoadGenerator(
@@ -174,5 +174,4 @@ def check_load(result: LoadResult, done: list[DeployDone], site: Site) -> None:
     assert not late, (
         f"workers later than {CONVERGENCE_S} s (release, via, pid, lag s): {late}; {machine_load()}"
     )
-    assert result.rps >= LOAD_MIN_RPS, f"{result.summary()}; {machine_load()}"
 
