@@ -7,6 +7,7 @@ import json
 import os
 import re
 import stat
+import subprocess
 import threading
 from datetime import datetime
 from pathlib import Path
@@ -205,18 +206,28 @@ def test_releases_dir_that_is_a_file(origin: GitRepo, source: GitSource, tmp_pat
         _stage(store, source, origin, head)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
 def test_releases_dir_not_writable(origin: GitRepo, source: GitSource, tmp_path: Path) -> None:
     releases = tmp_path / "releases"
-    (releases / "hello").mkdir(parents=True)
-    (releases / "hello").chmod(0o500)
+    locked = releases / "hello"
+    locked.mkdir(parents=True)
+    locked.chmod(0o500)
+    # Root ignores permission bits (and CI runs as root); the immutable attribute
+    # stops root too. Without chattr, or on a file system without it, this fails
+    # loudly rather than skip: the test must run where CI runs.
+    as_root = os.geteuid() == 0
+    if as_root:
+        subprocess.run(["chattr", "+i", str(locked)], check=True, capture_output=True)
     head = origin.head
     assert head is not None
     try:
-        with pytest.raises(StagingError, match="Permission denied.*fix its permissions"):
+        with pytest.raises(
+            StagingError, match="(Permission denied|Operation not permitted).*fix its permissions"
+        ):
             _stage(ReleaseStore(releases), source, origin, head)
     finally:
-        (releases / "hello").chmod(0o755)
+        if as_root:
+            subprocess.run(["chattr", "-i", str(locked)], check=True, capture_output=True)
+        locked.chmod(0o755)
 
 
 def test_record_test_result(origin: GitRepo, source: GitSource, store: ReleaseStore) -> None:
