@@ -8,11 +8,13 @@
     ``{"t": <unix time>, "pid": ..., "event": "loaded", "commit": ...}`` to
     ``$GITPLUG_BENCH_EVENTS``. The convergence figure reads those lines.
 
-``bench.apps:restart_host()``
-    The "just restart gunicorn" baseline: a Flask app that loads the plugin
-    in ``$GITPLUG_BENCH_PLUGIN_DIR`` once, when the worker imports it
-    (``GitPlug.load_directory``), and appends an ``"event": "ready"`` line.
-    New code is served only by new workers, after ``kill -HUP``.
+``bench.apps:plain_restart_host()``
+    The "just restart gunicorn" baseline of ``restart_ratio``: a plain Flask
+    app, no gitplug, whose ``/hello/api/release`` answers the version written
+    in ``$GITPLUG_BENCH_VERSION_FILE`` when the worker imported the app; it
+    appends ``{"event": "ready", "version": ...}`` at import. New code is
+    served only by new workers, after ``kill -HUP``. Deliberately minimal: a
+    real app imports more, so its restart is slower and the ratio larger.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import typing as t
 from flask import Flask
 from werkzeug.wrappers import Response
 
-__all__ = ["gitplug_host", "restart_host", "record_event"]
+__all__ = ["gitplug_host", "plain_restart_host", "record_event"]
 
 #: The pid header every bench app adds.
 WORKER_HEADER = "X-Bench-Worker"
@@ -74,15 +76,18 @@ def gitplug_host() -> Flask:
     return app
 
 
-def restart_host() -> Flask:
-    """A host that loads ``$GITPLUG_BENCH_PLUGIN_DIR`` once, at import."""
-    from gitplug import GitPlug
+def plain_restart_host() -> Flask:
+    """A plain Flask app serving the version it read at import (the HUP baseline)."""
+    from flask import jsonify
 
-    plugin_dir = os.environ["GITPLUG_BENCH_PLUGIN_DIR"]
-    app = Flask("bench_restart_host")
-    app.config["SECRET_KEY"] = os.environ.get("GITPLUG_SECRET_KEY", "bench")
-    gp = GitPlug(app)
-    gp.load_directory("hello", plugin_dir, config={"GREETING": "Hello from the bench"})
+    with open(os.environ["GITPLUG_BENCH_VERSION_FILE"]) as f:
+        version = f.read().strip()
+    app = Flask("bench_plain_restart_host")
+
+    @app.get("/hello/api/release")
+    def release() -> t.Any:
+        return jsonify(version=version, pid=os.getpid())
+
     app.after_request(_stamp_worker)
-    record_event("ready")
+    record_event("ready", version=version)
     return app

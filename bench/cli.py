@@ -16,6 +16,7 @@ import logging
 import os
 import platform
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -26,7 +27,7 @@ from importlib import metadata
 from pathlib import Path
 
 from . import inprocess, live, underload
-from .figures import Figure, FigureSpec, guarded, render_table, spread
+from .figures import Figure, FigureSpec, guarded, render_table
 from .fixtures import REPO_ROOT
 from .site import LivePlan
 
@@ -57,7 +58,7 @@ QUICK = Plan(
     mode="quick", overhead_rounds=20, overhead_per_round=200, scale_plugins=100, scale_rounds=15,
     scale_per_round=200, swap_samples=40, rss_warmup=50, rss_cycles=200, rss_window=25,
     leak_timer_cycles=0,
-    live=LivePlan(hup_samples=2, webhook_samples=3, load_pairs=4),
+    live=LivePlan(hup_samples=4, webhook_samples=3, load_pairs=4),
 )
 FULL = Plan(
     mode="full", overhead_rounds=60, overhead_per_round=500, scale_plugins=100, scale_rounds=40,
@@ -107,7 +108,7 @@ def run(plan: Plan, *, only: set[str], workdir: Path) -> tuple[dict[str, Figure]
         samples=plan.swap_samples), only))
     add(_step([inprocess.RSS], lambda: inprocess.measure_rss(
         warmup=plan.rss_warmup, cycles=plan.rss_cycles, window=plan.rss_window), only))
-    add(_step([live.RESTART], lambda: [_restart_figure(plan, workdir)], only))
+    add(_step([live.RESTART], lambda: [live.measure_restart(plan.live, workdir)], only))
     add(_step([live.WEBHOOK, underload.THROUGHPUT, underload.CONVERGENCE],
               lambda: live.measure_served(plan.live, workdir), only))
     if plan.leak_timer_cycles and "rss_growth_mib_1000" in figures and figures["rss_growth_mib_1000"].error is None:
@@ -122,20 +123,6 @@ def run(plan: Plan, *, only: set[str], workdir: Path) -> tuple[dict[str, Figure]
     meta["duration_s"] = round(time.perf_counter() - started, 1)
     meta["loadavg_end"] = _loadavg()
     return {k: figures[k] for k in KEYS if k in figures and k in only}, meta
-
-
-def _restart_figure(plan: Plan, workdir: Path) -> Figure:
-    key, title, unit, target = live.RESTART
-    with inprocess.swap_probe() as probe:
-        hup, swaps, detail = live.measure_hup_seconds(plan.live, workdir, probe)
-    ratios = [h * 1000.0 / s for h, s in zip(hup, swaps)]
-    s = spread(ratios)
-    return Figure(
-        key=key, title=title, unit=unit, target=target, value=s.p50, n=s.n, p10=s.p10, p90=s.p90,
-        baseline=f"gunicorn -w {plan.live.workers} SIGHUP to the first response with the new code",
-        note="per sample: HUP time / median of 7 in-process swaps of the example plugin measured just before it",
-        detail={**detail, "hup_s_p50": spread(hup).p50, "swap_ms_p50": spread(swaps).p50},
-    )
 
 
 # --------------------------------------------------------------------------- metadata
@@ -194,6 +181,10 @@ def _machine(plan: Plan) -> dict[str, t.Any]:
 # --------------------------------------------------------------------------- entry point
 
 
+def _raise_interrupt(signum: int, frame: t.Any) -> None:
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
@@ -212,6 +203,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     plan = QUICK if args.quick else FULL
+    # SIGTERM and SIGHUP unwind like Ctrl+C, so every server the bench started is
+    # stopped by its context manager on that path out too.
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _raise_interrupt)
     workdir = Path(tempfile.mkdtemp(prefix="gitplug-bench-"))
     try:
         figures, meta = run(plan, only=only, workdir=workdir)

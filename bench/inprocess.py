@@ -18,7 +18,6 @@ per-round ratios.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import logging
 import statistics
@@ -26,7 +25,7 @@ import tempfile
 import threading
 import time
 import typing as t
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 
@@ -50,7 +49,6 @@ __all__ = [
     "measure_swap",
     "measure_rss",
     "measure_default_leak_timers",
-    "swap_probe",
 ]
 
 logger = logging.getLogger(__name__)
@@ -309,28 +307,6 @@ def measure_swap(*, samples: int, warmup: int = 5) -> list[Figure]:
         figure(SWAP_P50, value=s.p50, n=s.n, p10=s.p10, p90=s.p90, note=note, detail=detail),
         figure(SWAP_P99, value=s.p99, n=s.n, p10=s.p10, p90=s.p90, note=note, detail=detail),
     ]
-
-
-@contextlib.contextmanager
-def swap_probe(*, swaps: int = 7) -> Iterator[Callable[[], float]]:
-    """A callable measuring the median of ``swaps`` swaps of the example plugin, in ms.
-
-    ``restart_ratio`` calls it right before each ``SIGHUP`` so that numerator
-    and denominator of each sample see the same machine load.
-    """
-    with tempfile.TemporaryDirectory(prefix="gitplug-bench-") as tmp:
-        host = _ExampleHost(Path(tmp), leak_grace_s=0)
-        try:
-            for _ in range(3):
-                host.swap()
-            host.serve(check=True)
-
-            def probe() -> float:
-                return statistics.median(host.swap() * 1000.0 for _ in range(swaps))
-
-            yield probe
-        finally:
-            host.close()
 
 
 def _rss_mib() -> float:

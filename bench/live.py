@@ -1,10 +1,8 @@
-"""The restart baseline and the webhook figure, against real gunicorn servers.
+"""The restart comparison and the webhook figure, against real gunicorn servers.
 
-``restart_ratio`` (baseline): ``bench.apps:restart_host()`` under
-``gunicorn -w 2``; the plugin directory is edited, the master gets ``SIGHUP``
-and the clock runs until a response carries the new ``__version__``. Right
-before each ``SIGHUP``, seven in-process swaps of the example plugin are
-timed (:func:`bench.inprocess.swap_probe`); a sample is HUP time / their median.
+``restart_ratio``: :func:`measure_restart`, a plain Flask app's ``SIGHUP``
+against a gitplug rollback from disk, both until every worker serves the new
+code, interleaved round by round.
 
 ``webhook_to_live_s_p50``: against the gitplug server of
 :class:`bench.site.Site`, a commit, then ``POST /_gitplug/webhook`` signed as
@@ -17,84 +15,105 @@ commits, to :mod:`bench.underload` for the throughput and convergence figures.
 from __future__ import annotations
 
 import logging
-import shutil
 import time
-import typing as t
 from pathlib import Path
 
-from .figures import Figure, FigureSpec, Target, figure, spread
-from .fixtures import EXAMPLE_DIR, commit_version, set_version
+from .figures import Figure, FigureSpec, Target, Unmeasurable, figure, spread
+from .fixtures import commit_version
 from .server import Gunicorn, read_events, wait_for
 from .site import LivePlan, Site, served
 from .underload import measure_under_load
 
-__all__ = ["RESTART", "WEBHOOK", "measure_hup_seconds", "measure_served"]
+__all__ = ["RESTART", "WEBHOOK", "measure_restart", "measure_served"]
 
 logger = logging.getLogger(__name__)
 
-RESTART: FigureSpec = ("restart_ratio", "gunicorn HUP until new code serves / gitplug swap", "ratio", Target(">=", 20))
-WEBHOOK: FigureSpec = ("webhook_to_live_s_p50", "signed webhook -> first response from the new commit", "s", Target("<", 1))
+RESTART: FigureSpec = ("restart_ratio", "gunicorn HUP / gitplug rollback, until every worker serves", "ratio",
+                       Target(">=", 20))
+WEBHOOK: FigureSpec = ("webhook_to_live_s_p50", "signed webhook -> every worker serving the new commit", "s", Target("<", 1))
 
 
-# --------------------------------------------------------------------------- gunicorn HUP
+# --------------------------------------------------------------------------- restart vs rollback
 
 
-def measure_hup_seconds(
-    plan: LivePlan, workdir: Path, swap_ms: t.Callable[[], float]
-) -> tuple[list[float], list[float], dict[str, t.Any]]:
-    """Per sample: seconds from ``kill -HUP`` to the first response with the new code,
-    and the in-process swap time (ms) ``swap_ms()`` measured just before; and details.
+def measure_restart(plan: LivePlan, workdir: Path) -> Figure:
+    """``restart_ratio``: both sides end to end, on gunicorn servers running side by side.
+
+    Per round, interleaved: (a) a plain Flask app under ``gunicorn -w N`` gets
+    ``SIGHUP`` with a new version on disk; the clock runs until every new worker
+    has imported the new code and every old one is gone. (b) gitplug's host
+    under ``gunicorn -w N``: ``POST /_gitplug/api/plugins/hello/rollback`` to
+    the other of two commits on disk; the clock runs until every worker has
+    published it. The round's sample is (a) / (b); the figure is their median.
     """
-    checkout = workdir / "hup" / "hello"
-    shutil.copytree(EXAMPLE_DIR, checkout, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache"))
-    set_version(checkout, "2.0.0")
-    events = workdir / "hup" / "events.jsonl"
-    (workdir / "hup" / "tmp").mkdir()
+    hup_dir = workdir / "hup"
+    (hup_dir / "tmp").mkdir(parents=True)
+    version_file = hup_dir / "version"
+    version_file.write_text("2.0.0")
+    events = hup_dir / "events.jsonl"
     env = {
-        "GITPLUG_BENCH_PLUGIN_DIR": str(checkout),
+        "GITPLUG_BENCH_VERSION_FILE": str(version_file),
         "GITPLUG_BENCH_EVENTS": str(events),
-        "TMPDIR": str(workdir / "hup" / "tmp"),  # load_directory's snapshots go here
+        "TMPDIR": str(hup_dir / "tmp"),
     }
-    first: list[float] = []
-    all_up: list[float] = []
-    swaps: list[float] = []
-    with Gunicorn("bench.apps:restart_host()", env=env, log_path=workdir / "hup" / "gunicorn.log",
-                  workers=plan.workers, gitplug_hooks=False) as server:
+    site = Site(workdir, plan.workers, name="restart-site")
+    hups: list[float] = []
+    rollbacks: list[float] = []
+    with Gunicorn("bench.apps:plain_restart_host()", env=env, log_path=hup_dir / "gunicorn.log",
+                  workers=plan.workers, gitplug_hooks=False) as plain, site.server as server:
 
-        def ready_since(since: float) -> dict[int, float]:
-            return {e["pid"]: e["t"] for e in read_events(events) if e["event"] == "ready" and e["t"] >= since}
+        def ready_since(since: float, version: str) -> dict[int, float]:
+            return {e["pid"]: e["t"] for e in read_events(events)
+                    if e["event"] == "ready" and e["t"] >= since and e.get("version") == version}
 
-        def settled() -> bool:
-            # Every worker has loaded the app (a worker booting late would load
-            # the next version before the HUP and fake an instant restart).
-            server.check_alive()
-            pids = server.worker_pids()
-            return len(pids) == plan.workers and pids <= set(ready_since(0.0))
+        # Two commits on the gitplug side, both deployed (a rollback is then from disk).
+        wait_for(lambda: server.check_alive() or served(server, "commit") == site.first_commit,
+                 timeout=90, what="the first poll to deploy the example plugin")
+        second = commit_version(site.repo, "1.0.1")
+        wall0 = time.time()
+        site.webhook(second)
+        site.wait_all_workers(second, wall0, "every worker to serve the second commit")
+        commits = [site.first_commit, second]
 
         version = "2.0.0"
         for k in range(plan.hup_samples):
-            wait_for(settled, timeout=60, what=f"{server!r} to have {plan.workers} workers up")
-            wait_for(lambda: served(server, "version") == version, timeout=60,
-                     what=f"{server!r} to serve version {version}")
+            # (a) HUP of the plain app.
+            wait_for(lambda: (plain.check_alive() or len(plain.worker_pids()) == plan.workers
+                              and plain.worker_pids() <= set(ready_since(0.0, version))),
+                     timeout=60, what=f"{plain!r} to have {plan.workers} workers on {version}")
             version = f"2.0.{k + 1}"
-            set_version(checkout, version)
-            swaps.append(swap_ms())
-            old = server.worker_pids()
-            wall0, t0 = time.time(), time.perf_counter()
-            server.hup()
-            wait_for(lambda: server.check_alive() or served(server, "version") == version,
-                     timeout=60, what=f"the new code ({version}) after SIGHUP")
-            first.append(time.perf_counter() - t0)
+            version_file.write_text(version)
+            old = plain.worker_pids()
+            wall0 = time.time()
+            plain.hup()
 
             def new_workers_ready() -> list[float] | None:
-                server.check_alive()
-                ready = ready_since(wall0)
-                gone = not (old & server.worker_pids())
+                plain.check_alive()
+                ready = ready_since(wall0, version)
+                gone = not (old & plain.worker_pids())
                 return list(ready.values()) if len(ready) >= plan.workers and gone else None
 
-            ready = wait_for(new_workers_ready, timeout=60, what="every new worker after SIGHUP")
-            all_up.append(max(ready) - wall0)
-    return first, swaps, {"hup_first_response_s": first, "hup_all_workers_ready_s": all_up, "swap_ms": swaps}
+            hups.append(max(wait_for(new_workers_ready, timeout=60, what="every new worker after SIGHUP")) - wall0)
+
+            # (b) gitplug rollback from disk.
+            target = commits[k % 2]
+            wall0 = time.time()
+            status = site.rollback(target)
+            if status != 200:
+                raise Unmeasurable(f"the rollback API answered {status}; see the gunicorn log (--keep)")
+            site.wait_all_workers(target, wall0, f"every worker to serve {target[:12]} after the rollback")
+            loads = site.loads(target, wall0)
+            rollbacks.append(max(loads[pid] for pid in server.worker_pids() if pid in loads) - wall0)
+    ratios = [h / r for h, r in zip(hups, rollbacks)]
+    s = spread(ratios)
+    return figure(
+        RESTART, value=s.p50, n=s.n, p10=s.p10, p90=s.p90,
+        baseline=f"a plain Flask app's gunicorn -w {plan.workers} SIGHUP until every worker serves the new code",
+        note=(f"per round: HUP until every new worker is up / gitplug rollback from disk (API, gunicorn -w "
+              f"{plan.workers}) until every worker serves it"),
+        detail={"hup_all_workers_s": hups, "rollback_all_workers_s": rollbacks,
+                "hup_s_p50": spread(hups).p50, "rollback_s_p50": spread(rollbacks).p50},
+    )
 
 
 # --------------------------------------------------------------------------- webhook, then the load
@@ -115,7 +134,7 @@ def measure_served(plan: LivePlan, workdir: Path) -> list[Figure]:
 
 def _webhook_figure(plan: LivePlan, site: Site) -> Figure:
     server = site.server
-    samples, answers = [], []
+    samples, firsts, answers = [], [], []
     for k in range(plan.webhook_samples):
         commit = commit_version(site.repo, f"1.1.{k}")
         wall0, t0 = time.time(), time.perf_counter()
@@ -123,12 +142,17 @@ def _webhook_figure(plan: LivePlan, site: Site) -> Figure:
         answers.append(time.perf_counter() - t0)
         wait_for(lambda: server.check_alive() or served(server, "commit") == commit,
                  timeout=60, what=f"commit {commit[:12]} to go live after its webhook")
-        samples.append(time.perf_counter() - t0)
+        firsts.append(time.perf_counter() - t0)
         site.wait_all_workers(commit, wall0, f"every worker to serve {commit[:12]}")
+        # The last worker to publish it, from the workers' own event times.
+        loads = site.loads(commit, wall0)
+        samples.append(max(loads[pid] for pid in server.worker_pids() if pid in loads) - wall0)
         site.previous_commit, site.last_commit = site.last_commit, commit
     s = spread(samples)
     return figure(
         WEBHOOK, value=s.p50, n=s.n, p10=s.p10, p90=s.p90,
-        note=f"gunicorn -w {plan.workers} gthread, local repo, test gate off, one new commit per webhook",
-        detail={"samples_s": samples, "webhook_answer_s_p50": spread(answers).p50, "max_s": s.max},
+        note=(f"gunicorn -w {plan.workers} gthread, local repo, test gate off, one new commit per webhook;"
+              " until the last worker publishes it"),
+        detail={"samples_s": samples, "first_response_s_p50": spread(firsts).p50,
+                "webhook_answer_s_p50": spread(answers).p50, "max_s": s.max},
     )

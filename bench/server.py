@@ -8,6 +8,7 @@ fresh connection to ``127.0.0.1``: nothing here can reach another host.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import logging
@@ -167,7 +168,10 @@ class Gunicorn:
 
     def worker_pids(self) -> set[int]:
         """The live worker processes of this master."""
-        import psutil
+        try:
+            import psutil
+        except ImportError as exc:
+            raise Unmeasurable("psutil is not installed; run `pip install -e '.[test]'`") from exc
 
         if self.proc is None:
             return set()
@@ -190,10 +194,16 @@ class Gunicorn:
         return request(self.port, "POST", path, **kwargs)
 
     def stop(self) -> None:
-        """SIGTERM the master, then SIGKILL it and any worker it left, by pid."""
+        """SIGTERM the master, then SIGKILL it and whatever it left in its session.
+
+        Must work on every path out, also when the measurement failed because
+        psutil is missing: the master runs in a session (and process group) of
+        its own, so its workers are found by group id without psutil.
+        """
         if self.proc is None:
             return
-        self.worker_pids()
+        with contextlib.suppress(Unmeasurable):
+            self.worker_pids()
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -202,6 +212,11 @@ class Gunicorn:
                 logger.warning("bench: %r did not stop in 15 s; killing it", self)
                 self.proc.kill()
                 self.proc.wait(timeout=5)
+        # Workers the master left behind are still in its process group (gunicorn
+        # workers do not start sessions of their own); the group id is ours while
+        # any member lives, so this cannot reach another process.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
         for pid in self._seen_workers:
             try:
                 os.kill(pid, 0)

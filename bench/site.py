@@ -79,8 +79,8 @@ plugins:
 class Site:
     """The gitplug server under test, its repository and its secrets."""
 
-    def __init__(self, workdir: Path, workers: int) -> None:
-        self.root = workdir / "site"
+    def __init__(self, workdir: Path, workers: int, *, name: str = "site") -> None:
+        self.root = workdir / name
         self.repo = self.root / "repo" / "hello"
         self.events = self.root / "events.jsonl"
         self.token = secrets.token_urlsafe(16)

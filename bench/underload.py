@@ -16,7 +16,10 @@ cancel the slow drift of a shared machine far better than long rounds.
 * ``convergence_s_p99``: for every swap, the time between the first worker
   publishing it (the one that ran the deploy) and the last worker publishing
   it, or a newer release if it skipped this one; from the workers'
-  ``plugin_loaded`` events (:mod:`bench.apps`).
+  ``plugin_loaded`` events (:mod:`bench.apps`). A swap whose API call did not
+  answer 200, or that no worker was seen publishing, or that some worker never
+  published, is a failure: an infinite sample (so a p99 over >= 1 % failures is
+  ``inf``), counted in ``detail.failed_swaps``.
 
 The workers' CPU time is sampled at every window boundary:
 ``detail.workers_cpu_ms_per_swap_p50`` is, per pair, the swapping window's
@@ -214,11 +217,16 @@ def _convergence_figure(plan: LivePlan, site: Site, swaps: list[Swap], workers: 
     events = site.loaded_events()
     samples: list[float] = []
     skipped = 0
+    failed: list[str] = []
     for i, swap in enumerate(swaps):
         if swap.status != 200:
+            failed.append(f"swap {i} to {swap.commit[:12]}: the rollback API answered {swap.status}")
+            samples.append(math.inf)
             continue
         mine = [e["t"] for e in events if e.get("commit") == swap.commit and e["t"] >= swap.sent]
         if not mine:
+            failed.append(f"swap {i} to {swap.commit[:12]}: no worker published it")
+            samples.append(math.inf)
             continue
         first = min(mine)
         next_sent = swaps[i + 1].sent if i + 1 < len(swaps) else math.inf
@@ -228,6 +236,7 @@ def _convergence_figure(plan: LivePlan, site: Site, swaps: list[Swap], workers: 
             # or (if it skipped it) a newer one, when it stopped serving the old.
             after = [e for e in events if e["pid"] == pid and e["t"] >= first]
             if not after:
+                failed.append(f"swap {i} to {swap.commit[:12]}: worker {pid} never published it")
                 last = math.inf
                 break
             published = min(after, key=lambda e: e["t"])
@@ -236,11 +245,13 @@ def _convergence_figure(plan: LivePlan, site: Site, swaps: list[Swap], workers: 
             last = max(last, published["t"])
         samples.append(last - first)
     if not samples:
-        raise Unmeasurable("no swap was observed in the workers' events; see the gunicorn log (--keep)")
+        raise Unmeasurable("no swap was made; see the gunicorn log (--keep)")
     s = spread(samples)
     return figure(
         CONVERGENCE, value=s.p99, n=s.n, p10=s.p10, p90=s.p90,
         note=(f"gunicorn -w {plan.workers}, the swaps of the throughput windows (under load); first worker's"
-              " publish -> last worker's, from plugin_loaded events"),
-        detail={"p50_s": s.p50, "max_s": s.max, "workers": len(workers), "skipped_releases": skipped},
+              f" publish -> last worker's, from plugin_loaded events; {len(failed)} of {len(swaps)} swaps"
+              " failed (counted as infinite)"),
+        detail={"p50_s": s.p50, "max_s": s.max, "workers": len(workers), "skipped_releases": skipped,
+                "failed_swaps": len(failed), "failures": failed[:10]},
     )

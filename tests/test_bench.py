@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import pytest
@@ -114,3 +116,49 @@ def test_cli_refuses_unknown_figures() -> None:
     )
     assert out.returncode == 2
     assert "unknown figure(s) latency; choose from overhead_ratio" in out.stderr
+
+
+_FAILING_MEASUREMENT = r"""
+import json, os, sys
+sys.modules["psutil"] = None          # as on a machine without psutil: import fails
+from pathlib import Path
+from bench.figures import Unmeasurable
+from bench.server import Gunicorn, wait_for
+
+log = Path(sys.argv[1])
+with Gunicorn("bench.apps:plain_restart_host()", log_path=log, workers=2, gitplug_hooks=False,
+              env={"GITPLUG_BENCH_VERSION_FILE": sys.argv[2]}) as server:
+    print(json.dumps({"master": server.proc.pid, "port": server.port}), flush=True)
+    wait_for(lambda: server.get("/hello/api/release").status == 200, timeout=60, what="the server")
+    try:
+        server.worker_pids()              # the measurement fails here
+    except Unmeasurable as exc:
+        print(json.dumps({"error": str(exc)}), flush=True)
+        raise SystemExit(3)
+"""
+
+
+def test_a_failed_measurement_leaves_no_server_running(tmp_path: Path) -> None:
+    """When a measurement fails (here: psutil missing), the bench's gunicorn stops too."""
+    psutil = pytest.importorskip("psutil")
+    version = tmp_path / "version"
+    version.write_text("1.0.0")
+    done = subprocess.run(
+        [sys.executable, "-c", _FAILING_MEASUREMENT, str(tmp_path / "gunicorn.log"), str(version)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+    )
+    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert done.returncode == 3, (done.stdout, done.stderr)
+    master = lines[0]["master"]
+    assert "psutil is not installed" in lines[1]["error"]
+    # Nothing of that server is left: not the master, not a worker in its group.
+    leftovers = [p.pid for p in psutil.process_iter(["pid"]) if _pgid(p.pid) == master]
+    assert not psutil.pid_exists(master) or psutil.Process(master).status() == psutil.STATUS_ZOMBIE
+    assert not leftovers, f"processes of the bench's gunicorn left running: {leftovers}"
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
