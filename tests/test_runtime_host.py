@@ -191,7 +191,34 @@ HOST_REQUESTS: list[tuple[str, str, str | None]] = [
 
 
 
-def test_host_answers_exactly_as_without_gitplug(tmp_path: Path, make_gp: Callable[[Flask], GitPlug]) -> None:
+#: A live plugin with app-wide registrations that the host's pages do not use:
+#: host requests then take the pinned path (they may run plugin code), and must
+#: still answer byte for byte as without gitplug.
+TOOLS = {
+    "tools/__init__.py": """
+        from gitplug import Plugin
+
+        plugin = Plugin("tools", __name__)
+
+        @plugin.app_template_filter("shout")
+        def shout(value):
+            return str(value).upper()
+
+        @plugin.app_template_global("tools_version")
+        def tools_version():
+            return "1"
+
+        @plugin.route("/")
+        def index():
+            return "tools"
+    """
+}
+
+
+@pytest.mark.parametrize("app_wide", [False, True], ids=["plugins", "plugins-with-app-wide-code"])
+def test_host_answers_exactly_as_without_gitplug(
+    tmp_path: Path, make_gp: Callable[[Flask], GitPlug], app_wide: bool
+) -> None:
     plain = _make_host(tmp_path / "host")
     hosted = _make_host(tmp_path / "host")
     rules_before = sorted((r.rule, r.endpoint, tuple(sorted(r.methods or ()))) for r in hosted.url_map.iter_rules())
@@ -200,6 +227,9 @@ def test_host_answers_exactly_as_without_gitplug(tmp_path: Path, make_gp: Callab
     plugins = _plugins(tmp_path / "plugins")
     gp.load_directory("hello", plugins["hello"])
     gp.load_directory("world", plugins["world"], url_prefix="/world")
+    if app_wide:
+        gp.load_directory("tools", write_files(tmp_path / "plugins" / "tools", TOOLS), url_prefix="/tools")
+        assert gp.runtime.snapshot.host_visible, "the app-wide plugin should put host requests on the pinned path"
 
     with serve_wsgi(plain) as plain_base, serve_wsgi(hosted) as hosted_base:
         for method, path, body in HOST_REQUESTS:
@@ -219,6 +249,8 @@ def test_host_answers_exactly_as_without_gitplug(tmp_path: Path, make_gp: Callab
         # And the plugins really are mounted next to those host routes.
         assert _get(hosted_base, "GET", "/hello/")[::2] == (200, b"PLUGIN-INDEX seen=host-hook")
         assert _get(hosted_base, "GET", "/world/")[::2] == (200, b"world")
+        if app_wide:
+            assert _get(hosted_base, "GET", "/tools/")[::2] == (200, b"tools")
 
     # No catch-all rule (nor any rule) was added to the host.
     assert sorted((r.rule, r.endpoint, tuple(sorted(r.methods or ()))) for r in hosted.url_map.iter_rules()) == rules_before

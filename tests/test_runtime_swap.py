@@ -21,7 +21,7 @@ from flask import Flask
 
 from conftest import serve_wsgi
 from gitplug import GitPlug, PluginImportError, PluginLoadError
-from pluginfactory import BROKEN_KINDS, Hold, parse_stamps, stamped_plugin
+from pluginfactory import BROKEN_KINDS, HOLD_SOURCE, Hold, parse_stamps, stamped_plugin, write_files
 
 
 def _get(base: str, path: str, timeout: float = 10.0) -> tuple[int, str]:
@@ -171,3 +171,95 @@ def test_broken_release_leaves_old_one_and_nothing_behind(
     with host_app.test_client() as c:
         body = c.get("/stampy/", buffered=True).get_data(as_text=True)
     assert _assert_one_release(body, {"GOOD"}) == "GOOD"
+
+
+def test_static_file_bodies_match_their_page_under_a_hammer_of_swaps(
+    tmp_path: Path, host_app: Flask, make_gp: t.Callable[[Flask], GitPlug]
+) -> None:
+    """A page's versioned static URL serves that release's file, never another's."""
+    gp = make_gp(host_app)
+    releases = [stamped_plugin(tmp_path / f"s{i}", f"S{i}") for i in range(30)]
+    gp.load_directory("stampy", releases[0])
+    stop = threading.Event()
+    pairs: list[tuple[str, str, int, str]] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+    with serve_wsgi(host_app) as base:
+
+        def client() -> None:
+            while not stop.is_set():
+                try:
+                    status, page = _get(base, "/stampy/")
+                    assert status == 200, page
+                    stamps = parse_stamps(page)
+                    s_status, s_body = _get(base, stamps["static"])
+                except BaseException as exc:  # noqa: BLE001 - recorded and asserted below
+                    with lock:
+                        errors.append(exc)
+                    return
+                with lock:
+                    pairs.append((stamps["template"], stamps["static"], s_status, s_body))
+
+        threads = [threading.Thread(target=client) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        try:
+            for path in releases[1:]:
+                gp.load_directory("stampy", path)
+                time.sleep(0.005)  # let the clients see each release
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(timeout=30)
+    assert not errors, errors[:3]
+    served = [(label, body) for label, _, status, body in pairs if status == 200]
+    wrong = [(label, body) for label, body in served if body != label]
+    assert not wrong, f"{len(wrong)} static files differ from their page's release: {wrong[:5]}"
+    # A retired release's versioned URL may 404 once it is unloaded, never serve another file.
+    assert {status for _, _, status, _ in pairs} <= {200, 404}
+    assert len({label for label, _ in served}) > 5, "the swaps were not observed"
+
+
+def test_a_release_cannot_import_a_module_only_the_other_release_has(
+    tmp_path: Path, host_app: Flask, make_gp: t.Callable[[Flask], GitPlug]
+) -> None:
+    """Two releases of one package loaded side by side: neither sees the other's modules."""
+    gp = make_gp(host_app)
+    probe = """
+        from flask import request
+        from gitplug import Plugin
+        from iso.holding import hold
+
+        plugin = Plugin("iso", __name__)
+
+        @plugin.route("/probe/<name>")
+        def probe(name):
+            hold(request.args.get("hold"))
+            try:
+                module = __import__(f"iso.{name}", fromlist=["X"])
+            except ImportError:
+                return "isolated"
+            return f"imported {module.X}"
+    """
+    v1 = write_files(tmp_path / "v1", {
+        "iso/__init__.py": probe, "iso/holding.py": HOLD_SOURCE, "iso/only_v1.py": 'X = "v1"\n'})
+    v2 = write_files(tmp_path / "v2", {
+        "iso/__init__.py": probe, "iso/holding.py": HOLD_SOURCE, "iso/only_v2.py": 'X = "v2"\n'})
+    first = gp.load_directory("iso", v1)
+    with serve_wsgi(host_app) as base:
+        assert _get(base, "/iso/probe/only_v1") == (200, "imported v1")
+        held = Hold(tmp_path, "iso")
+        box: dict[str, tuple[int, str]] = {}
+        in_v1 = threading.Thread(target=lambda: box.setdefault("v1", _get(base, f"/iso/probe/only_v2?hold={held.arg}")))
+        in_v1.start()
+        try:
+            held.wait_inside()  # v1 stays loaded: a request of its own is in flight
+            gp.load_directory("iso", v2)
+            assert not first.unloaded
+            assert _get(base, "/iso/probe/only_v2") == (200, "imported v2")
+            assert _get(base, "/iso/probe/only_v1") == (200, "isolated")  # v1 is loaded, but not v2's
+        finally:
+            held.release()
+        in_v1.join(timeout=30)
+    assert box["v1"] == (200, "isolated"), box  # nor does v1 see v2's module
+    assert gp.runtime.wait_idle()
