@@ -337,6 +337,53 @@ def test_cli_drives_a_running_server(tmp_path: Path, repo: GitRepo, config: Path
     assert "Traceback" not in server.log()
 
 
+def test_pins_and_stops_survive_a_crash_and_a_restart(tmp_path: Path, repo: GitRepo) -> None:
+    """SPEC 4.7: a pin and a stop outlive the process, even a SIGKILL, and polls obey them."""
+    v1 = write_version(repo, "hello", "v1")
+    repo.tag("v1")
+    v2 = write_version(repo, "hello", "v2")
+    world_repo = GitRepo(tmp_path / "world-repo")
+    w1 = write_version(world_repo, "world", "w1")
+    ctrl_repo = GitRepo(tmp_path / "ctrl-repo")
+    c1 = write_version(ctrl_repo, "ctrl", "c1")
+    config = write_config(
+        tmp_path / "deploy.yaml",
+        {"hello": {"repo": repo.url}, "world": {"repo": world_repo.url}, "ctrl": {"repo": ctrl_repo.url}},
+        poll_interval=1,
+    )
+    for name in ("hello", "world", "ctrl"):
+        assert run_cli("deploy", name, "-c", config).returncode == 0
+    assert run_cli("rollback", "hello", "v1", "-c", config).returncode == 0
+    assert run_cli("stop", "world", "-c", config).returncode == 0
+    v3 = write_version(repo, "hello", "v3")  # what a poll of main would deploy, were it not pinned
+
+    for attempt, how in enumerate(("SIGKILL", "restart")):
+        with Server(config) as server:
+            assert server.get("/hello/") == expected("hello", "v1", v1)
+            assert server.get("/world/").startswith("404 ")
+            # The positive control: polls run and deploy an unpinned plugin's new
+            # commits. Two of them, one after the other, span a whole poll interval
+            # (1 s for every plugin), so hello's and world's polls ran meanwhile.
+            for step in ("a", "b"):
+                version = f"c{attempt}{step}"
+                c_new = write_version(ctrl_repo, "ctrl", version)
+                wait_for(
+                    lambda c_new=c_new, version=version: server.get("/ctrl/") == expected("ctrl", version, c_new),
+                    timeout=30,
+                    what=f"a poll to deploy ctrl {version}",
+                )
+            assert server.get("/hello/") == expected("hello", "v1", v1)
+            assert server.get("/world/").startswith("404 ")
+            if how == "SIGKILL":
+                assert server.proc is not None
+                server.proc.kill()
+                server.proc.wait(timeout=10)
+        status = {p["name"]: p for p in cli_json("status", "-c", config)["plugins"]}
+        assert (status["hello"]["pin"], status["hello"]["live_commit"]) == ("v1", v1), status["hello"]
+        assert status["world"]["state"] == "stopped", status["world"]
+    assert v2 != v3 and c1 and w1  # both were real commits the pins held back
+
+
 def test_config_reload_while_serving(tmp_path: Path, repo: GitRepo, config: Path) -> None:
     v1 = write_version(repo, "hello", "v1")
     v2 = write_version(repo, "hello", "v2")

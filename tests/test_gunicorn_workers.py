@@ -474,3 +474,86 @@ def test_status_lists_every_preloaded_worker(site: Site) -> None:
             raise AssertionError(
                 f"{exc}: got {got}, master {server.proc.pid}, workers {sorted(pids)}"
             ) from None
+
+
+def test_one_test_gate_run_per_deploy_whichever_workers_are_asked(gated_site: Site) -> None:
+    """SPEC 4.8: one process per host tests. Deploy requests reach all three workers
+    (fresh connections, while the gate runs); the commit is tested once."""
+    site = gated_site
+    with gunicorn(site, "-k", "gthread", "--threads", "4", workers=3) as server:
+        wait_first_poll(server)
+        before = {r["id"] for r in site.history()}
+        v1 = site.release(1, gate_s=2.0)
+        answers = [server.api("POST", "/plugins/hello/deploy", {"wait": False})[0] for _ in range(9)]
+        assert set(answers) == {202}, answers
+        live = wait_for(
+            "r001 to go live",
+            lambda: next(
+                (r for r in site.history() if r["commit"] == v1 and r["result"] == "live"), None
+            ),
+            timeout=60,
+            interval=0.2,
+        )
+        # Every request reached some worker; let the queue drain before counting.
+        wait_for(
+            "no deploy left running",
+            lambda: all(r["result"] != "running" for r in site.history()),
+            timeout=30,
+            interval=0.2,
+        )
+        new = [r for r in site.history() if r["id"] not in before]
+    tested = [r for r in new if r["log_path"]]
+    assert [r["id"] for r in tested] == [live["id"]], (
+        f"the commit was tested {len(tested)} times: {[(r['id'], r['result']) for r in new]}"
+    )
+    logs = sorted((site.data_dir / "logs" / "hello").glob("*.log"))
+    assert [p.name for p in logs if int(p.stem) not in before] == [f"{live['id']}.log"], logs
+
+
+def test_the_serving_controller_killed_mid_deploy(gated_site: Site) -> None:
+    """SPEC 4.7 under gunicorn: SIGKILL of the worker that is the controller while it
+    tests a release. Every worker keeps serving r000, the deploy is recorded
+    interrupted, another worker takes over and the next deploy goes live."""
+    site = gated_site
+    with gunicorn(site, "-k", "gthread", "--threads", "4", workers=2) as server:
+        wait_first_poll(server)
+        load = LoadGenerator(
+            server.port, "/hello/", clients=2, rate=40, reconnect_every=1, retry_stale=True,
+            max_requests=5_000, max_seconds=60.0,
+        )
+        with load:
+            v1 = site.release(1, gate_s=20.0)  # held in its gate until the kill
+            assert server.api("POST", "/plugins/hello/deploy", {"wait": False})[0] == 202
+            running = wait_for(
+                "r001 to be in its test gate",
+                lambda: next((r for r in site.history() if r["commit"] == v1 and r["result"] == "running"), None),
+                timeout=20,
+                interval=0.1,
+            )
+            controller = lock_holder(site.controller_lock)
+            assert controller in server.worker_pids(), (controller, server.worker_pids())
+            os.kill(controller, signal.SIGKILL)
+            killed_at = time.monotonic()
+            successor = wait_for(
+                "another worker to become the controller",
+                lambda: (lambda pid: pid if pid and pid != controller else None)(lock_holder(site.controller_lock)),
+                timeout=20,
+                interval=0.1,
+            )
+            record = wait_for(
+                "the killed deploy to be recorded",
+                lambda: next((r for r in site.history() if r["id"] == running["id"] and r["result"] != "running"), None),
+                timeout=20,
+                interval=0.2,
+            )
+            assert record["result"] == "interrupted", record
+            served_before_next = time.monotonic()
+            v2 = site.release(2)
+            assert server.api("POST", "/plugins/hello/deploy", {"wait": True})[1]["result"] == "live"
+        result = load.result()
+    assert successor != controller
+    lost = killed_in_flight(result.samples, killed_at, load.clients)
+    meanwhile = [s for s in result.samples if s.sent < served_before_next and s not in lost]
+    bad = [s for s in meanwhile if s.status != 200 or json.loads(s.body)["seq"] != 0]
+    assert not bad, f"{len(bad)} of {len(meanwhile)} answers were not r000: {bad[:3]}"
+    assert v2 in {r["commit"] for r in site.history() if r["result"] == "live"}
