@@ -30,6 +30,7 @@ from pathlib import Path
 
 from .config import ConfigDiff, GitplugConfig, diff_plugins, load_config
 from .deploy.autorollback import AutoRollbackWatch
+from .deploy.hosted import HostedRepos
 from .deploy.layout import DataLayout, FileLock
 from .deploy.pipeline import Deployer
 from .deploy.triggers import PollScheduler, Trigger, TriggerQueue
@@ -81,8 +82,23 @@ class HostServices:
     # -- startup ------------------------------------------------------------------
 
     def restore(self) -> None:
-        """Serve every plugin's last live release from disk; no network."""
+        """Serve every plugin's last live release from disk; no network.
+
+        Also creates the bare repository of every ``repo: push`` plugin.
+        """
+        self._ensure_hosted()
         self._converge(force=True)
+
+    def _ensure_hosted(self) -> None:
+        try:
+            HostedRepos(self.deployer).ensure_all()
+        except OSError as exc:
+            logger.error("gitplug: could not create a hosted repository under %s: %s",
+                         self.layout.hosted, exc)
+
+    def _poll_intervals(self, config: GitplugConfig) -> dict[str, float]:
+        # A hosted plugin (repo: push) changes only by a push, which deploys itself.
+        return {n: p.poll_interval for n, p in config.plugins.items() if not p.hosted}
 
     def ensure_started(self) -> None:
         """Start the background threads once per process (fork-safe)."""
@@ -269,7 +285,7 @@ class HostServices:
                 logger.info("gitplug: removed %d incomplete release(s) left by a crash", len(removed))
         except OSError as exc:
             logger.warning("gitplug: cleaning incomplete releases failed: %s", exc)
-        self.scheduler.set_plugins({n: p.poll_interval for n, p in self.config.plugins.items()})
+        self.scheduler.set_plugins(self._poll_intervals(self.config))
         self.scheduler.start()
 
     def _take_requests(self) -> None:
@@ -385,7 +401,8 @@ class HostServices:
         self.deployer.config = config
         for callback in self.on_config:
             callback(config)
+        self._ensure_hosted()
         if self.is_controller:
-            self.scheduler.set_plugins({n: p.poll_interval for n, p in config.plugins.items()})
+            self.scheduler.set_plugins(self._poll_intervals(config))
         self._converge(force=True)
 

@@ -224,6 +224,27 @@ def test_yaml_merge_keys_and_x_anchors(tmp_path: Path) -> None:
     assert cfg.plugins["b"].ref == "edge"
 
 
+def test_repo_push_is_hosted_under_data_dir(tmp_path: Path) -> None:
+    config = load(tmp_path, """
+        data_dir: state
+        push_max_size: 25MiB
+        plugins:
+          notes:
+            repo: push
+            push_token: ${NOTES_TOKEN}
+            allow_force_push: true
+          plain:
+            repo: ./plain
+    """, NOTES_TOKEN="t" * 20)
+    notes, plain = config.plugins["notes"], config.plugins["plain"]
+    assert notes.hosted and notes.repo == str(tmp_path / "state" / "hosted" / "notes.git")
+    assert notes.push_token == "t" * 20 and notes.allow_force_push
+    assert "t" * 20 not in repr(notes)  # the token is never shown
+    assert not plain.hosted and plain.push_token is None and not plain.allow_force_push
+    assert config.push_max_size == 25 << 20
+    assert load(tmp_path, "plugins: {}\n").push_max_size == 100 << 20
+
+
 def test_plugin_config_is_a_read_only_copy() -> None:
     settings = {"GREETING": "hi", "LIST": [1]}
     cfg = config_from_mapping({"plugins": {"p": {"repo": "/p", "config": settings}}},
@@ -412,6 +433,36 @@ BROKEN = [
             repo: ./hello
             config: [a, b]
     """, 4, "plugins.hello.config", r"expected a mapping", id="config-not-a-mapping"),
+    pytest.param("""
+        plugins:
+          hello:
+            repo: ./hello
+            push_token: abcdefghijklmnopqrstuvwxyz
+    """, 4, "plugins.hello.push_token", r"applies only to a plugin with 'repo: push'",
+        id="push-token-without-push"),
+    pytest.param("""
+        plugins:
+          hello:
+            repo: push
+            push_token: short
+    """, 4, "plugins.hello.push_token", r"5 characters long; use at least 16",
+        id="push-token-too-short"),
+    pytest.param("""
+        plugins:
+          hello:
+            repo: push
+            ref: refs/tags/v1
+    """, 4, "plugins.hello.ref", r"with 'repo: push', the branch whose pushes deploy",
+        id="push-ref-not-a-branch"),
+    pytest.param("""
+        plugins:
+          hello:
+            repo: push
+            allow_force_push: sometimes
+    """, 4, "plugins.hello.allow_force_push", r"expected true or false", id="push-force-not-bool"),
+    pytest.param("""
+        push_max_size: lots
+    """, 1, "push_max_size", r"expected a size such as 100MiB", id="push-max-size"),
 ]
 
 

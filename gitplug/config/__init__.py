@@ -51,17 +51,20 @@ from ..errors import ConfigError
 # .schema, which builds them, never imports this module: no cycle.
 from .schema import _finish
 from .values import (
+    DEFAULT_PUSH_MAX_SIZE,
     DEFAULT_TEST_COMMAND,
     AutoRollback,
     ConfigDiff,
     GitplugConfig,
     PluginConfig,
+    hosted_repo_path,
 )
 from .yamlfile import _Report, _walk_python, _Walker
 
 __all__ = [
     "CONFIG_ENV_VAR",
     "DEFAULT_CONFIG_FILE",
+    "DEFAULT_PUSH_MAX_SIZE",
     "DEFAULT_TEST_COMMAND",
     "MAPPING_SOURCE",
     "AutoRollback",
@@ -70,6 +73,7 @@ __all__ = [
     "PluginConfig",
     "config_from_mapping",
     "diff_plugins",
+    "hosted_repo_path",
     "load_config",
     "resolve_config_path",
 ]

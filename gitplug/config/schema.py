@@ -28,7 +28,14 @@ from urllib.parse import urlsplit
 
 from ..errors import ConfigError
 from ..prefixes import prefixes_overlap, under_prefix
-from .values import DEFAULT_TEST_COMMAND, AutoRollback, GitplugConfig, PluginConfig
+from .values import (
+    DEFAULT_PUSH_MAX_SIZE,
+    DEFAULT_TEST_COMMAND,
+    AutoRollback,
+    GitplugConfig,
+    PluginConfig,
+    hosted_repo_path,
+)
 from .yamlfile import _Interpolated, _KeyPath, _plain, _Report, _show
 
 logger = logging.getLogger(__name__)
@@ -36,9 +43,16 @@ logger = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- validating
 
 _TOP_KEYS = ("data_dir", "poll_interval", "keep_releases", "state", "admin_token", "webhook",
-             "api_prefix", "plugins")
+             "api_prefix", "push_max_size", "plugins")
 _PLUGIN_KEYS = ("repo", "ref", "url_prefix", "entry", "poll_interval", "test", "test_timeout",
-                "auto_rollback", "config")
+                "auto_rollback", "config", "push_token", "allow_force_push")
+#: ``repo: push``: gitplug hosts the repository itself.
+_PUSH_REPO = "push"
+#: Tokens shorter than this are refused: they guard code execution on the server.
+_MIN_TOKEN = 16
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(B|KB|KiB|MB|MiB|GB|GiB)?\s*\Z", re.IGNORECASE)
+_SIZE_UNITS = {"b": 1, "kb": 1000, "kib": 1 << 10, "mb": 1000 ** 2, "mib": 1 << 20,
+               "gb": 1000 ** 3, "gib": 1 << 30}
 _ROLLBACK_KEYS = ("max_error_rate", "min_requests", "window")
 _PLUGIN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*\Z")
 _URL_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
@@ -129,6 +143,21 @@ class _Checker:
             return None
         return number
 
+    def size(self, path: _KeyPath, value: Any) -> int | None:
+        """A size in bytes: an integer, or text such as ``100MiB`` / ``25 MB``."""
+        what = "a size such as 100MiB, 25MB or a number of bytes"
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+        match = _SIZE.match(value) if isinstance(value, str) else None
+        if match is None:
+            self.fail(path, what, value)
+            return None
+        number = int(float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "b").lower()])
+        if number < 1:
+            self.fail(path, what, value)
+            return None
+        return number
+
     def string(self, path: _KeyPath, value: Any, what: str) -> str | None:
         if isinstance(value, str) and value:
             return str(value)
@@ -196,11 +225,14 @@ class _Checker:
         api_prefix = "/_gitplug"
         if "api_prefix" in data:
             api_prefix = self.prefix(("api_prefix",), data["api_prefix"]) or api_prefix
+        push_max_size = DEFAULT_PUSH_MAX_SIZE
+        if "push_max_size" in data:
+            push_max_size = self.size(("push_max_size",), data["push_max_size"]) or push_max_size
         plugins: dict[str, PluginConfig] = {}
         raw_plugins = get("plugins")
         if isinstance(raw_plugins, Mapping):
             for name, raw in raw_plugins.items():
-                plugin = self.plugin(name, raw, poll)
+                plugin = self.plugin(name, raw, poll, data_dir)
                 if plugin is not None:
                     plugins[plugin.name] = plugin
         elif raw_plugins is not None:
@@ -209,7 +241,8 @@ class _Checker:
         self.clashes(api_prefix, plugins)
         return GitplugConfig(data_dir=data_dir, poll_interval=poll, keep_releases=keep,
                              state=state, admin_token=admin_token, webhook_secret=webhook_secret,
-                             api_prefix=api_prefix, plugins=plugins, source=self.report.file,
+                             api_prefix=api_prefix, push_max_size=push_max_size,
+                             plugins=plugins, source=self.report.file,
                              base_dir=self.base_dir)
 
     def state(self, value: Any, data_dir: Path) -> str:
@@ -235,7 +268,7 @@ class _Checker:
         self.fail(path, what, value)
         return ""
 
-    def plugin(self, name: Any, raw: Any, default_poll: float) -> PluginConfig | None:
+    def plugin(self, name: Any, raw: Any, default_poll: float, data_dir: Path) -> PluginConfig | None:
         path: _KeyPath = ("plugins", str(name))
         if not isinstance(name, str) or not _PLUGIN_NAME.match(name):
             self.report.add(path, f"invalid plugin name {_show(name)}: expected letters, digits, "
@@ -254,8 +287,13 @@ class _Checker:
         if "repo" not in raw:
             self.report.add(path + ("repo",), "missing; expected the plugin's git repository "
                                               "(a URL or a local path)")
-        repo = self.repo(path + ("repo",), raw["repo"]) if "repo" in raw else None
+        hosted = raw.get("repo") == _PUSH_REPO
+        if hosted:
+            repo: str | None = str(hosted_repo_path(data_dir, name))
+        else:
+            repo = self.repo(path + ("repo",), raw["repo"]) if "repo" in raw else None
         ref = opt("ref", self.ref, default="main")
+        push_token, allow_force = self.push_settings(path, raw, hosted, ref)
         url_prefix = opt("url_prefix", self.prefix, default=f"/{name}")
         entry = opt("entry", self.entry, default=None)
         poll = opt("poll_interval", self.number, default=default_poll)
@@ -267,8 +305,37 @@ class _Checker:
             return None
         return PluginConfig(name=name, repo=repo, ref=ref, url_prefix=url_prefix, entry=entry,
                             poll_interval=poll, test=test, test_is_default=test_is_default,
-                            test_timeout=timeout, auto_rollback=rollback,
+                            test_timeout=timeout, auto_rollback=rollback, hosted=hosted,
+                            push_token=push_token, allow_force_push=allow_force,
                             config=MappingProxyType(config))
+
+    def push_settings(self, path: _KeyPath, raw: Mapping[str, Any], hosted: bool,
+                      ref: str | None) -> tuple[str | None, bool]:
+        """``push_token`` and ``allow_force_push``, which only ``repo: push`` takes."""
+        if not hosted:
+            for key in ("push_token", "allow_force_push"):
+                if key in raw:
+                    self.report.add(path + (key,), f"{key} applies only to a plugin with "
+                                                   "'repo: push' (hosted by gitplug); remove it "
+                                                   "or set repo: push")
+            return None, False
+        if ref is not None and (ref.startswith("refs/") or ref == "HEAD"
+                                or re.fullmatch(r"[0-9a-fA-F]{40}", ref)):
+            self.fail(path + ("ref",), "with 'repo: push', the branch whose pushes deploy, "
+                                       "e.g. main", ref)
+        token = self.secret(path + ("push_token",), raw.get("push_token"))
+        if token is not None and len(token) < _MIN_TOKEN:
+            self.report.add(path + ("push_token",), f"the push token is {len(token)} characters "
+                                                    f"long; use at least {_MIN_TOKEN} (e.g. the "
+                                                    "output of `openssl rand -hex 24`)")
+            token = None
+        allow = False
+        if "allow_force_push" in raw:
+            flag = _bool_value(raw["allow_force_push"])
+            if flag is None:
+                self.fail(path + ("allow_force_push",), "true or false", raw["allow_force_push"])
+            allow = bool(flag)
+        return token, allow
 
     def repo(self, path: _KeyPath, value: Any) -> str | None:
         what = ("a git URL (https://, http://, ssh://, git://, file://, user@host:path) "

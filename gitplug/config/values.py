@@ -27,6 +27,18 @@ from ..errors import UnknownPlugin
 DEFAULT_TEST_COMMAND: Final[tuple[str, ...]] = ("python", "-m", "pytest", "-q", "-p", "no:cacheprovider")
 
 
+#: The push remote's default body limit: 100 MiB.
+DEFAULT_PUSH_MAX_SIZE: Final = 100 << 20
+
+#: Where a ``repo: push`` plugin's bare repository lives, under ``data_dir``.
+HOSTED_DIR: Final = "hosted"
+
+
+def hosted_repo_path(data_dir: Path, name: str) -> Path:
+    """The bare repository gitplug hosts for plugin ``name`` (``repo: push``)."""
+    return data_dir / HOSTED_DIR / f"{name}.git"
+
+
 @dataclass(frozen=True, kw_only=True)
 class AutoRollback:
     """When a newly live release is swapped back (SPEC section 6)."""
@@ -51,6 +63,14 @@ class PluginConfig:
     test_is_default: bool = True
     test_timeout: float = 120.0
     auto_rollback: AutoRollback | None = None
+    #: ``repo: push``: gitplug hosts the repository (``repo`` is then the bare
+    #: repository's path, ``<data_dir>/hosted/<name>.git``) and a ``git push``
+    #: of ``ref`` deploys (README, "Deploy with git push").
+    hosted: bool = False
+    #: The HTTP basic password that may push to (and fetch from) the hosted repository.
+    push_token: str | None = field(default=None, repr=False)
+    #: Whether a push may rewrite history (force push, deleting a branch or tag).
+    allow_force_push: bool = False
     #: Read-only; the plugin sees it as ``current_plugin.config``.
     config: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}), hash=False)
 
@@ -73,6 +93,8 @@ class GitplugConfig:
     admin_token: str | None = None
     webhook_secret: str | None = None
     api_prefix: str = "/_gitplug"
+    #: Largest request body the push remote reads (bytes); refused from the headers above it.
+    push_max_size: int = DEFAULT_PUSH_MAX_SIZE
     #: Insertion order is the order of the file.
     plugins: Mapping[str, PluginConfig] = field(
         default_factory=lambda: MappingProxyType({}), hash=False

@@ -153,29 +153,34 @@ class GitSource:
                     refs = {k: _peel(repo, v.encode()).id.decode() for k, v in refs.items()}
         return refs
 
-    def fetch(self, plugin: str, url: str) -> None:
+    def fetch(self, plugin: str, url: str, *, want: str | None = None) -> None:
         """Bring the mirror of ``url`` up to date with the remote's branches and tags.
 
         Creates the mirror on first use. Asks the remote for its refs first
         and transfers objects only if some ref names an object the mirror
         lacks; the mirror's refs are then rewritten to equal the remote's
         (stale ones removed). Raises FetchError, also for an empty repository.
+
+        ``want`` (a full hex sha) is fetched too although no ref names it
+        yet: the push remote deploys a pushed commit before its branch moves.
+        The repository may then be otherwise empty (the first push).
         """
         with self._wrap(plugin, url, None, "could not fetch"), self._mirror_lock(plugin, url), \
                 self._open_or_init_mirror(self.mirror_path(url)) as repo, \
                 self._client(url) as (client, path):
             listing = client.get_refs(path)
             refs, symrefs = _branches_and_tags(listing.refs), listing.symrefs
-            if any(sha not in repo.object_store for sha in refs.values()):
+            extra = [want.encode()] if want and want.encode() not in repo.object_store else []
+            if extra or any(sha not in repo.object_store for sha in refs.values()):
                 logger.info("plugin %s: fetching %s", plugin, redact_url(url))
 
                 def wants(remote: Any, depth: Any = None) -> list[bytes]:
-                    tips = set(_branches_and_tags(remote).values())
+                    tips = set(_branches_and_tags(remote).values()) | set(extra)
                     return [sha for sha in tips if sha not in repo.object_store]
 
                 result = client.fetch(path, repo, determine_wants=wants)
                 refs, symrefs = _branches_and_tags(result.refs), result.symrefs
-            if not refs:
+            if not refs and not want:
                 raise _error(FetchError, plugin, url, None, _EMPTY)
             absent = [r.decode() for r, sha in refs.items() if sha not in repo.object_store]
             if absent:
@@ -196,12 +201,12 @@ class GitSource:
         ref = ref.strip()
         with self._open_mirror(plugin, url, ref) as repo:
             refs = {k: v for k, v in repo.get_refs().items() if k.startswith(_MIRRORED)}
-            if not refs:
-                raise _error(RefNotFound, plugin, url, ref, f"ref {ref!r} not found: {_EMPTY}")
             lowered = ref.lower()
             if len(ref) == 40 and _HEX.match(lowered) and lowered.encode() in repo.object_store:
                 commit = self._commit_of(repo, plugin, url, ref, lowered.encode())
                 return ResolvedRef(ref, commit, "commit")
+            if not refs:
+                raise _error(RefNotFound, plugin, url, ref, f"ref {ref!r} not found: {_EMPTY}")
             if ref == "HEAD" or ref.startswith("refs/"):
                 kind: Literal["branch", "tag"] = "tag" if ref.startswith("refs/tags/") else "branch"
                 names = [(ref.encode(), kind)]

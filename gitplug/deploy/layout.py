@@ -5,6 +5,7 @@
       releases/<plugin>/<sha>/   immutable releases (checkout + .gitplug/ metadata)
       logs/<plugin>/<id>.log     test gate output per deploy
       locks/<plugin>.lock        per-plugin deploy lock (fcntl), controller.lock
+      hosted/<plugin>.git        bare repository of a ``repo: push`` plugin (the push remote)
       dev/<plugin>/dir-<hash>/   snapshots of directories loaded with --dev
       state.db                   SQLite state store (the default ``state:``)
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import fcntl
 import os
 import threading
+import time
 import typing as t
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +46,10 @@ class DataLayout:
         return self.root / "locks"
 
     @property
+    def hosted(self) -> Path:
+        return self.root / "hosted"
+
+    @property
     def dev(self) -> Path:
         return self.root / "dev"
 
@@ -58,27 +64,46 @@ class FileLock:
     """An exclusive ``fcntl`` lock on a file, also exclusive between threads.
 
     The kernel drops the lock when its holder dies, so a crashed deploy
-    never leaves a plugin locked.
+    never leaves a plugin locked. The thread that holds it may take it again
+    (each :meth:`acquire` is matched by a :meth:`release`): the push remote
+    holds a plugin's lock from its deploy until the branch has moved.
     """
+
+    #: Seconds between attempts while waiting with a timeout for another process.
+    poll_interval = 0.05
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._thread_lock = threading.Lock()
         self._fd: int | None = None
+        self._owner: int | None = None
+        self._depth = 0
 
     def acquire(self, *, blocking: bool = True, timeout: float | None = None) -> bool:
+        """Take the lock; False when ``blocking`` is off or ``timeout`` seconds passed first."""
+        if self._owner == threading.get_ident():
+            self._depth += 1
+            return True
+        deadline = None if timeout is None else time.monotonic() + timeout
         if not self._thread_lock.acquire(blocking, -1 if timeout is None else timeout):
             return False
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-            except BlockingIOError:
-                os.close(fd)
-                self._thread_lock.release()
-                return False
+            wait = blocking and deadline is None
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+                    break
+                except BlockingIOError:
+                    # Another process holds it: flock cannot time out, so poll.
+                    if not blocking or deadline is None or time.monotonic() >= deadline:
+                        os.close(fd)
+                        self._thread_lock.release()
+                        return False
+                    time.sleep(self.poll_interval)
             self._fd = fd
+            self._owner, self._depth = threading.get_ident(), 1
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()}\n".encode())
             return True
@@ -99,7 +124,11 @@ class FileLock:
         self._thread_lock.release()
 
     def release(self) -> None:
+        if self._depth > 1 and self._owner == threading.get_ident():
+            self._depth -= 1
+            return
         fd, self._fd = self._fd, None
+        self._owner, self._depth = None, 0
         if fd is not None:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
@@ -112,4 +141,3 @@ class FileLock:
 
     def __exit__(self, *exc: t.Any) -> None:
         self.release()
-

@@ -55,7 +55,7 @@ Progress = Callable[[str, str], None]
 #: Triggers a person asked for: they always leave a history record and
 #: re-run a failed test gate. Background triggers (poll, webhook, config)
 #: stay silent when there is nothing to do and never retry a failed commit.
-EXPLICIT_TRIGGERS = frozenset({"cli", "api", "rollback", "auto-rollback", "startup"})
+EXPLICIT_TRIGGERS = frozenset({"cli", "api", "rollback", "auto-rollback", "startup", "push"})
 
 #: Triggers that pin an earlier release and send ``rolled_back``.
 ROLLBACK_TRIGGERS = frozenset({"rollback", "auto-rollback"})
@@ -167,6 +167,7 @@ class Deployer:
         fetch: bool = True,
         progress: Progress | None = None,
         reason: str | None = None,
+        commit: str | None = None,
     ) -> DeployRecord | None:
         """Deploy ``ref`` (default: the pin, else the tracked ref) of ``name``.
 
@@ -174,6 +175,9 @@ class Deployer:
         nothing to do. Never raises for a failed deploy: the record says
         ``failed`` with its stage and error. ``pin`` (a ref, None to unpin,
         False to leave as is) is written together with the new live commit.
+        ``commit`` (a full sha) is deployed as ``ref`` although ``ref`` does
+        not name it yet: the push remote deploys a pushed commit before it
+        moves the branch. The caller may already hold :meth:`lock_for`.
         """
         plugin = self.plugin_config(name)
         say = _timed(self, name, progress)
@@ -196,7 +200,7 @@ class Deployer:
             stage = Stage.FETCH
             try:
                 say("fetch", f"{plugin.repo} ({target})")
-                resolved = self._resolve(plugin, target, fetch=fetch)
+                resolved = self._resolve(plugin, target, fetch=fetch, commit=commit)
                 if trigger == "poll":
                     signals.poll_succeeded.send(self, plugin=name, at=time.time())
                 if record is not None:
@@ -311,8 +315,15 @@ class Deployer:
         signals.deploy_failed.send(self, plugin=name, deploy=record, error=exc)
         return record
 
-    def _resolve(self, plugin: PluginConfig, ref: str, *, fetch: bool) -> ResolvedRef:
-        """Resolve ``ref``; without ``fetch``, try the local mirror first."""
+    def _resolve(self, plugin: PluginConfig, ref: str, *, fetch: bool, commit: str | None = None) -> ResolvedRef:
+        """Resolve ``ref``; without ``fetch``, try the local mirror first.
+
+        With ``commit``, fetch that commit and stand it for ``ref``.
+        """
+        if commit is not None:
+            self.git.fetch(plugin.name, plugin.repo, want=commit)
+            found = self.git.resolve(plugin.name, plugin.repo, commit)
+            return ResolvedRef(ref, found.commit, "branch")
         if not fetch:
             try:
                 return self.git.resolve(plugin.name, plugin.repo, ref)

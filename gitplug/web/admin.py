@@ -7,6 +7,7 @@
     POST /api/plugins/<p>/<action>       deploy | rollback | resume | stop | start
     GET  /metrics                        Prometheus text format
     GET  /                               the status page (gitplug.web.statuspage)
+    /git/<p>.git/...                     the push remote (gitplug.web.gitremote; its own auth)
 
 Everything but the webhook needs ``Authorization: Bearer <admin_token>``
 (or the status page's login cookie). With no admin token configured those
@@ -198,3 +199,7 @@ def register_admin(app: Flask, gp: GitplugFacade, config: GitplugConfig) -> None
 
     register_pages(bp, gp, current_config)
     app.register_blueprint(bp, url_prefix=config.api_prefix)
+
+    from .gitremote import register_git_remote
+
+    register_git_remote(app, gp, current_config)
