@@ -118,6 +118,17 @@ class UnsafeTree(StagingError):
         super().__init__(message, plugin=plugin, commit=commit)
 
 
+class RequirementsNotMet(GitplugError):
+    """A release asks for distributions this host's environment does not have (or that
+    cannot be checked); one line per requirement in the message."""
+
+    def __init__(self, message: str, *, plugin: str, commit: str | None, problems: list[str]) -> None:
+        self.plugin = plugin
+        self.commit = commit
+        self.problems = problems
+        super().__init__(message)
+
+
 class TestGateFailed(GitplugError):
     """The plugin's tests failed, timed out or could not be started."""
 

@@ -21,6 +21,7 @@ from flask import Flask, current_app
 
 from .config import GitplugConfig, config_from_mapping, load_config
 from .deploy.pipeline import Deployer
+from .deploy.requirements import check_requirements
 from .errors import ConfigError, GitplugError, PluginLoadError
 from .runtime.codecache import CodeCache
 from .runtime.devdir import DirectoryWatcher, snapshot_directory
@@ -132,6 +133,7 @@ class GitPlug:
                 plugin=name,
             )
         release_id, snapshot = snapshot_directory(source, state.dev_root / name)
+        self._warn_requirements(name, snapshot)
         spec = ReleaseSpec(
             name=name,
             path=snapshot,
@@ -141,6 +143,20 @@ class GitPlug:
             config=MappingProxyType(dict(config or {})),
         )
         return self.runtime.swap(spec)
+
+    def _warn_requirements(self, name: str, root: Path) -> None:
+        """The requirements check of a deploy, as a warning: a directory loads anyway.
+
+        Logged when the verdict changes, not on every save of a watched directory.
+        """
+        report = check_requirements(root)
+        verdict = tuple(report.problems)
+        if self._state.requirement_warnings.get(name) == verdict:
+            return
+        self._state.requirement_warnings[name] = verdict
+        if not report.ok:
+            logger.warning("%s", report.message(name, str(root)).replace(
+                " then deploy again", " then save again"))
 
     def watch_directory(
         self,
@@ -287,6 +303,8 @@ class _AppState:
         self.deployer: Deployer | None = None
         self.services: HostServices | None = None
         self.watchers: list[DirectoryWatcher] = []
+        #: The last requirements problems logged per directory plugin.
+        self.requirement_warnings: dict[str, tuple[str, ...]] = {}
         self.dev_root_base: Path | None = None
         self._dev_root: Path | None = None
 

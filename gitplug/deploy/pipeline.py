@@ -1,4 +1,4 @@
-"""The deploy pipeline: fetch -> resolve -> stage -> test -> load -> verify -> swap -> record.
+"""The deploy pipeline: fetch -> resolve -> stage -> requirements -> test -> load -> verify -> swap -> record.
 
 :class:`Deployer` runs one deploy at a time per plugin (a thread lock plus
 an ``fcntl`` lock file, so the CLI and a server on the same data directory
@@ -32,6 +32,7 @@ from ..errors import (
     OnLoadFailed,
     PluginLoadError,
     RefNotFound,
+    RequirementsNotMet,
     StagingError,
     TestGateFailed,
     UnknownPlugin,
@@ -43,6 +44,7 @@ from ..state import DeployRecord, DeployResult, PluginStateValue, Stage, StateSt
 from .gitsource import GitSource, ResolvedRef
 from .layout import DataLayout, FileLock
 from .releases import Release, ReleaseStore, TestRecord
+from .requirements import check_requirements
 from .testgate import run_test_gate
 
 __all__ = ["Deployer", "Progress", "EXPLICIT_TRIGGERS"]
@@ -64,6 +66,7 @@ _STAGE_OF_ERROR: tuple[tuple[type[BaseException], Stage], ...] = (
     (FetchError, Stage.FETCH),
     (RefNotFound, Stage.FETCH),
     (StagingError, Stage.STAGE),
+    (RequirementsNotMet, Stage.REQUIREMENTS),
     (TestGateFailed, Stage.TEST),
     (OnLoadFailed, Stage.VERIFY),
     (HealthCheckFailed, Stage.VERIFY),
@@ -219,6 +222,8 @@ class Deployer:
                 stage = Stage.STAGE
                 say("stage", resolved.commit[:12])
                 release = self.releases.stage(name, self.git, plugin.repo, resolved.commit, target)
+                stage = Stage.REQUIREMENTS
+                self._check_requirements(plugin, release, say)
                 stage = Stage.TEST
                 release = self._test(plugin, release, record, explicit=explicit, say=say)
                 stage = Stage.LOAD
@@ -331,6 +336,22 @@ class Deployer:
                 pass  # not known locally yet: fetch after all
         self.git.fetch(plugin.name, plugin.repo)
         return self.git.resolve(plugin.name, plugin.repo, ref)
+
+    def _check_requirements(self, plugin: PluginConfig, release: Release, say: Progress) -> None:
+        """Fail the deploy unless the host has every distribution the release asks for.
+
+        Checked on every deploy, also of a release whose tests passed before:
+        the host's environment may have changed since.
+        """
+        report = check_requirements(release.path)
+        say("requirements", f"{len(report.met)} met ({report.source})" if report.source else "none declared")
+        if not report.ok:
+            raise RequirementsNotMet(
+                report.message(plugin.name, release.commit[:12]),
+                plugin=plugin.name,
+                commit=release.commit,
+                problems=report.problems,
+            )
 
     def _test(
         self, plugin: PluginConfig, release: Release, record: DeployRecord, *, explicit: bool, say: Progress

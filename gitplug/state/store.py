@@ -67,6 +67,7 @@ class Stage(enum.StrEnum):
 
     FETCH = "fetch"
     STAGE = "stage"
+    REQUIREMENTS = "requirements"  # the host's installed distributions vs the release's needs
     TEST = "test"
     LOAD = "load"
     VERIFY = "verify"
