@@ -134,7 +134,7 @@ def test_deploy_runs_the_test_gate_and_logs_shows_its_output(tmp_path: Path, rep
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == f"deploy 1 of hello: live ({sha[:12]})"
     progress = [line.split()[0] for line in proc.stderr.splitlines() if line.startswith("  ")]
-    assert progress == ["fetch", "stage", "test", "load", "live"], proc.stderr
+    assert progress == ["fetch", "stage", "requirements", "test", "load", "live"], proc.stderr
     assert "python -m pytest" in proc.stderr
 
     proc = run_cli("logs", "hello", "-c", config)
