@@ -110,10 +110,24 @@ def _store(config: GitplugConfig) -> StateStore:
     return open_state_store(config.state, base_dir=config.base_dir)
 
 
+#: Seconds a command waits at exit for its notifications (the deploy is done by then).
+NOTIFY_GRACE_S = 15.0
+
+
 def _deployer(config: GitplugConfig) -> t.Any:
     from .deploy.pipeline import Deployer
 
-    return Deployer(config, _store(config))
+    deployer = Deployer(config, _store(config))
+    if config.notify:
+        # This process decides the deploy, so it sends its events; the
+        # sender is a background thread, given a bounded wait at exit.
+        from .deploy.notify import Notifier
+
+        notifier = Notifier(lambda: deployer.config, sender=deployer).connect()
+        ctx = click.get_current_context(silent=True)
+        if ctx is not None:
+            ctx.call_on_close(lambda: notifier.close(timeout=NOTIFY_GRACE_S))
+    return deployer
 
 
 def _print_json(data: t.Any) -> None:

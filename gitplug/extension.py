@@ -20,6 +20,7 @@ from types import MappingProxyType
 from flask import Flask, current_app
 
 from .config import GitplugConfig, config_from_mapping, load_config
+from .deploy.notify import Notifier
 from .deploy.pipeline import Deployer
 from .deploy.requirements import check_requirements
 from .errors import ConfigError, GitplugError, PluginLoadError
@@ -43,6 +44,9 @@ class GitPlug:
 
     :param app: the host application; or call :meth:`init_app` later.
     """
+
+    #: Seconds :meth:`shutdown` waits for queued notifications.
+    notify_grace_s: float = 5.0
 
     def __init__(self, app: Flask | None = None, *, config: GitplugConfig | None = None) -> None:
         self._app: Flask | None = None
@@ -78,6 +82,8 @@ class GitPlug:
             store = open_state_store(config.state, base_dir=config.base_dir)
             deployer = Deployer(config, store, runtime)
             state.store, state.deployer = store, deployer
+            # Subscribed now; its sender thread starts with the first message.
+            state.notifier = Notifier(lambda: deployer.config, sender=deployer).connect()
             state.services = HostServices(config, store, deployer, runtime)
             state.services.on_config.append(lambda new: setattr(state, "config", new))
             state.services.restore()
@@ -282,6 +288,8 @@ class GitPlug:
         state = self._state
         if state.services is not None:
             state.services.shutdown()
+        if state.notifier is not None:
+            state.notifier.close(timeout=self.notify_grace_s)
         for watcher in state.watchers:
             watcher.stop()
         state.watchers = []
@@ -302,6 +310,7 @@ class _AppState:
         self.store: t.Any = None
         self.deployer: Deployer | None = None
         self.services: HostServices | None = None
+        self.notifier: Notifier | None = None
         self.watchers: list[DirectoryWatcher] = []
         #: The last requirements problems logged per directory plugin.
         self.requirement_warnings: dict[str, tuple[str, ...]] = {}

@@ -245,6 +245,34 @@ def test_repo_push_is_hosted_under_data_dir(tmp_path: Path) -> None:
     assert load(tmp_path, "plugins: {}\n").push_max_size == 100 << 20
 
 
+def test_notify_entries(tmp_path: Path) -> None:
+    config = load(tmp_path, """
+        public_url: https://deploy.example.com/
+        notify:
+          - {url: https://hooks.example.com/deploys, events: [deploy_failed, rolled_back],
+             secret: "${NOTIFY_SECRET}"}
+          - {url: https://hooks.slack.com/services/T/B/XYZ, events: [deploy_succeeded], format: slack,
+             plugins: [hello]}
+          - {url: https://api.github.com/repos/team/hello, format: github, token: "${GH_TOKEN}",
+             events: [deploy_started, deploy_succeeded, deploy_failed], timeout: 3}
+          - {url: https://gitlab.example.com/api/v4/projects/team%2Fhello, format: gitlab,
+             token: "${GH_TOKEN}", events: [deploy_succeeded, canary_started, host_lost]}
+          - {url: https://gitea.example.com/api/v1/repos/team/hello, format: gitea,
+             token: "${GH_TOKEN}", events: [deploy_failed]}
+        plugins:
+          hello: {repo: ./hello}
+    """, NOTIFY_SECRET="s" * 20, GH_TOKEN="g" * 20)
+    assert config.public_url == "https://deploy.example.com"
+    json_, slack, github, gitlab, gitea = config.notify
+    assert (json_.format, json_.secret, json_.events, json_.plugins, json_.timeout) == (
+        "json", "s" * 20, frozenset({"deploy_failed", "rolled_back"}), None, 10.0)
+    assert (slack.format, slack.plugins) == ("slack", frozenset({"hello"}))
+    assert (github.token, github.timeout, gitlab.format, gitea.format) == ("g" * 20, 3.0, "gitlab", "gitea")
+    shown = repr(config.notify)
+    assert "XYZ" not in shown and "s" * 20 not in shown and "g" * 20 not in shown
+    assert load(tmp_path, "plugins: {}\n").notify == ()
+
+
 def test_plugin_config_is_a_read_only_copy() -> None:
     settings = {"GREETING": "hi", "LIST": [1]}
     cfg = config_from_mapping({"plugins": {"p": {"repo": "/p", "config": settings}}},
@@ -463,6 +491,55 @@ BROKEN = [
     pytest.param("""
         push_max_size: lots
     """, 1, "push_max_size", r"expected a size such as 100MiB", id="push-max-size"),
+    pytest.param("""
+        notify:
+          - url: https://hooks.example.com/x
+            events: [deploy_faild]
+    """, 3, "notify.0.events", r"unknown event 'deploy_faild'; did you mean 'deploy_failed'",
+        id="notify-unknown-event"),
+    pytest.param("""
+        notify:
+          - url: ftp://hooks.example.com/x
+            events: [deploy_failed]
+    """, 2, "notify.0.url", r"expected an http\(s\) URL with a host", id="notify-bad-url"),
+    pytest.param("""
+        notify:
+          - events: [deploy_failed]
+            url: https://api.github.com/team/hello
+            format: github
+            token: abc
+    """, 3, "notify.0.url", r"API URL for format github: https://api.github.com/repos/OWNER/REPO",
+        id="notify-github-url"),
+    pytest.param("""
+        notify:
+          - url: https://gitlab.example.com/api/v4/projects/7
+            events: [deploy_failed]
+            format: gitlab
+    """, 2, "notify.0.token", r"missing; format gitlab needs the forge's API token",
+        id="notify-forge-no-token"),
+    pytest.param("""
+        notify:
+          - url: https://hooks.example.com/x
+            events: [deploy_failed]
+            format: slack
+            secret: abc
+    """, 5, "notify.0.secret", r"a secret signs format json only", id="notify-secret-not-json"),
+    pytest.param("""
+        notify:
+          - url: https://hooks.example.com/x
+            events: [deploy_failed]
+            format: teams
+    """, 4, "notify.0.format", r"expected one of json, slack, github, gitlab, gitea",
+        id="notify-format"),
+    pytest.param("""
+        notify:
+          - url: https://hooks.example.com/x
+            events: [deploy_failed]
+            plugins: [nope]
+    """, 4, "notify.0.plugins", r"no plugin named 'nope'", id="notify-unknown-plugin"),
+    pytest.param("""
+        public_url: deploy.example.com
+    """, 1, "public_url", r"expected the URL people reach this server at", id="public-url"),
 ]
 
 

@@ -31,8 +31,11 @@ from ..prefixes import prefixes_overlap, under_prefix
 from .values import (
     DEFAULT_PUSH_MAX_SIZE,
     DEFAULT_TEST_COMMAND,
+    NOTIFY_EVENTS,
+    NOTIFY_FORMATS,
     AutoRollback,
     GitplugConfig,
+    NotifyTarget,
     PluginConfig,
     hosted_repo_path,
 )
@@ -43,7 +46,17 @@ logger = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- validating
 
 _TOP_KEYS = ("data_dir", "poll_interval", "keep_releases", "state", "admin_token", "webhook",
-             "api_prefix", "push_max_size", "plugins")
+             "api_prefix", "push_max_size", "public_url", "notify", "plugins")
+_NOTIFY_KEYS = ("url", "events", "format", "plugins", "secret", "token", "timeout")
+#: The path a forge status entry's ``url`` must end with (the repository's API URL).
+_FORGE_PATHS = {
+    "github": (re.compile(r"(/api/v3)?/repos/[^/]+/[^/]+\Z"),
+               "https://api.github.com/repos/OWNER/REPO (GitHub Enterprise: https://HOST/api/v3/repos/OWNER/REPO)"),
+    "gitlab": (re.compile(r"/api/v4/projects/[^/]+\Z"),
+               "https://gitlab.example.com/api/v4/projects/ID (the numeric id, or the URL-encoded path group%2Fproject)"),
+    "gitea": (re.compile(r"/api/v1/repos/[^/]+/[^/]+\Z"),
+              "https://gitea.example.com/api/v1/repos/OWNER/REPO"),
+}
 _PLUGIN_KEYS = ("repo", "ref", "url_prefix", "entry", "poll_interval", "test", "test_timeout",
                 "auto_rollback", "config", "push_token", "allow_force_push")
 #: ``repo: push``: gitplug hosts the repository itself.
@@ -239,11 +252,110 @@ class _Checker:
             self.fail(("plugins",), "a mapping of plugin name to settings "
                                     "(plugins: {hello: {repo: ...}})", raw_plugins)
         self.clashes(api_prefix, plugins)
+        public_url = None
+        if get("public_url") is not None:
+            public_url = self.http_url(("public_url",), data["public_url"],
+                                       "the URL people reach this server at, e.g. https://deploy.example.com")
+        notify = self.notify(get("notify"), plugins)
         return GitplugConfig(data_dir=data_dir, poll_interval=poll, keep_releases=keep,
                              state=state, admin_token=admin_token, webhook_secret=webhook_secret,
                              api_prefix=api_prefix, push_max_size=push_max_size,
+                             public_url=public_url.rstrip("/") if public_url else None, notify=notify,
                              plugins=plugins, source=self.report.file,
                              base_dir=self.base_dir)
+
+    def http_url(self, path: _KeyPath, value: Any, what: str) -> str | None:
+        """An ``http://`` or ``https://`` URL with a host."""
+        text = self.string(path, value, what)
+        if text is None:
+            return None
+        try:
+            split = urlsplit(text)
+            ok = split.scheme in ("http", "https") and bool(split.hostname) and split.port != -1
+        except ValueError:
+            ok = False
+        if not ok or any(c.isspace() for c in text):
+            self.fail(path, what, value)
+            return None
+        return text
+
+    def notify(self, value: Any, plugins: Mapping[str, PluginConfig]) -> tuple[NotifyTarget, ...]:
+        path: _KeyPath = ("notify",)
+        if value is None:
+            return ()
+        if not isinstance(value, list):
+            self.fail(path, "a list of endpoints such as - {url: https://..., events: [deploy_failed]}",
+                      value)
+            return ()
+        targets = []
+        for index, raw in enumerate(value):
+            target = self.notify_target(path + (str(index),), raw, plugins)
+            if target is not None:
+                targets.append(target)
+        return tuple(targets)
+
+    def notify_target(self, path: _KeyPath, raw: Any,
+                      plugins: Mapping[str, PluginConfig]) -> NotifyTarget | None:
+        if not isinstance(raw, Mapping):
+            self.fail(path, "a mapping {url, events, format, ...}", raw)
+            return None
+        self.keys(path, raw, _NOTIFY_KEYS)
+        before = len(self.report.problems)
+        fmt = "json"
+        if "format" in raw:
+            fmt = self.string(path + ("format",), raw["format"], "one of " + ", ".join(NOTIFY_FORMATS)) or fmt
+            if fmt not in NOTIFY_FORMATS:
+                self.fail(path + ("format",), "one of " + ", ".join(NOTIFY_FORMATS), raw["format"])
+        if "url" not in raw:
+            self.report.add(path + ("url",), "missing; expected the endpoint's http(s) URL")
+            url = None
+        else:
+            url = self.http_url(path + ("url",), raw["url"], "an http(s) URL with a host")
+        if url is not None and fmt in _FORGE_PATHS:
+            shape, example = _FORGE_PATHS[fmt]
+            if not shape.search(urlsplit(url).path.rstrip("/")):
+                self.fail(path + ("url",), f"the repository's API URL for format {fmt}: {example}", url)
+        events: frozenset[str] = frozenset()
+        raw_events = raw.get("events")
+        if not isinstance(raw_events, list) or not raw_events or \
+                not all(isinstance(e, str) for e in raw_events):
+            self.fail(path + ("events",), "a non-empty list of events: " + ", ".join(NOTIFY_EVENTS), raw_events)
+        else:
+            for event in raw_events:
+                if event not in NOTIFY_EVENTS:
+                    close = difflib.get_close_matches(event, NOTIFY_EVENTS, n=1)
+                    hint = f"; did you mean {close[0]!r}?" if close else "."
+                    self.report.add(path + ("events",), f"unknown event {event!r}{hint} Events: "
+                                                        + ", ".join(NOTIFY_EVENTS))
+            events = frozenset(raw_events)
+        only: frozenset[str] | None = None
+        if "plugins" in raw:
+            names = raw["plugins"]
+            if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+                self.fail(path + ("plugins",), "a non-empty list of plugin names", names)
+            else:
+                for name in names:
+                    if name not in plugins:
+                        self.report.add(path + ("plugins",), f"no plugin named {name!r} under plugins:")
+                only = frozenset(names)
+        secret = self.secret(path + ("secret",), raw.get("secret"))
+        token = self.secret(path + ("token",), raw.get("token"))
+        if secret is not None and fmt != "json":
+            self.report.add(path + ("secret",), f"a secret signs format json only; format {fmt} "
+                                                "takes none (a forge format takes a token)")
+        if fmt in _FORGE_PATHS and token is None and "token" not in raw:
+            self.report.add(path + ("token",), f"missing; format {fmt} needs the forge's API token, "
+                                               "e.g. token: ${FORGE_TOKEN}")
+        if token is not None and fmt not in _FORGE_PATHS:
+            self.report.add(path + ("token",), f"a token is for the forge formats "
+                                               f"(github, gitlab, gitea); format {fmt} takes none")
+        timeout = 10.0
+        if "timeout" in raw:
+            timeout = self.number(path + ("timeout",), raw["timeout"], at_most=300.0) or timeout
+        if len(self.report.problems) > before or url is None:
+            return None
+        return NotifyTarget(url=url, events=events, format=fmt, plugins=only, secret=secret,
+                            token=token, timeout=timeout)
 
     def state(self, value: Any, data_dir: Path) -> str:
         path: _KeyPath = ("state",)

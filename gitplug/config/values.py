@@ -82,6 +82,38 @@ class PluginConfig:
             object.__setattr__(self, "config", MappingProxyType(copy.deepcopy(dict(self.config))))
 
 
+#: What a ``notify`` entry may list in ``events`` (the canary and host events
+#: are accepted now and sent once those features exist).
+NOTIFY_EVENTS: Final = ("deploy_started", "deploy_succeeded", "deploy_failed", "rolled_back",
+                        "canary_started", "canary_promoted", "canary_aborted", "host_lost")
+#: ``format`` of a ``notify`` entry.
+NOTIFY_FORMATS: Final = ("json", "slack", "github", "gitlab", "gitea")
+
+
+@dataclass(frozen=True, kw_only=True)
+class NotifyTarget:
+    """One validated entry of ``notify:`` (README, "Notifications")."""
+
+    url: str = field(repr=False)  #: may carry a token in its path (Slack): never shown
+    events: frozenset[str]
+    format: str = "json"
+    plugins: frozenset[str] | None = None  #: None: every plugin
+    secret: str | None = field(default=None, repr=False)  #: signs ``json`` bodies
+    token: str | None = field(default=None, repr=False)  #: a forge's API token
+    timeout: float = 10.0  #: seconds per request, all included
+
+    @property
+    def display_url(self) -> str:
+        """``url`` safe for logs: scheme, host and port only."""
+        scheme, _, rest = self.url.partition("://")
+        host = rest.split("/", 1)[0].rpartition("@")[2]
+        return f"{scheme}://{host}"
+
+    def __repr__(self) -> str:
+        return (f"NotifyTarget(url={self.display_url!r}..., format={self.format!r}, "
+                f"events={sorted(self.events)!r})")
+
+
 @dataclass(frozen=True, kw_only=True)
 class GitplugConfig:
     """The whole validated configuration. Paths are absolute."""
@@ -95,6 +127,10 @@ class GitplugConfig:
     api_prefix: str = "/_gitplug"
     #: Largest request body the push remote reads (bytes); refused from the headers above it.
     push_max_size: int = DEFAULT_PUSH_MAX_SIZE
+    #: Where people reach this server (``https://deploy.example.com``): links in notifications.
+    public_url: str | None = None
+    #: Outgoing notifications, in file order.
+    notify: tuple[NotifyTarget, ...] = ()
     #: Insertion order is the order of the file.
     plugins: Mapping[str, PluginConfig] = field(
         default_factory=lambda: MappingProxyType({}), hash=False

@@ -10,6 +10,9 @@ fetch -> resolve -> stage -> test -> load -> verify -> swap -> record.
 - :mod:`.triggers`: the coalescing deploy queue and APScheduler polls.
 - :mod:`.autorollback`: the error-rate watch of a newly live release.
 - :mod:`.layout`: where things live under ``data_dir``; file locks.
+- :mod:`.hosted`: the push remote: hosted repositories, git's protocol
+  (dulwich's server side) and the pre-receive rules of a push.
+- :mod:`.notify`: ``notify:`` messages, sent from a background thread.
 
 It reports progress through :mod:`gitplug.signals` (``deploy_*``,
 ``stage_finished``, ``poll_succeeded``); whoever wants figures subscribes.

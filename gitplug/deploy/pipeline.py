@@ -198,7 +198,7 @@ class Deployer:
             started = time.monotonic()
             record: DeployRecord | None = None
             if explicit:
-                record = self.store.start_deploy(name, trigger=trigger, ref=target)
+                record = self.store.start_deploy(name, trigger=trigger, ref=target, commit=commit)
                 signals.deploy_started.send(self, plugin=name, deploy=record)
             stage = Stage.FETCH
             try:
@@ -496,9 +496,11 @@ class Deployer:
         ref again (polls and webhooks apply), still serving what it served.
         """
         plugin = self.plugin_config(name)
+        # One hold of the (re-entrant) lock for both: a background trigger
+        # waiting for it must not deploy the branch between unpin and deploy.
         with self.lock_for(name):
             self.store.update_plugin(name, pin=None)
-        return self.deploy(name, ref=plugin.ref, trigger=trigger, progress=progress)
+            return self.deploy(name, ref=plugin.ref, trigger=trigger, progress=progress)
 
     def stop(self, name: str) -> None:
         """Record ``name`` as stopped; serving runtimes unmount it."""

@@ -5,6 +5,7 @@
 - :mod:`.statuspage` (routes, login, CSRF) and :mod:`.statusview` (what
   the page shows of each plugin).
 - :mod:`.metrics`: Prometheus text, fed by the pipeline's signals.
+- :mod:`.gitremote`: the push remote over git's smart HTTP (auth, bodies).
 - :mod:`.facade`: :class:`GitplugFacade`, what the web face needs of the
   extension; it is handed one and never imports the extension.
 

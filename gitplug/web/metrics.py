@@ -20,6 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from .. import signals
+from ..deploy import notify
 
 if t.TYPE_CHECKING:
     from .facade import GitplugFacade
@@ -85,6 +86,11 @@ class _GitplugCollector:
             labels=["plugin"],
         )
         workers = GaugeMetricFamily("gitplug_workers", "Serving processes with a recent heartbeat.")
+        lost = CounterMetricFamily(
+            "gitplug_notifications_failed",
+            "Notifications this process gave up on (after three tries, or dropped on a full queue).",
+        )
+        lost.add_metric([], notify.failures())
         if config is not None:
             # One GROUP BY per scrape, not every plugin's whole history.
             for (name, result), count in sorted(gp.store.deploy_counts().items()):
@@ -98,7 +104,7 @@ class _GitplugCollector:
             errors.add_metric([name, commit], release.errors)
         for name, when in sorted(_last_poll_ok.items()):
             polls.add_metric([name], when)
-        yield from (deploys, live, requests, errors, polls, workers)
+        yield from (deploys, live, requests, errors, polls, workers, lost)
 
 
 def render_metrics(gp: GitplugFacade) -> tuple[bytes, str]:
