@@ -329,6 +329,15 @@ def test_push_waits_for_a_running_deploy(site: Site, work: Work) -> None:
     assert site.server.get("/hello/") == f"200 hello v7 {sha[:12]}"
 
 
+def test_only_branches_and_tags_are_stored(site: Site, work: Work) -> None:
+    proc = work.git("push", "prod", "HEAD:refs/notes/sneaky", check=False)
+    assert proc.returncode != 0 and "only branches and tags can be pushed here" in proc.stderr, proc.stderr
+    assert site.hosted_ref("hello", "refs/notes/sneaky") is None
+    proc = work.git("push", "prod", "HEAD:refs/heads/feature")  # another branch: stored, not deployed
+    assert "remote: gitplug: fetch" not in proc.stderr
+    assert site.hosted_ref("hello", "refs/heads/feature") == site.hosted_ref("hello")
+
+
 def test_body_over_push_max_size_is_refused_from_the_headers(site: Site) -> None:
     auth = "Basic " + base64.b64encode(f"ci:{PUSH}".encode()).decode()
     status, text = request(

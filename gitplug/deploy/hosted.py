@@ -46,6 +46,7 @@ from dulwich.protocol import (
     SIDE_BAND_CHANNEL_PROGRESS,
     ReceivableProtocol,
 )
+from dulwich.refs import check_ref_format
 from dulwich.repo import Repo
 from dulwich.server import DictBackend, ReceivePackHandler, UploadPackHandler
 
@@ -68,6 +69,9 @@ _ZERO = b"0" * 40
 _MAX_LINE = 400
 #: Lines of a failure sent to the pusher at most (the test log has the rest).
 _MAX_FAILURE_LINES = 25
+
+#: dulwich >= 1.1.0 asks :meth:`_PushPolicy._on_update` before it moves each ref.
+_HAS_UPDATE_HOOK: t.Final = callable(getattr(ReceivePackHandler, "_on_update", None))
 
 Read = Callable[[int], bytes]
 Write = Callable[[bytes], t.Any]
@@ -125,6 +129,9 @@ class HostedRepos:
 
     def receive_pack(self, plugin: PluginConfig, read: Read, write: Write) -> None:
         """Take a push from the request body ``read``; see the module docstring."""
+        if not _HAS_UPDATE_HOOK:  # an older dulwich would move refs without asking us
+            raise RuntimeError("the push remote needs dulwich >= 1.1.0 (ReceivePackHandler._on_update);"
+                               " upgrade it: pip install -U dulwich")
         proto = ReceivableProtocol(read, _writer(write))
         with self._backend(plugin) as backend:
             _PushPolicy(backend, ["/"], proto, stateless_rpc=True, hosted=self, plugin=plugin).handle()
@@ -204,6 +211,8 @@ class _PushPolicy(ReceivePackHandler):
     def _check(self, ref: bytes, old: bytes, new: bytes) -> str | None:
         name = self.plugin.name
         allow = self.plugin.allow_force_push
+        if not ref.startswith((b"refs/heads/", b"refs/tags/")) or not check_ref_format(ref):
+            return "only branches and tags can be pushed here"
         try:
             current = self.repo.refs[ref]
         except KeyError:
