@@ -425,3 +425,49 @@ def test_a_second_plugin_registering_the_same_app_wide_filter_is_refused(
     assert "'stamp'" in message and "already registered" in message and "first" in message, message
     # The refusal changed nothing that is served.
     assert app.test_client().get("/", buffered=True).get_data(as_text=True) == "x-A"
+
+
+def test_host_view_builds_a_plugin_url_after_the_plugin_was_swapped_and_unloaded(
+    tmp_path: Path, make_gp: Callable[[Flask], GitPlug]
+) -> None:
+    """A host request that began before a swap builds the plugin's URLs after the old release is gone.
+
+    The view waits until the swap has happened and the old release has been
+    unloaded (purged), then builds URLs: every time, not by chance.
+    """
+    app = _host(tmp_path / "host")
+    entered = threading.Event()
+    release_view = threading.Event()
+
+    @app.route("/slow-links")
+    def slow_links() -> str:
+        from flask import url_for
+
+        entered.set()
+        assert release_view.wait(10)
+        return " ".join(
+            [url_for("alpha.index"), url_for("alpha.static", filename="s.css"), render_template("links.html")]
+        )
+
+    gp = make_gp(app)
+    gp.load_directory("beta", _plugin(tmp_path / "b", "beta", "B"), url_prefix="/beta")
+    old = gp.load_directory("alpha", _plugin(tmp_path / "a1", "alpha", "A1"), url_prefix="/alpha")
+    with serve_wsgi(app) as base:
+        result: list[tuple[int, str, dict[str, str]]] = []
+        request = threading.Thread(target=lambda: result.append(_get(base, "/slow-links")))
+        request.start()
+        try:
+            assert entered.wait(10)
+            new = gp.load_directory("alpha", _plugin(tmp_path / "a2", "alpha", "A2"), url_prefix="/alpha")
+            assert gp.runtime.wait_idle()
+            assert old.unloaded, "the old release must be unloaded while the host request is still running"
+        finally:
+            release_view.set()
+            request.join(15)
+        status, body, _ = result[0]
+        assert status == 200, body
+        # The request is pinned to the snapshot it started on: the old release's static URL.
+        old_static = f"/alpha/static/{old.release_id[:12]}/s.css"
+        assert body == f"/alpha/ {old_static} /alpha/ /beta/page {old_static}"
+        # A new request gets the new release's.
+        assert _get(base, "/links")[1] == f"/alpha/ /beta/page /alpha/static/{new.release_id[:12]}/s.css"

@@ -87,6 +87,11 @@ class LoadedRelease:
             logger=logging.getLogger(f"gitplug.plugin.{spec.name}"),
         )
         self.url_map: Map
+        #: Every endpoint of the release (``hello.index``, ``hello.static``).
+        #: Like ``url_map`` it is kept after :meth:`purge`: URL building reads
+        #: only these two, so a host request that began before a swap still
+        #: builds the plugin's URLs after the old release is unloaded.
+        self.endpoints: frozenset[str] = frozenset()
         self.view_functions: dict[str, t.Callable[..., t.Any]] = {}
         #: Scoped hooks, ``{registry: {scope: [funcs]}}``; scopes are the
         #: plugin's blueprint names (``hello``, ``hello.child``).
@@ -136,8 +141,9 @@ class LoadedRelease:
         if self.jinja_env is not None and self.jinja_env.cache is not None:
             self.jinja_env.cache.clear()
         self.jinja_env = None
-        # url_map is kept: it holds rules and endpoint names, no plugin code,
-        # and a host request that began before the swap may still build a URL.
+        # url_map and endpoints are kept: they hold rules and endpoint names,
+        # no plugin code, and a host request that began before the swap (host
+        # requests are not counted in flight) may still build a URL.
         self.unloaded = True
 
     def __repr__(self) -> str:
@@ -238,6 +244,7 @@ def _register(host: Flask, release: LoadedRelease, plugin: Plugin, namespace: Re
 
     release.url_map = scratch.url_map
     release.view_functions = dict(scratch.view_functions)
+    release.endpoints = frozenset(rule.endpoint for rule in scratch.url_map.iter_rules())
     for registry in HOOK_REGISTRIES:
         source: dict[t.Any, list[t.Any]] = getattr(scratch, registry)
         scoped = {}

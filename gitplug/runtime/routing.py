@@ -72,7 +72,7 @@ class SnapshotAdapter(MapAdapter):
         adapter: MapAdapter = self._host_adapter
         if isinstance(endpoint, str):
             release = self._snapshot.release_for_scope(endpoint)
-            if release is not None and endpoint in release.view_functions:
+            if release is not None and endpoint in release.endpoints:
                 if release.url_map is self.map:
                     adapter = self
                 else:
@@ -100,7 +100,7 @@ class _SnapshotAwareMap:
             from .hooks import request_snapshot
 
             release = request_snapshot(self._gitplug_runtime).release_for_scope(str(endpoint))  # type: ignore[attr-defined]
-            if release is not None and endpoint in release.view_functions:
+            if release is not None and endpoint in release.endpoints:
                 return release.url_map.is_endpoint_expecting(endpoint, *arguments)
         return super().is_endpoint_expecting(endpoint, *arguments)  # type: ignore[misc]
 
