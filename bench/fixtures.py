@@ -82,7 +82,7 @@ PAGE_TEMPLATE = (
 _PLUGIN_INIT = (
     '"""Synthetic bench plugin: a JSON view and a page (bench.fixtures)."""\n'
     "from gitplug import Plugin\n\n"
-    'plugin = Plugin("benchplug", __name__)\n'
+    'plugin = Plugin("{name}", __name__)\n'
     f"{VIEW_SOURCE}\n"
     f'plugin.add_url_rule("{VIEW_RULE}", view_func=item)\n'
     f"{PAGE_SOURCE}\n"
@@ -138,11 +138,15 @@ def stage_example(root: Path, versions: Iterable[str]) -> list[Path]:
     return out
 
 
-def write_synthetic_plugin(release_dir: Path) -> Path:
-    """A release holding the one-view plugin package ``benchplug``; returns ``release_dir``."""
+def write_synthetic_plugin(release_dir: Path, name: str) -> Path:
+    """A release holding the one-view plugin package ``benchplug``; returns ``release_dir``.
+
+    Its ``Plugin(...)`` is named ``name``: a release is served only under the
+    name it declares.
+    """
     package = release_dir / "benchplug"
     (package / "templates").mkdir(parents=True, exist_ok=True)
-    (package / "__init__.py").write_text(_PLUGIN_INIT)
+    (package / "__init__.py").write_text(_PLUGIN_INIT.replace("{name}", name))
     (package / "templates" / "bench_page.html").write_text(PAGE_TEMPLATE)
     return release_dir
 

@@ -107,7 +107,7 @@ def measure_overhead(*, rounds: int, per_round: int) -> list[Figure]:
         host = Flask("bench_host")
         host.register_blueprint(native_blueprint(), url_prefix="/native")
         gp = GitPlug(host)
-        release = write_synthetic_plugin(Path(tmp) / "plug-r1")
+        release = write_synthetic_plugin(Path(tmp) / "plug-r1", "plug")
         gp.runtime.swap(ReleaseSpec(name="plug", path=release, release_id="bench-plug-r1", url_prefix="/plug"))
         cases: dict[str, _WsgiCase] = {
             "native": (plain.wsgi_app, [environ_for("/native/item/7")]),
@@ -193,7 +193,7 @@ def _unmount_all(gp: GitPlug) -> None:
 
 
 def _synthetic_spec(root: Path, i: int, tag: str) -> ReleaseSpec:
-    path = write_synthetic_plugin(root / tag / f"p{i}")
+    path = write_synthetic_plugin(root / tag / f"p{i}", f"p{i}")
     return ReleaseSpec(name=f"p{i}", path=path, release_id=f"bench-{tag}-{i}", url_prefix=f"/p{i}")
 
 

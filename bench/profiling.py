@@ -213,7 +213,7 @@ def _overhead(tmp: Path, which: str, requests: int) -> tuple[str, list[dict[_Key
     host = Flask("bench_host")
     host.register_blueprint(native_blueprint(), url_prefix="/native")
     gp = GitPlug(host)
-    release = write_synthetic_plugin(tmp / "plug-r1")
+    release = write_synthetic_plugin(tmp / "plug-r1", "plug")
     gp.runtime.swap(ReleaseSpec(name="plug", path=release, release_id="bench-plug-r1", url_prefix="/plug"))
     path = "/plug/item/7" if which == "plugin" else "/native/item/7"
     try:
@@ -230,7 +230,7 @@ def _scale(tmp: Path, requests: int, plugins: int = 100) -> tuple[str, list[dict
     gp_one, gp_many = GitPlug(one), GitPlug(many)
     for gp, count, tag in ((gp_one, 1, "one"), (gp_many, plugins, "many")):
         for i in range(count):
-            path = write_synthetic_plugin(tmp / tag / f"p{i}")
+            path = write_synthetic_plugin(tmp / tag / f"p{i}", f"p{i}")
             gp.runtime.swap(ReleaseSpec(name=f"p{i}", path=path, release_id=f"{tag}-{i}", url_prefix=f"/p{i}"))
     try:
         return (

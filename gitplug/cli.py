@@ -67,12 +67,18 @@ config_option = click.option(
 json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 
 
-def _load(config_path: Path | None) -> GitplugConfig:
+def _load(config_path: Path | None, *, need_secrets: bool = True) -> GitplugConfig:
+    """The configuration; ``need_secrets=False`` for read-only commands.
+
+    A read-only command uses neither the admin token nor the webhook secret,
+    so an unset ``${NAME}`` for them does not fail it (the server's does).
+    """
     if config_path is None and not os.environ.get(CONFIG_ENV_VAR):
         from_app = _flask_app_config()
         if from_app is not None:
             return from_app
-    return load_config(resolve_config_path(str(config_path) if config_path else None))
+    return load_config(resolve_config_path(str(config_path) if config_path else None),
+                       need_secrets=need_secrets)
 
 
 def _flask_app_config() -> GitplugConfig | None:
@@ -140,6 +146,10 @@ def _short(sha: str | None) -> str:
 
 def _progress(stage: str, message: str) -> None:
     colour = {"failed": "red", "live": "green", "skipped": "yellow"}.get(stage)
+    if stage == "failed":
+        # "STAGE: error and log tail": the result line prints the error (and
+        # tail) once; here only the stage it failed at.
+        message = message.partition(":")[0]
     click.secho(f"  {stage:<8} {message}", fg=colour, err=True)
 
 
@@ -201,7 +211,7 @@ def cli(ctx: click.Context, verbose: int) -> None:
 @domain_errors
 def check_config(config_path: Path | None) -> None:
     """Validate the configuration and say what is wrong, where."""
-    config = _load(config_path)
+    config = _load(config_path, need_secrets=False)
     click.echo(f"{config.source}: OK, {len(config.plugins)} plugin(s)")
     for plugin in config.plugins.values():
         gate = " ".join(plugin.test) if plugin.test else "off"
@@ -216,7 +226,7 @@ def status(config_path: Path | None, as_json: bool) -> None:
     """Every plugin: tracked ref, pin, live commit per worker, last deploy."""
     from .status import build_status
 
-    config = _load(config_path)
+    config = _load(config_path, need_secrets=False)
     data = build_status(config, _store(config))
     if as_json:
         _print_json(data)
@@ -250,7 +260,7 @@ def status(config_path: Path | None, as_json: bool) -> None:
 @domain_errors
 def history(plugin: str, limit: int, config_path: Path | None, as_json: bool) -> None:
     """Deploys of PLUGIN: when, trigger, ref, commit, result, stage, duration."""
-    config = _load(config_path)
+    config = _load(config_path, need_secrets=False)
     config.plugin(plugin)
     records = _store(config).history(plugin, limit=limit)
     if as_json:
@@ -334,11 +344,16 @@ def start(plugin: str, config_path: Path | None) -> None:
 @cli.command()
 @click.argument("plugin")
 @click.option("--deploy", "deploy_id", type=int, default=None, help="A deploy id (default: the latest with a log).")
+@click.option("--full", is_flag=True, help="The whole log, with every traceback frame.")
 @config_option
 @domain_errors
-def logs(plugin: str, deploy_id: int | None, config_path: Path | None) -> None:
-    """Print the test gate's output of a deploy of PLUGIN."""
-    config = _load(config_path)
+def logs(plugin: str, deploy_id: int | None, full: bool, config_path: Path | None) -> None:
+    """Print the test gate's output of a deploy of PLUGIN.
+
+    Tracebacks are shortened to the plugin's own frames and a report
+    repeated by several tests is shown once; --full prints the log as written.
+    """
+    config = _load(config_path, need_secrets=False)
     config.plugin(plugin)
     store = _store(config)
     if deploy_id is not None:
@@ -353,7 +368,12 @@ def logs(plugin: str, deploy_id: int | None, config_path: Path | None) -> None:
             raise GitplugError(f"no deploy of {plugin!r} has a test log yet; run `gitplug deploy {plugin}`.")
     if not record.log_path or not Path(record.log_path).is_file():
         raise GitplugError(f"deploy {record.id} of {plugin!r} has no test log (the gate did not run).")
-    click.echo(Path(record.log_path).read_text(errors="replace"), nl=False)
+    text = Path(record.log_path).read_text(errors="replace")
+    if not full:
+        from .deploy.testgate import trim_test_log
+
+        text = trim_test_log(text)
+    click.echo(text, nl=False)
 
 
 @cli.command("reload-config")
@@ -405,7 +425,7 @@ def serve(host: str, port: int, dev: tuple[str, ...], config_path: Path | None) 
 @config_option
 @domain_errors
 def demo(port: int, config_path: Path | None) -> None:
-    """The example of SPEC 8, end to end, on this machine alone."""
+    """The README's walkthrough, end to end, on this machine alone."""
     from .demo import run_demo
 
     run_demo(port=port, config_path=config_path)

@@ -4,8 +4,8 @@ Makes a real git repository from ``plugins_repo_example/`` under the data
 directory (two tagged commits, v1.0.0 and v1.1.0), serves the root
 ``deploy.yaml`` on 127.0.0.1 and prints what to try. Writes nothing outside
 the data directory. ``python -m gitplug.demo commit "message"`` and
-``python -m gitplug.demo break`` commit to that repository without needing
-the git command.
+``python -m gitplug.demo break`` and ``python -m gitplug.demo fix`` commit to
+that repository without needing the git command.
 """
 
 from __future__ import annotations
@@ -119,10 +119,8 @@ def run_demo(*, port: int, config_path: Path | None) -> None:
             " (it holds the demo's deploy.yaml), or pass -c FILE.",
             file=str(path),
         )
-    # The data dir is needed before the secrets exist; peek with placeholders.
-    for name in ("GITPLUG_ADMIN_TOKEN", "GITPLUG_WEBHOOK_SECRET"):
-        os.environ.setdefault(name, "")
-    peek = load_config(path, environ={**os.environ, "GITPLUG_ADMIN_TOKEN": "x", "GITPLUG_WEBHOOK_SECRET": "x"})
+    # The data dir is needed before the secrets exist: read it without them.
+    peek = load_config(path, need_secrets=False)
     _demo_secrets(peek.data_dir)
     config = load_config(path)
     repo_dir = demo_repo_path(config)
@@ -141,14 +139,16 @@ gitplug demo {'(new repository: tags v1.0.0 and v1.1.0)' if created else ''}
   status page     {base}{config.api_prefix}/     token: {os.environ['GITPLUG_ADMIN_TOKEN']}
   its repository  {rel_repo}   (branch main, polled every {config.plugins['hello'].poll_interval:g} s)
 
-In another terminal (same directory):
+In another terminal (same directory), the README's walkthrough:
   {env}
   1. change it:    edit {rel_repo}/hello/templates/index.html, then
                    python -m gitplug.demo commit "my change"     # live within seconds
   2. break it:     python -m gitplug.demo break                 # tests fail; the old release stays
-                   gitplug status ; gitplug history hello ; gitplug logs hello
-  3. roll back:    gitplug rollback hello v1.0.0                # pinned, from disk, no tests
-  4. follow main:  gitplug resume hello
+                   gitplug status ; gitplug logs hello
+  3. fix it:       python -m gitplug.demo fix                   # reverts the break; live again
+  4. roll back:    gitplug rollback hello v1.0.0                # pinned; fetched and tested unless on disk
+                   gitplug history hello
+  5. follow main:  gitplug resume hello
 Ctrl+C stops the server.
 """
     from .serve import run_server
@@ -161,13 +161,21 @@ def _cli() -> None:
     """Commit to the demo repository without the git command."""
 
 
+#: What ``break`` appends to ``hello/report.py`` (and ``fix`` removes).
+BREAKAGE = "\n\ndef broken(:\n    pass\n"
+
+
+def _demo_repo(config_path: str | None) -> Path:
+    # Committing needs no secret: read the configuration without them.
+    return demo_repo_path(load_config(resolve_config_path(config_path), need_secrets=False))
+
+
 @_cli.command()
 @click.argument("message")
 @click.option("-c", "--config", "config_path", default=None)
 def commit(message: str, config_path: str | None) -> None:
     """Commit every change in the demo repository."""
-    config = load_config(resolve_config_path(config_path), environ={**os.environ, "GITPLUG_ADMIN_TOKEN": "x", "GITPLUG_WEBHOOK_SECRET": "x"})
-    sha = commit_all(demo_repo_path(config), message)
+    sha = commit_all(_demo_repo(config_path), message)
     click.echo(f"committed {sha[:12]} on main: {message}")
 
 
@@ -175,12 +183,28 @@ def commit(message: str, config_path: str | None) -> None:
 @click.option("-c", "--config", "config_path", default=None)
 def break_(config_path: str | None) -> None:
     """Commit a syntax error in a lazily imported module."""
-    config = load_config(resolve_config_path(config_path), environ={**os.environ, "GITPLUG_ADMIN_TOKEN": "x", "GITPLUG_WEBHOOK_SECRET": "x"})
-    repo_dir = demo_repo_path(config)
+    repo_dir = _demo_repo(config_path)
     target = repo_dir / "hello" / "report.py"
-    target.write_text(target.read_text() + "\n\ndef broken(:\n    pass\n")
+    text = target.read_text()
+    if text.endswith(BREAKAGE):
+        raise GitplugError("hello/report.py is broken already; `python -m gitplug.demo fix` reverts it")
+    target.write_text(text + BREAKAGE)
     sha = commit_all(repo_dir, "break the report module")
     click.echo(f"committed {sha[:12]}: a syntax error in hello/report.py; watch the old release keep serving")
+
+
+@_cli.command()
+@click.option("-c", "--config", "config_path", default=None)
+def fix(config_path: str | None) -> None:
+    """Commit the revert of what ``break`` did."""
+    repo_dir = _demo_repo(config_path)
+    target = repo_dir / "hello" / "report.py"
+    text = target.read_text()
+    if not text.endswith(BREAKAGE):
+        raise GitplugError("hello/report.py is not broken; nothing to fix (`python -m gitplug.demo break` breaks it)")
+    target.write_text(text[: -len(BREAKAGE)])
+    sha = commit_all(repo_dir, "fix the report module")
+    click.echo(f"committed {sha[:12]}: hello/report.py is fixed; the branch deploys again")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ codes (see :mod:`gitplug.cli`)::
     ├── PluginLoadError          the release could not be imported or verified
     │   ├── PluginImportError    syntax / import / import-time error, with file and line
     │   ├── EntryPointError      the entry object is missing or not a Plugin
+    │   │   └── PluginNameMismatch   Plugin("x") configured under another name
     │   ├── OnLoadFailed         an ``on_load`` callback raised
     │   └── HealthCheckFailed    ``health_check`` returned False or raised
     ├── MountError               a prefix or name clashes with the host or another plugin
@@ -180,6 +181,18 @@ class PluginImportError(PluginLoadError):
 
 class EntryPointError(PluginLoadError):
     """The ``entry`` names no object, or the object is not a :class:`gitplug.Plugin`."""
+
+
+class PluginNameMismatch(EntryPointError):
+    """The release creates ``Plugin(declared)`` but is configured under another name.
+
+    Refused: served under the configured name, the plugin's own
+    ``url_for("<declared>.x")`` would build another plugin's URLs.
+    """
+
+    def __init__(self, message: str, *, plugin: str, declared: str, release: str | None = None) -> None:
+        self.declared = declared
+        super().__init__(message, plugin=plugin, release=release)
 
 
 class OnLoadFailed(PluginLoadError):

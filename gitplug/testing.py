@@ -42,7 +42,7 @@ else the current directory, which is the repository root both when an author
 runs ``python -m pytest`` there and in the test gate (it runs in the release
 directory). The plugin's name defaults to its package name: the single
 top-level package of the directory (``tests/``, ``docs/`` and the like are
-not candidates).
+not candidates), or the name its ``Plugin(...)`` declares when that differs.
 
 Teardown stops the plugin, so its ``on_unload`` callbacks run as they would
 in production, then removes the directory snapshot gitplug loaded from.
@@ -61,7 +61,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
-from .errors import EntryPointError, GitplugError
+from .errors import EntryPointError, GitplugError, PluginLoadError, PluginNameMismatch
 from .extension import EXTENSION_KEY, GitPlug
 from .runtime.loader import find_package
 
@@ -188,9 +188,18 @@ def mount_plugin(
     if app.test_client_class is None:
         app.test_client_class = GitplugTestClient
     try:
-        release = gitplug.load_directory(
-            plugin_name, source, url_prefix=url_prefix, config=config, entry=entry
-        )
+        try:
+            release = gitplug.load_directory(
+                plugin_name, source, url_prefix=url_prefix, config=config, entry=entry
+            )
+        except PluginNameMismatch as exc:
+            if name is not None:
+                raise
+            # No name asked for: the plugin's own Plugin(...) name, not its package's.
+            plugin_name = exc.declared
+            release = gitplug.load_directory(
+                plugin_name, source, url_prefix=url_prefix, config=config, entry=entry
+            )
     except BaseException:
         unmount(gitplug)
         raise
@@ -223,6 +232,29 @@ def gitplug_plugin_options() -> Mapping[str, t.Any]:
     return {}
 
 
+#: ``{mount key: error}`` of plugins that failed to load in this session.
+_load_failures: dict[str, str] = {}
+
+
+class _NoLoadFailureLog(logging.Filter):
+    """Drops the runtime's "failed to load" warning while the fixture mounts."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "failed to load" not in str(record.msg)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """A new session tries every plugin again (pytester runs sessions in one process)."""
+    _load_failures.clear()
+
+
+def _mount_key(options: Mapping[str, t.Any]) -> str:
+    """Which plugin code the options load: its directory and entry."""
+    path = options.get("path")
+    where = Path(path).resolve() if path is not None else default_plugin_dir().resolve()
+    return repr((str(where), options.get("entry")))
+
+
 @pytest.fixture
 def _gitplug_mount(gitplug_plugin_options: Mapping[str, t.Any]) -> Iterator[tuple[Flask, GitPlug]]:
     options = dict(gitplug_plugin_options)
@@ -232,7 +264,24 @@ def _gitplug_mount(gitplug_plugin_options: Mapping[str, t.Any]) -> Iterator[tupl
             f"gitplug_plugin_options: unknown option(s) {', '.join(map(repr, unknown))}."
             f" Expected some of: {', '.join(sorted(_MOUNT_OPTIONS))}."
         )
-    app, gitplug = mount_plugin(**options)
+    # A plugin that does not load fails the first test that mounts it, with
+    # the error alone (it names the plugin's file and line; gitplug's and
+    # pytest's frames say nothing about it), and the others are skipped:
+    # one error in the log, not the same traceback once per test.
+    key = _mount_key(options)
+    if key in _load_failures:
+        pytest.skip(f"the plugin did not load (see the first failure): {_load_failures[key].splitlines()[0]}")
+    quiet = _NoLoadFailureLog()
+    swap_logger = logging.getLogger("gitplug.runtime.swap")
+    swap_logger.addFilter(quiet)  # the failure below says it; pytest would show the log too
+    try:
+        app, gitplug = mount_plugin(**options)
+    except PluginLoadError as exc:
+        _load_failures[key] = str(exc)
+    finally:
+        swap_logger.removeFilter(quiet)
+    if key in _load_failures:  # outside the except: no "during handling" chain in the report
+        pytest.fail(f"the plugin did not load: {_load_failures[key]}", pytrace=False)
     try:
         yield app, gitplug
     finally:

@@ -149,6 +149,43 @@ def test_deploy_runs_the_test_gate_and_logs_shows_its_output(tmp_path: Path, rep
     )
 
 
+def _steps(stderr: str) -> list[str]:
+    """The progress steps a command printed (``  fetch    ...`` lines)."""
+    return [line.split()[0] for line in stderr.splitlines() if line.startswith("  ")]
+
+
+def test_rollback_prints_only_the_steps_that_ran(tmp_path: Path, repo: GitRepo) -> None:
+    v1 = write_version(repo, "hello", "v1", gate_test=True)
+    repo.tag("v1")
+    write_version(repo, "hello", "v2", gate_test=True)
+    config = write_config(
+        tmp_path / "deploy.yaml",
+        {"hello": {"repo": repo.url, "test": "python -m pytest -q -p no:cacheprovider", "test_timeout": 60}},
+    )
+    proc = run_cli("deploy", "hello", "-c", config)
+    assert proc.returncode == 0 and _steps(proc.stderr) == ["fetch", "stage", "test", "load", "live"], proc.stderr
+
+    # v1 was never deployed: the mirror knows the tag (no fetch), it is staged and tested.
+    proc = run_cli("rollback", "hello", "v1", "-c", config)
+    assert proc.returncode == 0, proc.stderr
+    assert _steps(proc.stderr) == ["stage", "test", "load", "live"], proc.stderr
+    assert v1[:12] in proc.stdout
+
+    # Back on v2 (on disk, passed): then v1 again is on disk and passed: no fetch, no test.
+    assert run_cli("resume", "hello", "-c", config).returncode == 0
+    proc = run_cli("rollback", "hello", "v1", "-c", config)
+    assert proc.returncode == 0, proc.stderr
+    assert _steps(proc.stderr) == ["reuse", "load", "live"], proc.stderr
+    assert "fetch" not in proc.stderr and "pytest" not in proc.stderr
+
+    # A tag the mirror has not seen yet is fetched first.
+    write_version(repo, "hello", "v3", gate_test=True)
+    repo.tag("v3")
+    proc = run_cli("rollback", "hello", "v3", "-c", config)
+    assert proc.returncode == 0, proc.stderr
+    assert _steps(proc.stderr) == ["fetch", "stage", "test", "load", "live"], proc.stderr
+
+
 def test_deploy_json_failure_history_and_status(
     tmp_path: Path, repo: GitRepo, config: Path
 ) -> None:

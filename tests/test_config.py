@@ -81,8 +81,8 @@ def test_spec_example(tmp_path: Path) -> None:
             auto_rollback: {max_error_rate: 0.2, min_requests: 20, window: 60}
             config:
               GREETING: Hello
-    """, GITPLUG_ADMIN_TOKEN="tok", GITPLUG_WEBHOOK_SECRET="sec")
-    assert cfg.admin_token == "tok" and cfg.webhook_secret == "sec"
+    """, GITPLUG_ADMIN_TOKEN="tok-0123456789abcdef", GITPLUG_WEBHOOK_SECRET="sec-0123456789abcdef")
+    assert cfg.admin_token == "tok-0123456789abcdef" and cfg.webhook_secret == "sec-0123456789abcdef"
     assert cfg.state == f"sqlite:///{tmp_path}/.gitplug/state.db"
     hello = cfg.plugins["hello"]
     assert hello.repo == "https://git.example.com/team/hello.git"
@@ -572,6 +572,53 @@ def test_all_problems_are_listed_first_one_in_attributes(tmp_path: Path) -> None
     assert (info.value.line, info.value.key) == (1, "keep_releases")
 
 
+def test_a_bad_ref_does_not_hide_nested_prefixes(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+        plugins:
+          shop:
+            repo: ./shop
+            ref: main..dev
+            url_prefix: /shop
+          cart:
+            repo: ./cart
+            url_prefix: /shop/cart
+    """)
+    with pytest.raises(ConfigError, match=r"(?s)deploy.yaml:4: plugins.shop.ref: .*"
+                                          r"and 1 more problem\(s\):\n"
+                                          r".*deploy.yaml:8: plugins.cart.url_prefix: url_prefix "
+                                          r"'/shop/cart' of plugin 'cart' is inside url_prefix "
+                                          r"'/shop' of plugin 'shop'"):
+        load_config(path, environ={})
+
+
+@pytest.mark.parametrize("key, text", [
+    ("admin_token", "admin_token: ${T}\n"),
+    ("webhook.secret", "webhook: {secret: '${T}'}\n"),
+])
+def test_short_secrets_are_refused_without_echoing_them(tmp_path: Path, key: str, text: str) -> None:
+    with pytest.raises(ConfigError, match=rf"{re.escape(key)}: too short \(15 characters\); use at "
+                                          r"least 16") as info:
+        load(tmp_path, text + "plugins: {}\n", T="abcdefghijklmno")
+    assert "abcdefghijklmno" not in str(info.value) and "abc" not in str(info.value)
+    assert load(tmp_path, text + "plugins: {}\n", T="abcdefghijklmnop") is not None
+
+
+def test_read_only_commands_need_no_secret_in_the_environment(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+        admin_token: ${UNSET_TOKEN}
+        webhook: {secret: '${UNSET_SECRET}'}
+        plugins: {}
+    """)
+    with pytest.raises(ConfigError, match=r"UNSET_TOKEN is not set"):
+        load_config(path, environ={})
+    cfg = load_config(path, environ={}, need_secrets=False)
+    assert cfg.admin_token is None and cfg.webhook_secret is None
+    # Other settings still need their variables.
+    bad = write(tmp_path, "data_dir: ${UNSET_DIR}\nplugins: {}\n", name="other.yaml")
+    with pytest.raises(ConfigError, match=r"UNSET_DIR is not set"):
+        load_config(bad, environ={}, need_secrets=False)
+
+
 @pytest.mark.parametrize("text, reason", [
     ("", r"the file is empty"),
     ("# only a comment\n", r"the file is empty"),
@@ -606,9 +653,9 @@ def test_config_from_mapping(tmp_path: Path) -> None:
         "admin_token": "${TOKEN}",
         "plugins": {"hello": {"repo": Path("hello"), "test": ("make", "test"),
                               "poll_interval": 5}},
-    }, base_dir=tmp_path, environ={"TOKEN": "t"})
+    }, base_dir=tmp_path, environ={"TOKEN": "t" * 16})
     assert cfg.source == MAPPING_SOURCE and cfg.base_dir == tmp_path
-    assert cfg.data_dir == tmp_path / "data" and cfg.admin_token == "t"
+    assert cfg.data_dir == tmp_path / "data" and cfg.admin_token == "t" * 16
     assert cfg.plugins["hello"].repo == str(tmp_path / "hello")
     assert cfg.plugins["hello"].test == ("make", "test")
 

@@ -33,7 +33,7 @@ GOOD_YAML = """\
 data_dir: data
 poll_interval: 60
 webhook:
-  secret: s3cret
+  secret: s3cret-for-the-faults-table
 plugins:
   hello:
     repo: {repo}
@@ -88,7 +88,7 @@ CONFIG_FAULTS = [
         id="nested-prefix",
     ),
     pytest.param(
-        GOOD_YAML.replace("secret: s3cret", "secret: ${" + UNSET_VAR + "}"),
+        GOOD_YAML.replace("secret: s3cret-for-the-faults-table", "secret: ${" + UNSET_VAR + "}"),
         rf"environment variable {UNSET_VAR} is not set \(used as \${{{UNSET_VAR}}}\); export"
         rf" {UNSET_VAR}=\.\.\. before starting gitplug",
         "secret: ${",

@@ -118,7 +118,7 @@ def test_load_with_deploys_never_mixes_regresses_or_lags(site: Site) -> None:
 
 def check_load(result: LoadResult, done: list[DeployDone], site: Site) -> None:
     print(f"\nload: {result.summary()}; {machine_load()}")
-    for via in ("cli", "api", "poll"):
+    for via in ("cli", "api", "startup", "poll"):
         took = [d.took_s for d in done if d.via == via]
         if took:
             p50, worst = percentile(took, 50), max(took)

@@ -9,6 +9,7 @@ repository moved away: the same release serves at once.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import textwrap
 from pathlib import Path
@@ -146,3 +147,37 @@ def test_deploy_fail_rollback_resume_restart(tmp_path: Path, repo: GitRepo) -> N
         assert served(app2) == f"200 v7@{v7[:7]}"
     finally:
         gp2.shutdown()
+
+
+def test_a_state_that_makes_polls_do_nothing_is_logged_once(
+    tmp_path: Path, repo: GitRepo, caplog: pytest.LogCaptureFixture
+) -> None:
+    write_version(repo, "v1")
+    repo.tag("v1")
+    app, gp = make_app(tmp_path, repo.url)
+    services = gp._state.services
+    caplog.set_level(logging.DEBUG, logger="gitplug.deploy.pipeline")
+
+    def said(text: str) -> list[int]:
+        return [r.levelno for r in caplog.records if text in r.getMessage()]
+
+    try:
+        assert gp.deploy("hello").result == DeployResult.LIVE
+        assert gp.rollback("hello", "v1").result in (DeployResult.LIVE, DeployResult.SKIPPED)
+        for _ in range(3):
+            assert services._run_trigger(Trigger("hello", "poll")) is None
+        assert said("pinned at v1; ignoring poll triggers") == [logging.INFO, logging.DEBUG, logging.DEBUG]
+
+        assert gp.resume("hello") is not None
+        bad = write_version(repo, "v2", test="def test_no():\n    assert False\n")
+        record = services._run_trigger(Trigger("hello", "poll"))
+        assert record is not None and record.result == DeployResult.FAILED
+        for _ in range(3):
+            assert services._run_trigger(Trigger("hello", "poll")) is None
+        assert said(f"{bad[:12]} failed before; not retrying") == [logging.INFO, logging.DEBUG, logging.DEBUG]
+        # A new state is logged again: pinned once more.
+        assert gp.rollback("hello", "v1") is not None
+        assert services._run_trigger(Trigger("hello", "poll")) is None
+        assert said("pinned at v1; ignoring poll triggers")[-1] == logging.INFO
+    finally:
+        gp.shutdown()

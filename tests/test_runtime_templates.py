@@ -87,11 +87,11 @@ def _plugin(root: Path, name: str, label: str, *, extra: dict[str, str] | None =
     """Plugin ``name`` (package ``front`` for both plugins) stamped with ``label``."""
     other = "beta" if name == "alpha" else "alpha"
     files = {
-        "front/__init__.py": """
+        "front/__init__.py": f"""
             from flask import render_template
             from gitplug import Plugin, current_plugin
 
-            plugin = Plugin("front", __name__)
+            plugin = Plugin("{name}", __name__)
 
             @plugin.route("/")
             def index():
@@ -471,3 +471,26 @@ def test_host_view_builds_a_plugin_url_after_the_plugin_was_swapped_and_unloaded
         assert body == f"/alpha/ {old_static} /alpha/ /beta/page {old_static}"
         # A new request gets the new release's.
         assert _get(base, "/links")[1] == f"/alpha/ /beta/page /alpha/static/{new.release_id[:12]}/s.css"
+
+
+def test_a_release_configured_under_another_name_is_refused(
+    tmp_path: Path, make_gp: Callable[[Flask], GitPlug]
+) -> None:
+    """Plugin("greeter") configured as greet2 would link greeter's files: refused at load."""
+    from gitplug.errors import PluginNameMismatch
+
+    app = _host(tmp_path / "host")
+    gp = make_gp(app)
+    greeter = _plugin(tmp_path / "g", "alpha", "G")  # its code says Plugin("alpha")
+    live = gp.load_directory("alpha", greeter, url_prefix="/alpha")
+    with pytest.raises(PluginNameMismatch) as info:
+        gp.load_directory("beta", greeter, url_prefix="/beta")
+    message = str(info.value)
+    assert message == (
+        "plugin 'beta': the release creates Plugin('alpha', ...) but is configured as 'beta'."
+        " Name the plugin 'alpha' in the configuration, or create it with"
+        " `Plugin('beta', __name__)`; the live release is unchanged."
+    )
+    assert (info.value.plugin, info.value.declared) == ("beta", "alpha")
+    assert gp.live_release("beta") is None and gp.live_release("alpha") is live
+    assert app.test_client().get("/beta/", buffered=True).status_code == 404

@@ -10,6 +10,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from gitplug import EntryPointError, GitPlug, GitplugError, PluginImportError
+from gitplug.errors import PluginNameMismatch
 from gitplug.deploy.testgate import run_test_gate
 from gitplug.testing import (
     PLUGIN_DIR_ENV,
@@ -100,13 +101,16 @@ def test_mount_plugin_defaults(mounted: tuple[Flask, GitPlug]) -> None:
 
 
 def test_mount_plugin_options(plugin_dir: Path) -> None:
-    app, gitplug = mount_plugin(plugin_dir, name="hi", url_prefix="/a/b", config={"WORD": "yo"})
+    app, gitplug = mount_plugin(plugin_dir, url_prefix="/a/b", config={"WORD": "yo"})
     try:
         client = app.test_client()
-        assert client.get("/a/b/").get_data(as_text=True) == "hi yo"
+        assert client.get("/a/b/").get_data(as_text=True) == "greet yo"
         assert client.get("/greet/").status_code == 404
     finally:
         unmount(gitplug)
+    # Under a name its Plugin(...) does not declare, it is refused, as a deploy would be.
+    with pytest.raises(PluginNameMismatch, match=r"creates Plugin\('greet', \.\.\.\) but is configured as 'hi'"):
+        mount_plugin(plugin_dir, name="hi")
 
 
 def test_session_and_flash_work_across_requests(mounted: tuple[Flask, GitPlug]) -> None:
@@ -253,10 +257,10 @@ def test_each_test_gets_a_fresh_app(gitplug_client):
 class TestOverride:
     @pytest.fixture
     def gitplug_plugin_options(self):
-        return {"name": "hey", "url_prefix": "/x", "config": {"WORD": "there"}}
+        return {"name": "greet", "url_prefix": "/x", "config": {"WORD": "there"}}
 
     def test_options(self, gitplug_client):
-        assert gitplug_client.get("/x/").get_data(as_text=True) == "hey there"
+        assert gitplug_client.get("/x/").get_data(as_text=True) == "greet there"
 '''
 
 
@@ -278,9 +282,14 @@ def test_fixture_reports_a_broken_plugin(pytester: pytest.Pytester, monkeypatch:
     monkeypatch.delenv(PLUGIN_DIR_ENV, raising=False)
     write_plugin_repo(pytester.path)
     (pytester.path / "greet" / "views.py").write_text("import does_not_exist_anywhere\n")
-    result = pytester.runpytest_inprocess(*INNER_ARGS, "-k", "test_client")
-    result.assert_outcomes(errors=1)
-    result.stdout.fnmatch_lines(["*PluginImportError*greet.views failed in greet/views.py line 1*"])
+    result = pytester.runpytest_inprocess(*INNER_ARGS)
+    # The error once, in the first test; the others are skipped, not failed again.
+    result.assert_outcomes(errors=1, skipped=3)
+    result.stdout.fnmatch_lines(["*the plugin did not load: plugin 'greet': importing greet.views failed in greet/views.py line 1*"])
+    output = result.stdout.str()
+    assert output.count("No module named 'does_not_exist_anywhere'") == 1, output
+    # Neither gitplug's frames nor the fixture's: the message names the plugin's file and line.
+    assert "gitplug/runtime" not in output and "Traceback" not in output, output
 
 
 def test_fixture_refuses_unknown_options(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -318,3 +327,42 @@ def test_fixtures_in_the_test_gate(tmp_path: Path) -> None:
     assert result.passed, (tmp_path / "gate.log").read_text()
     assert "4 passed" in (tmp_path / "gate.log").read_text()
     assert not (release / ".pytest_cache").exists()
+
+
+def test_the_gate_log_is_read_with_the_plugins_frames_first(tmp_path: Path) -> None:
+    """``gitplug logs`` hides gitplug's, pytest's and Flask's frames; --full keeps them."""
+    from gitplug.deploy.testgate import trim_test_log
+
+    release = tmp_path / "release"
+    write_plugin_repo(
+        release,
+        """
+        def test_boom(gitplug_client):
+            gitplug_client.get("/greet/boom")
+        """,
+    )
+    init = release / "greet" / "__init__.py"
+    init.write_text(
+        init.read_text()
+        + '\n\n@plugin.get("/boom")\ndef boom():\n    return helper()\n\n\ndef helper():\n    raise KeyError("the plugin broke")\n'
+    )
+    result = run_test_gate(
+        release,
+        ["python", "-m", "pytest", "-q", "-p", "no:cacheprovider"],
+        is_default=True,
+        timeout=120,
+        log_path=tmp_path / "gate.log",
+        extra_pythonpath=[ROOT],
+    )
+    assert not result.passed
+    full = (tmp_path / "gate.log").read_text()
+    short = trim_test_log(full)
+    gitplug_dir = str(ROOT / "gitplug")
+    # The full log walks through Flask, Werkzeug and gitplug; the short one does not.
+    assert gitplug_dir in full and "/werkzeug/" in full
+    assert gitplug_dir not in short and "/werkzeug/" not in short and "/flask/" not in short, short
+    assert "frame(s) of gitplug, pytest or Flask hidden; --full shows them" in short
+    # The plugin's own frames stay, in order: the test, the view, the helper that raised.
+    test_at, view_at, helper_at = (short.find(s) for s in ("tests/test_plugin.py:", "return helper()", 'raise KeyError("the plugin broke")'))
+    assert -1 < test_at < view_at < helper_at, short
+    assert len(short.splitlines()) < len(full.splitlines()) / 2, (len(short.splitlines()), len(full.splitlines()))

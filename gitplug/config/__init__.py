@@ -72,6 +72,7 @@ __all__ = [
     "MAPPING_SOURCE",
     "NOTIFY_EVENTS",
     "NOTIFY_FORMATS",
+    "SECRET_KEYS",
     "AutoRollback",
     "ConfigDiff",
     "GitplugConfig",
@@ -101,13 +102,21 @@ def resolve_config_path(path: str | os.PathLike[str] | None, *,
     return Path(env.get(CONFIG_ENV_VAR) or DEFAULT_CONFIG_FILE)
 
 
+#: The settings that hold secrets: only the server (and commands that run
+#: a deploy, whose test gate scrubs them) need them.
+SECRET_KEYS: Final = frozenset({("admin_token",), ("webhook", "secret")})
+
+
 def load_config(path: str | os.PathLike[str], *,
-                environ: Mapping[str, str] | None = None) -> GitplugConfig:
+                environ: Mapping[str, str] | None = None,
+                need_secrets: bool = True) -> GitplugConfig:
     """Read, interpolate and validate a YAML configuration file.
 
     Relative paths in it are resolved against the file's directory. Raises
     :class:`ConfigError` (naming file, line and key) for any problem; never
-    returns a partly valid configuration.
+    returns a partly valid configuration. With ``need_secrets=False`` (the
+    read-only commands), an unset ``${NAME}`` in ``admin_token`` or
+    ``webhook.secret`` reads as not configured instead of an error.
     """
     source = os.fspath(path)
     file_path = Path(os.path.abspath(source))
@@ -136,23 +145,27 @@ def load_config(path: str | os.PathLike[str], *,
         raise ConfigError(f"invalid YAML: {exc}", file=source) from exc
     if node is None:
         raise ConfigError("the file is empty; expected a mapping of settings with at least "
-                          "'plugins:' (see SPEC section 3).", file=source, line=1)
+                          "'plugins:' (see the README, \"Configuration\").", file=source, line=1)
     report = _Report(source)
     report.lines[()] = node.start_mark.line + 1
-    data = _Walker(report, os.environ if environ is None else environ).node(node, ())
+    optional = frozenset() if need_secrets else SECRET_KEYS
+    data = _Walker(report, os.environ if environ is None else environ, optional).node(node, ())
     return _finish(data, report, file_path.parent)
 
 
 def config_from_mapping(data: Mapping[str, Any], *, base_dir: str | os.PathLike[str],
                         source: str = MAPPING_SOURCE,
-                        environ: Mapping[str, str] | None = None) -> GitplugConfig:
+                        environ: Mapping[str, str] | None = None,
+                        need_secrets: bool = True) -> GitplugConfig:
     """Validate a configuration given as a Python mapping (e.g. ``app.config["GITPLUG"]``).
 
-    Same schema and rules as :func:`load_config`; relative paths resolve
-    against ``base_dir``; errors carry ``file=source`` and no line.
+    Same schema and rules as :func:`load_config` (``need_secrets`` too);
+    relative paths resolve against ``base_dir``; errors carry ``file=source``
+    and no line.
     """
     report = _Report(source)
-    tree = _walk_python(data, (), report, os.environ if environ is None else environ)
+    optional = frozenset() if need_secrets else SECRET_KEYS
+    tree = _walk_python(data, (), report, os.environ if environ is None else environ, optional)
     return _finish(tree, report, Path(os.path.abspath(base_dir)))
 
 

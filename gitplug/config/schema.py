@@ -73,6 +73,8 @@ _REPO_SCHEMES = ("http", "https", "ssh", "git", "file")
 _BAD_REF = re.compile(r"[\s\x00-\x1f\x7f~^:?*\[\\]|\.\.|@\{|^-")
 _BAD_PREFIX_CHAR = re.compile(r"[\s<>?#]")
 _SECONDS = "a positive number of seconds"
+#: Shortest ``admin_token`` and ``webhook.secret`` accepted (characters).
+MIN_SECRET_LENGTH = 16
 
 
 def _finish(data: Any, report: _Report, base_dir: Path) -> GitplugConfig:
@@ -114,6 +116,9 @@ class _Checker:
     def __init__(self, report: _Report, base_dir: Path) -> None:
         self.report = report
         self.base_dir = base_dir
+        #: ``{plugin name: url_prefix}`` of every plugin whose prefix is valid,
+        #: even if another of its settings is not: clashes are reported too.
+        self.prefixes: dict[str, str] = {}
 
     def fail(self, path: _KeyPath, what: str, value: Any) -> None:
         self.report.expected(path, what, value)
@@ -188,6 +193,12 @@ class _Checker:
                                ".".join(path))
             return None
         if isinstance(value, str):
+            if len(value) < MIN_SECRET_LENGTH:
+                # Never echo a secret's value, not even its start.
+                self.report.add(path, f"too short ({len(value)} characters); use at least "
+                                      f"{MIN_SECRET_LENGTH}, for example the output of `python -c "
+                                      "'import secrets; print(secrets.token_urlsafe(24))'`")
+                return None
             return str(value)
         # Never echo a secret's value.
         self.report.add(path, f"expected a string, got a value of type {type(value).__name__} "
@@ -251,7 +262,7 @@ class _Checker:
         elif raw_plugins is not None:
             self.fail(("plugins",), "a mapping of plugin name to settings "
                                     "(plugins: {hello: {repo: ...}})", raw_plugins)
-        self.clashes(api_prefix, plugins)
+        self.clashes(api_prefix)
         public_url = None
         if get("public_url") is not None:
             public_url = self.http_url(("public_url",), data["public_url"],
@@ -407,6 +418,8 @@ class _Checker:
         ref = opt("ref", self.ref, default="main")
         push_token, allow_force = self.push_settings(path, raw, hosted, ref)
         url_prefix = opt("url_prefix", self.prefix, default=f"/{name}")
+        if url_prefix is not None:
+            self.prefixes[name] = url_prefix
         entry = opt("entry", self.entry, default=None)
         poll = opt("poll_interval", self.number, default=default_poll)
         test, test_is_default = opt("test", self.test, default=(DEFAULT_TEST_COMMAND, True))
@@ -550,22 +563,26 @@ class _Checker:
             return {}
         return dict(_plain(dict(value)))
 
-    def clashes(self, api_prefix: str, plugins: Mapping[str, PluginConfig]) -> None:
-        """Refuse prefixes that are equal or nest, between plugins and with the API."""
-        seen: list[PluginConfig] = []
-        for plugin in plugins.values():
-            path = ("plugins", plugin.name, "url_prefix")
-            if prefixes_overlap(api_prefix, plugin.url_prefix):
-                self.report.add(path, f"url_prefix {plugin.url_prefix!r} of plugin "
-                                      f"{plugin.name!r} clashes with api_prefix {api_prefix!r} "
+    def clashes(self, api_prefix: str) -> None:
+        """Refuse prefixes that are equal or nest, between plugins and with the API.
+
+        Checks every valid prefix, also of plugins with other problems, so
+        that one run lists all problems.
+        """
+        seen: list[tuple[str, str]] = []
+        for name, prefix in self.prefixes.items():
+            path = ("plugins", name, "url_prefix")
+            if prefixes_overlap(api_prefix, prefix):
+                self.report.add(path, f"url_prefix {prefix!r} of plugin "
+                                      f"{name!r} clashes with api_prefix {api_prefix!r} "
                                       "(gitplug's own API); choose another url_prefix or "
                                       "set api_prefix")
-            for other in seen:
-                a, b = other.url_prefix, plugin.url_prefix
+            for other_name, a in seen:
+                b = prefix
                 if prefixes_overlap(a, b):
                     how = "is the same as" if a == b else ("is inside" if under_prefix(b, a)
                                                            else "contains")
-                    self.report.add(path, f"url_prefix {b!r} of plugin {plugin.name!r} {how} "
-                                          f"url_prefix {a!r} of plugin {other.name!r}; give "
+                    self.report.add(path, f"url_prefix {b!r} of plugin {name!r} {how} "
+                                          f"url_prefix {a!r} of plugin {other_name!r}; give "
                                           "each plugin a prefix that does not nest in another")
-            seen.append(plugin)
+            seen.append((name, prefix))

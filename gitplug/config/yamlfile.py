@@ -116,7 +116,7 @@ def _interpolate(text: str, environ: Mapping[str, str]) -> tuple[str, str | None
             return text, (f"invalid variable name {name!r} in {text!r}; expected ${{NAME}} with "
                           "letters, digits and '_', or '$${' for a literal '${'")
         if name not in environ:
-            return text, (f"environment variable {name} is not set (used as ${{{name}}}); "
+            return text, (f"{_UNSET_PREFIX}{name} is not set (used as ${{{name}}}); "
                           f"export {name}=... before starting gitplug, "
                           "or write '$${' for a literal '${'")
         out.append(environ[name])
@@ -129,12 +129,33 @@ def _interpolate(text: str, environ: Mapping[str, str]) -> tuple[str, str | None
     return result, None
 
 
+_UNSET_PREFIX = "environment variable "
+
+
+def _expand(value: str, path: _KeyPath, report: _Report, environ: Mapping[str, str],
+            optional: frozenset[_KeyPath]) -> str | None:
+    """Interpolate one string value, reporting a problem; None for an unset optional one.
+
+    A key in ``optional`` whose ``${NAME}`` is not set reads as not configured
+    (None) instead of a problem: read-only commands never use the secrets.
+    """
+    expanded, error = _interpolate(value, environ)
+    if error:
+        if path in optional and error.startswith(_UNSET_PREFIX):
+            return None
+        report.add(path, error)
+    return expanded
+
+
 class _Walker:
     """Turns a composed YAML node tree into plain values, recording each key's line."""
 
-    def __init__(self, report: _Report, environ: Mapping[str, str]) -> None:
+    def __init__(self, report: _Report, environ: Mapping[str, str],
+                 optional: frozenset[_KeyPath] = frozenset()) -> None:
         self.report = report
         self.environ = environ
+        #: Key paths whose unset ``${NAME}`` is not a problem (see :func:`_expand`).
+        self.optional = optional
         self.constructor = yaml.constructor.SafeConstructor()
         self.active: set[int] = set()  # nodes being walked: guards recursive aliases
 
@@ -171,9 +192,7 @@ class _Walker:
             self.report.add(path, f"cannot read this value: {getattr(exc, 'problem', exc)}")
             return None
         if isinstance(value, str):
-            value, error = _interpolate(value, self.environ)
-            if error:
-                self.report.add(path, error)
+            return _expand(value, path, self.report, self.environ, self.optional)
         return value
 
     def mapping(self, node: yaml.MappingNode, path: _KeyPath) -> dict[Any, Any]:
@@ -214,18 +233,19 @@ class _Walker:
         return {**{k: v for k, v in merged.items() if k not in result}, **result}
 
 
-def _walk_python(value: Any, path: _KeyPath, report: _Report, environ: Mapping[str, str]) -> Any:
+def _walk_python(value: Any, path: _KeyPath, report: _Report, environ: Mapping[str, str],
+                 optional: frozenset[_KeyPath] = frozenset()) -> Any:
     """Copy a Python configuration value, expanding ``${NAME}`` in its strings."""
     if isinstance(value, Mapping):
-        return {k: _walk_python(v, path + (str(k),), report, environ) for k, v in value.items()}
+        return {k: _walk_python(v, path + (str(k),), report, environ, optional)
+                for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_walk_python(v, path + (str(i),), report, environ) for i, v in enumerate(value)]
+        return [_walk_python(v, path + (str(i),), report, environ, optional)
+                for i, v in enumerate(value)]
     if isinstance(value, os.PathLike):
         return os.fspath(value)
     if isinstance(value, str):
-        value, error = _interpolate(value, environ)
-        if error:
-            report.add(path, error)
+        return _expand(value, path, report, environ, optional)
     return value
 
 

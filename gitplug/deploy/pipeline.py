@@ -41,7 +41,7 @@ from ..runtime.codecache import CodeCache
 from ..runtime.loaded import ReleaseSpec
 from ..runtime.swap import Runtime
 from ..state import DeployRecord, DeployResult, PluginStateValue, Stage, StateStore, now_iso
-from .gitsource import GitSource, ResolvedRef
+from .gitsource import GitSource, ResolvedRef, redact_url
 from .layout import DataLayout, FileLock
 from .releases import Release, ReleaseStore, TestRecord
 from .requirements import check_requirements
@@ -55,9 +55,13 @@ logger = logging.getLogger(__name__)
 Progress = Callable[[str, str], None]
 
 #: Triggers a person asked for: they always leave a history record and
-#: re-run a failed test gate. Background triggers (poll, webhook, config)
-#: stay silent when there is nothing to do and never retry a failed commit.
-EXPLICIT_TRIGGERS = frozenset({"cli", "api", "rollback", "auto-rollback", "startup", "push"})
+#: re-run a failed test gate. Background triggers (poll, startup: a server's
+#: first poll, webhook, config) stay silent when there is nothing to do and
+#: never retry a failed commit.
+EXPLICIT_TRIGGERS = frozenset({"cli", "api", "rollback", "auto-rollback", "push"})
+
+#: Triggers that are polls: a success stamps the plugin's last successful poll.
+POLL_TRIGGERS = frozenset({"poll", "startup"})
 
 #: Triggers that pin an earlier release and send ``rolled_back``.
 ROLLBACK_TRIGGERS = frozenset({"rollback", "auto-rollback"})
@@ -121,6 +125,11 @@ class Deployer:
         self._locks: dict[str, FileLock] = {}
         self._locks_guard = threading.Lock()
         self._verify_runtime: Runtime | None = None
+        #: ``{plugin: state}`` a background trigger last said it ignores
+        #: ("pinned at v1", "failed <sha>"): logged at INFO when it starts,
+        #: at DEBUG on every later poll (see :meth:`_ignoring`).
+        self._ignored: dict[str, str] = {}
+        self._ignored_guard = threading.Lock()
 
     # -- helpers -------------------------------------------------------------
 
@@ -150,6 +159,22 @@ class Deployer:
 
     def _secrets(self) -> list[str]:
         return [s for s in (self.config.admin_token, self.config.webhook_secret) if s]
+
+    def _ignoring(self, name: str, state: str, message: str, *args: t.Any) -> None:
+        """Log that a background trigger does nothing because of ``state``: once.
+
+        A 3 s poll would otherwise log the same line every 3 s. The state is
+        forgotten when a deploy of the plugin starts, so it is logged again
+        when it comes back.
+        """
+        with self._ignored_guard:
+            new = self._ignored.get(name) != state
+            self._ignored[name] = state
+        logger.log(logging.INFO if new else logging.DEBUG, message, *args)
+
+    def _not_ignoring(self, name: str) -> None:
+        with self._ignored_guard:
+            self._ignored.pop(name, None)
 
     def served_commit(self, name: str) -> str | None:
         if self.runtime is None:
@@ -192,19 +217,19 @@ class Deployer:
                 # stop may have stopped the plugin while this trigger waited.
                 if state.pin or state.state == PluginStateValue.STOPPED:
                     why = f"pinned at {state.pin}" if state.pin else "stopped"
-                    logger.info("plugin %s: %s; ignoring the %s trigger", name, why, trigger)
+                    self._ignoring(name, why, "plugin %s: %s; ignoring %s triggers", name, why, trigger)
                     return None
             target = ref or (state.pin if state and state.pin else None) or plugin.ref
             started = time.monotonic()
             record: DeployRecord | None = None
             if explicit:
+                self._not_ignoring(name)
                 record = self.store.start_deploy(name, trigger=trigger, ref=target, commit=commit)
                 signals.deploy_started.send(self, plugin=name, deploy=record)
             stage = Stage.FETCH
             try:
-                say("fetch", f"{plugin.repo} ({target})")
-                resolved = self._resolve(plugin, target, fetch=fetch, commit=commit)
-                if trigger == "poll":
+                resolved = self._resolve(plugin, target, fetch=fetch, commit=commit, say=say)
+                if trigger in POLL_TRIGGERS:
                     signals.poll_succeeded.send(self, plugin=name, at=time.time())
                 if record is not None:
                     record = self.store.update_deploy(record.id, commit=resolved.commit)
@@ -214,14 +239,21 @@ class Deployer:
                     return None  # already deployed; this process converges on it by itself
                 if not explicit:
                     if resolved.commit in self.store.failed_commits(name):
-                        logger.info("plugin %s: %s failed before; not retrying on %s", name, resolved.commit[:12], trigger)
+                        self._ignoring(
+                            name, f"failed {resolved.commit}",
+                            "plugin %s: %s failed before; not retrying it on %s triggers (push a fix,"
+                            " or `gitplug deploy %s` to run it again)", name, resolved.commit[:12], trigger, name,
+                        )
                         return None
+                    self._not_ignoring(name)
                     record = self.store.start_deploy(name, trigger=trigger, ref=target, commit=resolved.commit)
                     signals.deploy_started.send(self, plugin=name, deploy=record)
                 assert record is not None
                 stage = Stage.STAGE
-                say("stage", resolved.commit[:12])
-                release = self.releases.stage(name, self.git, plugin.repo, resolved.commit, target)
+                release = self.releases.get(name, resolved.commit)
+                if release is None:  # else on disk already: nothing to stage, say nothing
+                    say("stage", resolved.commit[:12])
+                    release = self.releases.stage(name, self.git, plugin.repo, resolved.commit, target)
                 stage = Stage.REQUIREMENTS
                 self._check_requirements(plugin, release, say)
                 stage = Stage.TEST
@@ -320,12 +352,16 @@ class Deployer:
         signals.deploy_failed.send(self, plugin=name, deploy=record, error=exc)
         return record
 
-    def _resolve(self, plugin: PluginConfig, ref: str, *, fetch: bool, commit: str | None = None) -> ResolvedRef:
+    def _resolve(
+        self, plugin: PluginConfig, ref: str, *, fetch: bool, say: Progress, commit: str | None = None
+    ) -> ResolvedRef:
         """Resolve ``ref``; without ``fetch``, try the local mirror first.
 
-        With ``commit``, fetch that commit and stand it for ``ref``.
+        With ``commit``, fetch that commit and stand it for ``ref``. Says
+        ``fetch`` only when it fetches: progress lists the steps that ran.
         """
         if commit is not None:
+            say("fetch", f"{redact_url(plugin.repo)} ({ref})")
             self.git.fetch(plugin.name, plugin.repo, want=commit)
             found = self.git.resolve(plugin.name, plugin.repo, commit)
             return ResolvedRef(ref, found.commit, "branch")
@@ -334,6 +370,7 @@ class Deployer:
                 return self.git.resolve(plugin.name, plugin.repo, ref)
             except (RefNotFound, FetchError):
                 pass  # not known locally yet: fetch after all
+        say("fetch", f"{redact_url(plugin.repo)} ({ref})")
         self.git.fetch(plugin.name, plugin.repo)
         return self.git.resolve(plugin.name, plugin.repo, ref)
 
@@ -366,7 +403,7 @@ class Deployer:
                     commit=release.commit,
                     log_path=release.test.log_path,
                 )
-            say("test", "passed before; not run again")
+            say("reuse", f"{release.commit[:12]} is on disk and passed its tests before; not run again")
             return release
         log_path = self.layout.deploy_log(plugin.name, record.id)
         say("test", " ".join(plugin.test) if plugin.test else "gate off")

@@ -49,7 +49,7 @@ from typing import BinaryIO, cast
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GateResult", "run_test_gate", "scrubbed_environment"]
+__all__ = ["GateResult", "run_test_gate", "scrubbed_environment", "trim_test_log"]
 
 #: Seconds between SIGTERM and SIGKILL when the test run is stopped.
 KILL_GRACE_S = 2.0
@@ -470,3 +470,104 @@ def _run(
         passed=passed, returncode=proc.returncode, timed_out=timed_out,
         duration_s=duration, command=argv, log_path=log_path, output_tail=tail,
     )
+
+
+# -- reading a log -----------------------------------------------------------------
+
+#: pytest's separator between the frames of one long traceback.
+_FRAME_SEPARATOR = re.compile(r"^(_ ){3,}_?\s*$")
+#: The location line that ends a frame: ``path/to/file.py:12: in func`` or ``...: Error``.
+_FRAME_LOCATION = re.compile(r"^(?P<file>\S[^:]*\.py):(?P<line>\d+):(?: (?P<what>.*))?$")
+#: A failure section's header: ``____ test_name ____`` (or ``____ ERROR at setup of x ____``).
+_SECTION_HEADER = re.compile(r"^_{3,} (?P<name>.+?) _{3,}$")
+#: Frames in these places are gitplug's, pytest's or pluggy's, not the plugin's.
+_FOREIGN_PARTS = ("/_pytest/", "/pluggy/", "/site-packages/flask/", "/site-packages/werkzeug/")
+_GITPLUG_DIR = str(Path(__file__).resolve().parents[1]) + os.sep
+
+
+def _foreign(file: str) -> bool:
+    return file.startswith(_GITPLUG_DIR) or any(part in file for part in _FOREIGN_PARTS)
+
+
+def trim_test_log(text: str) -> str:
+    """A test gate log as a person reads it first.
+
+    In pytest's tracebacks, the frames of gitplug, pytest, pluggy, Flask and
+    Werkzeug are replaced by one line saying how many were hidden, so the
+    plugin's own file and line come first; a failure whose report repeats an
+    earlier one word for word is shown once, with the names of the tests
+    that had it. Everything else is kept as it is. ``gitplug logs --full``
+    prints the log untouched.
+    """
+    lines = text.splitlines()
+    sections: list[tuple[str | None, list[str]]] = [(None, [])]
+    for line in lines:
+        header = _SECTION_HEADER.match(line)
+        if header and not _FRAME_SEPARATOR.match(line):
+            sections.append((line, []))
+        elif line.startswith("=") and sections[-1][0] is not None:
+            sections.append((None, [line]))  # "=== short test summary ===" etc.
+        else:
+            sections[-1][1].append(line)
+    out: list[str] = []
+    seen: dict[str, str] = {}
+    for header, body in sections:
+        trimmed = _trim_frames(body) if header is not None else body
+        if header is None:
+            out.extend(trimmed)
+            continue
+        name = _SECTION_HEADER.match(header).group("name")  # type: ignore[union-attr]
+        key = "\n".join(trimmed).strip()
+        if key and key in seen:
+            out.append(header)
+            out.append(f"(the same report as {seen[key]})")
+            continue
+        seen.setdefault(key, name)
+        out.append(header)
+        out.extend(trimmed)
+    return "\n".join(out) + ("\n" if text.endswith("\n") else "")
+
+
+def _trim_frames(body: list[str]) -> list[str]:
+    """Replace foreign frames of one failure report by a count.
+
+    pytest prints a frame long (source, then ``file.py:12: Error`` last) or,
+    between separators, as a run of short frames (``file.py:12: in func``
+    first, then indented source lines); both kinds are recognised.
+    """
+    chunks: list[list[str]] = [[]]
+    for line in body:
+        if _FRAME_SEPARATOR.match(line):
+            chunks.append([])
+        else:
+            chunks[-1].append(line)
+    # Each frame: (file or None, lines, is a long frame)
+    frames: list[tuple[str | None, list[str], bool]] = []
+    for number, chunk in enumerate(chunks):
+        first = next((line for line in chunk if line.strip()), "")
+        short = _FRAME_LOCATION.match(first)
+        if short and (short.group("what") or "").startswith("in "):
+            for line in chunk:
+                location = _FRAME_LOCATION.match(line)
+                if location and (location.group("what") or "").startswith("in "):
+                    frames.append((location.group("file"), [line], False))
+                elif frames:
+                    frames[-1][1].append(line)
+            if number < len(chunks) - 1:
+                frames.append((None, [], True))  # keeps the separator before the next long frame
+            continue
+        location = next((m for m in map(_FRAME_LOCATION.match, reversed(chunk)) if m), None)
+        frames.append((location.group("file") if location else None, chunk, True))
+    out: list[str] = []
+    hidden = 0
+    for index, (file, lines, long) in enumerate(frames):
+        if file is not None and _foreign(file) and index != len(frames) - 1:
+            hidden += 1
+            continue
+        if hidden:
+            out.append(f"[{hidden} frame(s) of gitplug, pytest or Flask hidden; --full shows them]")
+            hidden = 0
+        if long and out and out[-1] != "_ " * 20:
+            out.append("_ " * 20)
+        out.extend(lines)
+    return out

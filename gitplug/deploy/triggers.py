@@ -30,7 +30,7 @@ class Trigger:
     """A request to bring one plugin up to date."""
 
     plugin: str
-    kind: str  # poll | webhook | api | config | startup
+    kind: str  # poll | startup | webhook | api | config
     ref: str | None = None
 
 
@@ -117,10 +117,17 @@ class PollScheduler:
         self._queue = queue
         self._scheduler = BackgroundScheduler(daemon=True, timezone="UTC")
         self._started = False
+        self._polled: set[str] = set()
 
     def poll(self, plugin: str) -> None:
-        """The job body: queue a poll trigger (deploy only if the ref moved)."""
-        self._queue.submit(Trigger(plugin, "poll"))
+        """The job body: queue a poll trigger (deploy only if the ref moved).
+
+        A plugin's first poll in this process is the ``startup`` trigger: the
+        deploy it makes is the first deploy when a server starts.
+        """
+        kind = "poll" if plugin in self._polled else "startup"
+        self._polled.add(plugin)
+        self._queue.submit(Trigger(plugin, kind))
 
     def set_plugins(self, intervals: dict[str, float], *, first_delay_s: float = 1.0) -> None:
         """Make the jobs match ``{plugin: poll interval}``."""

@@ -232,15 +232,7 @@ def _register(host: Flask, release: LoadedRelease, plugin: Plugin, namespace: Re
         # another release's assets.
         base = plugin.static_url_path or "/static"
         plugin.static_url_path = f"{base.rstrip('/')}/{release.release_id[:12]}"
-    if plugin.name != release.name:
-        # It is served under the configured name (endpoints, url_for, hooks);
-        # say so, because the author's own url_for("<their name>.x") breaks.
-        logger.warning(
-            "plugin %s: the release creates Plugin(%r, ...) but is configured as %r; it is"
-            " registered as %r (url_for(%r)). Rename one of them to match.",
-            release.name, plugin.name, release.name, release.name, f"{release.name}.<view>",
-        )
-    scratch.register_blueprint(plugin, url_prefix=release.prefix, name=release.name)
+    scratch.register_blueprint(plugin, url_prefix=release.prefix)
 
     release.url_map = scratch.url_map
     release.view_functions = dict(scratch.view_functions)

@@ -37,7 +37,7 @@ import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import EntryPointError, PluginImportError, PluginLoadError
+from ..errors import EntryPointError, PluginImportError, PluginLoadError, PluginNameMismatch
 from .codecache import CodeCache
 from .plugin import Plugin
 
@@ -433,6 +433,19 @@ def find_entry(namespace: ReleaseNamespace, entry_spec: str) -> Plugin:
             f"plugin {namespace.plugin_name!r}: {entry_spec} is a {type(obj).__name__}, not a"
             " gitplug.Plugin. Create it with `Plugin(name, __name__)`.",
             plugin=namespace.plugin_name,
+            release=namespace.release_id,
+        )
+    if obj.name != namespace.plugin_name:
+        # Served under another name, the release's own url_for("<its name>.x")
+        # would build another plugin's URLs (a page linking another plugin's
+        # or release's files): refused rather than half-renamed.
+        raise PluginNameMismatch(
+            f"plugin {namespace.plugin_name!r}: the release creates Plugin({obj.name!r}, ...)"
+            f" but is configured as {namespace.plugin_name!r}. Name the plugin"
+            f" {obj.name!r} in the configuration, or create it with"
+            f" `Plugin({namespace.plugin_name!r}, __name__)`; the live release is unchanged.",
+            plugin=namespace.plugin_name,
+            declared=obj.name,
             release=namespace.release_id,
         )
     return obj
