@@ -483,6 +483,8 @@ _SECTION_HEADER = re.compile(r"^_{3,} (?P<name>.+?) _{3,}$")
 #: Frames in these places are gitplug's, pytest's or pluggy's, not the plugin's.
 _FOREIGN_PARTS = ("/_pytest/", "/pluggy/", "/site-packages/flask/", "/site-packages/werkzeug/")
 _GITPLUG_DIR = str(Path(__file__).resolve().parents[1]) + os.sep
+#: An argument value pytest prints above a test's source: ``name = value``.
+_FUNCARG = re.compile(r"^[A-Za-z_]\w* = ")
 
 
 def _foreign(file: str) -> bool:
@@ -517,7 +519,9 @@ def trim_test_log(text: str) -> str:
             out.extend(trimmed)
             continue
         name = _SECTION_HEADER.match(header).group("name")  # type: ignore[union-attr]
-        key = "\n".join(trimmed).strip()
+        # Compared without the argument values pytest prints first ("greeting = ''"):
+        # a parametrized test failing the same way each time is one report.
+        key = "\n".join(line for line in trimmed if not _FUNCARG.match(line)).strip()
         if key and key in seen:
             out.append(header)
             out.append(f"(the same report as {seen[key]})")
@@ -561,13 +565,47 @@ def _trim_frames(body: list[str]) -> list[str]:
     out: list[str] = []
     hidden = 0
     for index, (file, lines, long) in enumerate(frames):
-        if file is not None and _foreign(file) and index != len(frames) - 1:
+        if file is None and not lines:
+            continue  # the separator marker: shown before the next frame that is shown
+        if file is not None and _foreign(file):
             hidden += 1
+            if index == len(frames) - 1:
+                # The frame that raised: its "E   ..." lines are the error itself.
+                out.append(_hidden_note(hidden))
+                hidden = 0
+                out.extend(line for line in lines if line.startswith("E ") or _is_captured(line))
             continue
         if hidden:
-            out.append(f"[{hidden} frame(s) of gitplug, pytest or Flask hidden; --full shows them]")
+            out.append(_hidden_note(hidden))
             hidden = 0
         if long and out and out[-1] != "_ " * 20:
             out.append("_ " * 20)
         out.extend(lines)
+    return _without_own_log(out)
+
+
+def _hidden_note(count: int) -> str:
+    return f"[{count} frame(s) of gitplug, pytest or Flask hidden; --full shows them]"
+
+
+_CAPTURED = re.compile(r"^-{3,} Captured .* -{3,}$")
+#: A record of gitplug's own loggers in a "Captured log" section: it repeats the error.
+_OWN_LOG_LINE = re.compile(r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL) +gitplug\.")
+
+
+def _is_captured(line: str) -> bool:
+    return bool(_CAPTURED.match(line))
+
+
+def _without_own_log(lines: list[str]) -> list[str]:
+    """Drop gitplug's own log records from captured-log sections, and sections left empty."""
+    out: list[str] = []
+    for line in lines:
+        if _OWN_LOG_LINE.match(line):
+            continue
+        if out and _is_captured(out[-1]) and (_is_captured(line) or not line.strip()):
+            out.pop()  # the previous section header has nothing left under it
+        out.append(line)
+    if out and _is_captured(out[-1]):
+        out.pop()
     return out
