@@ -211,11 +211,13 @@ def cli(ctx: click.Context, verbose: int) -> None:
 @domain_errors
 def check_config(config_path: Path | None) -> None:
     """Validate the configuration and say what is wrong, where."""
+    from .deploy.gitsource import redact_url
+
     config = _load(config_path, need_secrets=False)
     click.echo(f"{config.source}: OK, {len(config.plugins)} plugin(s)")
     for plugin in config.plugins.values():
         gate = " ".join(plugin.test) if plugin.test else "off"
-        click.echo(f"  {plugin.name}: {plugin.repo} @ {plugin.ref} -> {plugin.url_prefix} (tests: {gate})")
+        click.echo(f"  {plugin.name}: {redact_url(plugin.repo)} @ {plugin.ref} -> {plugin.url_prefix} (tests: {gate})")
 
 
 @cli.command()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import typing as t
 
 from .config import GitplugConfig, PluginConfig
+from .deploy.gitsource import redact_url
 from .errors import UnknownPlugin
 from .runtime.swap import Runtime
 from .state import PluginStateValue, StateStore
@@ -38,7 +39,7 @@ def plugin_status(
     workers = workers if workers is not None else store.workers()
     return {
         "name": plugin.name,
-        "repo": plugin.repo,
+        "repo": redact_url(plugin.repo),  # never a password, whoever asks
         "ref": plugin.ref,
         "pin": state.pin if state else None,
         "state": value,

@@ -186,6 +186,80 @@ def test_rollback_prints_only_the_steps_that_ran(tmp_path: Path, repo: GitRepo) 
     assert _steps(proc.stderr) == ["fetch", "stage", "test", "load", "live"], proc.stderr
 
 
+def test_a_failed_deploy_prints_its_error_and_tail_once(tmp_path: Path, repo: GitRepo) -> None:
+    write_version(repo, "hello", "v1")
+    repo.write("tests/test_gate.py", "def test_gate():\n    print('TAIL-MARKER')\n    assert False\n")
+    repo.commit("a failing gate")
+    config = write_config(
+        tmp_path / "deploy.yaml",
+        {"hello": {"repo": repo.url, "test": "python -m pytest -q -s -p no:cacheprovider", "test_timeout": 60}},
+    )
+    proc = run_cli("deploy", "hello", "-c", config)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.count("TAIL-MARKER") <= 1 and proc.stderr.count("failed (exit status 1)") == 1, proc.stderr
+    assert "  failed   test\n" in proc.stderr, proc.stderr
+    assert "deploy 1 of hello failed at test: plugin 'hello': tests of" in proc.stderr
+
+
+def test_read_only_commands_need_no_secret_and_show_no_password(tmp_path: Path, repo: GitRepo) -> None:
+    write_version(repo, "hello", "v1")
+    secret_url = "https://deploy:hunter2-password@127.0.0.1:9/hello.git"
+    path = tmp_path / "deploy.yaml"
+    path.write_text(
+        "data_dir: data\nadmin_token: ${GITPLUG_ADMIN_TOKEN}\n"
+        "webhook: {secret: '${GITPLUG_WEBHOOK_SECRET}'}\n"
+        f"plugins:\n  hello: {{repo: {repo.url}, test: false}}\n"
+        f"  other: {{repo: '{secret_url}', test: false}}\n"
+    )
+    env = clean_env()  # neither secret in the environment
+    for args in (("check-config",), ("status",), ("status", "--json"), ("history", "hello"),):
+        proc = run_cli(*args, "-c", path, env=env)
+        assert proc.returncode == 0, (args, proc.stderr)
+        assert "hunter2" not in proc.stdout + proc.stderr, (args, proc.stdout)
+    assert "https://deploy:***@127.0.0.1:9/hello.git" in run_cli("check-config", "-c", path, env=env).stdout
+    plugins = {p["name"]: p for p in cli_json("status", "-c", path, env=env)["plugins"]}
+    assert plugins["other"]["repo"] == "https://deploy:***@127.0.0.1:9/hello.git"
+    proc = run_cli("logs", "hello", "-c", path, env=env)
+    assert proc.returncode == 1 and "no deploy of 'hello' has a test log yet" in proc.stderr, proc.stderr
+    # What needs a secret still asks for it.
+    proc = run_cli("deploy", "hello", "-c", path, env=env)
+    assert proc.returncode == 2 and "GITPLUG_ADMIN_TOKEN is not set" in proc.stderr, proc.stderr
+
+
+def test_no_user_visible_text_cites_the_spec(tmp_path: Path) -> None:
+    """Help, errors and every other string the product shows name README sections, not SPEC."""
+    import ast
+
+    import gitplug
+
+    package = Path(gitplug.__file__).parent
+    found = []
+    for file in package.rglob("*.py"):
+        tree = ast.parse(file.read_text())
+        docstrings = {
+            id(node.body[0].value)
+            for node in ast.walk(tree)
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)
+        }
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+                if "SPEC" in node.value:
+                    found.append(f"{file.relative_to(package)}:{node.lineno}: {node.value[:60]!r}")
+    for template in package.rglob("*.html"):
+        if "SPEC" in template.read_text():
+            found.append(str(template.relative_to(package)))
+    assert not found, found
+    # Click shows command docstrings as help: check the help of every command.
+    for command in ("", "demo", "check-config", "status", "logs", "rollback", "serve"):
+        proc = run_cli(*([command] if command else []), "--help")
+        assert proc.returncode == 0 and "SPEC" not in proc.stdout, (command, proc.stdout)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    proc = run_cli("check-config", "-c", empty)
+    assert proc.returncode == 2 and "SPEC" not in proc.stderr and 'README, "Configuration"' in proc.stderr
+
+
 def test_deploy_json_failure_history_and_status(
     tmp_path: Path, repo: GitRepo, config: Path
 ) -> None:

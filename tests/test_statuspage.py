@@ -199,6 +199,50 @@ def test_logout_forgets_the_login(site: Site) -> None:
     assert 'type="password"' in client.get(PAGE).get_data(as_text=True)
 
 
+def test_logout_revokes_the_cookie_on_the_server(site: Site) -> None:
+    client = site.client
+    csrf = login(client)
+    kept = client.get_cookie(COOKIE, path="/_gitplug").value  # a copy, as a thief would keep it
+    assert client.get("/_gitplug/api/plugins").status_code == 200
+    assert client.post(PAGE + "logout", data={"csrf": csrf}).status_code == 303
+    client.set_cookie(COOKIE, kept, path="/_gitplug")
+    assert 'type="password"' in client.get(PAGE).get_data(as_text=True)
+    assert client.get("/_gitplug/api/plugins").status_code == 401
+    assert client.post(PAGE + "plugins/hello/stop", data={"csrf": csrf}).status_code == 401
+    assert served(client) == "200 v1"
+    # Another login still works, and is another cookie.
+    login(client)
+    assert client.get_cookie(COOKIE, path="/_gitplug").value != kept
+    assert client.get("/_gitplug/api/plugins").status_code == 200
+
+
+def test_failed_logins_are_throttled_per_client_address(site: Site) -> None:
+    guesser = site.app.test_client()
+    for _ in range(5):
+        assert guesser.post(PAGE + "login", data={"token": "guess"}).status_code == 401
+    refused = guesser.post(PAGE + "login", data={"token": "guess"})
+    assert refused.status_code == 429, refused.get_data(as_text=True)
+    assert 1 <= int(refused.headers["Retry-After"]) <= 60
+    assert "Too many wrong tokens" in refused.get_data(as_text=True)
+    # Even the right token waits: the guesser cannot tell it was right.
+    assert guesser.post(PAGE + "login", data={"token": TOKEN}).status_code == 429
+    # Another address is not held back by the guesser.
+    other = site.app.test_client()
+    other.environ_base["REMOTE_ADDR"] = "127.0.0.2"
+    response = other.post(PAGE + "login", data={"token": TOKEN})
+    assert response.status_code == 303
+
+
+def test_a_cr_or_lf_in_next_redirects_to_the_page(site: Site) -> None:
+    client = site.client
+    for evil in (PAGE + "\r\nSet-Cookie: x=y", PAGE + "\nX: y", PAGE + "x\ry"):
+        response = client.post(PAGE + "login", data={"token": TOKEN, "next": evil})
+        assert response.status_code == 303 and response.headers["Location"] == PAGE, evil
+        assert "x=y" not in response.headers.get("Set-Cookie", "")
+        page = client.get(PAGE, query_string={"next": evil})
+        assert page.status_code == 200
+
+
 # -- CSRF ------------------------------------------------------------------------------------
 
 
@@ -488,3 +532,28 @@ def test_browser_login_and_rollback(server: Server, tmp_path: Path) -> None:
         assert not problems, problems
     finally:
         driver.quit()
+
+
+def test_a_repository_password_is_never_shown(tmp_path: Path) -> None:
+    app = Flask("host")
+    app.config["TESTING"] = True
+    secret_url = "https://deploy:hunter2-password@127.0.0.1:9/hello.git"
+    app.config["GITPLUG"] = {
+        "data_dir": str(tmp_path / "data"),
+        "poll_interval": 3600,
+        "admin_token": TOKEN,
+        "plugins": {"hello": {"repo": secret_url, "test": False}},
+    }
+    gp = GitPlug(app)
+    try:
+        client = app.test_client()
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        for url in ("/_gitplug/api/plugins", "/_gitplug/api/plugins/hello"):
+            response = client.get(url, headers=auth)
+            assert response.status_code == 200 and "hunter2" not in response.get_data(as_text=True)
+        (plugin,) = client.get("/_gitplug/api/plugins", headers=auth).get_json()["plugins"]
+        assert plugin["repo"] == "https://deploy:***@127.0.0.1:9/hello.git"
+        login(client)
+        assert "hunter2" not in client.get(PAGE).get_data(as_text=True)
+    finally:
+        gp.shutdown()

@@ -280,6 +280,16 @@ class StateStore(Protocol):
         id, exactly one gets True. Expired ids are forgotten.
         """
 
+    def revoke_login(self, login_id: str, *, until: float) -> None:
+        """Remember that the status page login ``login_id`` was logged out.
+
+        Kept until ``until`` (epoch seconds: when the login would expire
+        anyway), then forgotten. Every process and host sees it at once.
+        """
+
+    def login_revoked(self, login_id: str) -> bool:
+        """True when :meth:`revoke_login` revoked ``login_id`` and it has not expired."""
+
     def request_deploy(self, plugin: str, *, trigger: str, ref: str | None = None) -> int:
         """Queue a deploy for the controller process; returns the request id."""
 

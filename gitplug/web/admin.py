@@ -45,7 +45,7 @@ def _error(status: int, message: str, **extra: t.Any) -> tuple[Response, int]:
     return jsonify({"error": message, **extra}), status
 
 
-def bearer_ok(config: GitplugConfig) -> tuple[Response, int] | None:
+def bearer_ok(config: GitplugConfig, store: t.Any = None) -> tuple[Response, int] | None:
     """None when the request carries the admin token; else the error answer."""
     token = config.admin_token
     if not token:
@@ -58,7 +58,7 @@ def bearer_ok(config: GitplugConfig) -> tuple[Response, int] | None:
 
     # The status page's login cookie: reads with the cookie alone, writes
     # only with its CSRF token from a same-site page.
-    if cookie_allows(config):
+    if cookie_allows(config, store):
         return None
     if not header:
         return _error(401, "missing Authorization header; send `Authorization: Bearer <admin_token>`")
@@ -78,7 +78,7 @@ def register_admin(app: Flask, gp: GitplugFacade, config: GitplugConfig) -> None
             return None
         if request.endpoint and request.endpoint.startswith(f"{ADMIN_BLUEPRINT}.page"):
             return None  # the status page handles its own login
-        return bearer_ok(current_config())
+        return bearer_ok(current_config(), gp.store)
 
     @bp.errorhandler(GitplugError)
     def domain_error(exc: GitplugError) -> tuple[Response, int]:

@@ -36,7 +36,9 @@ import hmac
 import importlib.resources
 import json
 import logging
+import math
 import secrets
+import threading
 import time
 import typing as t
 from pathlib import Path
@@ -56,7 +58,16 @@ if t.TYPE_CHECKING:
 
     from .facade import GitplugFacade
 
-__all__ = ["COOKIE", "FLASH_COOKIE", "cookie_allows", "csrf_token", "logged_in", "register_pages"]
+__all__ = [
+    "COOKIE",
+    "FLASH_COOKIE",
+    "LoginThrottle",
+    "Revocations",
+    "cookie_allows",
+    "csrf_token",
+    "logged_in",
+    "register_pages",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -118,36 +129,90 @@ def _session_value(
     return f"{expires}.{nonce}.{_mac(config.admin_token, _LOGIN, str(expires), nonce)}"
 
 
-def _valid_session(config: GitplugConfig, value: str) -> bool:
+class Revocations(t.Protocol):
+    """What login checks need of the state store (logout is server-side)."""
+
+    def login_revoked(self, login_id: str) -> bool: ...
+
+
+def _login_id(value: str) -> tuple[str, int] | None:
+    """``(nonce, expires)`` of a login cookie value, None when malformed."""
+    expires, _, rest = value.partition(".")
+    nonce, _, mac = rest.partition(".")
+    if not (expires.isascii() and expires.isdigit()) or not nonce or not mac:
+        return None
+    return nonce, int(expires)
+
+
+def _valid_session(config: GitplugConfig, value: str, store: Revocations | None = None) -> bool:
     token = config.admin_token
     expires, _, rest = value.partition(".")
     nonce, _, mac = rest.partition(".")
     if not token or not (expires.isascii() and expires.isdigit()) or not nonce or not mac:
         return False
-    return _same(mac, _mac(token, _LOGIN, expires, nonce)) and int(expires) > time.time()
+    if not (_same(mac, _mac(token, _LOGIN, expires, nonce)) and int(expires) > time.time()):
+        return False
+    # A logged-out cookie stays revoked even if a copy of it is replayed.
+    return store is None or not store.login_revoked(nonce)
 
 
-def logged_in(config: GitplugConfig) -> bool:
-    """True when the request carries a valid, unexpired login cookie."""
-    return _valid_session(config, request.cookies.get(COOKIE, ""))
+def logged_in(config: GitplugConfig, store: Revocations | None = None) -> bool:
+    """True when the request carries a valid, unexpired, not logged-out login cookie."""
+    return _valid_session(config, request.cookies.get(COOKIE, ""), store)
 
 
-def csrf_token(config: GitplugConfig) -> str:
+def csrf_token(config: GitplugConfig, store: Revocations | None = None) -> str:
     """The CSRF token of the current login ("" when not logged in)."""
     cookie = request.cookies.get(COOKIE, "")
-    if not config.admin_token or not _valid_session(config, cookie):
+    if not config.admin_token or not _valid_session(config, cookie, store):
         return ""
     return _mac(config.admin_token, _CSRF, cookie)
 
 
-def cookie_allows(config: GitplugConfig) -> bool:
+class LoginThrottle:
+    """At most ``limit`` failed logins per client address per ``window_s``.
+
+    Kept in the process (each worker counts its own): it slows a guesser to
+    a few tries a minute, and a 16+ character token does the rest. Bounded:
+    at most ``max_clients`` addresses are remembered, oldest dropped first.
+    """
+
+    def __init__(self, limit: int = 5, window_s: float = 60.0, max_clients: int = 10_000) -> None:
+        self.limit = limit
+        self.window_s = window_s
+        self.max_clients = max_clients
+        self._failures: dict[str, list[float]] = {}
+        self._lock = threading.Lock()
+
+    def retry_after(self, client: str) -> int:
+        """Seconds until ``client`` may try again; 0 when it may now."""
+        now = time.monotonic()
+        with self._lock:
+            recent = [at for at in self._failures.get(client, ()) if at > now - self.window_s]
+            if recent:
+                self._failures[client] = recent
+            else:
+                self._failures.pop(client, None)
+            if len(recent) < self.limit:
+                return 0
+            return max(1, math.ceil(recent[0] + self.window_s - now))
+
+    def failed(self, client: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._failures.setdefault(client, []).append(now)
+            while len(self._failures) > self.max_clients:
+                self._failures.pop(next(iter(self._failures)))
+
+
+def cookie_allows(config: GitplugConfig, store: Revocations | None = None) -> bool:
     """True when the login cookie may authenticate this request to the JSON API.
 
     Reads (GET, HEAD) need only the cookie; a write also needs this login's
     CSRF token (``X-CSRF-Token`` header or ``csrf`` form field) and no
     cross-site ``Origin``, so a form on another site can never drive the API.
     """
-    if not logged_in(config):
+    if not logged_in(config, store):
         return False
     if request.method in ("GET", "HEAD", "OPTIONS"):
         return True
@@ -155,10 +220,10 @@ def cookie_allows(config: GitplugConfig) -> bool:
     if origin is not None and urlsplit(origin).netloc != request.host:
         return False
     given = request.headers.get("X-CSRF-Token") or request.form.get("csrf", "")
-    return bool(given) and _same(given, csrf_token(config))
+    return bool(given) and _same(given, csrf_token(config, store))
 
 
-def _csrf_refusal(config: GitplugConfig) -> tuple[int, str] | None:
+def _csrf_refusal(config: GitplugConfig, store: Revocations | None = None) -> tuple[int, str] | None:
     """None when the form's CSRF token and Origin are right; else (status, reason)."""
     origin = request.headers.get("Origin")
     if origin is not None and urlsplit(origin).netloc != request.host:
@@ -166,7 +231,7 @@ def _csrf_refusal(config: GitplugConfig) -> tuple[int, str] | None:
     given = request.form.get("csrf", "")
     if not given:
         return 400, f"the form has no CSRF token; {_RELOAD}"
-    if not _same(given, csrf_token(config)):
+    if not _same(given, csrf_token(config, store)):
         return 403, f"the form's CSRF token is wrong or from an older login; {_RELOAD}"
     return None
 
@@ -219,27 +284,30 @@ def _stylesheet() -> tuple[str, str]:
     return text, hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def _page(template: str, config: GitplugConfig, *, status: int = 200, **context: t.Any) -> Response:
+def _page(template: str, config: GitplugConfig, *, status: int = 200,
+          store: Revocations | None = None, **context: t.Any) -> Response:
     html = _env().get_template(template).render(
         host=default_host(),
         css_url=url_for("gitplug_admin.page_css", v=_stylesheet()[1]),
-        csrf=csrf_token(config),
-        logged_in=logged_in(config),
+        csrf=csrf_token(config, store),
+        logged_in=logged_in(config, store),
         **context,
     )
     return Response(html, status=status, content_type="text/html; charset=utf-8")
 
 
-def _login_page(config: GitplugConfig, *, status: int = 200, error: str | None = None) -> Response:
+def _login_page(config: GitplugConfig, *, status: int = 200, error: str | None = None,
+                store: Revocations | None = None) -> Response:
     if not config.admin_token:
         return _page("login.html", config, status=403, no_token=True, help=NO_TOKEN_HELP,
-                     error=None, next="")
+                     error=None, next="", store=store)
     return _page("login.html", config, status=status, no_token=False, help="", error=error,
-                 next=_safe_next())
+                 next=_safe_next(), store=store)
 
 
-def _refused(config: GitplugConfig, status: int, message: str) -> Response:
-    return _page("error.html", config, status=status, message=message)
+def _refused(config: GitplugConfig, status: int, message: str,
+             store: Revocations | None = None) -> Response:
+    return _page("error.html", config, status=status, message=message, store=store)
 
 
 def _cookie_path() -> str:
@@ -258,7 +326,9 @@ def _safe_next() -> str:
     if not target and request.method == "GET":
         target = request.full_path
     home = url_for("gitplug_admin.page")
-    if target.startswith(home) and "\\" not in target:
+    # No control characters: a CR or LF cannot go into a Location header
+    # (Werkzeug refuses it, which was a 500); such a target is just not ours.
+    if target.startswith(home) and "\\" not in target and target.isprintable():
         return target.rstrip("?")
     return ""
 
@@ -281,6 +351,8 @@ def register_pages(
     bp: Blueprint, gp: GitplugFacade, current_config: t.Callable[[], GitplugConfig]
 ) -> None:
     """Add the status page routes (endpoints named ``page*``) and their headers to ``bp``."""
+    store = _StoreOf(gp)
+    throttle = LoginThrottle()
 
     @bp.after_request
     def security_headers(response: Response) -> Response:
@@ -302,8 +374,8 @@ def register_pages(
     @bp.get("/")
     def page() -> Response:
         config = current_config()
-        if not logged_in(config):
-            return _login_page(config)
+        if not logged_in(config, store):
+            return _login_page(config, store=store)
         plugins = [
             _plugin_view(gp.deployer, gp.store, config.plugins[p["name"]], p)
             for p in gp.status()["plugins"]
@@ -313,6 +385,7 @@ def register_pages(
         response = _page(
             "overview.html",
             config,
+            store=store,
             plugins=plugins,
             flash=_flash_view(gp.store, flash) if flash else None,
             # Reload while a deploy runs so its result appears by itself; never
@@ -330,10 +403,19 @@ def register_pages(
     def page_login() -> Response | BaseResponse:
         config = current_config()
         if not config.admin_token:
-            return _login_page(config)
+            return _login_page(config, store=store)
+        client = request.remote_addr or "?"
+        wait = throttle.retry_after(client)
+        if wait:
+            logger.warning("status page: login from %s refused: too many failed logins", client)
+            response = _login_page(config, status=429, store=store, error=(
+                f"Too many wrong tokens from your address; try again in {wait} s."))
+            response.headers["Retry-After"] = str(wait)
+            return response
         if not _same(request.form.get("token", "").strip(), config.admin_token):
-            logger.warning("status page: failed login from %s", request.remote_addr)
-            return _login_page(config, status=401, error=(
+            throttle.failed(client)
+            logger.warning("status page: failed login from %s", client)
+            return _login_page(config, status=401, store=store, error=(
                 "That is not the admin token. Check GITPLUG_ADMIN_TOKEN (or admin_token in"
                 " deploy.yaml) on the server."))
         response = redirect(_safe_next() or url_for("gitplug_admin.page"), code=303)
@@ -344,8 +426,12 @@ def register_pages(
     @bp.post("/logout")
     def page_logout() -> Response | BaseResponse:
         config = current_config()
-        if logged_in(config) and (refusal := _csrf_refusal(config)) is not None:
-            return _refused(config, *refusal)
+        if logged_in(config, store) and (refusal := _csrf_refusal(config, store)) is not None:
+            return _refused(config, *refusal, store=store)
+        login = _login_id(request.cookies.get(COOKIE, ""))
+        if login is not None and logged_in(config, store):
+            # Server-side: a copy of the cookie kept elsewhere is refused too.
+            store.revoke_login(login[0], until=login[1])
         response = redirect(url_for("gitplug_admin.page"), code=303)
         response.delete_cookie(COOKIE, path=_cookie_path(), httponly=True, samesite="Strict")
         return response
@@ -353,17 +439,17 @@ def register_pages(
     @bp.post(f"/plugins/<name>/<any({', '.join(ACTIONS)}):action>")
     def page_action(name: str, action: str) -> Response | BaseResponse:
         config = current_config()
-        if not logged_in(config):
-            return _login_page(config, status=401, error=(
+        if not logged_in(config, store):
+            return _login_page(config, status=401, store=store, error=(
                 "You are not logged in (or the login expired). Log in, then repeat the action."))
-        refusal = _csrf_refusal(config)
+        refusal = _csrf_refusal(config, store)
         if refusal is not None:
-            return _refused(config, *refusal)
+            return _refused(config, *refusal, store=store)
         try:
             config.plugin(name)
             flash = _run_action(gp, name, action)
         except UnknownPlugin as exc:
-            return _refused(config, 404, str(exc))
+            return _refused(config, 404, str(exc), store=store)
         except GitplugError as exc:
             logger.info("status page: %s of %s refused: %s", action, name, exc)
             flash = {"kind": "error", "plugin": name, "action": action, "text": str(exc)}
@@ -375,12 +461,12 @@ def register_pages(
     @bp.get("/plugins/<name>/deploys/<int:deploy_id>/log")
     def page_log(name: str, deploy_id: int) -> Response:
         config = current_config()
-        if not logged_in(config):
-            return _login_page(config, status=401)
+        if not logged_in(config, store):
+            return _login_page(config, status=401, store=store)
         record: DeployRecord | None = gp.store.get_deploy(deploy_id)
         if name not in config.plugins or record is None or record.plugin != name:
             return _refused(config, 404, f"no deploy {deploy_id} of plugin {name!r}; see its"
-                            " history on the status page.")
+                            " history on the status page.", store=store)
         text, size, note = "", 0, None
         path = Path(record.log_path).resolve() if record.log_path else None
         if path is None:
@@ -395,8 +481,21 @@ def register_pages(
             return download
         else:
             text, size = _tail(path, LOG_TAIL_BYTES)
-        return _page("log.html", config, plugin=name, record=record, text=text, size=size,
+        return _page("log.html", config, store=store, plugin=name, record=record, text=text, size=size,
                      truncated=size > LOG_TAIL_BYTES, note=note, mib=MiB)
+
+
+class _StoreOf:
+    """The facade's state store at the time of each call (a reload may replace it)."""
+
+    def __init__(self, gp: GitplugFacade) -> None:
+        self._gp = gp
+
+    def login_revoked(self, login_id: str) -> bool:
+        return self._gp.store.login_revoked(login_id)
+
+    def revoke_login(self, login_id: str, *, until: float) -> None:
+        self._gp.store.revoke_login(login_id, until=until)
 
 
 def _run_action(gp: GitplugFacade, name: str, action: str) -> dict[str, t.Any]:
