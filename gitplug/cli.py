@@ -27,7 +27,7 @@ from pathlib import Path
 import click
 
 from .config import CONFIG_ENV_VAR, GitplugConfig, load_config, resolve_config_path
-from .errors import BadInput, GitplugError
+from .errors import BadInput, ConfigError, GitplugError
 from .state import DeployRecord, DeployResult, StateStore, open_state_store
 
 __all__ = ["main", "cli", "flask_group"]
@@ -218,6 +218,13 @@ def check_config(config_path: Path | None) -> None:
     for plugin in config.plugins.values():
         gate = " ".join(plugin.test) if plugin.test else "off"
         click.echo(f"  {plugin.name}: {redact_url(plugin.repo)} @ {plugin.ref} -> {plugin.url_prefix} (tests: {gate})")
+    source = Path(config.source) if config.source else None
+    if source is not None and source.is_file():
+        # Valid as read here; say what the server would still refuse (an unset secret).
+        try:
+            load_config(source)
+        except ConfigError as exc:
+            click.secho(f"note: `gitplug serve` would refuse it here: {exc}", fg="yellow", err=True)
 
 
 @cli.command()

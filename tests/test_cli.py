@@ -216,7 +216,9 @@ def test_read_only_commands_need_no_secret_and_show_no_password(tmp_path: Path, 
         proc = run_cli(*args, "-c", path, env=env)
         assert proc.returncode == 0, (args, proc.stderr)
         assert "hunter2" not in proc.stdout + proc.stderr, (args, proc.stdout)
-    assert "https://deploy:***@127.0.0.1:9/hello.git" in run_cli("check-config", "-c", path, env=env).stdout
+    checked = run_cli("check-config", "-c", path, env=env)
+    assert "https://deploy:***@127.0.0.1:9/hello.git" in checked.stdout
+    assert "note: `gitplug serve` would refuse it here" in checked.stderr and "GITPLUG_ADMIN_TOKEN is not set" in checked.stderr
     plugins = {p["name"]: p for p in cli_json("status", "-c", path, env=env)["plugins"]}
     assert plugins["other"]["repo"] == "https://deploy:***@127.0.0.1:9/hello.git"
     proc = run_cli("logs", "hello", "-c", path, env=env)
@@ -293,7 +295,7 @@ def test_deploy_json_failure_history_and_status(
         "deploying hello ...",
         last,
     ]
-    assert "  failed   load: " in proc.stderr
+    assert "  failed   load\n" in proc.stderr
 
     proc = run_cli("-v", "deploy", "hello", "-c", config, "--json")
     assert proc.returncode == 1
