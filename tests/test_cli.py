@@ -163,19 +163,20 @@ def test_rollback_prints_only_the_steps_that_ran(tmp_path: Path, repo: GitRepo) 
         {"hello": {"repo": repo.url, "test": "python -m pytest -q -p no:cacheprovider", "test_timeout": 60}},
     )
     proc = run_cli("deploy", "hello", "-c", config)
-    assert proc.returncode == 0 and _steps(proc.stderr) == ["fetch", "stage", "test", "load", "live"], proc.stderr
+    assert proc.returncode == 0 and _steps(proc.stderr) == ["fetch", "stage", "requirements", "test", "load", "live"], proc.stderr
 
     # v1 was never deployed: the mirror knows the tag (no fetch), it is staged and tested.
     proc = run_cli("rollback", "hello", "v1", "-c", config)
     assert proc.returncode == 0, proc.stderr
-    assert _steps(proc.stderr) == ["stage", "test", "load", "live"], proc.stderr
+    assert _steps(proc.stderr) == ["stage", "requirements", "test", "load", "live"], proc.stderr
     assert v1[:12] in proc.stdout
 
     # Back on v2 (on disk, passed): then v1 again is on disk and passed: no fetch, no test.
     assert run_cli("resume", "hello", "-c", config).returncode == 0
     proc = run_cli("rollback", "hello", "v1", "-c", config)
     assert proc.returncode == 0, proc.stderr
-    assert _steps(proc.stderr) == ["reuse", "load", "live"], proc.stderr
+    # The host's environment may have changed: requirements are checked on every deploy.
+    assert _steps(proc.stderr) == ["requirements", "reuse", "load", "live"], proc.stderr
     assert "fetch" not in proc.stderr and "pytest" not in proc.stderr
 
     # A tag the mirror has not seen yet is fetched first.
@@ -183,7 +184,7 @@ def test_rollback_prints_only_the_steps_that_ran(tmp_path: Path, repo: GitRepo) 
     repo.tag("v3")
     proc = run_cli("rollback", "hello", "v3", "-c", config)
     assert proc.returncode == 0, proc.stderr
-    assert _steps(proc.stderr) == ["fetch", "stage", "test", "load", "live"], proc.stderr
+    assert _steps(proc.stderr) == ["fetch", "stage", "requirements", "test", "load", "live"], proc.stderr
 
 
 def test_a_failed_deploy_prints_its_error_and_tail_once(tmp_path: Path, repo: GitRepo) -> None:

@@ -188,7 +188,7 @@ def test_the_readme_walkthrough_runs_as_written(tmp_path: Path) -> None:
                 assert "live" in proc.stdout, proc.stdout
                 # v1.0.0 was never deployed here: staged and tested, no fetch (the mirror knows it).
                 steps = [s.split()[0] for s in proc.stderr.splitlines() if s.startswith("  ")]
-                assert steps == ["stage", "test", "load", "live"], proc.stderr
+                assert steps == ["stage", "requirements", "test", "load", "live"], proc.stderr
                 pinned = status()
                 assert pinned["pin"] == "v1.0.0", pinned
                 wait_for(

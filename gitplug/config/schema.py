@@ -61,7 +61,8 @@ _PLUGIN_KEYS = ("repo", "ref", "url_prefix", "entry", "poll_interval", "test", "
                 "auto_rollback", "config", "push_token", "allow_force_push")
 #: ``repo: push``: gitplug hosts the repository itself.
 _PUSH_REPO = "push"
-#: Tokens shorter than this are refused: they guard code execution on the server.
+#: Tokens shorter than this are refused (``admin_token``, ``webhook.secret``,
+#: ``push_token``): they guard code execution on the server.
 _MIN_TOKEN = 16
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(B|KB|KiB|MB|MiB|GB|GiB)?\s*\Z", re.IGNORECASE)
 _SIZE_UNITS = {"b": 1, "kb": 1000, "kib": 1 << 10, "mb": 1000 ** 2, "mib": 1 << 20,
@@ -73,8 +74,6 @@ _REPO_SCHEMES = ("http", "https", "ssh", "git", "file")
 _BAD_REF = re.compile(r"[\s\x00-\x1f\x7f~^:?*\[\\]|\.\.|@\{|^-")
 _BAD_PREFIX_CHAR = re.compile(r"[\s<>?#]")
 _SECONDS = "a positive number of seconds"
-#: Shortest ``admin_token`` and ``webhook.secret`` accepted (characters).
-MIN_SECRET_LENGTH = 16
 
 
 def _finish(data: Any, report: _Report, base_dir: Path) -> GitplugConfig:
@@ -193,17 +192,22 @@ class _Checker:
                                ".".join(path))
             return None
         if isinstance(value, str):
-            if len(value) < MIN_SECRET_LENGTH:
-                # Never echo a secret's value, not even its start.
-                self.report.add(path, f"too short ({len(value)} characters); use at least "
-                                      f"{MIN_SECRET_LENGTH}, for example the output of `python -c "
-                                      "'import secrets; print(secrets.token_urlsafe(24))'`")
-                return None
             return str(value)
         # Never echo a secret's value.
         self.report.add(path, f"expected a string, got a value of type {type(value).__name__} "
                               "(quote it, or better use ${NAME} from the environment)")
         return None
+
+    def long_secret(self, path: _KeyPath, value: Any) -> str | None:
+        """A secret of at least :data:`_MIN_TOKEN` characters (it guards the server)."""
+        secret = self.secret(path, value)
+        if secret is not None and len(secret) < _MIN_TOKEN:
+            # Never echo a secret's value, not even its start.
+            self.report.add(path, f"too short ({len(secret)} characters); use at least "
+                                  f"{_MIN_TOKEN}, for example the output of `python -c "
+                                  "'import secrets; print(secrets.token_urlsafe(24))'`")
+            return None
+        return secret
 
     def prefix(self, path: _KeyPath, value: Any) -> str | None:
         prefix = self.string(path, value, "a URL path prefix such as '/hello'")
@@ -237,12 +241,12 @@ class _Checker:
             keep = self.integer(("keep_releases",), data["keep_releases"],
                                 "an integer >= 1 (releases kept per plugin)") or keep
         state = self.state(get("state"), data_dir)
-        admin_token = self.secret(("admin_token",), get("admin_token"))
+        admin_token = self.long_secret(("admin_token",), get("admin_token"))
         webhook_secret = None
         webhook = get("webhook")
         if isinstance(webhook, Mapping):
             self.keys(("webhook",), webhook, ("secret",))
-            webhook_secret = self.secret(("webhook", "secret"), webhook.get("secret"))
+            webhook_secret = self.long_secret(("webhook", "secret"), webhook.get("secret"))
         elif webhook is not None:
             self.fail(("webhook",), "a mapping such as {secret: ${GITPLUG_WEBHOOK_SECRET}}",
                       webhook)

@@ -141,10 +141,15 @@ def _expand(value: str, path: _KeyPath, report: _Report, environ: Mapping[str, s
     """
     expanded, error = _interpolate(value, environ)
     if error:
-        if path in optional and error.startswith(_UNSET_PREFIX):
+        if error.startswith(_UNSET_PREFIX) and any(_matches(path, p) for p in optional):
             return None
         report.add(path, error)
     return expanded
+
+
+def _matches(path: _KeyPath, pattern: _KeyPath) -> bool:
+    """``path`` equals ``pattern``, where a ``*`` in the pattern matches any one key."""
+    return len(path) == len(pattern) and all(p in ("*", k) for k, p in zip(path, pattern))
 
 
 class _Walker:
