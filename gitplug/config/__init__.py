@@ -104,7 +104,10 @@ def resolve_config_path(path: str | os.PathLike[str] | None, *,
 
 #: The settings that hold secrets (``*``: any plugin): only the server (and
 #: commands that run a deploy, whose test gate scrubs them) need them.
-SECRET_KEYS: Final = frozenset({("admin_token",), ("webhook", "secret"), ("plugins", "*", "push_token")})
+SECRET_KEYS: Final = frozenset({
+    ("admin_token",), ("webhook", "secret"), ("plugins", "*", "push_token"),
+    ("notify", "*", "secret"), ("notify", "*", "token"),
+})
 
 
 def load_config(path: str | os.PathLike[str], *,
@@ -115,9 +118,10 @@ def load_config(path: str | os.PathLike[str], *,
     Relative paths in it are resolved against the file's directory. Raises
     :class:`ConfigError` (naming file, line and key) for any problem; never
     returns a partly valid configuration. With ``need_secrets=False`` (the
-    read-only commands), an unset ``${NAME}`` in ``admin_token``,
-    ``webhook.secret`` or a ``push_token`` reads as not configured instead
-    of an error.
+    read-only commands), an unset ``${NAME}`` in a secret
+    (:data:`SECRET_KEYS`: ``admin_token``, ``webhook.secret``, a
+    ``push_token``, a notification's ``secret`` or ``token``) reads as not
+    configured instead of an error.
     """
     source = os.fspath(path)
     file_path = Path(os.path.abspath(source))
