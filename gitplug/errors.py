@@ -27,6 +27,20 @@ codes (see :mod:`gitplug.cli`)::
 
 from __future__ import annotations
 
+import re
+
+_PASSWORD_IN_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^/@:?#]*):[^/@?#]*@")
+_PASSWORD_PARAM = re.compile(r"(password=)[^&\s]*", re.IGNORECASE)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password (``user:pw@`` or ``password=``) replaced by ``***``.
+
+    Every message and log line that names a URL (a repository, the state
+    database) goes through this.
+    """
+    return _PASSWORD_PARAM.sub(r"\1***", _PASSWORD_IN_URL.sub(r"\1:***@", url))
+
 
 class GitplugError(Exception):
     """Base of every error gitplug raises on purpose.

@@ -64,3 +64,15 @@ def make_gp() -> Iterator[Callable[[Flask], GitPlug]]:
     yield make
     for gp in made:
         gp.shutdown()
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """The URL of a fresh, empty PostgreSQL database, dropped after the test.
+
+    Skips (fails under ``CI=true``) when no server answers: see ``tests/pgserver.py``.
+    """
+    from pgserver import fresh_database
+
+    with fresh_database() as url:
+        yield url

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 import textwrap
 from pathlib import Path
 from types import MappingProxyType
@@ -169,9 +170,15 @@ def test_relative_paths_resolve_against_the_file(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("state", ["sqlite:////var/lib/gitplug/state.db",
-                                   "redis://localhost:6379/0", "rediss://user:pw@cache/1"])
+                                   "postgresql://gitplug@db.internal/fleet",
+                                   "postgres://user:pw@127.0.0.1:5433/gitplug?sslmode=require"])
 def test_state_urls_kept(tmp_path: Path, state: str) -> None:
     assert load(tmp_path, f"state: {state}\n").state == state
+
+
+def test_host_id_defaults_to_the_host_name(tmp_path: Path) -> None:
+    assert load(tmp_path, "host_id: web-1\n").host == "web-1"
+    assert load(tmp_path, "{}\n").host == socket.gethostname()
 
 
 @pytest.mark.parametrize("repo", [
@@ -431,8 +438,15 @@ BROKEN = [
             repo: ftp://example.com/hello.git
     """, 3, "plugins.hello.repo", r"expected a git URL .* got 'ftp://", id="bad-repo-scheme"),
     pytest.param("""
-        state: postgres://db/gitplug
-    """, 1, "state", r"expected sqlite:///PATH .* or redis://", id="bad-state"),
+        state: redis://cache/0
+    """, 1, "state", r"expected sqlite:///PATH .* or postgresql://", id="bad-state"),
+    pytest.param("""\
+        state: postgresql://gitplug:hunter2@db
+    """, 1, "state", r"or postgresql://USER@HOST\[:PORT\]/DATABASE, got 'postgresql://gitplug:\*\*\*@db'",
+                 id="state-without-database"),
+    pytest.param("""\
+        host_id: "web 1"
+    """, 1, "host_id", r"expected a host name such as 'web-1'", id="bad-host-id"),
     pytest.param("""
         webhook:
           secrt: abc

@@ -1,4 +1,9 @@
-"""Tests for gitplug.state: a real SQLite file, real threads and processes."""
+"""Tests for gitplug.state: the store contract against a real SQLite file and a real
+PostgreSQL database (one parametrized module), with real threads and processes.
+
+Tests taking ``store`` or ``backend`` run once per backend; tests taking ``db``
+are about the SQLite file itself.
+"""
 
 from __future__ import annotations
 
@@ -18,9 +23,12 @@ import pytest
 from gitplug.errors import StateError
 from gitplug.state import (
     DeployResult,
+    HostInfo,
+    HostPlugin,
     PluginStateValue,
     SQLiteStateStore,
     Stage,
+    StateStore,
     WorkerInfo,
     open_state_store,
 )
@@ -35,23 +43,47 @@ def db(tmp_path: Path) -> Path:
     return tmp_path / "data" / "state.db"
 
 
+class Backend:
+    """One store's location: ``open()`` gives another connection to the same data."""
+
+    def __init__(self, kind: str, url: str, where: str) -> None:
+        self.kind, self.url, self.where = kind, url, where
+
+    def open(self) -> StateStore:
+        return open_state_store(self.url)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request: pytest.FixtureRequest, db: Path):
+    if request.param == "sqlite":
+        yield Backend("sqlite", "sqlite:///" + str(db), str(db))
+        return
+    from pgserver import fresh_database
+
+    with fresh_database() as url:
+        yield Backend("postgres", url, url)
+
+
 @pytest.fixture()
-def store(db: Path):
-    with SQLiteStateStore(db) as opened:
+def store(backend: Backend):
+    opened = backend.open()
+    try:
         yield opened
+    finally:
+        opened.close()
 
 
 # -- helpers run in child processes (module level so they can be targets) ----
 
 
-def _dedupe_worker(path: str, ids: list[str], barrier: Any, out: Any) -> None:
-    with SQLiteStateStore(Path(path)) as child:
+def _dedupe_worker(url: str, ids: list[str], barrier: Any, out: Any) -> None:
+    with open_state_store(url) as child:  # type: ignore[attr-defined]
         barrier.wait()
         out.put([child.remember_delivery(i) for i in ids])
 
 
-def _counter_worker(path: str, name: str, n: int, barrier: Any, out: Any) -> None:
-    with SQLiteStateStore(Path(path)) as child:
+def _counter_worker(url: str, name: str, n: int, barrier: Any, out: Any) -> None:
+    with open_state_store(url) as child:  # type: ignore[attr-defined]
         barrier.wait()
         seen = []
         for i in range(n):
@@ -60,9 +92,9 @@ def _counter_worker(path: str, name: str, n: int, barrier: Any, out: Any) -> Non
         out.put(seen)
 
 
-def _writer_worker(path: str, index: int, n: int, barrier: Any, out: Any) -> None:
+def _writer_worker(url: str, index: int, n: int, barrier: Any, out: Any) -> None:
     try:
-        with SQLiteStateStore(Path(path)) as child:
+        with open_state_store(url) as child:  # type: ignore[attr-defined]
             barrier.wait()
             for i in range(n):
                 if i % 2:
@@ -91,7 +123,7 @@ def _run_processes(target: Any, args_for: list[tuple[Any, ...]], timeout: float 
 # -- plugins -------------------------------------------------------------------
 
 
-def test_plugin_crud(store: SQLiteStateStore) -> None:
+def test_plugin_crud(store: StateStore) -> None:
     assert store.get_plugin("hello") is None
     created = store.update_plugin("hello", ref="main")
     assert created.name == "hello" and created.ref == "main"
@@ -112,7 +144,7 @@ def test_plugin_crud(store: SQLiteStateStore) -> None:
     assert [p.name for p in store.list_plugins()] == ["alpha"]
 
 
-def test_update_plugin_rejects_unknown_fields_and_states(store: SQLiteStateStore) -> None:
+def test_update_plugin_rejects_unknown_fields_and_states(store: StateStore) -> None:
     with pytest.raises(TypeError, match=r"unknown fields \['colour'\]"):
         store.update_plugin("hello", colour="blue")
     with pytest.raises(ValueError, match="'sleeping' is not a valid PluginStateValue"):
@@ -120,7 +152,7 @@ def test_update_plugin_rejects_unknown_fields_and_states(store: SQLiteStateStore
     assert store.get_plugin("hello") is None
 
 
-def test_change_counter_counts_plugin_writes_only(store: SQLiteStateStore) -> None:
+def test_change_counter_counts_plugin_writes_only(store: StateStore) -> None:
     start = store.change_counter()
     store.update_plugin("hello", ref="main")
     store.update_plugin("hello", pin="v1")
@@ -135,7 +167,7 @@ def test_change_counter_counts_plugin_writes_only(store: SQLiteStateStore) -> No
 # -- deploys -------------------------------------------------------------------
 
 
-def test_deploy_lifecycle(store: SQLiteStateStore) -> None:
+def test_deploy_lifecycle(store: StateStore) -> None:
     record = store.start_deploy("hello", trigger="webhook", ref="main")
     assert record.result is DeployResult.RUNNING and record.stage is None
     assert record.host == socket.gethostname()
@@ -157,9 +189,9 @@ def test_deploy_lifecycle(store: SQLiteStateStore) -> None:
     assert (done.host, done.duration_s, done.commit) == ("web-2", 1.9, "e" * 40)
 
 
-def test_deploy_errors(store: SQLiteStateStore, db: Path) -> None:
+def test_deploy_errors(store: StateStore, backend: Backend) -> None:
     assert store.get_deploy(42) is None
-    where = re.escape(str(db))
+    where = re.escape(backend.where)
     with pytest.raises(StateError, match=f"state database {where}: no deploy with id 42"):
         store.finish_deploy(42, result=DeployResult.LIVE)
     with pytest.raises(StateError, match="no deploy with id 42"):
@@ -171,7 +203,7 @@ def test_deploy_errors(store: SQLiteStateStore, db: Path) -> None:
         store.update_deploy(record.id, plugin="other")
 
 
-def test_history_is_newest_first_and_limited(store: SQLiteStateStore) -> None:
+def test_history_is_newest_first_and_limited(store: StateStore) -> None:
     ids = [store.start_deploy("hello", trigger="poll", ref="main").id for _ in range(5)]
     store.start_deploy("other", trigger="poll", ref="main")
     assert [r.id for r in store.history("hello")] == ids[::-1]
@@ -184,7 +216,7 @@ def test_history_is_newest_first_and_limited(store: SQLiteStateStore) -> None:
     assert store.last_deploy("nobody") is None
 
 
-def test_to_json_has_the_spec_shape(store: SQLiteStateStore) -> None:
+def test_to_json_has_the_spec_shape(store: StateStore) -> None:
     record = store.start_deploy("hello", trigger="webhook", ref="main", commit="a" * 40)
     record = store.finish_deploy(
         record.id, result=DeployResult.FAILED, stage=Stage.TEST, error="boom"
@@ -201,7 +233,7 @@ def test_to_json_has_the_spec_shape(store: SQLiteStateStore) -> None:
     assert running["stage"] is None and running["result"] == "running"
 
 
-def test_mark_running_interrupted(store: SQLiteStateStore) -> None:
+def test_mark_running_interrupted(store: StateStore) -> None:
     mine = store.start_deploy("hello", trigger="poll", ref="main", host="web-1")
     theirs = store.start_deploy("hello", trigger="poll", ref="main", host="web-2")
     done = store.start_deploy("other", trigger="poll", ref="main", host="web-1")
@@ -219,7 +251,7 @@ def test_mark_running_interrupted(store: SQLiteStateStore) -> None:
     assert store.get_deploy(theirs.id).result is DeployResult.RUNNING  # type: ignore[union-attr]
 
 
-def test_failed_commits(store: SQLiteStateStore) -> None:
+def test_failed_commits(store: StateStore) -> None:
     def deploy(commit: str | None, result: DeployResult, plugin: str = "hello") -> None:
         record = store.start_deploy(plugin, trigger="poll", ref="main", commit=commit)
         store.finish_deploy(record.id, result=result, stage=Stage.TEST)
@@ -247,7 +279,7 @@ def test_failed_commits(store: SQLiteStateStore) -> None:
 # -- webhook deliveries ----------------------------------------------------------
 
 
-def test_remember_delivery_and_expiry(store: SQLiteStateStore) -> None:
+def test_remember_delivery_and_expiry(store: StateStore) -> None:
     assert store.remember_delivery("d-1") is True
     assert store.remember_delivery("d-1") is False
     assert store.remember_delivery("d-2", ttl_s=0.05) is True
@@ -256,7 +288,7 @@ def test_remember_delivery_and_expiry(store: SQLiteStateStore) -> None:
     assert store.remember_delivery("d-1") is False
 
 
-def test_delivery_dedupe_under_threads(store: SQLiteStateStore) -> None:
+def test_delivery_dedupe_under_threads(store: StateStore) -> None:
     ids = [f"delivery-{i}" for i in range(20)]
     barrier = threading.Barrier(8)
     results: list[list[bool]] = []
@@ -277,27 +309,28 @@ def test_delivery_dedupe_under_threads(store: SQLiteStateStore) -> None:
     assert [sum(column) for column in zip(*results)] == [1] * len(ids)
 
 
-def test_delivery_dedupe_across_processes(db: Path) -> None:
-    SQLiteStateStore(db).close()  # create the schema first
+def test_delivery_dedupe_across_processes(store: StateStore, backend: Backend) -> None:
+    store.change_counter()  # create the schema first
     ids = [f"delivery-{i}" for i in range(20)]
-    results = _run_processes(_dedupe_worker, [(str(db), ids), (str(db), ids)])
+    results = _run_processes(_dedupe_worker, [(backend.url, ids), (backend.url, ids)])
     assert [sum(column) for column in zip(*results)] == [1] * len(ids)
 
 
 # -- change counter and concurrency across processes -------------------------------
 
 
-def test_change_counter_is_monotonic_across_processes(store: SQLiteStateStore, db: Path) -> None:
+def test_change_counter_is_monotonic_across_processes(store: StateStore, backend: Backend) -> None:
     start = store.change_counter()
-    results = _run_processes(_counter_worker, [(str(db), "a", 25), (str(db), "b", 25)])
+    results = _run_processes(_counter_worker, [(backend.url, "a", 25), (backend.url, "b", 25)])
     for seen in results:
         assert all(x < y for x, y in zip(seen, seen[1:])), seen
         assert seen[0] > start
     assert store.change_counter() == start + 50
 
 
-def test_concurrent_writers_from_four_processes(store: SQLiteStateStore, db: Path) -> None:
-    results = _run_processes(_writer_worker, [(str(db), i, 50) for i in range(4)], timeout=60)
+def test_concurrent_writers_from_four_processes(store: StateStore, backend: Backend) -> None:
+    store.change_counter()  # create the schema first
+    results = _run_processes(_writer_worker, [(backend.url, i, 50) for i in range(4)], timeout=60)
     assert results == [None] * 4, results
     for i in range(4):
         assert len(store.history(f"p{i}", limit=None)) == 25
@@ -305,7 +338,7 @@ def test_concurrent_writers_from_four_processes(store: SQLiteStateStore, db: Pat
         assert plugin is not None and plugin.live_commit == f"{49:040x}"
 
 
-def test_store_object_survives_fork(store: SQLiteStateStore) -> None:
+def test_store_object_survives_fork(store: StateStore) -> None:
     store.update_plugin("parent", ref="main")  # the parent now holds a connection
     pid = os.fork()
     if pid == 0:  # child: use the inherited object, then leave without cleanup
@@ -320,7 +353,7 @@ def test_store_object_survives_fork(store: SQLiteStateStore) -> None:
     assert [p.name for p in store.list_plugins()] == ["child", "parent"]
 
 
-def test_threads_write_concurrently(store: SQLiteStateStore) -> None:
+def test_threads_write_concurrently(store: StateStore) -> None:
     errors: list[BaseException] = []
 
     def worker(n: int) -> None:
@@ -342,7 +375,7 @@ def test_threads_write_concurrently(store: SQLiteStateStore) -> None:
 # -- workers ---------------------------------------------------------------------
 
 
-def test_workers_heartbeat_and_expiry(store: SQLiteStateStore) -> None:
+def test_workers_heartbeat_and_expiry(store: StateStore) -> None:
     now = time.time()
     fresh = WorkerInfo("host-a:101", "host-a", 101, {"hello": "a" * 40}, now)
     stale = WorkerInfo("host-a:102", "host-a", 102, {}, now - 30)
@@ -360,15 +393,21 @@ def test_workers_heartbeat_and_expiry(store: SQLiteStateStore) -> None:
 # -- files, URLs, errors ---------------------------------------------------------------
 
 
-def test_state_survives_reopen(db: Path) -> None:
-    with SQLiteStateStore(db) as first:
-        first.update_plugin("hello", live_commit="a" * 40, state="live")
-        record = first.start_deploy("hello", trigger="cli", ref="main")
-        counter = first.change_counter()
-    with SQLiteStateStore(db) as second:
-        assert second.get_plugin("hello").live_commit == "a" * 40  # type: ignore[union-attr]
-        assert second.get_deploy(record.id) == record
-        assert second.change_counter() == counter
+def test_state_survives_reopen(backend: Backend) -> None:
+    first = backend.open()
+    first.update_plugin("hello", live_commit="a" * 40, state="live")
+    record = first.start_deploy("hello", trigger="cli", ref="main")
+    counter = first.change_counter()
+    first.close()
+    second = backend.open()
+    assert second.get_plugin("hello").live_commit == "a" * 40  # type: ignore[union-attr]
+    assert second.get_deploy(record.id) == record
+    assert second.change_counter() == counter
+    second.close()
+
+
+def test_sqlite_file_is_wal_with_a_schema_version(db: Path) -> None:
+    SQLiteStateStore(db).close()
     with sqlite3.connect(db) as conn:
         assert conn.execute("SELECT version FROM schema_version").fetchall() == [
             (state_module.SCHEMA_VERSION,)
@@ -421,7 +460,8 @@ def test_locked_database_names_the_cause(db: Path, monkeypatch: pytest.MonkeyPat
     store.close()
 
 
-def test_closed_store_raises(store: SQLiteStateStore) -> None:
+def test_closed_store_raises(store: StateStore) -> None:
+    store.change_counter()
     store.close()
     with pytest.raises(StateError, match="the store is closed"):
         store.list_plugins()
@@ -435,15 +475,17 @@ def test_open_state_store_urls(tmp_path: Path) -> None:
     absolute = open_state_store("sqlite:///" + str(tmp_path / "abs.db"))
     assert absolute.path == tmp_path / "abs.db"  # type: ignore[attr-defined]
     absolute.close()
-    with pytest.raises(StateError, match=r"the redis store is not built yet; use sqlite:///"):
-        open_state_store("redis://localhost:6379/0")
+    with pytest.raises(StateError, match=r"through PostgreSQL, not redis; use postgresql://"):
+        open_state_store("redis://:hunter2@localhost:6379/0")
     with pytest.raises(StateError, match="names no file"):
         open_state_store("sqlite:///:memory:")
-    with pytest.raises(StateError, match="'postgres://db/x' is not a store URL gitplug knows"):
-        open_state_store("postgres://db/x")
+    with pytest.raises(StateError, match="'mysql://db/x' is not a store URL gitplug knows"):
+        open_state_store("mysql://db/x")
 
 
-def test_connections_of_finished_threads_are_closed(store: SQLiteStateStore, db: Path) -> None:
+def test_connections_of_finished_threads_are_closed(db: Path) -> None:
+    store = SQLiteStateStore(db)
+
     def open_fds() -> int:
         fd_dir = Path("/proc/self/fd")
         count = 0
@@ -469,9 +511,8 @@ def test_connections_of_finished_threads_are_closed(store: SQLiteStateStore, db:
     assert open_fds() == baseline <= 3
 
 
-def test_deploy_requests_are_taken_once_in_order(db: Path) -> None:
-    store = SQLiteStateStore(db)
-    other = SQLiteStateStore(db)  # another process's view of the same file
+def test_deploy_requests_are_taken_once_in_order(store: StateStore, backend: Backend) -> None:
+    other = backend.open()  # another process's view of the same data
     assert store.take_deploy_requests() == []
     first = other.request_deploy("hello", trigger="webhook")
     other.request_deploy("world", trigger="api", ref="v2")
@@ -481,10 +522,10 @@ def test_deploy_requests_are_taken_once_in_order(db: Path) -> None:
         (first + 1, "world", "api", "v2"),
     ]
     assert store.take_deploy_requests() == []
+    other.close()
 
 
-def test_deploy_counts_per_plugin_and_result(db: Path) -> None:
-    store = SQLiteStateStore(db)
+def test_deploy_counts_per_plugin_and_result(store: StateStore) -> None:
     for plugin, result in [("a", DeployResult.LIVE), ("a", DeployResult.LIVE), ("a", DeployResult.FAILED),
                            ("b", DeployResult.SKIPPED)]:
         record = store.start_deploy(plugin, trigger="cli", ref="main")
@@ -493,3 +534,129 @@ def test_deploy_counts_per_plugin_and_result(db: Path) -> None:
     assert store.deploy_counts() == {
         ("a", "live"): 2, ("a", "failed"): 1, ("b", "skipped"): 1, ("b", "running"): 1,
     }
+
+
+# -- hosts, leases, change feeds (the fleet's needs) ------------------------------------
+
+
+def test_hosts_are_kept_and_replaced(store: StateStore) -> None:
+    assert store.hosts() == []
+    counter = store.change_counter()
+    now = time.time()
+    web1 = HostInfo("web-1", now, {"hello": HostPlugin("a" * 40)}, leader=True)
+    web2 = HostInfo("web-2", now - 3600, {"hello": HostPlugin("b" * 40, "did not load")})
+    store.heartbeat(WorkerInfo("web-1:1", "web-1", 1, {}, now))
+    store.host_heartbeat(web2)
+    store.host_heartbeat(web1)
+    assert store.hosts() == [web1, web2]  # the silent one is kept, not dropped
+    again = HostInfo("web-1", now + 1, {"hello": HostPlugin("c" * 40)}, leader=False)
+    store.host_heartbeat(again)
+    assert store.hosts() == [again, web2]
+    assert store.change_counter() == counter  # beats are not state changes
+
+
+def test_plugin_live_tree_round_trips(store: StateStore) -> None:
+    state = store.update_plugin("hello", live_commit="a" * 40, live_tree="f" * 40, state="live")
+    assert state.live_tree == "f" * 40
+    assert store.get_plugin("hello").live_tree == "f" * 40  # type: ignore[union-attr]
+
+
+def test_sqlite_lease_is_the_host_lock(db: Path) -> None:
+    store = SQLiteStateStore(db)
+    lease = store.acquire_lease("controller")
+    assert lease is not None and lease.alive()
+    assert store.change_feed() is None  # callers poll the counter
+    store.close()
+
+
+# -- PostgreSQL only ---------------------------------------------------------------------
+
+
+def _hold_lease(url: str, name: str, ready: Any, out: Any) -> None:
+    store = open_state_store(url)
+    lease = store.acquire_lease(name)
+    out.put(lease is not None)
+    ready.set()
+    time.sleep(60)  # killed by the test
+
+
+def test_postgres_lease_is_exclusive_and_freed_when_its_holder_dies(pg_url: str) -> None:
+    store = open_state_store(pg_url)
+    ready, out = FORK.Event(), FORK.Queue()
+    holder = FORK.Process(target=_hold_lease, args=(pg_url, "controller", ready, out))
+    holder.start()
+    try:
+        assert ready.wait(30) and out.get(timeout=5) is True
+        assert store.acquire_lease("controller") is None  # held by the other process
+        other = store.acquire_lease("another")  # names are independent
+        assert other is not None and other.alive()
+        other.release()
+        assert not other.alive()
+        os.kill(holder.pid, 9)
+        holder.join(10)
+        deadline = time.monotonic() + 10
+        lease = None
+        while lease is None and time.monotonic() < deadline:
+            lease = store.acquire_lease("controller")
+        assert lease is not None and lease.alive()
+        lease.release()
+    finally:
+        if holder.is_alive():
+            holder.kill()
+        holder.join(5)
+        store.close()
+
+
+def test_postgres_change_feed_hears_other_processes(pg_url: str) -> None:
+    store = open_state_store(pg_url)
+    writer = open_state_store(pg_url)
+    try:
+        feed = store.change_feed()
+        assert feed is not None
+        feed.wait(5)  # the first connect announces itself
+        assert feed.wait(0.2) is False  # nothing changed: it would have woken
+        started = time.monotonic()
+        threading.Timer(0.3, writer.update_plugin, args=("hello",), kwargs={"ref": "main"}).start()
+        assert feed.wait(10) is True
+        assert time.monotonic() - started < 10
+        threading.Timer(0.3, writer.request_deploy, args=("hello",), kwargs={"trigger": "api"}).start()
+        assert feed.wait(10) is True
+    finally:
+        store.close()
+        writer.close()
+
+
+def _open_and_count(url: str, barrier: Any, out: Any) -> None:
+    try:
+        child = open_state_store(url)
+        barrier.wait()
+        out.put(child.change_counter())
+        child.close()
+    except Exception as exc:  # report any failure to the parent
+        out.put(repr(exc))
+
+
+def test_postgres_schema_is_created_once_by_racing_hosts(pg_url: str) -> None:
+    results = _run_processes(_open_and_count, [(pg_url,)] * 4)
+    assert results == [0, 0, 0, 0]
+    import psycopg
+
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+        conn.execute("UPDATE schema_version SET version = 99")
+    with pytest.raises(StateError, match=r"schema version 99, newer than this gitplug knows \(1\)"):
+        open_state_store(pg_url).list_plugins()
+
+
+def test_postgres_down_is_a_state_error_without_the_password() -> None:
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    store = open_state_store(f"postgresql://gitplug:hunter2@127.0.0.1:{port}/fleet")  # connects lazily
+    with pytest.raises(StateError) as caught:
+        store.list_plugins()
+    message = str(caught.value)
+    assert "hunter2" not in message
+    assert f"state database postgresql://gitplug:***@127.0.0.1:{port}/fleet: could not list plugins" in message
+    assert "is the PostgreSQL server running" in message
+    store.close()

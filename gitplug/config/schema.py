@@ -26,7 +26,7 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
-from ..errors import ConfigError
+from ..errors import ConfigError, redact_url
 from ..prefixes import prefixes_overlap, under_prefix
 from .values import (
     DEFAULT_PUSH_MAX_SIZE,
@@ -45,8 +45,9 @@ logger = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- validating
 
-_TOP_KEYS = ("data_dir", "poll_interval", "keep_releases", "state", "admin_token", "webhook",
-             "api_prefix", "push_max_size", "public_url", "notify", "plugins")
+_TOP_KEYS = ("data_dir", "poll_interval", "keep_releases", "state", "host_id", "admin_token",
+             "webhook", "api_prefix", "push_max_size", "public_url", "notify", "plugins")
+_HOST_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:@-]{0,127}\Z")
 _NOTIFY_KEYS = ("url", "events", "format", "plugins", "secret", "token", "timeout")
 #: The path a forge status entry's ``url`` must end with (the repository's API URL).
 _FORGE_PATHS = {
@@ -241,6 +242,14 @@ class _Checker:
             keep = self.integer(("keep_releases",), data["keep_releases"],
                                 "an integer >= 1 (releases kept per plugin)") or keep
         state = self.state(get("state"), data_dir)
+        host_id = ""
+        if get("host_id") is not None:
+            text = self.string(("host_id",), get("host_id"), "a host name such as 'web-1'")
+            if text is not None and not _HOST_ID.match(text):
+                self.fail(("host_id",), "a host name such as 'web-1' (letters, digits, . _ : @ -; "
+                                        "at most 128 characters)", text)
+            elif text is not None:
+                host_id = text
         admin_token = self.long_secret(("admin_token",), get("admin_token"))
         webhook_secret = None
         webhook = get("webhook")
@@ -273,8 +282,9 @@ class _Checker:
                                        "the URL people reach this server at, e.g. https://deploy.example.com")
         notify = self.notify(get("notify"), plugins)
         return GitplugConfig(data_dir=data_dir, poll_interval=poll, keep_releases=keep,
-                             state=state, admin_token=admin_token, webhook_secret=webhook_secret,
-                             api_prefix=api_prefix, push_max_size=push_max_size,
+                             state=state, host_id=host_id, admin_token=admin_token,
+                             webhook_secret=webhook_secret, api_prefix=api_prefix,
+                             push_max_size=push_max_size,
                              public_url=public_url.rstrip("/") if public_url else None, notify=notify,
                              plugins=plugins, source=self.report.file,
                              base_dir=self.base_dir)
@@ -375,7 +385,7 @@ class _Checker:
     def state(self, value: Any, data_dir: Path) -> str:
         path: _KeyPath = ("state",)
         what = ("sqlite:///PATH (relative to the configuration), sqlite:////ABSOLUTE/PATH "
-                "or redis://HOST[:PORT][/DB]")
+                "or postgresql://USER@HOST[:PORT]/DATABASE")
         if value is None:
             return f"sqlite:///{data_dir}/state.db"
         text = self.string(path, value, what)
@@ -385,14 +395,15 @@ class _Checker:
             file = text[len("sqlite:///"):]
             # sqlite:////abs is absolute already; sqlite:///rel resolves like every path here.
             return "sqlite:///" + os.path.normpath(os.path.join(self.base_dir, file))
-        if text.startswith(("redis://", "rediss://")):
+        if text.startswith(("postgresql://", "postgres://")):
             try:
                 split = urlsplit(text)
-                if split.hostname and (split.port or 0) >= 0:  # .port raises on a bad port
+                if (split.port or 0) >= 0 and split.path.strip("/"):  # .port raises on a bad port
                     return text
             except ValueError:
                 pass
-        self.fail(path, what, value)
+        # The value may hold a password: show the redacted form only.
+        self.fail(path, what, redact_url(text))
         return ""
 
     def plugin(self, name: Any, raw: Any, default_poll: float, data_dir: Path) -> PluginConfig | None:

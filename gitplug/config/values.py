@@ -15,6 +15,7 @@ configuration code.
 from __future__ import annotations
 
 import copy
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,6 +123,8 @@ class GitplugConfig:
     poll_interval: float = 60.0
     keep_releases: int = 5
     state: str = ""  #: "" means f"sqlite:///{data_dir}/state.db"
+    #: This host's name in a fleet ("" means the machine's host name; see ``host``).
+    host_id: str = ""
     admin_token: str | None = None
     webhook_secret: str | None = None
     api_prefix: str = "/_gitplug"
@@ -143,6 +146,11 @@ class GitplugConfig:
             object.__setattr__(self, "state", f"sqlite:///{self.data_dir}/state.db")
         if not isinstance(self.plugins, MappingProxyType):
             object.__setattr__(self, "plugins", MappingProxyType(dict(self.plugins)))
+
+    @property
+    def host(self) -> str:
+        """The id this host records on its deploys and heartbeats."""
+        return self.host_id or socket.gethostname()
 
     def plugin(self, name: str) -> PluginConfig:
         """The plugin called ``name``; raises :class:`UnknownPlugin` if there is none."""

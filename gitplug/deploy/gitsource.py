@@ -43,7 +43,7 @@ from dulwich.objects import Commit, Tag, parse_tree
 from dulwich.refs import check_ref_format
 from dulwich.repo import Repo
 
-from gitplug.errors import FetchError, RefNotFound, SourceError
+from gitplug.errors import FetchError, RefNotFound, SourceError, redact_url
 
 __all__ = ["CommitInfo", "GitSource", "ResolvedRef", "TreeEntry", "MODE_GITLINK", "MODE_LINK"]
 
@@ -508,9 +508,3 @@ def normalise_url(url: str) -> str:
     if parts.port is not None:
         netloc += f":{parts.port}"
     return urlunsplit((parts.scheme.lower(), netloc, parts.path.rstrip("/"), parts.query, ""))
-
-
-def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***``, for messages and logs."""
-    return re.sub(r"^([a-zA-Z][a-zA-Z0-9+.-]*://[^/@:]*):[^/@]*@", r"\1:***@", url)
-

@@ -7,6 +7,8 @@ workers' heartbeats, webhook delivery ids.
 - :mod:`.store`: the :class:`StateStore` protocol and its value types
   (:class:`PluginState`, :class:`DeployRecord`, ...).
 - :mod:`.sqlite`: :class:`SQLiteStateStore`, the embedded default.
+- :mod:`.postgres`: ``PostgresStateStore``, one database shared by a fleet of
+  hosts (imported only when a ``postgresql://`` URL asks for it).
 - :func:`open_state_store` picks an implementation by the URL's scheme; the
   protocol module never imports an implementation.
 
@@ -24,6 +26,8 @@ from .store import (
     DeployRecord,
     DeployRequest,
     DeployResult,
+    HostInfo,
+    HostPlugin,
     PluginState,
     PluginStateValue,
     Stage,
@@ -32,6 +36,7 @@ from .store import (
     default_host,
     now_iso,
     parse_iso,
+    redact_url,
 )
 
 __all__ = [
@@ -39,6 +44,8 @@ __all__ = [
     "DeployRecord",
     "DeployRequest",
     "DeployResult",
+    "HostInfo",
+    "HostPlugin",
     "PluginState",
     "PluginStateValue",
     "SQLiteStateStore",
@@ -49,6 +56,7 @@ __all__ = [
     "now_iso",
     "open_state_store",
     "parse_iso",
+    "redact_url",
 ]
 
 
@@ -60,18 +68,31 @@ def open_state_store(url: str, *, base_dir: Path | None = None) -> StateStore:
     (the configuration file's directory; default: the working directory) and
     an absolute one takes four slashes (``sqlite:////srv/state.db``, which is
     also what ``"sqlite:///" + str(absolute_path)`` gives).
+    ``postgresql://`` (or ``postgres://``) is a libpq URL naming the database
+    a fleet shares (README, "Running a fleet"); it connects on first use, so
+    a host whose database is down still starts.
     """
     scheme, sep, rest = url.partition("://")
     scheme = scheme.lower()
+    if sep and scheme in ("postgresql", "postgres"):
+        try:
+            from .postgres import PostgresStateStore  # psycopg is only needed by fleets
+        except ImportError as exc:
+            raise StateError(
+                f"state {redact_url(url)!r} needs psycopg ({exc}); install it with "
+                "pip install 'gitplug[fleet]' (README, \"Running a fleet\")"
+            ) from exc
+        return PostgresStateStore(url)
     if sep and scheme in ("redis", "rediss", "redis+sentinel", "unix"):
         raise StateError(
-            f"state {url!r}: the redis store is not built yet; "
-            "use sqlite:///path/to/state.db"
+            f"state {redact_url(url)!r}: gitplug shares state through PostgreSQL, not redis; "
+            "use postgresql://USER@HOST/DATABASE (README, \"Running a fleet\")"
         )
     if not sep or scheme != "sqlite" or not rest.startswith("/"):
         raise StateError(
-            f"state {url!r} is not a store URL gitplug knows; expected "
-            "sqlite:///relative/state.db or sqlite:////absolute/state.db"
+            f"state {redact_url(url)!r} is not a store URL gitplug knows; expected "
+            "sqlite:///relative/state.db, sqlite:////absolute/state.db or "
+            "postgresql://USER@HOST/DATABASE"
         )
     raw = rest[1:]
     if not raw or raw == ":memory:":

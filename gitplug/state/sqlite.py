@@ -28,6 +28,8 @@ from .store import (
     DeployRecord,
     DeployRequest,
     DeployResult,
+    HostInfo,
+    HostPlugin,
     PluginState,
     PluginStateValue,
     Stage,
@@ -83,6 +85,13 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             requests INTEGER NOT NULL, errors INTEGER NOT NULL, updated_at REAL NOT NULL,
             PRIMARY KEY (worker_id, plugin, commit_sha))""",
     ),
+    (
+        # Fleets: the tree id the deciding host tested, and each host's beat.
+        "ALTER TABLE plugins ADD COLUMN live_tree TEXT",
+        """CREATE TABLE hosts (
+            host_id TEXT PRIMARY KEY, heartbeat_at REAL NOT NULL, plugins TEXT NOT NULL,
+            leader INTEGER NOT NULL DEFAULT 0)""",
+    ),
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -90,7 +99,8 @@ SCHEMA_VERSION = len(_MIGRATIONS)
 _FORK_ORPHANS: list[sqlite3.Connection] = []
 
 _PLUGIN_COLUMNS = (
-    "name, ref, pin, live_commit, previous_commit, state, desired_commit, last_error, updated_at"
+    "name, ref, pin, live_commit, previous_commit, state, desired_commit, last_error, updated_at, "
+    "live_tree"
 )
 _DEPLOY_COLUMNS = (
     "id, plugin, trigger, ref, commit_sha, result, stage, error, started_at, duration_s, "
@@ -124,6 +134,26 @@ def _hint(exc: sqlite3.Error) -> str:
     if "not a database" in text or "malformed" in text:
         return "; it is not a gitplug state database or is damaged: move it aside to start afresh"
     return ""
+
+
+def _host_from_row(host_id: str, heartbeat_at: float, plugins: str, leader: Any) -> HostInfo:
+    """A :class:`HostInfo` from its stored columns (``plugins``: JSON ``{name: [commit, error]}``)."""
+    return HostInfo(
+        host_id=host_id,
+        heartbeat_at=float(heartbeat_at),
+        plugins={name: HostPlugin(*pair) for name, pair in json.loads(plugins).items()},
+        leader=bool(leader),
+    )
+
+
+class _HostLease:
+    """The lease of a one-machine store: held by whoever holds the host's controller lock."""
+
+    def alive(self) -> bool:
+        return True
+
+    def release(self) -> None:
+        return None
 
 
 class SQLiteStateStore:
@@ -554,6 +584,27 @@ class SQLiteStateStore:
             (plugin, commit),
         )
         return int(rows[0][0]), int(rows[0][1])
+
+    def host_heartbeat(self, host: HostInfo) -> None:
+        plugins = {name: [p.live_commit, p.error] for name, p in host.plugins.items()}
+        with self._write(f"record the heartbeat of host {host.host_id!r}") as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO hosts (host_id, heartbeat_at, plugins, leader) VALUES (?, ?, ?, ?)",
+                (host.host_id, host.heartbeat_at, json.dumps(plugins, sort_keys=True), int(host.leader)),
+            )
+
+    def hosts(self) -> list[HostInfo]:
+        rows = self._read(
+            "list hosts", "SELECT host_id, heartbeat_at, plugins, leader FROM hosts ORDER BY host_id"
+        )
+        return [_host_from_row(row[0], row[1], row[2], row[3]) for row in rows]
+
+    def acquire_lease(self, name: str) -> _HostLease:
+        # One file is one machine's: the caller's host-wide lock is the lease.
+        return _HostLease()
+
+    def change_feed(self) -> None:
+        return None  # SQLite cannot announce; callers poll change_counter()
 
     def close(self) -> None:
         with self._lock:

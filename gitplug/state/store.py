@@ -27,11 +27,17 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
+from ..errors import redact_url
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "ChangeFeed",
     "DeployRecord",
     "DeployResult",
+    "HostInfo",
+    "HostPlugin",
+    "Lease",
     "PluginState",
     "PluginStateValue",
     "Stage",
@@ -39,6 +45,7 @@ __all__ = [
     "WorkerInfo",
     "default_host",
     "now_iso",
+    "redact_url",
 ]
 
 
@@ -113,6 +120,9 @@ class PluginState:
     desired_commit: str | None
     last_error: str | None
     updated_at: str
+    #: The git tree id of ``live_commit`` as the deciding host staged and
+    #: tested it; the other hosts of a fleet check theirs against it.
+    live_tree: str | None = None
 
 
 @dataclass(frozen=True)
@@ -175,9 +185,55 @@ class DeployRequest:
     requested_at: str
 
 
+@dataclass(frozen=True)
+class HostPlugin:
+    """What one host serves of one plugin, as that host reported it."""
+
+    live_commit: str | None
+    error: str | None = None  #: why the host does not serve the fleet's release, if so
+
+
+@dataclass(frozen=True)
+class HostInfo:
+    """A host's heartbeat: its id, when it last beat and what it serves.
+
+    ``heartbeat_at`` is ``time.time()`` of the beat. Hosts are never
+    forgotten by the store: one that stops beating is shown ``lost``.
+    """
+
+    host_id: str
+    heartbeat_at: float
+    plugins: dict[str, HostPlugin]
+    leader: bool = False  #: it held the fleet lease when it beat
+
+
+class Lease(Protocol):
+    """An exclusive, fleet-wide right held by one process (see :meth:`StateStore.acquire_lease`)."""
+
+    def alive(self) -> bool:
+        """True while the lease is still held; False once it is lost (never raises)."""
+
+    def release(self) -> None:
+        """Give the lease up (idempotent, never raises)."""
+
+
+class ChangeFeed(Protocol):
+    """Wakes a process when another process changed the store (see :meth:`StateStore.change_feed`)."""
+
+    def wait(self, timeout: float) -> bool:
+        """Block until a change is announced (True) or ``timeout`` passes (False).
+
+        A change announced since the caller's previous ``wait`` returns at once.
+        """
+
+    def close(self) -> None:
+        """Stop listening (idempotent)."""
+
+
 #: Fields :meth:`StateStore.update_plugin` accepts.
 PLUGIN_FIELDS = frozenset(
-    {"ref", "pin", "live_commit", "previous_commit", "state", "desired_commit", "last_error"}
+    {"ref", "pin", "live_commit", "previous_commit", "state", "desired_commit", "last_error",
+     "live_tree"}
 )
 #: Fields :meth:`StateStore.update_deploy` accepts.
 DEPLOY_FIELDS = frozenset(
@@ -310,6 +366,24 @@ class StateStore(Protocol):
 
     def remove_worker(self, worker_id: str) -> None:
         """Forget a worker (it is shutting down)."""
+
+    def host_heartbeat(self, host: HostInfo) -> None:
+        """Record (replace) the host's latest heartbeat and what it serves."""
+
+    def hosts(self) -> list[HostInfo]:
+        """Every host that ever beat, by id; silent ones are kept (status shows them lost)."""
+
+    def acquire_lease(self, name: str) -> Lease | None:
+        """Take the fleet-wide lease ``name`` if no live process holds it, else None.
+
+        The lease is lost when its holder dies (a SQLite store is one
+        machine's, whose callers already hold a host-wide lock: its lease
+        is always granted).
+        """
+
+    def change_feed(self) -> ChangeFeed | None:
+        """A feed announcing every change of :meth:`change_counter` and every
+        deploy request, or None when the store cannot announce (callers poll)."""
 
     def change_counter(self) -> int:
         """A number that grows with every plugin-state write; cheap to poll.
