@@ -232,7 +232,7 @@ def check_config(config_path: Path | None) -> None:
 @json_option
 @domain_errors
 def status(config_path: Path | None, as_json: bool) -> None:
-    """Every plugin: tracked ref, pin, live commit per worker, last deploy."""
+    """Every plugin: tracked ref, pin, live commit per host and worker, last deploy."""
     from .status import build_status
 
     config = _load(config_path, need_secrets=False)
@@ -243,6 +243,13 @@ def status(config_path: Path | None, as_json: bool) -> None:
     for p in data["plugins"]:
         pin = f" (pinned at {p['pin']})" if p["pin"] else ""
         click.echo(f"{p['name']}: {p['state']}  {_short(p['live_commit'])}  ref {p['ref']}{pin}  {p['url_prefix']}")
+        for host_id, host in sorted(p["hosts"].items()):
+            lead = " (leader)" if host.get("leader") else ""
+            error = f"  {host['error'].splitlines()[0]}" if host["error"] else ""
+            click.echo(
+                f"    host {host_id}{lead}: {host['state']}  {_short(host['live_commit'])}"
+                f"  beat {host['heartbeat_at']}{error}"
+            )
         for worker, commit in sorted(p["workers"].items()):
             click.echo(f"    worker {worker}: {_short(commit)}")
         last = p["last_deploy"]

@@ -14,13 +14,28 @@ process) runs :class:`HostServices`:
   deploy requests other processes (webhooks and API calls received by
   another worker) left in the store. Another process takes over within a
   few seconds of the controller's death.
+
+In a fleet (``state: postgresql://...``; README, "Running a fleet") each host
+has its own data directory and controller, and the controllers compete for
+one fleet-wide lease (:meth:`~gitplug.state.StateStore.acquire_lease`): its
+holder, the *leader*, polls and runs every deploy (requests from any host
+reach it through the store); every other controller *follows*: when the
+store's live commit changes it fetches that commit into its own mirror,
+stages it, checks its tree and swaps it (no test run), and reports what its
+host serves in the host heartbeat. Changes are heard through the store's
+change feed (``LISTEN``/``NOTIFY``), with a slow poll as the backstop.
+
+The store may be unreachable at any time: every background call is guarded,
+the trouble is logged once, this process keeps serving what it serves, and
+converges when the store answers again. A process that starts without it
+serves what its host last served (``<data_dir>/served.json``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-import socket
 import threading
 import time
 import typing as t
@@ -34,9 +49,19 @@ from .deploy.hosted import HostedRepos
 from .deploy.layout import DataLayout, FileLock
 from .deploy.pipeline import Deployer
 from .deploy.triggers import PollScheduler, Trigger, TriggerQueue
-from .errors import GitplugError
+from .errors import GitplugError, StateError
 from .runtime.swap import Runtime
-from .state import DeployRecord, DeployResult, PluginState, PluginStateValue, StateStore, WorkerInfo
+from .state import (
+    DeployRecord,
+    DeployResult,
+    HostInfo,
+    HostPlugin,
+    Lease,
+    PluginState,
+    PluginStateValue,
+    StateStore,
+    WorkerInfo,
+)
 
 __all__ = ["HostServices"]
 
@@ -50,8 +75,13 @@ class HostServices:
     converge_interval = 0.25
     #: Seconds between heartbeats; a worker silent for 5x this is dead.
     heartbeat_interval = 2.0
-    #: Seconds between attempts to become the controller.
+    #: Seconds between attempts to become the controller (or the fleet's leader).
     election_interval = 1.0
+    #: Seconds between reads of the change counter when the store announces
+    #: changes (the backstop for a lost notification).
+    backstop_interval = 2.0
+    #: The name of the fleet-wide lease that makes a controller the leader.
+    lease_name = "leader"
 
     def __init__(self, config: GitplugConfig, store: StateStore, deployer: Deployer, runtime: Runtime) -> None:
         self.config = config
@@ -65,6 +95,13 @@ class HostServices:
         self._pushed_stats: dict[tuple[str, str], tuple[int, int]] = {}
         self._controller_lock = FileLock(self.layout.lock_file("controller"))
         self.is_controller = False
+        self.host_id = config.host
+        self._lease: Lease | None = None
+        #: Commits this process could not serve, per plugin, and why (not retried).
+        self._refused: dict[str, tuple[str, str]] = {}
+        self._store_down = False
+        self._beat_now = threading.Event()
+        self._served_written: dict[str, str] | None = None
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._started_pid: int | None = None
@@ -73,7 +110,7 @@ class HostServices:
         self._owner_pid: int | None = os.getpid()
         self._start_lock = threading.Lock()
         self._seen_counter = -1
-        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.worker_id = f"{self.host_id}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self._converge_lock = threading.Lock()
         #: Called with the new configuration after a reload (the extension's state).
         self.on_config: list[t.Callable[[GitplugConfig], None]] = []
@@ -81,13 +118,75 @@ class HostServices:
 
     # -- startup ------------------------------------------------------------------
 
-    def restore(self) -> None:
-        """Serve every plugin's last live release from disk; no network.
+    @property
+    def is_leader(self) -> bool:
+        """This process runs the deploys: it controls its host and holds the fleet's lease."""
+        return self.is_controller and self._lease is not None
 
-        Also creates the bare repository of every ``repo: push`` plugin.
+    def restore(self) -> None:
+        """Serve every plugin's last live release from disk; no network but the store.
+
+        When the store cannot be reached, serve what this host last served
+        (``served.json``) and converge once it answers. Also creates the bare
+        repository of every ``repo: push`` plugin.
         """
         self._ensure_hosted()
-        self._converge(force=True)
+        self._converge_guarded(force=True)
+
+    def _converge_guarded(self, *, force: bool = False) -> None:
+        try:
+            self._converge(force=force)
+            self._store_ok()
+        except StateError as exc:
+            self._store_trouble(exc)
+            if not self.runtime.snapshot.releases:
+                self._serve_local_record()
+
+    def _store_trouble(self, exc: StateError) -> None:
+        """Log the first failure of a run of them; keep serving."""
+        if not self._store_down:
+            self._store_down = True
+            logger.warning(
+                "gitplug: the state store is unreachable; serving what is live and retrying: %s", exc
+            )
+
+    def _store_ok(self) -> None:
+        if self._store_down:
+            self._store_down = False
+            logger.info("gitplug: the state store answers again; catching up")
+            self._seen_counter = -1
+
+    def _serve_local_record(self) -> None:
+        try:
+            served = json.loads(self.layout.served_file.read_text("utf-8"))
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            logger.warning("gitplug: cannot read %s: %s", self.layout.served_file, exc)
+            return
+        for name, commit in served.items():
+            if name in self.config.plugins and isinstance(commit, str) and self.runtime.live(name) is None:
+                if self.deployer.load_from_disk(name, commit, record_error=False):
+                    logger.info("plugin %s: serving %s as this host last did (no state store)", name, commit[:12])
+
+    def _write_local_record(self) -> None:
+        """Keep ``served.json`` equal to what this process serves (the host controller only)."""
+        served = {
+            name: release.commit
+            for name, release in self.runtime.snapshot.releases.items()
+            if release.commit and name in self.config.plugins
+        }
+        if served == self._served_written:
+            return
+        path = self.layout.served_file
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(served, indent=1, sort_keys=True) + "\n", "utf-8")
+            os.replace(tmp, path)
+            self._served_written = served
+        except OSError as exc:
+            logger.warning("gitplug: cannot write %s: %s", path, exc)
 
     def _ensure_hosted(self) -> None:
         try:
@@ -115,7 +214,7 @@ class HostServices:
                 self._owner_pid = pid
             # A fresh worker (gunicorn --preload, --max-requests) may hold
             # what the master loaded long ago: converge before serving.
-            self._converge(force=True)
+            self._converge_guarded(force=True)
             self._stop.clear()
             for target, name in (
                 (self._watch_loop, "gitplug-converge"),
@@ -128,7 +227,7 @@ class HostServices:
 
     def _after_fork(self) -> None:
         # Threads, locks and the scheduler do not survive fork(): start over.
-        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.worker_id = f"{self.host_id}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self._threads = []
         self.is_controller = False
         self._controller_lock = FileLock(self.layout.lock_file("controller"))
@@ -138,6 +237,9 @@ class HostServices:
         self._pushed_stats = {}
         self._seen_counter = -1
         self._converge_lock = threading.Lock()
+        self._lease = None
+        self._refused = {}
+        self._beat_now = threading.Event()
 
     def shutdown(self) -> None:
         """Stop threads, the scheduler and the queue; drop the heartbeat."""
@@ -147,6 +249,7 @@ class HostServices:
         self._threads = []
         self.scheduler.shutdown()
         self.queue.shutdown(wait=False)
+        self._drop_lease()
         if self.is_controller:
             self._controller_lock.release()
             self.is_controller = False
@@ -160,18 +263,40 @@ class HostServices:
 
     # -- converge -------------------------------------------------------------------
 
+    def _change_feed(self) -> t.Any:
+        try:
+            return self.store.change_feed()
+        except StateError as exc:
+            self._store_trouble(exc)
+            return None
+
     def _watch_loop(self) -> None:
         next_beat = 0.0
-        while not self._stop.wait(self.converge_interval):
+        feed = self._change_feed()
+        while not self._stop.is_set():
+            incomplete = self._seen_counter == -2
+            if feed is not None and not incomplete and not self._store_down:
+                # Woken at once by a change; the timeout is the backstop poll.
+                feed.wait(min(self.backstop_interval, max(next_beat - time.monotonic(), 0.01)))
+            else:
+                self._stop.wait(self.converge_interval)
+            if self._stop.is_set():
+                break
             try:
                 self._converge()
+                self._store_ok()
                 self.push_stats()
                 now = time.monotonic()
-                if now >= next_beat:
+                if now >= next_beat or self._beat_now.is_set():
+                    self._beat_now.clear()
                     self.heartbeat()
                     next_beat = now + self.heartbeat_interval
+            except StateError as exc:
+                self._store_trouble(exc)
             except Exception:  # noqa: BLE001 - the watcher must keep watching
                 logger.exception("gitplug: converging with the state store failed")
+            if self.is_controller:
+                self._write_local_record()
 
     def _converge(self, *, force: bool = False) -> None:
         """Make this process serve what the store says is live.
@@ -196,11 +321,11 @@ class HostServices:
                     complete = False
                     continue
                 try:
-                    self._apply(name, self.store.get_plugin(name))
+                    complete = self._apply(name, self.store.get_plugin(name)) and complete
                 finally:
                     lock.release_local()
-            if complete:
-                self._seen_counter = counter
+            # -2: something is still to do; the watcher retries on its next tick.
+            self._seen_counter = counter if complete else -2
 
     def _needs_change(self, name: str, state: PluginState | None) -> bool:
         live = self.runtime.live(name)
@@ -208,17 +333,55 @@ class HostServices:
             return False
         if state.state == PluginStateValue.STOPPED:
             return live is not None
+        refused = self._refused.get(name)
+        if refused is not None and refused[0] == state.live_commit:
+            return False  # tried and failed: wait for another commit
         return live is None or live.commit != state.live_commit
 
-    def _apply(self, name: str, state: PluginState | None) -> None:
+    def _apply(self, name: str, state: PluginState | None) -> bool:
+        """Converge one plugin; False when it must be retried (its release is being staged)."""
         if state is None or not self._needs_change(name, state):
-            return
-        assert state.live_commit is not None
+            return True
+        commit = state.live_commit
+        assert commit is not None
         if state.state == PluginStateValue.STOPPED:
             self.runtime.stop(name)
             logger.info("plugin %s: stopped", name)
-        elif self.deployer.load_from_disk(name, state.live_commit):
-            logger.info("plugin %s: now serving %s", name, state.live_commit[:12])
+            return True
+        release = self.deployer.releases.get(name, commit)
+        if release is None or release.test is None or not release.test.passed:
+            if not self.is_controller:
+                return False  # this host's controller is staging it: load it once it is on disk
+            # Decided on another host (or this host lost the release): fetch,
+            # stage and check it here, without running the tests again.
+            try:
+                self.deployer.follow(name, commit, state.live_tree)
+            except GitplugError as exc:
+                self._refuse(name, commit, str(exc))
+                return True
+            logger.info("plugin %s: now serving %s, as the fleet does", name, commit[:12])
+            self._served(name)
+            return True
+        if self.deployer.load_from_disk(name, commit, record_error=not self._fleet):
+            logger.info("plugin %s: now serving %s", name, commit[:12])
+            self._served(name)
+        else:
+            self._refuse(name, commit, f"release {commit[:12]} did not load on this host; see its log")
+        return True
+
+    @property
+    def _fleet(self) -> bool:
+        return bool(getattr(self.store, "fleet", False))
+
+    def _refuse(self, name: str, commit: str, error: str) -> None:
+        """Keep serving what this process serves; show the host as diverged."""
+        self._refused[name] = (commit, error)
+        logger.error("plugin %s: not serving %s (keeping the last good release): %s", name, commit[:12], error)
+        self._beat_now.set()
+
+    def _served(self, name: str) -> None:
+        self._refused.pop(name, None)
+        self._beat_now.set()
 
     def push_stats(self) -> None:
         """Write this process's request/error counts per release when they changed."""
@@ -232,16 +395,27 @@ class HostServices:
             self._pushed_stats.update(changed)
 
     def heartbeat(self) -> None:
+        """Record this process's beat; the host controller records its host's too."""
         commits = {name: (r.commit or r.release_id) for name, r in self.runtime.snapshot.releases.items()}
+        now = time.time()
         self.store.heartbeat(
             WorkerInfo(
                 worker_id=self.worker_id,
-                host=socket.gethostname(),
+                host=self.host_id,
                 pid=os.getpid(),
                 plugin_commits=commits,
-                heartbeat_at=time.time(),
+                heartbeat_at=now,
             )
         )
+        if self.is_controller:
+            plugins = {}
+            for name in self.config.plugins:
+                live = self.runtime.live(name)
+                refused = self._refused.get(name)
+                plugins[name] = HostPlugin(
+                    live.commit if live is not None else None, refused[1] if refused else None
+                )
+            self.store.host_heartbeat(HostInfo(self.host_id, now, plugins, leader=self.is_leader))
 
     # -- control -----------------------------------------------------------------------
 
@@ -258,33 +432,79 @@ class HostServices:
                     self._become_controller()
             if self.is_controller:
                 try:
-                    self._take_requests()
-                    self.auto_rollback.check(self.config)
+                    self._elect()
+                    if self.is_leader:
+                        self._take_requests()
+                        self.auto_rollback.check(self.config)
+                    self._store_ok()
+                except StateError as exc:
+                    self._store_trouble(exc)
                 except Exception:  # noqa: BLE001 - the controller must keep controlling
                     logger.exception("gitplug: controller duties failed")
-            self._stop.wait(self.converge_interval if self.is_controller else self.election_interval)
+            if self.is_leader:
+                self._stop.wait(self.converge_interval)
+            else:
+                self._stop.wait(self.election_interval)
+
+    def _elect(self) -> None:
+        """Keep, lose or take the fleet's lease (always granted on one machine's store)."""
+        if self._lease is not None:
+            if self._lease.alive():
+                return
+            self._drop_lease()
+            logger.warning("gitplug: host %s lost the fleet lease; another host will deploy", self.host_id)
+        lease = self.store.acquire_lease(self.lease_name)
+        if lease is None:
+            return
+        self._lease = lease
+        if self._fleet:
+            logger.info("gitplug: host %s leads the fleet: it polls and runs the deploys", self.host_id)
+        try:
+            self._become_leader()
+        except BaseException:
+            self._drop_lease()
+            raise
+
+    def _drop_lease(self) -> None:
+        lease, self._lease = self._lease, None
+        if lease is not None:
+            lease.release()
+            self.scheduler.set_plugins({})
+            self._beat_now.set()
 
     def _become_controller(self) -> None:
-        for name in self.config.plugins:
-            lock = self.deployer.lock_for(name)
-            if not lock.acquire(blocking=False):
-                continue  # a CLI deploy is running: its record is not interrupted
-            try:
-                for record in self.store.history(name, limit=10):
-                    if record.result == DeployResult.RUNNING:
-                        self.store.finish_deploy(
-                            record.id,
-                            result=DeployResult.INTERRUPTED,
-                            error="the process died during the deploy",
-                        )
-            finally:
-                lock.release()
         try:
             removed = self.deployer.releases.cleanup_incomplete()
             if removed:
                 logger.info("gitplug: removed %d incomplete release(s) left by a crash", len(removed))
         except OSError as exc:
             logger.warning("gitplug: cleaning incomplete releases failed: %s", exc)
+        try:
+            self.heartbeat()  # the host shows up in every host's status at once
+        except StateError as exc:
+            self._store_trouble(exc)
+
+    def _become_leader(self) -> None:
+        """Close the deploys the previous leader left running, then poll."""
+        for name in self.config.plugins:
+            lock = self.deployer.lock_for(name)
+            if not lock.acquire(blocking=False):
+                continue  # a CLI deploy is running here: its record is not interrupted
+            try:
+                for record in self.store.history(name, limit=10):
+                    if record.result != DeployResult.RUNNING:
+                        continue
+                    if record.host != self.host_id and record.trigger == "cli":
+                        continue  # a command line on another host runs it, not a leader
+                    self.store.finish_deploy(
+                        record.id,
+                        result=DeployResult.INTERRUPTED,
+                        error="the process died during the deploy",
+                    )
+            finally:
+                lock.release()
+        # The first polls come a second from now: they finish what the
+        # previous leader was deploying (an interrupted commit is retried).
         self.scheduler.set_plugins(self._poll_intervals(self.config))
         self.scheduler.start()
 
@@ -303,8 +523,8 @@ class HostServices:
     # -- the entry point for webhooks and the API ------------------------------------
 
     def trigger(self, plugin: str, kind: str, ref: str | None = None) -> Future[DeployRecord | None] | None:
-        """Queue a deploy here if this process controls, else via the store."""
-        if self.is_controller or self._started_pid is None:
+        """Queue a deploy here if this process leads, else via the store (to the leader)."""
+        if self.is_leader or self._started_pid is None:
             return self.queue.submit(Trigger(plugin, kind, ref))
         request = getattr(self.store, "request_deploy", None)
         if request is None:
@@ -364,7 +584,7 @@ class HostServices:
                 before.url_prefix != after.url_prefix or before.config != after.config or before.entry != after.entry
             ):
                 self.deployer.load_from_disk(name, live.commit)
-        if self.is_controller or self._started_pid is None:
+        if self.is_leader or self._started_pid is None:
             for name in (*diff.added, *diff.changed):
                 self.queue.submit(Trigger(name, "config"))
         return diff
@@ -379,7 +599,7 @@ class HostServices:
         the controller through the store, so only one process per host
         fetches, stages and tests; the record is read back from the store.
         """
-        if self.is_controller or self._started_pid is None:
+        if self.is_leader or self._started_pid is None:
             return self.queue.submit(Trigger(plugin, kind, ref)).result(timeout=timeout)
         last = self.store.last_deploy(plugin)
         after = last.id if last is not None else 0
@@ -402,7 +622,7 @@ class HostServices:
         for callback in self.on_config:
             callback(config)
         self._ensure_hosted()
-        if self.is_controller:
+        if self.is_leader:
             self.scheduler.set_plugins(self._poll_intervals(config))
-        self._converge(force=True)
+        self._converge_guarded(force=True)
 

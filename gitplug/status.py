@@ -8,10 +8,9 @@ from .config import GitplugConfig, PluginConfig
 from .deploy.gitsource import redact_url
 from .errors import UnknownPlugin
 from .runtime.swap import Runtime
-from .state import PluginStateValue, StateStore
+from .state import HostInfo, PluginStateValue, StateStore, host_status
 
 __all__ = ["plugin_status", "build_status"]
-
 
 def plugin_status(
     plugin: PluginConfig,
@@ -19,6 +18,7 @@ def plugin_status(
     *,
     runtime: Runtime | None = None,
     workers: list[t.Any] | None = None,
+    hosts: list[HostInfo] | None = None,
 ) -> dict[str, t.Any]:
     """One plugin's entry of the status object."""
     state = store.get_plugin(plugin.name)
@@ -37,6 +37,7 @@ def plugin_status(
     else:
         value = state.state.value
     workers = workers if workers is not None else store.workers()
+    hosts = hosts if hosts is not None else store.hosts()
     return {
         "name": plugin.name,
         "repo": redact_url(plugin.repo),  # never a password, whoever asks
@@ -47,6 +48,7 @@ def plugin_status(
         "previous_commit": state.previous_commit if state else None,
         "url_prefix": plugin.url_prefix,
         "workers": {w.worker_id: w.plugin_commits.get(plugin.name) for w in workers},
+        "hosts": host_status(plugin.name, state, hosts),
         "last_error": state.last_error if state else None,
         "last_deploy": last.to_json() if last is not None else None,
     }
@@ -63,9 +65,11 @@ def build_status(
     if only is not None and only not in config.plugins:
         raise UnknownPlugin(only, list(config.plugins))
     workers = store.workers()
+    hosts = store.hosts()
     names = [only] if only is not None else list(config.plugins)
     return {
         "plugins": [
-            plugin_status(config.plugins[n], store, runtime=runtime, workers=workers) for n in names
+            plugin_status(config.plugins[n], store, runtime=runtime, workers=workers, hosts=hosts)
+            for n in names
         ]
     }

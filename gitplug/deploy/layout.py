@@ -8,6 +8,8 @@
       hosted/<plugin>.git        bare repository of a ``repo: push`` plugin (the push remote)
       dev/<plugin>/dir-<hash>/   snapshots of directories loaded with --dev
       state.db                   SQLite state store (the default ``state:``)
+      served.json                what this host last served, per plugin (used when the
+                                 state database cannot be reached at startup)
 """
 
 from __future__ import annotations
@@ -52,6 +54,10 @@ class DataLayout:
     @property
     def dev(self) -> Path:
         return self.root / "dev"
+
+    @property
+    def served_file(self) -> Path:
+        return self.root / "served.json"
 
     def deploy_log(self, plugin: str, deploy_id: int) -> Path:
         return self.logs / plugin / f"{deploy_id}.log"

@@ -34,6 +34,7 @@ from ..errors import (
     RefNotFound,
     RequirementsNotMet,
     StagingError,
+    StateError,
     TestGateFailed,
     UnknownPlugin,
 )
@@ -224,7 +225,9 @@ class Deployer:
             record: DeployRecord | None = None
             if explicit:
                 self._not_ignoring(name)
-                record = self.store.start_deploy(name, trigger=trigger, ref=target, commit=commit)
+                record = self.store.start_deploy(
+                    name, trigger=trigger, ref=target, commit=commit, host=self.config.host
+                )
                 signals.deploy_started.send(self, plugin=name, deploy=record)
             stage = Stage.FETCH
             try:
@@ -246,7 +249,9 @@ class Deployer:
                         )
                         return None
                     self._not_ignoring(name)
-                    record = self.store.start_deploy(name, trigger=trigger, ref=target, commit=resolved.commit)
+                    record = self.store.start_deploy(
+                        name, trigger=trigger, ref=target, commit=resolved.commit, host=self.config.host
+                    )
                     signals.deploy_started.send(self, plugin=name, deploy=record)
                 assert record is not None
                 stage = Stage.STAGE
@@ -265,6 +270,9 @@ class Deployer:
                 previous = state.live_commit if state else None
                 fields: dict[str, t.Any] = {
                     "live_commit": release.commit,
+                    # The other hosts of a fleet stage this commit themselves and
+                    # check that their tree is the one tested here.
+                    "live_tree": release.tree,
                     "desired_commit": release.commit,
                     "state": PluginStateValue.LIVE,
                     "ref": plugin.ref,
@@ -560,10 +568,53 @@ class Deployer:
             if self.runtime is not None and self.runtime.live(name) is None:
                 self.load_from_disk(name, state.live_commit)
 
-    def load_from_disk(self, name: str, commit: str) -> bool:
+    def follow(self, name: str, commit: str, tree: str | None) -> Release:
+        """Serve ``commit`` of ``name``, which another host of the fleet tested.
+
+        Fetches it into this host's mirror when it is not there yet, stages
+        it, checks that its tree is ``tree`` (the one the deciding host
+        tested; None skips the check), records the test verdict as the
+        fleet's (the tests are not run again) and loads, verifies and swaps
+        it. Raises the GitplugError of the step that failed; what this
+        process serves then stays as it was. Writes nothing to the store.
+        The caller holds the plugin's lock in this process (staging is safe
+        across processes by itself).
+        """
+        assert self.runtime is not None
+        plugin = self.plugin_config(name)
+        release = self.releases.get(name, commit)
+        if release is None:
+            if not self.git.has_commit(plugin.repo, commit):
+                self.git.fetch(name, plugin.repo)
+            if not self.git.has_commit(plugin.repo, commit):
+                raise RefNotFound(
+                    f"plugin {name!r}: commit {commit[:12]}, live on the fleet, is not in "
+                    f"{redact_url(plugin.repo)} as this host sees it; check that every host "
+                    "configures the same repository",
+                    plugin=name, url=plugin.repo, ref=commit,
+                )
+            release = self.releases.stage(name, self.git, plugin.repo, commit, plugin.ref)
+        if tree is not None and release.tree != tree:
+            raise StagingError(
+                f"plugin {name!r}: commit {commit[:12]} has tree {release.tree[:12]} here but "
+                f"{tree[:12]} on the host that tested it; not serving it (check that every "
+                "host configures the same repository)",
+                plugin=name, commit=commit,
+            )
+        if release.test is None or not release.test.passed:
+            release = self.releases.record_test_result(
+                name, commit,
+                TestRecord(passed=True, returncode=None, timed_out=False, duration_s=0.0,
+                           log_path=None, ran_at=now_iso()),
+            )
+        self._load_verify_swap(plugin, release, lambda stage, message: None)
+        return release
+
+    def load_from_disk(self, name: str, commit: str, *, record_error: bool = True) -> bool:
         """Serve ``commit`` of ``name`` from its release on disk (no network).
 
-        Returns False (and logs why) when the release is missing or fails.
+        Returns False (and logs why) when the release is missing or fails;
+        ``record_error`` also writes the failure on the plugin's state.
         """
         assert self.runtime is not None
         plugin = self.plugin_config(name)
@@ -580,7 +631,11 @@ class Deployer:
             self.runtime.swap(self.spec_for(plugin, release))
         except GitplugError as exc:
             logger.error("plugin %s: release %s did not load from disk: %s", name, commit[:12], exc)
-            self.store.update_plugin(name, last_error=str(exc))
+            if record_error:
+                try:
+                    self.store.update_plugin(name, last_error=str(exc))
+                except StateError as store_exc:
+                    logger.warning("plugin %s: could not record the load error: %s", name, store_exc)
             return False
         return True
 

@@ -22,24 +22,31 @@ from pathlib import Path
 from ..errors import StateError
 from .sqlite import SQLiteStateStore
 from .store import (
+    HOST_LOST_AFTER_S,
     INTERRUPTED_ERROR,
+    ChangeFeed,
     DeployRecord,
     DeployRequest,
     DeployResult,
     HostInfo,
     HostPlugin,
+    Lease,
     PluginState,
     PluginStateValue,
     Stage,
     StateStore,
     WorkerInfo,
     default_host,
+    host_status,
     now_iso,
     parse_iso,
     redact_url,
 )
 
 __all__ = [
+    "ChangeFeed",
+    "Lease",
+    "HOST_LOST_AFTER_S",
     "INTERRUPTED_ERROR",
     "DeployRecord",
     "DeployRequest",
@@ -53,6 +60,7 @@ __all__ = [
     "StateStore",
     "WorkerInfo",
     "default_host",
+    "host_status",
     "now_iso",
     "open_state_store",
     "parse_iso",

@@ -22,6 +22,7 @@ from __future__ import annotations
 import enum
 import logging
 import socket
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -43,7 +44,9 @@ __all__ = [
     "Stage",
     "StateStore",
     "WorkerInfo",
+    "HOST_LOST_AFTER_S",
     "default_host",
+    "host_status",
     "now_iso",
     "redact_url",
 ]
@@ -228,6 +231,44 @@ class ChangeFeed(Protocol):
 
     def close(self) -> None:
         """Stop listening (idempotent)."""
+
+
+#: A host whose last heartbeat is older than this (five beats) is shown ``lost``.
+HOST_LOST_AFTER_S = 10.0
+
+
+def host_status(
+    name: str, state: PluginState | None, hosts: list[HostInfo], *, now: float | None = None
+) -> dict[str, dict[str, Any]]:
+    """``{host_id: {live_commit, state, heartbeat_at, error}}`` for one plugin.
+
+    ``state`` is ``lost`` when the host stopped beating, ``diverged`` when it
+    serves something other than the fleet's live release (or could not load
+    it: ``error`` says why), else ``live``.
+    """
+    now = time.time() if now is None else now
+    stopped = state is not None and state.state == PluginStateValue.STOPPED
+    expected = None if state is None or stopped else state.live_commit
+    out: dict[str, dict[str, Any]] = {}
+    for host in hosts:
+        entry = host.plugins.get(name)
+        commit = entry.live_commit if entry is not None else None
+        error = entry.error if entry is not None else None
+        if now - host.heartbeat_at > HOST_LOST_AFTER_S:
+            value = "lost"
+        elif error or (commit != expected and not (expected is None and commit is None)):
+            value = "diverged"
+        else:
+            value = "live"
+        out[host.host_id] = {
+            "live_commit": commit,
+            "state": value,
+            "heartbeat_at": datetime.fromtimestamp(host.heartbeat_at, timezone.utc)
+            .isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "error": error,
+            "leader": host.leader,
+        }
+    return out
 
 
 #: Fields :meth:`StateStore.update_plugin` accepts.

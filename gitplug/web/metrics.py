@@ -21,6 +21,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from .. import signals
 from ..deploy import notify
+from ..state import HOST_LOST_AFTER_S, host_status
 
 if t.TYPE_CHECKING:
     from .facade import GitplugFacade
@@ -91,12 +92,28 @@ class _GitplugCollector:
             "Notifications this process gave up on (after three tries, or dropped on a full queue).",
         )
         lost.add_metric([], notify.failures())
+        hosts_up = GaugeMetricFamily(
+            "gitplug_host_up", "1 while the host beats, 0 once it is lost (every host of the fleet).",
+            labels=["host"],
+        )
+        host_release = GaugeMetricFamily(
+            "gitplug_host_release",
+            "1 per host and plugin, labelled with the commit it serves and its state (live, diverged, lost).",
+            labels=["host", "plugin", "commit", "state"],
+        )
         if config is not None:
             # One GROUP BY per scrape, not every plugin's whole history.
             for (name, result), count in sorted(gp.store.deploy_counts().items()):
                 if name in config.plugins:
                     deploys.add_metric([name, result], count)
             workers.add_metric([], len(gp.store.workers()))
+            hosts = gp.store.hosts()
+            now = time.time()
+            for host in hosts:
+                hosts_up.add_metric([host.host_id], 0 if now - host.heartbeat_at > HOST_LOST_AFTER_S else 1)
+            for name in config.plugins:
+                for host_id, entry in host_status(name, gp.store.get_plugin(name), hosts, now=now).items():
+                    host_release.add_metric([host_id, name, entry["live_commit"] or "", entry["state"]], 1)
         for name, release in gp.runtime.snapshot.releases.items():
             commit = release.commit or release.release_id
             live.add_metric([name], {"commit": commit, "release": release.release_id})
@@ -104,7 +121,7 @@ class _GitplugCollector:
             errors.add_metric([name, commit], release.errors)
         for name, when in sorted(_last_poll_ok.items()):
             polls.add_metric([name], when)
-        yield from (deploys, live, requests, errors, polls, workers, lost)
+        yield from (deploys, live, requests, errors, polls, workers, lost, hosts_up, host_release)
 
 
 def render_metrics(gp: GitplugFacade) -> tuple[bytes, str]:

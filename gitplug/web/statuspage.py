@@ -50,7 +50,7 @@ from flask import Blueprint, Response, redirect, request, send_file, url_for
 from ..config import GitplugConfig
 from ..deploy.releases import MiB
 from ..errors import GitplugError, UnknownPlugin
-from ..state import DeployRecord, default_host
+from ..state import DeployRecord
 from .statusview import _ago, _duration, _flash_view, _plugin_view, _short_ref
 
 if t.TYPE_CHECKING:
@@ -287,7 +287,7 @@ def _stylesheet() -> tuple[str, str]:
 def _page(template: str, config: GitplugConfig, *, status: int = 200,
           store: Revocations | None = None, **context: t.Any) -> Response:
     html = _env().get_template(template).render(
-        host=default_host(),
+        host=config.host,
         css_url=url_for("gitplug_admin.page_css", v=_stylesheet()[1]),
         csrf=csrf_token(config, store),
         logged_in=logged_in(config, store),

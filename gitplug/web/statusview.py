@@ -59,6 +59,8 @@ class PluginView:
     live: CommitView | None
     live_since: DeployRecord | None
     workers: tuple[tuple[str, str | None], ...]
+    #: (host id, its entry of ``status["hosts"]``), by id; shown when there are several.
+    hosts: tuple[tuple[str, dict[str, t.Any]], ...]
     last_error: str | None
     history: tuple[DeployRecord, ...]
     #: Rollback targets: ((group label, ((value, label), ...)), ...).
@@ -190,6 +192,7 @@ def _plugin_view(
             (r for r in history if r.result == DeployResult.LIVE and r.commit == live), None
         ),
         workers=tuple(sorted(status["workers"].items())),
+        hosts=tuple(sorted(status.get("hosts", {}).items())),
         last_error=status["last_error"],
         history=history,
         choices=_choices(deployer, plugin, live, status.get("previous_commit")),

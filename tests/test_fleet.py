@@ -1,0 +1,242 @@
+"""A fleet: several real servers (one under gunicorn) sharing one real PostgreSQL database.
+
+README, "Running a fleet". Each host has its own port, ``data_dir`` and
+``host_id``; a deploy decided by one host (the leader) reaches every host.
+Every wait polls the hosts' answers with a deadline; no fixed sleeps.
+"""
+
+from __future__ import annotations
+
+import threading
+import typing as t
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fleet import Host, leader_of
+from gitrepo import GitRepo
+from pgserver import fresh_database
+from serverproc import wait_for, write_version
+from tcpproxy import TcpProxy
+
+#: Generous deadlines: a loaded 2-core machine is slow, not wrong.
+CONVERGE_S = 30.0
+
+SLOW_GATE_TEST = """\
+import time
+
+
+def test_slow():
+    time.sleep(30)
+"""
+
+
+class Fleet:
+    def __init__(self, root: Path, db_url: str) -> None:
+        self.root = root
+        self.db_url = db_url
+        self.repo = GitRepo(root / "hello-repo")
+        self.hosts: list[Host] = []
+
+    def host(self, host_id: str, *, workers: int = 0, state_url: str | None = None) -> Host:
+        host = Host(self.root, host_id, state_url or self.db_url, self.repo.url, workers=workers)
+        self.hosts.append(host)
+        return host
+
+    def all_serve(self, sha: str, hosts: t.Iterable[Host] | None = None) -> bool:
+        return all(h.serves(sha) for h in (hosts if hosts is not None else self.running()))
+
+    def running(self) -> list[Host]:
+        return [h for h in self.hosts if h.proc is not None]
+
+    def wait_all_serve(self, sha: str, what: str, hosts: t.Iterable[Host] | None = None) -> None:
+        chosen = list(hosts) if hosts is not None else self.running()
+        wait_for(
+            lambda: self.all_serve(sha, chosen), timeout=CONVERGE_S, interval=0.05,
+            what=f"{what}: every host serving {sha[:12]} "
+                 f"(now {[(h.host_id, h.answer()) for h in chosen]})",
+        )
+
+    def test_runs(self) -> int:
+        return sum(len(h.test_logs()) for h in self.hosts)
+
+    def close(self) -> None:
+        for host in self.hosts:
+            host.stop()
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[Fleet]:
+    with fresh_database("gitplug_fleet") as url:
+        made = Fleet(tmp_path, url)
+        try:
+            yield made
+        finally:
+            made.close()
+            for host in made.hosts:  # the servers' logs, for a failing test
+                print(f"---- {host.host_id} ----\n{host.log()[-6000:]}")
+
+
+def start_fleet(fleet: Fleet, *, b_url: str | None = None) -> tuple[Host, Host, Host, str]:
+    """web-1 (serve) leads; web-2 (serve) and web-3 (gunicorn, 2 workers) follow. v1 is live."""
+    v1 = write_version(fleet.repo, "hello", "v1", gate_test=True)
+    fleet.repo.tag("v1")
+    a = fleet.host("web-1").start()
+    wait_for(lambda: leader_of(a) == "web-1", timeout=CONVERGE_S, what="web-1 leading the fleet")
+    b = fleet.host("web-2", state_url=b_url).start()
+    c = fleet.host("web-3", workers=2).start()
+    fleet.wait_all_serve(v1, "the first poll")
+    return a, b, c, v1
+
+
+def test_one_deploy_reaches_every_host(fleet: Fleet) -> None:
+    a, b, c, v1 = start_fleet(fleet)
+    assert fleet.test_runs() == 1  # the leader tested v1; the others did not
+
+    # Status on any host shows every host (once each has beaten), live on v1, web-1 leading.
+    wait_for(lambda: len(c.status()["hosts"]) == 3, timeout=CONVERGE_S, what="three hosts in the status")
+    hosts = c.status()["hosts"]
+    assert set(hosts) == {"web-1", "web-2", "web-3"}
+    assert {h: e["state"] for h, e in hosts.items()} == dict.fromkeys(hosts, "live")
+    assert {e["live_commit"] for e in hosts.values()} == {v1}
+    assert [h for h, e in hosts.items() if e["leader"]] == ["web-1"]
+
+    # A webhook reaching a follower deploys on the whole fleet, tested once.
+    v2 = write_version(fleet.repo, "hello", "v2", gate_test=True)
+    status, body = b.hook(fleet.repo.url, v2)
+    assert status == 202 and body["queued"] == ["hello"], body
+    fleet.wait_all_serve(v2, "webhook to web-2")
+    assert fleet.test_runs() == 2
+    record = a.status()["last_deploy"]
+    assert (record["trigger"], record["result"], record["commit"], record["host"]) == ("webhook", "live", v2, "web-1")
+
+    # A rollback through the gunicorn host pins the fleet on v1.
+    status, body = c.api("POST", "/plugins/hello/rollback", {"ref": "v1"})
+    assert status == 200 and body["commit"] == v1, body
+    fleet.wait_all_serve(v1, "rollback through web-3")
+    assert all(h.status()["pin"] == "v1" for h in (a, b, c))
+
+    # Pinned: a push is ignored by every host; the last push deployed in
+    # well under CONVERGE_S, so "nothing happened" is meaningful.
+    deploys_before = len(a.api("GET", "/plugins/hello/history")[1])
+    v3 = write_version(fleet.repo, "hello", "v3", gate_test=True)
+    status, body = a.hook(fleet.repo.url, v3)
+    assert status == 200 and body["status"] == "pinned", body
+    assert fleet.all_serve(v1)
+    assert len(a.api("GET", "/plugins/hello/history")[1]) == deploys_before
+
+    # Resume through web-2: the fleet follows main again, v3 everywhere.
+    status, body = b.api("POST", "/plugins/hello/resume")
+    assert status == 200, body
+    fleet.wait_all_serve(v3, "resume through web-2")
+    assert all(h.status()["pin"] is None for h in (a, b, c))
+
+    # A commit that does not load changes no host.
+    broken = write_version(fleet.repo, "hello", "v4", gate_test=True, broken=True)
+    status, body = c.hook(fleet.repo.url, broken)
+    assert status == 202, body
+    wait_for(
+        lambda: (a.status()["last_deploy"] or {}).get("commit") == broken
+        and a.status()["last_deploy"]["result"] == "failed",
+        timeout=CONVERGE_S, what="the broken commit's deploy failing",
+    )
+    assert a.status()["last_deploy"]["stage"] == "load"
+    assert fleet.all_serve(v3)
+    assert {e["state"] for e in a.status()["hosts"].values()} == {"live"}
+
+
+def test_a_killed_leader_is_replaced_and_no_host_serves_a_half_deploy(fleet: Fleet) -> None:
+    a, b, c, v1 = start_fleet(fleet)
+    fleet.repo.write("tests/test_slow.py", SLOW_GATE_TEST)
+    slow = write_version(fleet.repo, "hello", "v2", gate_test=True)
+    status, body = b.hook(fleet.repo.url, slow)
+    assert status == 202, body
+    wait_for(
+        lambda: (b.status()["last_deploy"] or {}).get("result") == "running"
+        and b.status()["last_deploy"]["commit"] == slow,
+        timeout=CONVERGE_S, what="the leader testing v2",
+    )
+    a.kill()  # SIGKILL of the lease holder in the middle of the test gate
+    # Another host takes the lease within 15 s and records the deploy interrupted.
+    wait_for(lambda: leader_of(b) in ("web-2", "web-3"), timeout=15 + 5, what="a new leader")
+    wait_for(
+        lambda: any(
+            r["commit"] == slow and r["result"] == "interrupted"
+            for r in b.api("GET", "/plugins/hello/history")[1]
+        ),
+        timeout=CONVERGE_S, what="the killed leader's deploy recorded interrupted",
+    )
+    assert fleet.all_serve(v1, [b, c])  # nothing half-deployed anywhere
+    # The new leader polls and runs the deploy again (30 s test: still running).
+    wait_for(
+        lambda: any(
+            r["commit"] == slow and r["result"] == "running" and r["host"] != "web-1"
+            for r in b.api("GET", "/plugins/hello/history")[1]
+        ),
+        timeout=CONVERGE_S, what="the new leader deploying v2 again",
+    )
+    assert fleet.all_serve(v1, [b, c])
+    # The dead host is shown lost, not dropped.
+    wait_for(
+        lambda: b.status()["hosts"].get("web-1", {}).get("state") == "lost",
+        timeout=CONVERGE_S, what="web-1 shown lost",
+    )
+
+
+def test_a_host_cut_off_from_the_database_keeps_serving_and_catches_up(fleet: Fleet) -> None:
+    proxy = TcpProxy(("127.0.0.1", _pg_port(fleet.db_url)))
+    try:
+        a, b, c, v1 = start_fleet(fleet, b_url=proxy.url_for(fleet.db_url.rsplit("/", 1)[1]))
+        failures: list[str] = []
+        served = [0]
+        stop = threading.Event()
+
+        def hammer() -> None:
+            while not stop.is_set():
+                answer = b.answer()
+                served[0] += 1
+                if not answer.startswith("200 "):
+                    failures.append(answer)
+
+        load = threading.Thread(target=hammer, daemon=True)
+        load.start()
+        try:
+            proxy.cut()
+            wait_for(lambda: "unreachable" in b.log(), timeout=CONVERGE_S, what="web-2 noticing the cut")
+            v2 = write_version(fleet.repo, "hello", "v2", gate_test=True)
+            status, body = a.hook(fleet.repo.url, v2)
+            assert status == 202, body
+            fleet.wait_all_serve(v2, "the hosts still connected", [a, c])
+            assert b.serves(v1)  # cut off: it keeps its release
+            proxy.restore()
+            fleet.wait_all_serve(v2, "web-2 back on the database", [b])
+        finally:
+            stop.set()
+            load.join(timeout=15)
+        assert failures == [] and served[0] > 20, (failures[:5], served[0])
+
+        # A restart while the database is unreachable serves the last live release.
+        b.stop()
+        proxy.cut()
+        b.start()
+        assert b.serves(v2)
+        proxy.restore()
+
+        # A new host with an empty data_dir joins and converges.
+        d = fleet.host("web-4").start()
+        fleet.wait_all_serve(v2, "web-4 joining", [d])
+        assert not d.test_logs()  # it did not run the tests again
+        wait_for(
+            lambda: a.status()["hosts"].get("web-4", {}).get("state") == "live",
+            timeout=CONVERGE_S, what="web-4 live in the fleet's status",
+        )
+    finally:
+        proxy.close()
+
+
+def _pg_port(url: str) -> int:
+    from urllib.parse import urlsplit
+
+    return urlsplit(url).port or 5432
+
