@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from . import inprocess, live, underload
+from . import fleet, inprocess, live, underload
 from .figures import Figure, FigureSpec, guarded, render_table
 from .fixtures import REPO_ROOT
 from .site import LivePlan
@@ -52,6 +52,8 @@ class Plan:
     rss_window: int
     leak_timer_cycles: int
     live: LivePlan
+    #: Deploys of ``fleet_convergence_s_p99`` (3 hosts on PostgreSQL).
+    fleet_samples: int
 
 
 QUICK = Plan(
@@ -59,18 +61,20 @@ QUICK = Plan(
     scale_per_round=200, swap_samples=40, rss_warmup=50, rss_cycles=200, rss_window=25,
     leak_timer_cycles=0,
     live=LivePlan(hup_samples=4, webhook_samples=3, load_pairs=4),
+    fleet_samples=5,
 )
 FULL = Plan(
     mode="full", overhead_rounds=60, overhead_per_round=500, scale_plugins=100, scale_rounds=40,
     scale_per_round=500, swap_samples=300, rss_warmup=100, rss_cycles=1000, rss_window=100,
     leak_timer_cycles=200,
     live=LivePlan(hup_samples=6, webhook_samples=10, load_pairs=20),
+    fleet_samples=20,
 )
 
 #: Every figure, in the order of the table: ``(key, title, unit, target)``.
 FIGURES = (
     inprocess.OVERHEAD, inprocess.SWAP_P50, inprocess.SWAP_P99, live.RESTART, live.WEBHOOK,
-    underload.THROUGHPUT, underload.CONVERGENCE, inprocess.RSS, inprocess.SCALE,
+    underload.THROUGHPUT, underload.CONVERGENCE, fleet.FLEET, inprocess.RSS, inprocess.SCALE,
 )
 KEYS = tuple(spec[0] for spec in FIGURES)
 
@@ -111,6 +115,7 @@ def run(plan: Plan, *, only: set[str], workdir: Path) -> tuple[dict[str, Figure]
     add(_step([live.RESTART], lambda: [live.measure_restart(plan.live, workdir)], only))
     add(_step([live.WEBHOOK, underload.THROUGHPUT, underload.CONVERGENCE],
               lambda: live.measure_served(plan.live, workdir), only))
+    add(_step([fleet.FLEET], lambda: [fleet.measure_fleet(workdir, samples=plan.fleet_samples)], only))
     if plan.leak_timer_cycles and "rss_growth_mib_1000" in figures and figures["rss_growth_mib_1000"].error is None:
         # Last: the timers it starts fire 30 s later, in this process.
         _say(f"measuring the shipped leak-report timer over {plan.leak_timer_cycles} reloads")

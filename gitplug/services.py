@@ -420,7 +420,10 @@ class HostServices:
     # -- control -----------------------------------------------------------------------
 
     def _control_loop(self) -> None:
+        feed = None
         while not self._stop.is_set():
+            if feed is None and self.is_leader:
+                feed = self._change_feed()
             mtime = self._source_mtime()
             if mtime is not None and mtime != self._config_mtime:
                 self._config_mtime = mtime
@@ -442,7 +445,11 @@ class HostServices:
                 except Exception:  # noqa: BLE001 - the controller must keep controlling
                     logger.exception("gitplug: controller duties failed")
             if self.is_leader:
-                self._stop.wait(self.converge_interval)
+                # A deploy request from another process or host NOTIFYs: take it at once.
+                if feed is not None and not self._store_down:
+                    feed.wait(self.converge_interval)
+                else:
+                    self._stop.wait(self.converge_interval)
             else:
                 self._stop.wait(self.election_interval)
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from fleet import Host, leader_of
+from fleet import TOKEN, Host, leader_of
 from gitrepo import GitRepo
 from pgserver import fresh_database
-from serverproc import wait_for, write_version
+from serverproc import request, run_cli, wait_for, write_version
 from tcpproxy import TcpProxy
 
 #: Generous deadlines: a loaded 2-core machine is slow, not wrong.
@@ -101,6 +101,16 @@ def test_one_deploy_reaches_every_host(fleet: Fleet) -> None:
     assert {h: e["state"] for h, e in hosts.items()} == dict.fromkeys(hosts, "live")
     assert {e["live_commit"] for e in hosts.values()} == {v1}
     assert [h for h, e in hosts.items() if e["leader"]] == ["web-1"]
+    # ... as do the command line and the metrics of any host.
+    shown = run_cli("status", "-c", b.config, env=b.env())
+    assert shown.returncode == 0, shown.stderr
+    for host_id in ("web-1 (leader)", "web-2", "web-3"):
+        assert f"host {host_id}: live  {v1[:12]}" in shown.stdout, shown.stdout
+    code, metrics = request("GET", f"{c.base}/_gitplug/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert code == 200
+    for host_id in ("web-1", "web-2", "web-3"):
+        assert f'gitplug_host_up{{host="{host_id}"}} 1.0' in metrics
+        assert f'gitplug_host_release{{commit="{v1}",host="{host_id}",plugin="hello",state="live"}} 1.0' in metrics
 
     # A webhook reaching a follower deploys on the whole fleet, tested once.
     v2 = write_version(fleet.repo, "hello", "v2", gate_test=True)
