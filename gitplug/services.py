@@ -349,9 +349,9 @@ class HostServices:
             logger.info("plugin %s: stopped", name)
             return True
         release = self.deployer.releases.get(name, commit)
-        if release is None or release.test is None or not release.test.passed:
-            if not self.is_controller:
-                return False  # this host's controller is staging it: load it once it is on disk
+        if release is None and not self.is_controller:
+            return False  # this host's controller is staging it: load it once it is on disk
+        if release is None or (self._fleet and (release.test is None or not release.test.passed)):
             # Decided on another host (or this host lost the release): fetch,
             # stage and check it here, without running the tests again.
             try:

@@ -660,3 +660,25 @@ def test_postgres_down_is_a_state_error_without_the_password() -> None:
     assert f"state database postgresql://gitplug:***@127.0.0.1:{port}/fleet: could not list plugins" in message
     assert "is the PostgreSQL server running" in message
     store.close()
+
+
+def test_host_status_says_live_diverged_or_lost(store: StateStore) -> None:
+    from gitplug.state import HOST_LOST_AFTER_S, host_status
+
+    now = time.time()
+    state = store.update_plugin("hello", live_commit="a" * 40, state="live")
+    hosts = [
+        HostInfo("web-1", now, {"hello": HostPlugin("a" * 40)}, leader=True),
+        HostInfo("web-2", now, {"hello": HostPlugin("b" * 40, "did not load")}),
+        HostInfo("web-3", now, {"hello": HostPlugin("b" * 40)}),
+        HostInfo("web-4", now - HOST_LOST_AFTER_S - 1, {"hello": HostPlugin("a" * 40)}),
+        HostInfo("web-5", now, {}),  # beats, but does not serve the plugin
+    ]
+    shown = host_status("hello", state, hosts, now=now)
+    assert {h: e["state"] for h, e in shown.items()} == {
+        "web-1": "live", "web-2": "diverged", "web-3": "diverged", "web-4": "lost", "web-5": "diverged",
+    }
+    assert shown["web-2"]["error"] == "did not load" and shown["web-1"]["leader"] is True
+    assert ISO.match(shown["web-1"]["heartbeat_at"])
+    stopped = store.update_plugin("hello", state="stopped")
+    assert host_status("hello", stopped, hosts[4:], now=now)["web-5"]["state"] == "live"  # nothing, as wanted
