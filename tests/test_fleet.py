@@ -142,6 +142,17 @@ def test_one_deploy_reaches_every_host(fleet: Fleet) -> None:
     fleet.wait_all_serve(v3, "resume through web-2")
     assert all(h.status()["pin"] is None for h in (a, b, c))
 
+    # Stop through web-3 unmounts the plugin on every host; start through web-1 brings it back.
+    status, body = c.api("POST", "/plugins/hello/stop")
+    assert status == 200, body
+    wait_for(
+        lambda: all(h.answer().startswith("404 ") for h in (a, b, c, c, c, c)),
+        timeout=CONVERGE_S, what="every host stopping the plugin",
+    )
+    status, body = a.api("POST", "/plugins/hello/start")
+    assert status == 200, body
+    fleet.wait_all_serve(v3, "start through web-1")
+
     # A commit that does not load changes no host.
     broken = write_version(fleet.repo, "hello", "v4", gate_test=True, broken=True)
     status, body = c.hook(fleet.repo.url, broken)
