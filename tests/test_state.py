@@ -682,3 +682,38 @@ def test_host_status_says_live_diverged_or_lost(store: StateStore) -> None:
     assert ISO.match(shown["web-1"]["heartbeat_at"])
     stopped = store.update_plugin("hello", state="stopped")
     assert host_status("hello", stopped, hosts[4:], now=now)["web-5"]["state"] == "live"  # nothing, as wanted
+
+
+def test_postgres_keeps_a_few_connections_not_one_per_thread(pg_url: str) -> None:
+    import psycopg
+
+    from gitplug.state import postgres
+
+    def connections() -> int:
+        with psycopg.connect(pg_url) as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND application_name = 'gitplug'"
+            ).fetchone()
+        return int(row[0]) if row else -1
+
+    store = open_state_store(pg_url)
+    barrier = threading.Barrier(16)
+
+    def worker(n: int) -> None:
+        barrier.wait()
+        for i in range(5):
+            store.update_plugin(f"t{n}", live_commit=str(i))
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert len(store.list_plugins()) == 16
+    assert 1 <= connections() <= postgres.MAX_IDLE  # 16 threads used it; a few stay open
+    store.close()
+    deadline = time.monotonic() + 10
+    while connections() and time.monotonic() < deadline:
+        time.sleep(0.05)  # the server lists a closed session until its backend exits
+    assert connections() == 0

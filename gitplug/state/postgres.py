@@ -3,10 +3,11 @@
 Several hosts behind one load balancer share one database (README, "Running
 a fleet"). Through psycopg 3:
 
-* one connection per thread (autocommit; every write one explicit
-  transaction), opened on first use, so a host that starts while the server
-  is down still starts and serves from its own data directory; a connection
-  that breaks is dropped and the next call opens a new one;
+* a few connections per process, borrowed for one operation each
+  (autocommit; every write one explicit transaction), opened on first use,
+  so a host that starts while the server is down still starts and serves
+  from its own data directory; a connection that breaks is closed and the
+  next operation opens a new one;
 * the schema is created and migrated once, inside a transaction holding a
   transaction-level advisory lock, whichever host comes first;
 * every bump of the change counter and every deploy request sends
@@ -63,6 +64,9 @@ logger = logging.getLogger(__name__)
 
 #: Seconds to wait for the server to accept a connection.
 CONNECT_TIMEOUT_S = 3
+#: Idle connections a process keeps between operations (beyond them, the
+#: listening connection and a lease holder's own).
+MAX_IDLE = 4
 #: The NOTIFY channel: payload ``plugins`` (a plugin-state write) or ``requests``.
 CHANNEL = "gitplug"
 #: First key of gitplug's advisory locks (``'gplg'``); the second names the lock.
@@ -174,7 +178,7 @@ def _hint(exc: BaseException) -> str:
 class PostgresStateStore:
     """:class:`StateStore` in a PostgreSQL database shared by the hosts of a fleet.
 
-    Safe across threads (a connection per thread), processes (a forked
+    Safe across threads (each operation borrows a connection), processes (a forked
     child opens its own connections) and hosts (every write is one
     transaction; the counter is a row updated in the writer's transaction).
     """
@@ -185,8 +189,8 @@ class PostgresStateStore:
         self.url = url
         self.where = redact_url(url)
         self._lock = threading.Lock()
-        self._local = threading.local()
-        self._connections: list[tuple[threading.Thread, psycopg.Connection[Any]]] = []
+        #: Connections between operations (see :meth:`_borrow`).
+        self._idle: list[psycopg.Connection[Any]] = []
         self._pid = os.getpid()
         self._closed = False
         self._migrated = False
@@ -212,70 +216,80 @@ class PostgresStateStore:
             raise
         return conn
 
-    def _conn(self, action: str) -> psycopg.Connection[Any]:
+    def _check_usable(self) -> None:
         if self._closed:
             raise StateError(f"state database {self.where}: the store is closed")
         if os.getpid() != self._pid:
-            _FORK_ORPHANS.extend(conn for _, conn in self._connections)
+            # A connection must not cross fork(): the child opens its own and
+            # leaves its parent's untouched (closing one would end the
+            # parent's session on the shared socket).
+            _FORK_ORPHANS.extend(self._idle)
             self._pid = os.getpid()
             self._lock = threading.Lock()
-            self._local = threading.local()
-            self._connections = []
+            self._idle = []
             self._feed = None
-        conn: psycopg.Connection[Any] | None = getattr(self._local, "conn", None)
-        if conn is not None and (conn.closed or conn.broken):
-            self._drop(conn)
-            conn = None
+
+    @contextmanager
+    def _borrow(self, action: str) -> Iterator[psycopg.Connection[Any]]:
+        """A connection for one operation: an idle one, else a new one.
+
+        Connections go back to the idle list after the operation (at most
+        :data:`MAX_IDLE` are kept), so a process holds as many as it runs
+        operations at once, not one per thread that ever used the store. A
+        broken connection is closed; the next operation opens a new one.
+        """
+        self._check_usable()
+        conn: psycopg.Connection[Any] | None = None
+        with self._lock:
+            while self._idle and conn is None:
+                candidate = self._idle.pop()
+                if candidate.closed or candidate.broken:
+                    self._close_quietly(candidate)
+                else:
+                    conn = candidate
         if conn is None:
             try:
                 conn = self.connect()
             except psycopg.Error as exc:
                 raise self._error(action, exc) from exc
-            self._local.conn = conn
+        pid = os.getpid()
+        try:
+            if not self._migrated:
+                self._migrate(conn)
+            yield conn
+        finally:
+            healthy = (
+                not conn.closed and not conn.broken
+                and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+            )
             with self._lock:
-                dead = [c for t, c in self._connections if not t.is_alive()]
-                self._connections = [(t, c) for t, c in self._connections if t.is_alive()]
-                self._connections.append((threading.current_thread(), conn))
-            for old in dead:
-                self._close_quietly(old)
-        if not self._migrated:
-            self._migrate(conn)
-        return conn
-
-    def _drop(self, conn: psycopg.Connection[Any]) -> None:
-        """Forget the current thread's connection (it broke); the next call reconnects."""
-        if getattr(self._local, "conn", None) is conn:
-            self._local.conn = None
-        with self._lock:
-            self._connections = [(t, c) for t, c in self._connections if c is not conn]
-        self._close_quietly(conn)
+                keep = healthy and not self._closed and pid == self._pid and len(self._idle) < MAX_IDLE
+                if keep:
+                    self._idle.append(conn)
+            if not keep and pid == os.getpid():
+                self._close_quietly(conn)
 
     @staticmethod
     def _close_quietly(conn: psycopg.Connection[Any]) -> None:
         with suppress(Exception):  # closing is best effort
             conn.close()
 
-    def _failed(self, conn: psycopg.Connection[Any], action: str, exc: psycopg.Error) -> StateError:
-        if conn.broken or conn.closed or isinstance(exc, psycopg.OperationalError):
-            self._drop(conn)
-        return self._error(action, exc)
-
     @contextmanager
     def _write(self, action: str) -> Iterator[psycopg.Connection[Any]]:
         """One write transaction; rolled back on error."""
-        conn = self._conn(action)
-        try:
-            with conn.transaction():
-                yield conn
-        except psycopg.Error as exc:
-            raise self._failed(conn, action, exc) from exc
+        with self._borrow(action) as conn:
+            try:
+                with conn.transaction():
+                    yield conn
+            except psycopg.Error as exc:
+                raise self._error(action, exc) from exc
 
     def _read(self, action: str, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
-        conn = self._conn(action)
-        try:
-            return conn.execute(sql, params).fetchall()
-        except psycopg.Error as exc:
-            raise self._failed(conn, action, exc) from exc
+        with self._borrow(action) as conn:
+            try:
+                return conn.execute(sql, params).fetchall()
+            except psycopg.Error as exc:
+                raise self._error(action, exc) from exc
 
     def _migrate(self, conn: psycopg.Connection[Any]) -> None:
         action = "create or upgrade its schema"
@@ -303,7 +317,7 @@ class PostgresStateStore:
                 if current != SCHEMA_VERSION:
                     logger.info("state database %s: schema %d -> %d", self.where, current, SCHEMA_VERSION)
         except psycopg.Error as exc:
-            raise self._failed(conn, action, exc) from exc
+            raise self._error(action, exc) from exc
         self._migrated = True
 
     @staticmethod
@@ -638,16 +652,15 @@ class PostgresStateStore:
 
     def close(self) -> None:
         with self._lock:
-            connections, self._connections = self._connections, []
+            connections, self._idle = self._idle, []
             self._closed = True
             feed, self._feed = self._feed, None
-        self._local = threading.local()
         if feed is not None and feed.pid == os.getpid():
             feed.close()
         if os.getpid() != self._pid:
-            _FORK_ORPHANS.extend(conn for _, conn in connections)
+            _FORK_ORPHANS.extend(connections)
             return
-        for _, conn in connections:
+        for conn in connections:
             self._close_quietly(conn)
 
     def __enter__(self) -> PostgresStateStore:
