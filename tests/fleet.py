@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
+import http.client
 import json
 import os
 import signal
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import time
 import typing as t
+import urllib.parse
 import uuid
 from pathlib import Path
 
@@ -165,6 +167,24 @@ class Host:
             "X-Hub-Signature-256": f"sha256={signature}",
         })
         return status, json.loads(text)
+
+    def status_page(self) -> str:
+        """The status page's HTML, logged in with the admin token."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            conn.request("POST", "/_gitplug/login", body=urllib.parse.urlencode({"token": TOKEN}),
+                         headers={"Content-Type": "application/x-www-form-urlencoded"})
+            response = response_ = conn.getresponse()
+            response_.read()
+            cookie = "; ".join(
+                value.split(";", 1)[0] for name, value in response.getheaders() if name.lower() == "set-cookie"
+            )
+            conn.request("GET", "/_gitplug/", headers={"Cookie": cookie})
+            page = conn.getresponse()
+            assert page.status == 200, page.status
+            return page.read().decode()
+        finally:
+            conn.close()
 
     def test_logs(self) -> list[Path]:
         """The test-gate logs this host wrote (one per test run)."""

@@ -108,6 +108,8 @@ def test_one_deploy_reaches_every_host(fleet: Fleet) -> None:
         assert f"host {host_id}: live  {v1[:12]}" in shown.stdout, shown.stdout
     code, metrics = request("GET", f"{c.base}/_gitplug/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
     assert code == 200
+    page = a.status_page()
+    assert "<dt>Hosts</dt>" in page and "web-1 (leader)" in page and "web-3" in page
     for host_id in ("web-1", "web-2", "web-3"):
         assert f'gitplug_host_up{{host="{host_id}"}} 1.0' in metrics
         assert f'gitplug_host_release{{commit="{v1}",host="{host_id}",plugin="hello",state="live"}} 1.0' in metrics

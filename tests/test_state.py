@@ -717,3 +717,22 @@ def test_postgres_keeps_a_few_connections_not_one_per_thread(pg_url: str) -> Non
     while connections() and time.monotonic() < deadline:
         time.sleep(0.05)  # the server lists a closed session until its backend exits
     assert connections() == 0
+
+
+def test_revoked_logins_expire(store: StateStore) -> None:
+    assert store.login_revoked("l-1") is False
+    store.revoke_login("l-1", until=time.time() + 60)
+    store.revoke_login("l-2", until=time.time() - 1)  # already expired
+    assert store.login_revoked("l-1") is True and store.login_revoked("l-2") is False
+    store.revoke_login("l-1", until=time.time() + 120)  # again: replaced, not an error
+    assert store.login_revoked("l-1") is True
+    assert store.remember_delivery("l-1") is True  # not confused with a webhook delivery
+
+
+def test_every_store_implements_the_whole_protocol() -> None:
+    from gitplug.state import postgres, store
+
+    wanted = {name for name in vars(store.StateStore) if not name.startswith("_")}
+    for impl in (SQLiteStateStore, postgres.PostgresStateStore):
+        missing = sorted(name for name in wanted if not callable(getattr(impl, name, None)))
+        assert missing == [], f"{impl.__name__} lacks {missing}"

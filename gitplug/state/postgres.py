@@ -525,6 +525,28 @@ class PostgresStateStore:
             )
             return cursor.rowcount == 1
 
+    # Revoked logins share the deliveries table (an id with an expiry), under
+    # a prefix no delivery id has, as in the SQLite store.
+    _LOGIN_PREFIX = "gitplug-logout:"
+
+    def revoke_login(self, login_id: str, *, until: float) -> None:
+        with self._write("revoke a status page login") as conn:
+            conn.execute("DELETE FROM deliveries WHERE expires_at <= %s", (time.time(),))
+            conn.execute(
+                "INSERT INTO deliveries (id, expires_at) VALUES (%s, %s) "
+                "ON CONFLICT (id) DO UPDATE SET expires_at = EXCLUDED.expires_at",
+                (self._LOGIN_PREFIX + login_id, until),
+            )
+
+    def login_revoked(self, login_id: str) -> bool:
+        return bool(
+            self._read(
+                "read revoked logins",
+                "SELECT 1 FROM deliveries WHERE id = %s AND expires_at > %s",
+                (self._LOGIN_PREFIX + login_id, time.time()),
+            )
+        )
+
     def request_deploy(self, plugin: str, *, trigger: str, ref: str | None = None) -> int:
         with self._write(f"queue a deploy request for {plugin!r}") as conn:
             row = conn.execute(
