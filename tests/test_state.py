@@ -279,6 +279,17 @@ def test_failed_commits(store: StateStore) -> None:
 # -- webhook deliveries ----------------------------------------------------------
 
 
+def test_revoked_logins_are_remembered_until_they_expire(store: StateStore) -> None:
+    assert not store.login_revoked("nonce-a")
+    store.revoke_login("nonce-a", until=time.time() + 60)
+    store.revoke_login("nonce-b", until=time.time() - 1)  # expired already: forgotten
+    assert store.login_revoked("nonce-a") and not store.login_revoked("nonce-b")
+    store.revoke_login("nonce-a", until=time.time() + 120)  # twice is fine
+    assert store.login_revoked("nonce-a")
+    # A webhook delivery of the same text is another thing.
+    assert store.remember_delivery("nonce-a") is True
+
+
 def test_remember_delivery_and_expiry(store: StateStore) -> None:
     assert store.remember_delivery("d-1") is True
     assert store.remember_delivery("d-1") is False
