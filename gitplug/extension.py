@@ -144,7 +144,7 @@ class GitPlug:
             name=name,
             path=snapshot,
             release_id=release_id,
-            url_prefix=url_prefix or f"/{name}",
+            url_prefix=url_prefix or None,
             entry=entry,
             config=MappingProxyType(dict(config or {})),
         )

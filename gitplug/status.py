@@ -23,11 +23,18 @@ def plugin_status(
     """One plugin's entry of the status object."""
     state = store.get_plugin(plugin.name)
     last = store.last_deploy(plugin.name)
+    # The prefix in use: the live release's (it may be the one its
+    # constructor declares), else what the configuration says.
+    url_prefix = plugin.default_prefix
     if runtime is not None:
         live = runtime.live(plugin.name)
         live_commit = live.commit if live is not None else None
+        if live is not None:
+            url_prefix = live.prefix
     else:
         live_commit = state.live_commit if state and state.state != PluginStateValue.STOPPED else None
+        if state is not None and state.url_prefix and not plugin.url_prefix:
+            url_prefix = state.url_prefix
     if state is None:
         value = PluginStateValue.PENDING.value
     elif state.state == PluginStateValue.STOPPED:
@@ -46,7 +53,7 @@ def plugin_status(
         "state": value,
         "live_commit": live_commit,
         "previous_commit": state.previous_commit if state else None,
-        "url_prefix": plugin.url_prefix,
+        "url_prefix": url_prefix,
         "workers": {w.worker_id: w.plugin_commits.get(plugin.name) for w in workers},
         "hosts": host_status(plugin.name, state, hosts),
         "last_error": state.last_error if state else None,

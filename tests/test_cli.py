@@ -578,3 +578,23 @@ def test_serve_dev_swaps_on_every_save_that_loads(tmp_path: Path) -> None:
         wait_for(lambda: "devplug/views.py line" in server.log(), timeout=30, what="the load error")
         assert server.get("/devplug/") == "200 second"
         assert "previous release keeps serving" in server.log()
+
+
+def test_status_shows_the_prefix_the_plugin_constructor_declares(tmp_path: Path, repo: GitRepo) -> None:
+    """No url_prefix configured: the release's Plugin(url_prefix=...) is used, and shown."""
+    repo.write("shop/__init__.py", (
+        "from gitplug import Plugin\n"
+        "plugin = Plugin('shop', __name__, url_prefix='/store')\n"
+        "@plugin.route('/')\n"
+        "def index():\n"
+        "    return 'shop'\n"
+    ))
+    repo.commit("shop at /store")
+    config = write_config(tmp_path / "shop.yaml", {"shop": {"repo": repo.url}})
+    (before,) = cli_json("status", "-c", config)["plugins"]
+    assert before["url_prefix"] == "/shop"  # nothing loaded yet: the configuration's default
+    proc = run_cli("deploy", "shop", "-c", config)
+    assert proc.returncode == 0, proc.stderr
+    (after,) = cli_json("status", "-c", config)["plugins"]
+    assert (after["state"], after["url_prefix"]) == ("live", "/store")
+    assert run_cli("status", "-c", config).stdout.splitlines()[0].endswith("  /store")

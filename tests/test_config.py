@@ -55,7 +55,9 @@ def test_defaults(tmp_path: Path) -> None:
     assert cfg.base_dir == tmp_path
     hello = cfg.plugins["hello"]
     assert hello == PluginConfig(name="hello", repo=str(tmp_path / "hello"))
-    assert hello.ref == "main" and hello.url_prefix == "/hello" and hello.entry is None
+    # No url_prefix: the plugin constructor's, else /<name>, once a release is loaded.
+    assert hello.ref == "main" and hello.url_prefix is None and hello.entry is None
+    assert hello.default_prefix == "/hello"
     assert hello.test == DEFAULT_TEST_COMMAND and hello.test_is_default is True
     assert hello.test_timeout == 120.0 and hello.auto_rollback is None
     assert hello.config == {} and isinstance(hello.config, MappingProxyType)
@@ -679,8 +681,11 @@ def test_config_from_mapping(tmp_path: Path) -> None:
      r"expected a positive number of seconds, got True"),
     ({"plugins": {"p": {"repo": "/p", "url_prefix": "/"}}}, "plugins.p.url_prefix",
      r"site root"),
-    ({"plugins": {"p": {"repo": "/p", "url_prefix": "/p/"}}}, "plugins.p.url_prefix",
-     r"trailing '/'"),
+    ({"plugins": {"p": {"repo": "/p", "url_prefix": "/p//"}}}, "plugins.p.url_prefix",
+     r"'//'"),
+    ({"plugins": {"p": {"repo": "/p", "url_prefix": "p"}}}, "plugins.p.url_prefix",
+     r"start with '/'"),
+    ({"api_prefix": "/api/"}, "api_prefix", r"trailing '/'"),
     ({"plugins": {"p": {"repo": "/p", "url_prefix": "/p/<int:id>"}}}, "plugins.p.url_prefix",
      r"converters"),
     ({"plugins": {"p": {"repo": "/p", "url_prefix": "/a//b"}}}, "plugins.p.url_prefix",
@@ -749,3 +754,13 @@ def test_keys_are_text_not_yaml_booleans(tmp_path: Path) -> None:
     cfg = load(tmp_path, "plugins:\n  no:\n    repo: ./no\n    config: {1: one, on: yes}\n")
     assert list(cfg.plugins) == ["no"]
     assert dict(cfg.plugins["no"].config) == {"1": "one", "on": True}
+
+
+def test_one_trailing_slash_is_a_valid_prefix_and_clashes_as_without_it() -> None:
+    """As in Flask, ``/shop/`` is a prefix (``/shop/`` + ``//bar`` is ``/shop/bar``)."""
+    cfg = config_from_mapping({"plugins": {"p": {"repo": "/p", "url_prefix": "/shop/"}}}, base_dir=Path("/"))
+    assert cfg.plugins["p"].url_prefix == "/shop/"
+    with pytest.raises(ConfigError, match=r"'/shop' of plugin 'q' is the same as url_prefix '/shop'"):
+        config_from_mapping({"plugins": {"p": {"repo": "/p", "url_prefix": "/shop/"},
+                                         "q": {"repo": "/q", "url_prefix": "/shop"}}},
+                            base_dir=Path("/"))

@@ -653,9 +653,11 @@ def test_postgres_schema_is_created_once_by_racing_hosts(pg_url: str) -> None:
     import psycopg
 
     with psycopg.connect(pg_url) as conn:
-        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+        from gitplug.state.postgres import SCHEMA_VERSION as PG_VERSION
+
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(PG_VERSION,)]
         conn.execute("UPDATE schema_version SET version = 99")
-    with pytest.raises(StateError, match=r"schema version 99, newer than this gitplug knows \(1\)"):
+    with pytest.raises(StateError, match=rf"schema version 99, newer than this gitplug knows \({PG_VERSION}\)"):
         open_state_store(pg_url).list_plugins()
 
 

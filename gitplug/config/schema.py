@@ -27,7 +27,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ..errors import ConfigError, redact_url
-from ..prefixes import prefixes_overlap, under_prefix
+from ..prefixes import mount_key, prefix_problem, prefixes_overlap, under_prefix
 from .values import (
     DEFAULT_PUSH_MAX_SIZE,
     DEFAULT_TEST_COMMAND,
@@ -73,7 +73,6 @@ _PLUGIN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*\Z")
 _URL_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 _REPO_SCHEMES = ("http", "https", "ssh", "git", "file")
 _BAD_REF = re.compile(r"[\s\x00-\x1f\x7f~^:?*\[\\]|\.\.|@\{|^-")
-_BAD_PREFIX_CHAR = re.compile(r"[\s<>?#]")
 _SECONDS = "a positive number of seconds"
 
 
@@ -96,18 +95,11 @@ def _bool_value(value: Any) -> bool | None:
     return None
 
 
-def _prefix_problem(prefix: str) -> str | None:
-    if not prefix.startswith("/"):
-        return "it must start with '/'"
-    if prefix == "/":
-        return "'/' is the site root, which stays the host application's"
-    if prefix.endswith("/"):
+def _api_prefix_problem(prefix: str) -> str | None:
+    problem = prefix_problem(prefix)
+    if problem is None and prefix.endswith("/"):
         return "remove the trailing '/'"
-    if "//" in prefix:
-        return "it must not contain '//'"
-    if _BAD_PREFIX_CHAR.search(prefix):
-        return "no spaces, '<', '>' (converters), '?' or '#'"
-    return None
+    return problem
 
 
 class _Checker:
@@ -210,9 +202,9 @@ class _Checker:
             return None
         return secret
 
-    def prefix(self, path: _KeyPath, value: Any) -> str | None:
+    def prefix(self, path: _KeyPath, value: Any, *, api: bool = False) -> str | None:
         prefix = self.string(path, value, "a URL path prefix such as '/hello'")
-        problem = _prefix_problem(prefix) if prefix else None
+        problem = (_api_prefix_problem if api else prefix_problem)(prefix) if prefix else None
         if problem:
             self.fail(path, f"a URL path prefix such as '/hello' ({problem})", value)
             return None
@@ -261,7 +253,7 @@ class _Checker:
                       webhook)
         api_prefix = "/_gitplug"
         if "api_prefix" in data:
-            api_prefix = self.prefix(("api_prefix",), data["api_prefix"]) or api_prefix
+            api_prefix = self.prefix(("api_prefix",), data["api_prefix"], api=True) or api_prefix
         push_max_size = DEFAULT_PUSH_MAX_SIZE
         if "push_max_size" in data:
             push_max_size = self.size(("push_max_size",), data["push_max_size"]) or push_max_size
@@ -432,9 +424,11 @@ class _Checker:
             repo = self.repo(path + ("repo",), raw["repo"]) if "repo" in raw else None
         ref = opt("ref", self.ref, default="main")
         push_token, allow_force = self.push_settings(path, raw, hosted, ref)
-        url_prefix = opt("url_prefix", self.prefix, default=f"/{name}")
-        if url_prefix is not None:
-            self.prefixes[name] = url_prefix
+        url_prefix = opt("url_prefix", self.prefix, default=None)
+        # A plugin without one is checked for clashes at /<name>; the prefix its
+        # constructor declares is checked by the runtime when it loads.
+        if url_prefix is not None or "url_prefix" not in raw:
+            self.prefixes[name] = mount_key(url_prefix or f"/{name}")
         entry = opt("entry", self.entry, default=None)
         poll = opt("poll_interval", self.number, default=default_poll)
         test, test_is_default = opt("test", self.test, default=(DEFAULT_TEST_COMMAND, True))

@@ -56,7 +56,9 @@ class PluginConfig:
     name: str
     repo: str
     ref: str = "main"
-    url_prefix: str = ""  #: "" means "/<name>" (filled in by ``__post_init__``)
+    #: ``None``: the prefix ``Plugin(..., url_prefix=...)`` declares, else
+    #: ``/<name>`` (known once a release is loaded; see :attr:`default_prefix`).
+    url_prefix: str | None = None
     entry: str | None = None  #: "module.path:attr"; None means the package's ``plugin``
     poll_interval: float = 60.0
     test: tuple[str, ...] | None = DEFAULT_TEST_COMMAND  #: None: the gate is off
@@ -75,10 +77,16 @@ class PluginConfig:
     #: Read-only; the plugin sees it as ``current_plugin.config``.
     config: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}), hash=False)
 
+    @property
+    def default_prefix(self) -> str:
+        """The configured prefix, else ``/<name>`` (what the configuration alone
+        says; a plugin's constructor may declare another when none is configured)."""
+        return self.url_prefix or f"/{self.name}"
+
     def __post_init__(self) -> None:
         # Frozen: object.__setattr__ is the sanctioned way to normalise in __post_init__.
         if not self.url_prefix:
-            object.__setattr__(self, "url_prefix", f"/{self.name}")
+            object.__setattr__(self, "url_prefix", None)
         if not isinstance(self.config, MappingProxyType):
             object.__setattr__(self, "config", MappingProxyType(copy.deepcopy(dict(self.config))))
 

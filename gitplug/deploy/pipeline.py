@@ -265,7 +265,7 @@ class Deployer:
                 release = self._test(plugin, release, record, explicit=explicit, say=say)
                 stage = Stage.LOAD
                 say("load", release.commit[:12])
-                self._load_verify_swap(plugin, release, say)
+                url_prefix = self._load_verify_swap(plugin, release, say)
                 stage = Stage.SWAP
                 previous = state.live_commit if state else None
                 fields: dict[str, t.Any] = {
@@ -273,6 +273,7 @@ class Deployer:
                     # The other hosts of a fleet stage this commit themselves and
                     # check that their tree is the one tested here.
                     "live_tree": release.tree,
+                    "url_prefix": url_prefix,
                     "desired_commit": release.commit,
                     "state": PluginStateValue.LIVE,
                     "ref": plugin.ref,
@@ -456,19 +457,21 @@ class Deployer:
             )
         return release
 
-    def _load_verify_swap(self, plugin: PluginConfig, release: Release, say: Progress) -> None:
+    def _load_verify_swap(self, plugin: PluginConfig, release: Release, say: Progress) -> str:
+        """Load, verify and (with a server here) swap; returns the prefix in use."""
         spec = self.spec_for(plugin, release)
         if self.runtime is not None:
             with self.runtime.swap_lock(plugin.name):
                 loaded = self.runtime.load(spec)
                 say("swap", release.commit[:12])
                 self.runtime.publish(plugin.name, loaded)
-            return
+            return loaded.prefix
         # No server here (the CLI): prove the release loads and verifies in a
         # private host app; the servers watching the store swap it in.
         runtime = self._verifier()
         loaded = runtime.load(spec)
         runtime._unload_now(loaded, run_callbacks=True)
+        return loaded.prefix
 
     def _verifier(self) -> Runtime:
         if self._verify_runtime is None:

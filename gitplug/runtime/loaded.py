@@ -28,13 +28,14 @@ from flask import Flask
 from flask.templating import _default_template_ctx_processor
 from werkzeug.routing import Map
 
-from ..errors import PluginLoadError
+from ..errors import MountError, PluginLoadError
+from ..prefixes import invalid_prefix_message, mount_key
 from .codecache import CodeCache
 from .loader import ReleaseNamespace, import_release, purge_namespace, release_relative
-from .plugin import Plugin, PluginContext, _active_release
+from .plugin import PlainStaticRule, Plugin, PluginContext, _active_release
 from .templating import TEMPLATE_KINDS, ReleaseTemplateDict
 
-__all__ = ["ReleaseSpec", "LoadedRelease", "build_release", "HOOK_REGISTRIES"]
+__all__ = ["ReleaseSpec", "LoadedRelease", "build_release", "mount_prefix", "HOOK_REGISTRIES"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,10 +58,19 @@ class ReleaseSpec:
     name: str
     path: Path
     release_id: str
-    url_prefix: str
+    #: The configured prefix; ``None``: the one the plugin's constructor
+    #: declares, else ``/<name>`` (resolved by :func:`build_release`).
+    url_prefix: str | None
     commit: str | None = None
     entry: str | None = None
     config: Mapping[str, t.Any] = field(default_factory=lambda: MappingProxyType({}))
+
+
+def mount_prefix(spec: ReleaseSpec, plugin: Plugin) -> str:
+    """Where a release is mounted: the configuration's (or ``load_directory``'s)
+    ``url_prefix``, else the one ``Plugin(..., url_prefix=...)`` declares, else
+    ``/<name>`` (README, "Writing a plugin": mounting)."""
+    return spec.url_prefix or plugin.url_prefix or f"/{spec.name}"
 
 
 class LoadedRelease:
@@ -74,7 +84,12 @@ class LoadedRelease:
         self.spec = spec
         self.name = spec.name
         self.release_id = spec.release_id
-        self.prefix = spec.url_prefix
+        #: The prefix as given: the configuration's, else the constructor's, else
+        #: ``/<name>``; registered as Flask registers a blueprint's (``/foo/`` +
+        #: ``//bar`` is ``/foo/bar``).
+        self.url_prefix = mount_prefix(spec, plugin)
+        #: The same without a trailing ``/``: what routing and clash checks compare.
+        self.prefix = mount_key(self.url_prefix)
         self.namespace = namespace
         self.plugin: Plugin | None = plugin
         self.context = PluginContext(
@@ -83,7 +98,7 @@ class LoadedRelease:
             commit=spec.commit,
             path=spec.path,
             config=spec.config,
-            url_prefix=spec.url_prefix,
+            url_prefix=self.url_prefix,
             logger=logging.getLogger(f"gitplug.plugin.{spec.name}"),
         )
         self.url_map: Map
@@ -210,9 +225,13 @@ def build_release(host: Flask, spec: ReleaseSpec, *, code_cache: CodeCache | Non
     )
     try:
         release = LoadedRelease(spec, namespace, plugin)
+        invalid = invalid_prefix_message(spec.name, release.url_prefix)
+        if invalid is not None:
+            # A prefix from Plugin(url_prefix=...): checked like a configured one.
+            raise MountError(invalid)
         _register(host, release, plugin, namespace)
         _compile_templates(host, release, code_cache)
-    except PluginLoadError:
+    except (PluginLoadError, MountError):
         purge_namespace(namespace)
         raise
     except Exception as exc:
@@ -232,7 +251,9 @@ def _register(host: Flask, release: LoadedRelease, plugin: Plugin, namespace: Re
         # another release's assets.
         base = plugin.static_url_path or "/static"
         plugin.static_url_path = f"{base.rstrip('/')}/{release.release_id[:12]}"
-    scratch.register_blueprint(plugin, url_prefix=release.prefix)
+    scratch.register_blueprint(plugin, url_prefix=release.url_prefix)
+    if plugin.has_static_folder:
+        _add_plain_static_rules(scratch, plugin, base)
 
     release.url_map = scratch.url_map
     release.view_functions = dict(scratch.view_functions)
@@ -275,6 +296,22 @@ def _register(host: Flask, release: LoadedRelease, plugin: Plugin, namespace: Re
     release.template_loaders = [
         bp.jinja_loader for bp in scratch.iter_blueprints() if bp.jinja_loader is not None
     ]
+
+
+def _add_plain_static_rules(scratch: Flask, plugin: Plugin, base: str) -> None:
+    """Serve ``<prefix>/static/<file>`` too: the URL a hand-written link uses.
+
+    Same endpoint and view as the versioned rule, added after it, so
+    ``url_for`` still builds the versioned URL; the plain one is cached as
+    the host's ``SEND_FILE_MAX_AGE_DEFAULT`` says (it changes with a swap).
+    """
+    version = plugin.static_url_path or ""
+    for rule in list(scratch.url_map.iter_rules(f"{plugin.name}.static")):
+        plain = rule.rule.replace(version, base.rstrip("/"), 1)
+        if plain != rule.rule:
+            scratch.url_map.add(
+                PlainStaticRule(plain, endpoint=rule.endpoint, subdomain=rule.subdomain, host=rule.host)
+            )
 
 
 def _compile_templates(host: Flask, release: LoadedRelease, code_cache: CodeCache | None = None) -> None:

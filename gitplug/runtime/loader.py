@@ -399,7 +399,7 @@ def _import_module(name: str, namespace: ReleaseNamespace) -> None:
         where = f" in {file} line {line}" if file else ""
         raise PluginImportError(
             f"plugin {namespace.plugin_name!r}: importing {namespace.real_name(name)} failed{where}:"
-            f" {type(exc).__name__}: {exc}. Fix the code and deploy a new commit;"
+            f" {type(exc).__name__}: {str(exc).rstrip('.')}. Fix the code and deploy a new commit;"
             " the live release is unchanged.",
             plugin=namespace.plugin_name,
             release=namespace.release_id,

@@ -30,6 +30,7 @@ from pathlib import Path
 from flask import Blueprint
 from flask.globals import _cv_request
 from werkzeug.local import LocalProxy
+from werkzeug.routing import Rule
 
 from .environ import ENVIRON_RELEASE
 
@@ -41,6 +42,10 @@ _AUTO: t.Any = object()
 
 #: One year: static URLs contain the release id, so a URL never changes content.
 STATIC_MAX_AGE = 365 * 24 * 3600
+
+
+class PlainStaticRule(Rule):
+    """The rule of a plugin's plain, unversioned static URL (``<prefix>/static/<file>``)."""
 
 
 class Plugin(Blueprint):
@@ -105,8 +110,12 @@ class Plugin(Blueprint):
         return f
 
     def get_send_file_max_age(self, filename: str | None) -> int | None:
-        # Static URLs of a plugin carry the release id (see the loader), so
-        # the content behind a URL never changes: let browsers keep it.
+        # Versioned static URLs (what url_for builds) carry the release id, so
+        # the content behind one never changes: let browsers keep it. The
+        # plain URL serves whatever release is live: the host's default.
+        ctx = _cv_request.get(None)
+        if ctx is not None and isinstance(ctx.request.url_rule, PlainStaticRule):
+            return super().get_send_file_max_age(filename)
         return STATIC_MAX_AGE
 
     def __repr__(self) -> str:

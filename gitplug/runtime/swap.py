@@ -32,7 +32,7 @@ from werkzeug.routing import MapAdapter
 
 from .. import signals
 from ..errors import HealthCheckFailed, MountError, OnLoadFailed, PluginLoadError
-from ..prefixes import prefixes_overlap, under_prefix
+from ..prefixes import invalid_prefix_message, mount_key, prefixes_overlap, under_prefix
 from .codecache import CodeCache
 from .environ import ENVIRON_RELEASE, ENVIRON_SNAPSHOT
 from .hooks import LayeredErrorHandlers, LayeredHooks, LayeredViews
@@ -169,7 +169,11 @@ class Runtime:
     # -- loading and swapping ----------------------------------------------
 
     def check_mount(self, name: str, url_prefix: str) -> None:
-        """Refuse a name or prefix that clashes with the host or another plugin."""
+        """Refuse an invalid prefix, or a name or prefix that clashes with the host or another plugin."""
+        invalid = invalid_prefix_message(name, url_prefix)
+        if invalid is not None:
+            raise MountError(invalid)
+        url_prefix = mount_key(url_prefix)
         if name in self.app.blueprints:
             raise MountError(
                 f"plugin {name!r}: the host application already has a blueprint named"
@@ -195,9 +199,17 @@ class Runtime:
 
         Raises :class:`PluginLoadError`; nothing served changes on failure.
         """
-        self.check_mount(spec.name, spec.url_prefix)
+        if spec.url_prefix is not None:
+            self.check_mount(spec.name, spec.url_prefix)
         try:
             release = build_release(self.app, spec, code_cache=self.code_cache)
+            if spec.url_prefix is None:
+                # The prefix the plugin's constructor declares is known only now.
+                try:
+                    self.check_mount(spec.name, release.url_prefix)
+                except MountError:
+                    release.purge()
+                    raise
             self._verify(release)
         except PluginLoadError as exc:
             logger.warning("plugin %s: release %s failed to load: %s", spec.name, spec.release_id, exc)

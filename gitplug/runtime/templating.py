@@ -80,6 +80,32 @@ class _RoutingMixin:
             return env.from_string(source, globals, template_class)
         return super().from_string(source, globals, template_class)  # type: ignore[misc]
 
+    def list_templates(self, extensions: t.Any = None, filter_func: t.Any = None) -> list[str]:
+        """The host's templates and those of every live plugin (as for blueprints)."""
+        names: list[str] = super().list_templates(extensions, filter_func)  # type: ignore[misc]
+        runtime = self.__dict__.get("_gitplug_runtime")  # type: ignore[attr-defined]
+        if runtime is None:
+            return names
+        ctx = _cv_request.get(None)
+        snapshot = ctx.request.environ.get(ENVIRON_SNAPSHOT) if ctx is not None else None
+        if snapshot is None:
+            snapshot = runtime.snapshot
+        seen = set(names)
+        extra = sorted(
+            {
+                name
+                for release in snapshot.releases.values()
+                for loader in release.template_loaders
+                for name in loader.list_templates()
+            }
+            - seen
+        )
+        if extensions is not None:
+            extra = [n for n in extra if "." in n and n.rsplit(".", 1)[1] in extensions]
+        elif filter_func is not None:
+            extra = [n for n in extra if filter_func(n)]
+        return names + extra
+
 
 _routing_classes: dict[type, type] = {}
 
@@ -220,6 +246,7 @@ _EMPTY: dict[str, t.Any] = {}
 
 def install_template_layers(env: jinja2.Environment, runtime: t.Any) -> None:
     """Layer the live plugins' app-wide filters/globals/tests into ``env``."""
+    env.__dict__["_gitplug_runtime"] = runtime  # for list_templates
     for kind in TEMPLATE_KINDS:
         current = getattr(env, kind)
         if not isinstance(current, LayeredTemplateDict):

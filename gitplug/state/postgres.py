@@ -123,6 +123,7 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             host_id TEXT PRIMARY KEY, heartbeat_at DOUBLE PRECISION NOT NULL,
             plugins TEXT NOT NULL, leader BOOLEAN NOT NULL DEFAULT FALSE)""",
     ),
+    ("ALTER TABLE plugins ADD COLUMN url_prefix TEXT",),
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -132,7 +133,7 @@ _FORK_ORPHANS: list[psycopg.Connection[Any]] = []
 
 _PLUGIN_COLUMNS = (
     "name, ref, pin, live_commit, previous_commit, state, desired_commit, last_error, updated_at, "
-    "live_tree"
+    "live_tree, url_prefix"
 )
 _DEPLOY_COLUMNS = (
     "id, plugin, trigger, ref, commit_sha, result, stage, error, started_at, duration_s, "

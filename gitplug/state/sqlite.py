@@ -92,6 +92,11 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             host_id TEXT PRIMARY KEY, heartbeat_at REAL NOT NULL, plugins TEXT NOT NULL,
             leader INTEGER NOT NULL DEFAULT 0)""",
     ),
+    (
+        # The URL prefix the live release is mounted at (it may come from the
+        # plugin's own constructor, which only a loaded release knows).
+        "ALTER TABLE plugins ADD COLUMN url_prefix TEXT",
+    ),
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -100,7 +105,7 @@ _FORK_ORPHANS: list[sqlite3.Connection] = []
 
 _PLUGIN_COLUMNS = (
     "name, ref, pin, live_commit, previous_commit, state, desired_commit, last_error, updated_at, "
-    "live_tree"
+    "live_tree, url_prefix"
 )
 _DEPLOY_COLUMNS = (
     "id, plugin, trigger, ref, commit_sha, result, stage, error, started_at, duration_s, "

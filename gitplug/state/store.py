@@ -126,6 +126,9 @@ class PluginState:
     #: The git tree id of ``live_commit`` as the deciding host staged and
     #: tested it; the other hosts of a fleet check theirs against it.
     live_tree: str | None = None
+    #: The URL prefix ``live_commit`` is mounted at (configured, else the
+    #: plugin constructor's, else ``/<name>``).
+    url_prefix: str | None = None
 
 
 @dataclass(frozen=True)
@@ -274,7 +277,7 @@ def host_status(
 #: Fields :meth:`StateStore.update_plugin` accepts.
 PLUGIN_FIELDS = frozenset(
     {"ref", "pin", "live_commit", "previous_commit", "state", "desired_commit", "last_error",
-     "live_tree"}
+     "live_tree", "url_prefix"}
 )
 #: Fields :meth:`StateStore.update_deploy` accepts.
 DEPLOY_FIELDS = frozenset(

@@ -186,7 +186,7 @@ def _plugin_view(
         ref=plugin.ref,
         pin=status["pin"],
         repo=redact_url(plugin.repo),
-        url_prefix=plugin.url_prefix,
+        url_prefix=status["url_prefix"],
         live=_commit_view(deployer, plugin, live) if live else None,
         live_since=next(
             (r for r in history if r.result == DeployResult.LIVE and r.commit == live), None

@@ -1,0 +1,289 @@
+"""Everything a blueprint does, a plugin does (README, "Writing a plugin").
+
+Flask's own ``tests/test_blueprints.py`` (Flask 3.1) is the yardstick: each
+test here checks one of its behaviours against a plugin loaded through
+gitplug into a real host (``load_directory``, the test client or a real
+server). Behaviours whose subject cannot exist in gitplug are listed in the
+README with the reason, not forced here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from flask import Flask
+
+from gitplug import GitPlug, PluginImportError
+from pluginfactory import write_files
+
+MakeGP = Callable[[Flask], GitPlug]
+
+
+def _host() -> Flask:
+    app = Flask("parity_host")
+    app.config.update(TESTING=True, SECRET_KEY="parity")
+
+    @app.route("/")
+    def home() -> str:
+        return "host home"
+
+    return app
+
+
+def _plugin(root: Path, source: str, *, package: str = "parity", extra: dict[str, str] | None = None) -> Path:
+    """A plugin package whose ``__init__`` is ``source`` (after the common imports)."""
+    head = (
+        "from flask import abort, g, render_template, request, url_for\n"
+        "from gitplug import Plugin, current_plugin\n"
+    )
+    import textwrap
+
+    files = {f"{package}/__init__.py": head + textwrap.dedent(source).lstrip("\n")}
+    files.update(extra or {})
+    return write_files(root / package, files)
+
+
+# -- mounting: where a plugin answers ------------------------------------------
+
+
+def test_constructor_url_prefix_is_used_when_none_is_configured(tmp_path: Path, make_gp: MakeGP) -> None:
+    app = _host()
+    gp = make_gp(app)
+    src = _plugin(tmp_path, """
+        plugin = Plugin("shop", __name__, url_prefix="/store")
+
+        @plugin.route("/")
+        def index():
+            return "shop at " + current_plugin.url_prefix
+    """)
+    release = gp.load_directory("shop", src)
+    client = app.test_client()
+    assert release.prefix == "/store"
+    assert client.get("/store/").text == "shop at /store"
+    assert client.get("/shop/").status_code == 404
+    # The configuration's (here: load_directory's) prefix wins over the constructor's.
+    release = gp.load_directory("shop", src, url_prefix="/boutique")
+    assert release.prefix == "/boutique"
+    assert client.get("/boutique/").text == "shop at /boutique"
+    assert client.get("/store/").status_code == 404
+
+
+def test_no_prefix_anywhere_mounts_at_the_name(tmp_path: Path, make_gp: MakeGP) -> None:
+    app = _host()
+    gp = make_gp(app)
+    src = _plugin(tmp_path, """
+        plugin = Plugin("shop", __name__)
+
+        @plugin.route("/")
+        def index():
+            return "shop"
+    """)
+    assert gp.load_directory("shop", src).prefix == "/shop"
+    assert app.test_client().get("/shop/").text == "shop"
+
+
+def test_constructor_prefix_clashing_with_a_host_route_is_refused(tmp_path: Path, make_gp: MakeGP) -> None:
+    from gitplug import MountError
+
+    app = _host()
+
+    @app.route("/store/open")
+    def store_open() -> str:
+        return "host store"
+
+    gp = make_gp(app)
+    src = _plugin(tmp_path, """
+        plugin = Plugin("shop", __name__, url_prefix="/store")
+
+        @plugin.route("/")
+        def index():
+            return "shop"
+    """)
+    with pytest.raises(MountError, match="url_prefix '/store' would hide the host's route '/store/open'"):
+        gp.load_directory("shop", src)
+    assert app.test_client().get("/store/open").text == "host store"
+
+
+# -- names ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["app.ui", ""])
+def test_invalid_plugin_name_reads_cleanly_and_keeps_the_value_error(
+    tmp_path: Path, make_gp: MakeGP, name: str
+) -> None:
+    """Flask: a dotted or empty blueprint name is a ValueError."""
+    app = _host()
+    gp = make_gp(app)
+    src = _plugin(tmp_path, f"""
+        plugin = Plugin({name!r}, __name__)
+    """)
+    with pytest.raises(PluginImportError) as info:
+        gp.load_directory("parity", src)
+    message = str(info.value)
+    assert ".." not in message, message
+    assert "parity/__init__.py line 3" in message
+    assert "ValueError: 'name' may not" in message
+    assert isinstance(info.value.__cause__, ValueError)
+
+
+
+# Flask's test_blueprint_prefix_slash, every case but the site root (see the
+# README: a root plugin is not supported).
+@pytest.mark.parametrize(
+    ("prefix", "rule", "url"),
+    [
+        ("/foo", "", "/foo"),
+        ("/foo/", "", "/foo/"),
+        ("/foo/", "/bar", "/foo/bar"),
+        ("/foo/", "bar", "/foo/bar"),
+        ("/foo", "/bar", "/foo/bar"),
+        ("/foo/", "//bar", "/foo/bar"),
+    ],
+)
+@pytest.mark.parametrize("where", ["constructor", "load_directory"])
+def test_prefix_and_rule_slashes_join_as_in_flask(
+    tmp_path: Path, make_gp: MakeGP, prefix: str, rule: str, url: str, where: str
+) -> None:
+    app = _host()
+    gp = make_gp(app)
+    declared = f", url_prefix={prefix!r}" if where == "constructor" else ""
+    src = _plugin(tmp_path, f"""
+        plugin = Plugin("slashy", __name__{declared})
+
+        @plugin.route({rule!r})
+        def index():
+            return "", 204
+    """)
+    gp.load_directory("slashy", src, url_prefix=prefix if where == "load_directory" else None)
+    assert app.test_client().get(url).status_code == 204
+
+
+@pytest.mark.parametrize(
+    ("prefix", "problem"),
+    [
+        ("/foo//", "must not contain '//'"),
+        ("/a//b", "must not contain '//'"),
+        ("foo", "must start with '/'"),
+        ("/", "site root"),
+        ("/a b", "no spaces"),
+    ],
+)
+@pytest.mark.parametrize("where", ["constructor", "load_directory"])
+def test_an_invalid_prefix_is_refused_the_same_way_on_every_path_in(
+    tmp_path: Path, make_gp: MakeGP, prefix: str, problem: str, where: str
+) -> None:
+    from gitplug import MountError
+
+    app = _host()
+    gp = make_gp(app)
+    declared = f", url_prefix={prefix!r}" if where == "constructor" else ""
+    src = _plugin(tmp_path, f"""
+        plugin = Plugin("bad", __name__{declared})
+
+        @plugin.route("/x")
+        def x():
+            return "x"
+    """)
+    with pytest.raises(MountError) as info:
+        gp.load_directory("bad", src, url_prefix=prefix if where == "load_directory" else None)
+    message = str(info.value)
+    assert message.startswith(f"plugin 'bad': url_prefix {prefix!r} is not a valid URL prefix (")
+    assert problem in message and "README" in message and "\n" not in message
+    assert gp.runtime.live("bad") is None
+
+
+# -- static files (Flask: test_templates_and_static, test_default_static_max_age) --
+
+
+def test_plain_static_url_serves_the_live_release_with_the_host_max_age(tmp_path: Path, make_gp: MakeGP) -> None:
+    from werkzeug.http import parse_cache_control_header
+
+    from gitplug.runtime.plugin import STATIC_MAX_AGE
+
+    app = _host()
+    app.config["SEND_FILE_MAX_AGE_DEFAULT"] = 7200
+    gp = make_gp(app)
+    files = {"parity/static/test.txt": "Admin File v1\n", "parity/static/css/test.css": "/* nested file */\n"}
+    source = """
+        plugin = Plugin("admin", __name__)
+
+        @plugin.route("/")
+        def index():
+            return url_for("admin.static", filename="test.txt")
+    """
+    src = _plugin(tmp_path / "v1", source, extra=files)
+    release = gp.load_directory("admin", src)
+    client = app.test_client()
+    with client.get("/admin/static/test.txt") as rv:
+        assert rv.status_code == 200 and rv.text.strip() == "Admin File v1"
+        assert parse_cache_control_header(rv.headers["Cache-Control"]).max_age == 7200
+    with client.get("/admin/static/css/test.css") as rv:
+        assert rv.text.strip() == "/* nested file */"
+    # url_for still builds the versioned URL, cached for a year.
+    versioned = client.get("/admin/").text
+    assert versioned == f"/admin/static/{release.release_id[:12]}/test.txt"
+    with client.get(versioned) as rv:
+        assert rv.text.strip() == "Admin File v1"
+        assert parse_cache_control_header(rv.headers["Cache-Control"]).max_age == STATIC_MAX_AGE
+    # The plain URL follows the swap.
+    files["parity/static/test.txt"] = "Admin File v2\n"
+    gp.load_directory("admin", _plugin(tmp_path / "v2", source, extra=files))
+    with client.get("/admin/static/test.txt") as rv:
+        assert rv.text.strip() == "Admin File v2"
+    with client.get("/admin/static/missing.txt") as rv:
+        assert rv.status_code == 404
+
+
+def test_a_plugin_overriding_get_send_file_max_age_wins(tmp_path: Path, make_gp: MakeGP) -> None:
+    from werkzeug.http import parse_cache_control_header
+
+    app = _host()
+    gp = make_gp(app)
+    src = _plugin(tmp_path, """
+        class MyPlugin(Plugin):
+            def get_send_file_max_age(self, filename):
+                return 100
+
+        plugin = MyPlugin("bp", __name__)
+    """, extra={"parity/static/index.html": "hi\n"})
+    gp.load_directory("bp", src)
+    with app.test_client().get("/bp/static/index.html") as rv:
+        assert parse_cache_control_header(rv.headers["Cache-Control"]).max_age == 100
+
+
+# -- templates (Flask: test_templates_list, test_templates_and_static) -------------
+
+
+def test_host_list_templates_lists_live_plugins_templates(tmp_path: Path, make_gp: MakeGP) -> None:
+    from flask import render_template
+    from jinja2 import TemplateNotFound
+
+    app = _host()
+    gp = make_gp(app)
+    source = """
+        plugin = Plugin("{name}", __name__)
+
+        @plugin.route("/")
+        def index():
+            return render_template("{name}/index.html")
+    """
+    for name in ("admin", "frontend"):
+        src = _plugin(tmp_path / name, source.format(name=name), package=name, extra={
+            f"{name}/templates/{name}/index.html": f"Hello from the {name}",
+            f"{name}/templates/{name}/nested/nested.txt": "I'm nested",
+        })
+        gp.load_directory(name, src)
+    assert sorted(app.jinja_env.list_templates()) == [
+        "admin/index.html", "admin/nested/nested.txt", "frontend/index.html", "frontend/nested/nested.txt",
+    ]
+    assert sorted(app.jinja_env.list_templates(extensions=["html"])) == ["admin/index.html", "frontend/index.html"]
+    client = app.test_client()
+    assert client.get("/admin/").text == "Hello from the admin"
+    assert client.get("/frontend/").text == "Hello from the frontend"
+    with app.test_request_context(), pytest.raises(TemplateNotFound) as info:
+        render_template("missing.html")
+    assert info.value.name == "missing.html"
+    gp.stop("frontend")
+    assert sorted(app.jinja_env.list_templates()) == ["admin/index.html", "admin/nested/nested.txt"]
