@@ -17,6 +17,7 @@ codes (see :mod:`gitplug.cli`)::
     │   ├── PluginImportError    syntax / import / import-time error, with file and line
     │   ├── EntryPointError      the entry object is missing or not a Plugin
     │   │   └── PluginNameMismatch   Plugin("x") configured under another name
+    │   ├── ReleaseModified      the release on disk differs from what was staged
     │   ├── OnLoadFailed         an ``on_load`` callback raised
     │   └── HealthCheckFailed    ``health_check`` returned False or raised
     ├── MountError               a prefix or name clashes with the host or another plugin
@@ -191,6 +192,10 @@ class PluginLoadError(GitplugError):
 
 class PluginImportError(PluginLoadError):
     """A module of the release has a syntax error or failed to import."""
+
+
+class ReleaseModified(PluginLoadError):
+    """The release's files differ from its manifest: something changed them after staging."""
 
 
 class EntryPointError(PluginLoadError):

@@ -16,7 +16,7 @@ import pytest
 
 from gitplug.deploy.gitsource import GitSource
 from gitplug.deploy.releases import Release, ReleaseStore, TestRecord
-from gitplug.errors import RefNotFound, StagingError, UnsafeTree
+from gitplug.errors import FetchError, RefNotFound, StagingError, UnsafeTree
 from gitrepo import MODE_EXEC, MODE_FILE, MODE_GITLINK, MODE_LINK, GitRepo
 
 
@@ -66,7 +66,10 @@ def test_stage_writes_an_immutable_checkout_with_metadata(
     assert (root / "hello/templates/index.html").read_text() == "<p>{{ greeting }}</p>\n"
     assert stat.S_IMODE((root / "bin/run.sh").stat().st_mode) == 0o555
     assert stat.S_IMODE((root / "hello/__init__.py").stat().st_mode) == 0o444
-    assert stat.S_IMODE((root / "hello/templates").stat().st_mode) == 0o755
+    # Directories are not writable once in place; only .gitplug/ (the verdict) is.
+    assert stat.S_IMODE((root / "hello/templates").stat().st_mode) == 0o555
+    assert stat.S_IMODE(root.stat().st_mode) == 0o555
+    assert stat.S_IMODE((root / ".gitplug").stat().st_mode) == 0o755
     assert os.readlink(root / "current") == "hello"
     assert (root / "current" / "__init__.py").is_file()
     assert (root / "hello/templates/run").read_text().startswith("#!/bin/sh")
@@ -166,8 +169,11 @@ UNSAFE_TREES = [
 
 @pytest.mark.parametrize(("entries", "literal", "path", "why"), UNSAFE_TREES)
 def test_unsafe_trees_are_refused_before_anything_is_written(
-        origin: GitRepo, source: GitSource, store: ReleaseStore,
+        origin: GitRepo, store: ReleaseStore, tmp_path: Path,
         entries: dict[bytes, tuple[int, bytes]], literal: bool, path: str, why: str) -> None:
+    # Through dulwich: the git command refuses some of these trees at fetch already
+    # (see the next test); the stager must refuse them whatever fetched them.
+    source = GitSource(tmp_path / "mirrors", git_command=None)
     entries = {b"ok.txt": (MODE_FILE, b"fine"), **entries}
     commit = origin.commit_tree_raw(entries, "hostile", literal_names=literal)
     expected = f"plugin 'hello': refusing to stage commit {commit}: tree entry {path!r}"
@@ -175,6 +181,17 @@ def test_unsafe_trees_are_refused_before_anything_is_written(
         _stage(store, source, origin, commit)
     assert info.value.path == path
     assert (info.value.plugin, info.value.commit) == ("hello", commit)
+    assert _leftovers(store) == []
+
+
+def test_git_fetch_refuses_a_malformed_tree_clearly(
+        origin: GitRepo, source: GitSource, store: ReleaseStore) -> None:
+    assert source.git_command, "the git command is installed here"
+    commit = origin.commit_tree_raw({b"a//b": (MODE_FILE, b"x")}, "hostile")
+    with pytest.raises(FetchError, match=r"plugin 'hello': could not fetch .*: git fetch exited "
+                       r"with status 128 \(remote: empty filename in tree entry\)\. git refuses "
+                       r"an object of that repository"):
+        _stage(store, source, origin, commit)
     assert _leftovers(store) == []
 
 
@@ -243,7 +260,7 @@ def test_record_test_result(origin: GitRepo, source: GitSource, store: ReleaseSt
     assert release.test == passed
     assert store.get("hello", head) == release
     assert sorted(p.name for p in (release.path / ".gitplug").iterdir()) == [
-        "release.json", "test.json"]
+        "manifest.json", "release.json", "test.json"]
     with pytest.raises(StagingError, match=r"cannot record a test result: no complete release "
                        r"of a{40}"):
         store.record_test_result("hello", "a" * 40, passed)

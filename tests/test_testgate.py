@@ -76,7 +76,9 @@ def test_passing_run_writes_header_output_and_footer(release: Path, log_path: Pa
     log = log_path.read_text()
     command = shlex.join([sys.executable, "-c", "print('all good')"])
     assert log.startswith(f"# gitplug test gate: {command}\n")
-    assert f"# cwd: {release}\n" in log
+    scratch = re.search(r"# cwd: (\S+) \(a scratch copy of (\S+)\)\n", log)
+    assert scratch and scratch.group(2) == str(release)
+    assert not Path(scratch.group(1)).exists()  # removed after the run
     assert re.search(r"# started: \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", log)
     assert "all good\n" in log
     assert re.search(r"# exit code 0 after \d+\.\d\ds\n$", log)
@@ -205,10 +207,11 @@ def test_pythonpath_has_release_then_extra_paths(
     extra = tmp_path / "extra"
     extra.mkdir()
     (extra / "extra_mod.py").write_text("VALUE = 42\n")
-    code = "import os, hello, extra_mod\nprint(hello.GREETING, extra_mod.VALUE, os.getcwd())"
+    code = ("import os, sys, hello, extra_mod\n"
+            "print(hello.GREETING, extra_mod.VALUE, os.getcwd() == sys.path[1])")
     result = gate(release, log_path, code, extra_pythonpath=[extra])
     assert result.passed, result.output_tail
-    assert result.output_tail == f"hi 42 {release}"
+    assert result.output_tail == "hi 42 True"  # cwd is the scratch copy, first on the path
 
 
 def test_real_pytest_run_leaves_no_bytecode_in_the_release(release: Path, log_path: Path) -> None:
@@ -260,7 +263,7 @@ def test_missing_command_fails_clearly(release: Path, log_path: Path) -> None:
     assert result.output_tail == (
         "command not found: no-such-test-runner; set `test:` in deploy.yaml"
     )
-    assert "command not found" in log_path.read_text()
+    assert "command not found: no-such-test-runner" in log_path.read_text()
 
 
 def test_missing_release_dir_fails_clearly(tmp_path: Path, log_path: Path) -> None:

@@ -46,7 +46,8 @@ logger = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- validating
 
 _TOP_KEYS = ("data_dir", "poll_interval", "keep_releases", "state", "host_id", "admin_token",
-             "webhook", "api_prefix", "push_max_size", "public_url", "notify", "plugins")
+             "webhook", "api_prefix", "push_max_size", "public_url", "notify", "limits",
+             "test_sandbox", "test_user", "plugins")
 _HOST_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:@-]{0,127}\Z")
 _NOTIFY_KEYS = ("url", "events", "format", "plugins", "secret", "token", "timeout")
 #: The path a forge status entry's ``url`` must end with (the repository's API URL).
@@ -58,6 +59,8 @@ _FORGE_PATHS = {
     "gitea": (re.compile(r"/api/v1/repos/[^/]+/[^/]+\Z"),
               "https://gitea.example.com/api/v1/repos/OWNER/REPO"),
 }
+_LIMIT_KEYS = ("max_file_size", "max_release_size", "max_files")
+_SANDBOXES = ("none", "bwrap")
 _PLUGIN_KEYS = ("repo", "ref", "url_prefix", "entry", "poll_interval", "test", "test_timeout",
                 "auto_rollback", "config", "push_token", "allow_force_push")
 #: ``repo: push``: gitplug hosts the repository itself.
@@ -202,6 +205,41 @@ class _Checker:
             return None
         return secret
 
+    def limits(self, value: Any) -> dict[str, int]:
+        path: _KeyPath = ("limits",)
+        if not isinstance(value, Mapping):
+            self.fail(path, "a mapping such as {max_file_size: 100MiB, max_release_size: 1GiB, "
+                            "max_files: 50000}", value)
+            return {}
+        self.keys(path, value, _LIMIT_KEYS)
+        found: dict[str, int] = {}
+        for key in ("max_file_size", "max_release_size"):
+            if key in value and (size := self.size(path + (key,), value[key])) is not None:
+                found[key] = size
+        if "max_files" in value:
+            count = self.integer(path + ("max_files",), value["max_files"],
+                                 "an integer >= 1 (files per release)")
+            if count is not None:
+                found["max_files"] = count
+        return found
+
+    def test_user(self, value: Any) -> str | None:
+        path: _KeyPath = ("test_user",)
+        if value is None:
+            return None
+        user = self.string(path, value, "a user name or a numeric uid to run tests as")
+        if user is None:
+            return None
+        import pwd  # Unix only, like the test gate that uses it
+
+        try:
+            entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+        except (KeyError, OverflowError):
+            self.report.add(path, f"no user {user!r} on this host: create it (useradd) or name "
+                                  "an existing one (README \"Security model\")")
+            return None
+        return entry.pw_name
+
     def prefix(self, path: _KeyPath, value: Any, *, api: bool = False) -> str | None:
         prefix = self.string(path, value, "a URL path prefix such as '/hello'")
         problem = (_api_prefix_problem if api else prefix_problem)(prefix) if prefix else None
@@ -257,6 +295,15 @@ class _Checker:
         push_max_size = DEFAULT_PUSH_MAX_SIZE
         if "push_max_size" in data:
             push_max_size = self.size(("push_max_size",), data["push_max_size"]) or push_max_size
+        limits = self.limits(data["limits"]) if "limits" in data else {}
+        sandbox = "none"
+        if "test_sandbox" in data:
+            raw_sandbox = data["test_sandbox"]
+            if raw_sandbox in _SANDBOXES:
+                sandbox = raw_sandbox
+            else:
+                self.fail(("test_sandbox",), "none or bwrap", raw_sandbox)
+        test_user = self.test_user(get("test_user"))
         plugins: dict[str, PluginConfig] = {}
         raw_plugins = get("plugins")
         if isinstance(raw_plugins, Mapping):
@@ -279,7 +326,8 @@ class _Checker:
                              push_max_size=push_max_size,
                              public_url=public_url.rstrip("/") if public_url else None, notify=notify,
                              plugins=plugins, source=self.report.file,
-                             base_dir=self.base_dir)
+                             base_dir=self.base_dir, test_sandbox=sandbox, test_user=test_user,
+                             **limits)
 
     def http_url(self, path: _KeyPath, value: Any, what: str) -> str | None:
         """An ``http://`` or ``https://`` URL with a host."""
@@ -493,7 +541,10 @@ class _Checker:
                 self.fail(path, what + " with a host and a path", value)
             return None
         colon, slash = repo.find(":"), repo.find("/")
-        if colon >= 0 and (slash < 0 or colon < slash):
+        # A path that exists here, or is spelled as one, is local whatever it holds.
+        looks_local = repo.startswith(("/", "./", "../", "~")) or os.path.exists(
+            os.path.join(self.base_dir, os.path.expanduser(repo)))
+        if colon >= 0 and (slash < 0 or colon < slash) and not looks_local:
             # Like git: a ':' before any '/' makes it scp-like ssh ([user@]host:path).
             if repo[:colon].rpartition("@")[2] and repo[colon + 1:]:
                 return repo

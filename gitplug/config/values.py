@@ -142,6 +142,14 @@ class GitplugConfig:
     public_url: str | None = None
     #: Outgoing notifications, in file order.
     notify: tuple[NotifyTarget, ...] = ()
+    #: ``limits``: what one release may hold, checked before a blob is inflated.
+    max_file_size: int = 100 * 1024 * 1024
+    max_release_size: int = 1024 * 1024 * 1024
+    max_files: int = 50_000
+    #: ``test_sandbox``: "none" or "bwrap" (README "Security model").
+    test_sandbox: str = "none"
+    #: ``test_user``: run the test gate as this user (the server must be root).
+    test_user: str | None = None
     #: Insertion order is the order of the file.
     plugins: Mapping[str, PluginConfig] = field(
         default_factory=lambda: MappingProxyType({}), hash=False

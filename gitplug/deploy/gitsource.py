@@ -13,6 +13,17 @@ Timeouts: ``timeout`` bounds every HTTP connect and read (urllib3); for ssh
 it is ``ConnectTimeout`` plus a keep-alive that drops a silent server (unless
 ``GIT_SSH_COMMAND`` is set). Local paths and ``git://`` have none in dulwich.
 
+Bounded memory: dulwich inflates whole objects in memory (a local fetch of a
+600 MiB blob costs about twice that, a loose object over 512 MiB fails in
+zlib). Where the ``git`` command is installed, local repositories are
+fetched with ``git fetch`` (a child process with a deadline, an argument
+list and a scrubbed environment), and blobs are sized with ``git cat-file
+--batch-check`` and streamed with ``git cat-file --batch``, so the server
+never holds a whole blob. Without ``git``, sizes come from the object
+headers (loose objects: the first inflated bytes; packs: the entry header
+and a delta's target size) and a blob is read whole only once its size is
+known to be within the caller's limit.
+
 Fetches into one mirror are serialised (threads and processes) by ``flock``
 on ``<mirror>.lock``; readers take no lock, as dulwich writes atomically.
 Every failure is a FetchError or RefNotFound naming plugin, URL, ref, cause.
@@ -27,7 +38,12 @@ import logging
 import os
 import re
 import shutil
+import signal
+import struct
+import subprocess
+import threading
 import time
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -57,6 +73,8 @@ _HINT = "Check that the repository exists and this host can reach it."
 _EMPTY = "the repository {url} is empty (no branches or tags). Push a commit to it."
 _HEX = re.compile(r"^[0-9a-f]+$")
 _MIRRORED = (b"refs/heads/", b"refs/tags/")
+#: Where ``git fetch`` puts what it fetched, before the mirror's refs are rewritten.
+_GIT_FETCH_NS = b"refs/gitplug-fetch/"
 _E = TypeVar("_E", bound=SourceError)
 
 #: What dulwich, urllib3 and the OS raise for an unreachable or unreadable
@@ -70,7 +88,11 @@ _GIT_ERRORS: tuple[type[BaseException], ...] = (
     dulwich_errors.WrongObjectException, dulwich_errors.RefFormatError,
     dulwich_client.HTTPUnauthorized, dulwich_client.HTTPProxyUnauthorized,
     dulwich_client.StrangeHostname,
+    # A damaged or hostile object store: dulwich lets these through as they are.
+    zlib.error, struct.error, EOFError, AssertionError, IndexError,
 )
+#: Bytes read from a blob in one go when streaming it.
+CHUNK = 1024 * 1024
 _CAUSES = ((dulwich_errors.NotGitRepository, "no git repository there"),
            (dulwich_errors.HangupException, "the remote end hung up"),
            (dulwich_client.HTTPUnauthorized, "authentication required (HTTP 401)"))
@@ -113,9 +135,14 @@ class TreeEntry:
 class GitSource:
     """Mirrors of plugin repositories under ``mirrors_dir``; see the module docstring."""
 
-    def __init__(self, mirrors_dir: Path, *, timeout: float = 60.0) -> None:
+    def __init__(self, mirrors_dir: Path, *, timeout: float = 60.0,
+                 git_command: str | None | bool = True) -> None:
+        """``git_command``: True finds ``git`` on PATH; a path uses it; None/False never does."""
         self.mirrors_dir = Path(mirrors_dir)
         self.timeout = timeout
+        if git_command is True:
+            git_command = shutil.which("git")
+        self.git_command: str | None = git_command or None
 
     def __repr__(self) -> str:
         return f"GitSource({str(self.mirrors_dir)!r}, timeout={self.timeout:g})"
@@ -174,12 +201,25 @@ class GitSource:
             if extra or any(sha not in repo.object_store for sha in refs.values()):
                 logger.info("plugin %s: fetching %s", plugin, redact_url(url))
 
-                def wants(remote: Any, depth: Any = None) -> list[bytes]:
-                    tips = set(_branches_and_tags(remote).values()) | set(extra)
-                    return [sha for sha in tips if sha not in repo.object_store]
+                kind, location = classify_url(url)
+                if kind == "local" and self.git_command and not extra:
+                    # dulwich inflates every object of a local fetch in memory. (A
+                    # ``want`` comes from the push remote, bounded by push_max_size.)
+                    self._git_fetch(plugin, url, location, repo)
+                    repo.object_store._update_pack_cache()  # see the new pack
+                    fetched = {k: v for k, v in repo.get_refs().items()
+                               if k.startswith(_GIT_FETCH_NS)}
+                    refs = _branches_and_tags({b"refs/" + k[len(_GIT_FETCH_NS):]: v
+                                               for k, v in fetched.items()})
+                    for name in fetched:
+                        repo.refs.remove_if_equals(name, None)
+                else:
+                    def wants(remote: Any, depth: Any = None) -> list[bytes]:
+                        tips = set(_branches_and_tags(remote).values()) | set(extra)
+                        return [sha for sha in tips if sha not in repo.object_store]
 
-                result = client.fetch(path, repo, determine_wants=wants)
-                refs, symrefs = _branches_and_tags(result.refs), result.symrefs
+                    result = client.fetch(path, repo, determine_wants=wants)
+                    refs, symrefs = _branches_and_tags(result.refs), result.symrefs
             if not refs and not want:
                 raise _error(FetchError, plugin, url, None, _EMPTY)
             absent = [r.decode() for r, sha in refs.items() if sha not in repo.object_store]
@@ -255,16 +295,51 @@ class GitSource:
                 yield TreeEntry(prefix + name, mode, child)
 
     def read_blob(self, url: str, blob_sha: bytes, *, plugin: str = "") -> bytes:
-        """The contents of blob ``blob_sha`` (hex, as in :class:`TreeEntry`)."""
-        with contextlib.closing(self.read_blobs(url, [blob_sha], plugin=plugin)) as blobs:
-            return next(blobs)
+        """The contents of blob ``blob_sha`` (hex, as in :class:`TreeEntry`).
 
-    def read_blobs(self, url: str, blob_shas: Iterable[bytes], *, plugin: str = ""
-                   ) -> Iterator[bytes]:
-        """The contents of each blob in ``blob_shas``, in order, opening the mirror once."""
+        Whole, in memory: for small blobs (symlink targets) whose size the
+        caller checked with :meth:`blob_sizes`.
+        """
         with self._open_mirror(plugin, url, None) as repo:
-            for blob_sha in blob_shas:
-                yield _raw(repo, blob_sha, 3)
+            return _raw(repo, blob_sha, 3)
+
+    def blob_sizes(self, url: str, blob_shas: Iterable[bytes], *, plugin: str = ""
+                   ) -> dict[bytes, int]:
+        """The size of each blob in ``blob_shas``, read without inflating the blobs.
+
+        Raises FetchError for a missing object or one that is not a blob.
+        """
+        shas = list(dict.fromkeys(blob_shas))
+        if not shas:
+            return {}
+        if self.git_command:
+            return self._git_sizes(plugin, url, shas)
+        with self._open_mirror(plugin, url, None) as repo:
+            return {sha: _object_size(repo, sha, 3) for sha in shas}
+
+    def stream_blobs(self, url: str, blob_shas: Iterable[bytes], *, plugin: str = "",
+                     max_size: int | None = None) -> Iterator[Iterator[bytes]]:
+        """For each blob of ``blob_shas`` in order, an iterator of its contents in chunks.
+
+        Consume each inner iterator to its end before taking the next one.
+        With ``git`` the chunks come from ``git cat-file --batch`` and at most
+        :data:`CHUNK` bytes are held at once; without it a blob is read whole
+        (dulwich), after checking its size against ``max_size``. Raises
+        FetchError for a missing object, one that is not a blob, or a size
+        over ``max_size``.
+        """
+        if self.git_command:
+            yield from self._git_stream(plugin, url, blob_shas, max_size)
+            return
+        with self._open_mirror(plugin, url, None) as repo:
+            for sha in blob_shas:
+                size = _object_size(repo, sha, 3)
+                if max_size is not None and size > max_size:
+                    raise _error(FetchError, plugin, url, None, f"blob {sha.decode()} of {{url}} "
+                                 f"holds {size} bytes, over the limit of {max_size}.")
+                data = _raw(repo, sha, 3)
+                yield iter([data[i:i + CHUNK] for i in range(0, len(data), CHUNK)] or [b""])
+                del data
 
     def tags(self, plugin: str, url: str) -> list[tuple[str, str, int]]:
         """``(tag, commit sha, commit time)`` of the mirror's tags, newest commit first.
@@ -288,6 +363,124 @@ class GitSource:
                 return isinstance(repo.object_store[sha.encode()], Commit)
         except FetchError:  # no mirror, or an unreadable one
             return False
+
+    # -- the git command ------------------------------------------------------
+
+    def _git_env(self) -> dict[str, str]:
+        """An environment of its own for ``git``: no user config, no prompts, no secrets."""
+        config = self.mirrors_dir / ".gitconfig"
+        if not config.exists():
+            # Global scope, the only one safe.directory is read from: the mirror and
+            # a local repository may belong to another user.
+            self.mirrors_dir.mkdir(parents=True, exist_ok=True)
+            tmp = config.with_name(f".gitconfig.{os.getpid()}.{threading.get_ident()}")
+            tmp.write_text("[safe]\n\tdirectory = *\n[core]\n\tbigFileThreshold = 1m\n")
+            os.replace(tmp, config)
+        return {"PATH": os.environ.get("PATH", os.defpath), "LC_ALL": "C", "HOME": str(
+            self.mirrors_dir), "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": str(config),
+            "GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "", "SSH_ASKPASS": ""}
+
+    def _git_fetch(self, plugin: str, url: str, location: str, repo: Repo) -> None:
+        """``git fetch`` every branch and tag of the local repository ``location``."""
+        assert self.git_command
+        deadline = max(self.timeout, 1.0) * 10  # a local copy of a big repository is slow
+        argv = [self.git_command, "--git-dir", str(repo.path), "fetch", "--quiet",
+                "--no-tags", "--no-write-fetch-head", "--no-auto-gc", "--", location,
+                f"+refs/heads/*:{_GIT_FETCH_NS.decode()}heads/*",
+                f"+refs/tags/*:{_GIT_FETCH_NS.decode()}tags/*"]
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, env=self._git_env(),
+                                start_new_session=True, close_fds=True)
+        try:
+            _, err = proc.communicate(timeout=deadline)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            raise _error(FetchError, plugin, url, None, f"could not fetch {{url}}: git fetch "
+                         f"timed out after {deadline:g}s. {_HINT}") from None
+        finally:
+            _kill_group(proc)
+        if proc.returncode != 0:
+            lines = [line.strip() for line in err.decode("utf-8", "replace").splitlines()
+                     if line.strip()]
+            # The first fatal line says why; the last is often "bad pack header".
+            fatal = ([line for line in lines if line.startswith("remote: fatal:")]
+                     or [line for line in lines if "fatal:" in line] or lines)
+            cause = fatal[0].replace("fatal: ", "", 1) if fatal else ""
+            hint = _HINT
+            if cause.startswith("remote:"):
+                hint = ("git refuses an object of that repository (a malformed or damaged "
+                        "tree or blob): fix the repository, or push a commit without it.")
+            raise _error(FetchError, plugin, url, None, f"could not fetch {{url}}: git fetch "
+                         f"exited with status {proc.returncode}"
+                         + (f" ({cause[:300]})" if cause else "") + f". {hint}")
+
+    @contextlib.contextmanager
+    def _cat_file(self, plugin: str, url: str, mode: str) -> Iterator[subprocess.Popen[bytes]]:
+        """``git cat-file --<mode>`` on the mirror; killed on the way out."""
+        assert self.git_command
+        mirror = self.mirror_path(url)
+        if not mirror.is_dir():
+            raise _error(FetchError, plugin, url, None, "{url} has not been fetched yet (no "
+                         f"mirror at {mirror}). Fetch it first.")
+        try:
+            proc = subprocess.Popen(
+                [self.git_command, "--git-dir", str(mirror), "cat-file", f"--{mode}"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                env=self._git_env(), start_new_session=True, close_fds=True, bufsize=0)
+        except OSError as exc:
+            raise _error(FetchError, plugin, url, None, f"could not run {self.git_command} on "
+                         f"the mirror of {{url}}: {exc}. Check the git installation.") from exc
+        # A hung git must not hold the deploy lock forever.
+        timer = threading.Timer(max(self.timeout, 1.0) * 10, _kill_group, (proc,))
+        timer.daemon = True
+        timer.start()
+        try:
+            yield proc
+        except (OSError, ValueError) as exc:  # a broken pipe: git died
+            raise _error(FetchError, plugin, url, None, f"reading the mirror of {{url}} with "
+                         f"git cat-file failed: {exc}. Retry; if it persists, delete {mirror} "
+                         "so it is fetched afresh.") from exc
+        finally:
+            timer.cancel()
+            _kill_group(proc)
+
+    def _git_header(self, plugin: str, url: str, proc: subprocess.Popen[bytes],
+                    sha: bytes) -> int:
+        """Ask ``cat-file`` for ``sha``; return the blob's size (its contents may follow)."""
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(sha + b"\n")
+        line = _read_line(proc.stdout)
+        parts = line.split()
+        if len(parts) != 3 or parts[0] != sha:
+            what = "is missing from" if line.endswith(b"missing") else "is unreadable in"
+            raise _error(FetchError, plugin, url, None, f"object {sha.decode()} {what} the "
+                         "mirror of {url}. Retry; if it persists, delete "
+                         f"{self.mirror_path(url)} so it is fetched afresh.")
+        if parts[1] != b"blob":
+            raise _error(FetchError, plugin, url, None, f"object {sha.decode()} of {{url}} is "
+                         f"a {parts[1].decode()}, not a blob.")
+        return int(parts[2])
+
+    def _git_sizes(self, plugin: str, url: str, shas: list[bytes]) -> dict[bytes, int]:
+        with self._cat_file(plugin, url, "batch-check") as proc:
+            return {sha: self._git_header(plugin, url, proc, sha) for sha in shas}
+
+    def _git_stream(self, plugin: str, url: str, shas: Iterable[bytes],
+                    max_size: int | None) -> Iterator[Iterator[bytes]]:
+        with self._cat_file(plugin, url, "batch") as proc:
+            stdout = proc.stdout
+            assert stdout is not None
+            for sha in shas:
+                size = self._git_header(plugin, url, proc, sha)
+                if max_size is not None and size > max_size:
+                    raise _error(FetchError, plugin, url, None, f"blob {sha.decode()} of {{url}} "
+                                 f"holds {size} bytes, over the limit of {max_size}.")
+                chunks = _read_exactly(stdout, size)
+                yield chunks
+                for _rest in chunks:  # the caller stopped early: skip what is left
+                    pass
+                if _read_exactly_bytes(stdout, 1) != b"\n":
+                    raise OSError("git cat-file output out of step")
 
     # -- internals ------------------------------------------------------------
 
@@ -441,6 +634,150 @@ def _raw(repo: Repo, sha: bytes, type_num: int) -> bytes:
     return data
 
 
+def _object_size(repo: Repo, sha: bytes, type_num: int) -> int:
+    """The size of object ``sha`` read from its header, without inflating its contents.
+
+    Loose objects: the first inflated bytes (``blob <size>\\0``). Packed
+    objects: the entry header, and for a delta the target size at the start
+    of the delta data. ValueError for a type other than ``type_num``,
+    KeyError for a missing object.
+    """
+    hexsha = sha.decode()
+    loose = Path(repo.object_store.path) / hexsha[:2] / hexsha[2:]
+    if loose.is_file():
+        inflater = zlib.decompressobj()
+        head = b""
+        with loose.open("rb") as handle:
+            while b"\0" not in head and len(head) < 64:
+                raw = handle.read(256)
+                if not raw:
+                    break
+                head += inflater.decompress(raw, 64 - len(head))
+        kind, _, rest = head.partition(b" ")
+        size = rest.split(b"\0", 1)[0]
+        if kind not in _TYPE_NAMES or not size.isdigit():
+            raise ValueError(f"loose object {hexsha} has a malformed header")
+        if _TYPE_NAMES[kind] != type_num:
+            raise ValueError(f"object {hexsha} has type {_TYPE_NAMES[kind]}, expected {type_num}")
+        return int(size)
+    binary = bytes.fromhex(hexsha)
+    for pack in repo.object_store.packs:
+        try:
+            offset = pack.index.object_offset(binary)
+        except KeyError:
+            continue
+        return _packed_size(repo, pack, offset, type_num, hexsha)
+    raise KeyError(hexsha)
+
+
+#: Loose object type names; pack entries use the numbers.
+_TYPE_NAMES = {b"commit": 1, b"tree": 2, b"blob": 3, b"tag": 4}
+_OFS_DELTA, _REF_DELTA = 6, 7
+
+
+def _packed_size(repo: Repo, pack: Any, offset: int, type_num: int, hexsha: str) -> int:
+    """The size of the pack entry at ``offset`` once resolved (a delta's target size)."""
+    with open(pack._data_path, "rb") as handle:  # dulwich keeps no public full path
+        kind, size, pos, base_offset = _pack_entry(handle, pack, offset)
+        if base_offset is None:
+            if kind != type_num:
+                raise ValueError(f"object {hexsha} has type {kind}, expected {type_num}")
+            return size
+        # A delta: its data starts with the base's size, then the target's.
+        handle.seek(offset + pos)
+        inflater = zlib.decompressobj()
+        delta = b""
+        while len(delta) < 20 and not inflater.eof:
+            raw = handle.read(256)
+            if not raw:
+                break
+            delta += inflater.decompress(raw, 20 - len(delta))
+        _base, at = _varint(delta, 0)
+        target, _ = _varint(delta, at)
+        for _hop in range(10000):  # the type is the base's, at the end of the chain
+            kind, _size, _pos, next_offset = _pack_entry(handle, pack, base_offset)
+            if next_offset is None:
+                break
+            base_offset = next_offset
+        if kind != type_num:
+            raise ValueError(f"object {hexsha} has type {kind}, expected {type_num}")
+        return target
+
+
+def _pack_entry(handle: Any, pack: Any, offset: int) -> tuple[int, int, int, int | None]:
+    """``(type, size, header length, base offset or None)`` of the pack entry at ``offset``."""
+    handle.seek(offset)
+    head = handle.read(64)
+    byte = head[0]
+    kind, size, shift, pos = (byte >> 4) & 7, byte & 15, 4, 1
+    while byte & 0x80:
+        byte, pos = head[pos], pos + 1
+        size |= (byte & 0x7F) << shift
+        shift += 7
+    if kind == _OFS_DELTA:
+        byte, pos = head[pos], pos + 1
+        back = byte & 0x7F
+        while byte & 0x80:
+            byte, pos = head[pos], pos + 1
+            back = ((back + 1) << 7) | (byte & 0x7F)
+        return kind, size, pos, offset - back
+    if kind == _REF_DELTA:
+        return kind, size, pos + 20, pack.index.object_offset(head[pos:pos + 20])
+    return kind, size, pos, None
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    """A git delta header's little-endian base-128 number at ``pos``; (value, next pos)."""
+    value = shift = 0
+    while True:
+        byte = data[pos]
+        value |= (byte & 0x7F) << shift
+        pos, shift = pos + 1, shift + 7
+        if not byte & 0x80:
+            return value, pos
+
+
+def _read_line(stream: Any) -> bytes:
+    """One line of ``git cat-file`` output, without its newline; OSError at EOF."""
+    line = bytearray()
+    while True:
+        byte = stream.read(1)
+        if not byte:
+            raise OSError("git cat-file exited early")
+        if byte == b"\n":
+            return bytes(line)
+        line += byte
+        if len(line) > 4096:
+            raise OSError("git cat-file printed an overlong line")
+
+
+def _read_exactly_bytes(stream: Any, size: int) -> bytes:
+    return b"".join(_read_exactly(stream, size))
+
+
+def _read_exactly(stream: Any, size: int) -> Iterator[bytes]:
+    """Up to :data:`CHUNK` bytes at a time, ``size`` in all; OSError if the stream ends first."""
+    left = size
+    while left > 0:
+        chunk = stream.read(min(left, CHUNK))
+        if not chunk:
+            raise OSError("git cat-file output ended early")
+        left -= len(chunk)
+        yield chunk
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL ``proc``'s process group (it leads one) unless it has exited; reap it."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    for stream in (proc.stdin, proc.stdout, proc.stderr):
+        if stream is not None:
+            with contextlib.suppress(OSError):
+                stream.close()
+    proc.wait()
+
+
 def _peel(repo: Repo, sha: bytes) -> Any:
     """The object ``sha`` names, with annotated tags (also tags of tags) peeled off."""
     obj = repo.object_store[sha]
@@ -490,7 +827,8 @@ def classify_url(url: str) -> tuple[Literal["local", "http", "ssh", "git"], str]
         if kind == "local":
             return kind, os.path.abspath(os.path.expanduser(unquote(urlsplit(url).path)))
         return kind, url
-    if url.startswith(("/", ".", "~")) or not _SCP.match(url):
+    # A path that exists here is local whatever it holds (``a:b`` is not ssh then).
+    if url.startswith(("/", ".", "~")) or not _SCP.match(url) or os.path.exists(url):
         return "local", os.path.abspath(os.path.expanduser(url))
     return "ssh", url
 

@@ -156,6 +156,7 @@ class Deployer:
             commit=release.commit,
             entry=plugin.entry,
             config=plugin.config,
+            verify=True,
         )
 
     def _secrets(self) -> list[str]:
@@ -258,7 +259,12 @@ class Deployer:
                 release = self.releases.get(name, resolved.commit)
                 if release is None:  # else on disk already: nothing to stage, say nothing
                     say("stage", resolved.commit[:12])
-                    release = self.releases.stage(name, self.git, plugin.repo, resolved.commit, target)
+                    release = self.releases.stage(
+                        name, self.git, plugin.repo, resolved.commit, target,
+                        max_file_bytes=self.config.max_file_size,
+                        max_total_bytes=self.config.max_release_size,
+                        max_files=self.config.max_files,
+                    )
                 stage = Stage.REQUIREMENTS
                 self._check_requirements(plugin, release, say)
                 stage = Stage.TEST
@@ -359,6 +365,8 @@ class Deployer:
         say("failed", f"{stage.value}: {message}")
         logger.warning("plugin %s: deploy %d failed at %s: %s", name, record.id, stage.value, message)
         signals.deploy_failed.send(self, plugin=name, deploy=record, error=exc)
+        # Failed releases count against keep_releases too (their records and logs stay).
+        self._prune(name)
         return record
 
     def _resolve(
@@ -425,6 +433,8 @@ class Deployer:
             log_path=log_path,
             secrets=self._secrets(),
             extra_pythonpath=[_GITPLUG_PARENT],
+            sandbox=self.config.test_sandbox,
+            test_user=self.config.test_user,
         )
         release = self.releases.record_test_result(
             plugin.name,

@@ -1,21 +1,28 @@
 """Releases: immutable, atomically staged checkouts of one commit of one plugin.
 
-The *stage* step of the pipeline. Staging writes into a temp dir, fsyncs
-everything, writes the metadata last and renames the directory into place,
-so a directory under a final name is always complete (SPEC 4.3). A tree that
-would write outside its release is refused before anything is written.
-Files are read-only (0o444, 0o555 if executable), directories 0o755: a
-release is never edited in place, yet can be deleted. Layout::
+The *stage* step of the pipeline. Staging writes into a temp dir, syncs
+the finished tree once (``syncfs``), writes the metadata last and renames the
+directory into place, so a directory under a final name is always complete
+(README "Guarantees"). A tree that would write outside its release, or that
+is over the limits (``max_files``, ``max_file_size``, ``max_release_size``),
+is refused before anything is written: sizes come from the object headers,
+never from inflating a blob, and blobs are streamed to disk in chunks.
+Files are read-only (0o444, 0o555 if executable), directories 0o555 except
+``.gitplug/`` (the test verdict is written there later); a manifest of every
+entry (git blob id, size, inode and ctime) lets the loader refuse a release
+that changed on disk. Layout::
 
     releases/hello/.tmp-<sha>-<rand>(.lock)  being staged; the stager holds the lock
     releases/hello/<sha>/                    a complete release
-    releases/hello/<sha>/.gitplug/           release.json (metadata), test.json (verdict)
+    releases/hello/<sha>/.gitplug/           release.json (metadata), manifest.json, test.json
 """
 
 from __future__ import annotations
 
 import builtins
 import contextlib
+import ctypes
+import ctypes.util
 import errno
 import fcntl
 import json
@@ -31,7 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from gitplug.deploy.gitsource import MODE_GITLINK, MODE_LINK, GitSource, TreeEntry, redact_url
-from gitplug.errors import StagingError, UnsafeTree
+from gitplug.errors import FetchError, StagingError, UnsafeTree
+from gitplug.runtime.manifest import MANIFEST_NAME, make_manifest
 
 __all__ = ["Release", "ReleaseStore", "TestRecord", "MiB"]
 
@@ -39,7 +47,7 @@ logger = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
 METADATA_DIR = ".gitplug"
-_FORMAT = 1
+_FORMAT = 2  # 2: with manifest.json
 _SHA = re.compile(r"^[0-9a-f]{40}([0-9a-f]{24})?$")
 _PLUGIN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 #: Code points HFS+ ignores in names, so ".g\u200cit" would be ".git" there.
@@ -136,60 +144,102 @@ class ReleaseStore:
         commit: str,
         ref: str,
         *,
-        max_file_bytes: int = 50 * MiB,
-        max_total_bytes: int = 500 * MiB,
+        max_file_bytes: int = 100 * MiB,
+        max_total_bytes: int = 1024 * MiB,
+        max_files: int = 50_000,
     ) -> Release:
         """Write the checkout of ``commit`` as a release and return it.
 
         Idempotent: an existing complete release is returned untouched. The
         commit must be in ``source``'s mirror of ``url``. Raises UnsafeTree
         (naming the path) for a tree that could write outside the release,
-        StagingError for a size limit or a disk error; in every failure case
-        nothing is left under the plugin's releases directory.
+        StagingError for a limit (checked from the tree and the object
+        headers before anything is written or inflated) or a disk error; in
+        every failure case nothing is left under the plugin's releases
+        directory. Memory stays bounded: blobs are streamed in chunks.
         """
         final = self.path_for(plugin, commit)
         existing = self.get(plugin, commit)
         if existing is not None:
             return existing
         info = source.commit_info(url, commit, plugin=plugin)
-        entries = list(source.iter_tree(url, commit, plugin=plugin))
-        plan = _plan(plugin, commit, entries,
-                     lambda sha: source.read_blob(url, sha, plugin=plugin))
+
+        def too_large(what: str, limit: int, at: str, size: int, total: int) -> StagingError:
+            return StagingError(
+                f"plugin {plugin!r}: commit {commit} is too large to stage: {what} size limit "
+                f"of {limit} bytes exceeded at {at!r} ({size} bytes, {total} in total). Remove "
+                "large files from the repository (releases hold code, templates and small "
+                "assets), or raise `limits:` in deploy.yaml (README \"Configuration\").",
+                plugin=plugin, commit=commit)
+
+        entries: list[TreeEntry] = []
+        for entry in source.iter_tree(url, commit, plugin=plugin):
+            entries.append(entry)
+            if len(entries) > max_files:
+                raise StagingError(
+                    f"plugin {plugin!r}: commit {commit} has more than {max_files} files "
+                    "(limits.max_files); nothing was written. Remove generated or vendored "
+                    "files from the repository, or raise `limits: {max_files: N}` in "
+                    "deploy.yaml (README \"Configuration\").", plugin=plugin, commit=commit)
+        sizes: dict[bytes, int] = {}
+
+        def sizes_of(shas: builtins.list[bytes]) -> dict[bytes, int]:
+            with _source_errors(plugin, commit):
+                sizes.update(source.blob_sizes(url, shas, plugin=plugin))
+            return sizes
+
+        with _source_errors(plugin, commit):
+            plan = _plan(plugin, commit, entries, sizes_of,
+                         lambda sha: source.read_blob(url, sha, plugin=plugin))
+        total = 0
+        files = [(parts, entry) for parts, entry, link in plan if link is None]
+        for parts, entry in files:
+            size = sizes[entry.sha]
+            total += size
+            if size > max_file_bytes:
+                raise too_large("file", max_file_bytes, "/".join(parts), size, total)
+            if total > max_total_bytes:
+                raise too_large("release", max_total_bytes, "/".join(parts), size, total)
         meta = {
             "format": _FORMAT, "plugin": plugin, "commit": commit, "ref": ref,
             "url": redact_url(url), "tree": info.tree, "author": info.author,
             "message": info.message, "committed_at": info.committed_at.isoformat(),
             "staged_at": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
+            "files": len(plan), "bytes": total,
         }
         with self._disk_errors(plugin, commit, final.parent), self._temp_dir(final) as tmp, \
                 contextlib.ExitStack() as stack:
-            total = 0
-            files = [(parts, entry) for parts, entry, link in plan if link is None]
-            blobs = stack.enter_context(contextlib.closing(
-                source.read_blobs(url, [entry.sha for _, entry in files], plugin=plugin)))
-            for (parts, entry), data in zip(files, blobs, strict=True):
-                total += len(data)
-                if len(data) > max_file_bytes or total > max_total_bytes:
-                    what, limit = (("file", max_file_bytes) if len(data) > max_file_bytes
-                                   else ("release", max_total_bytes))
-                    raise StagingError(
-                        f"plugin {plugin!r}: commit {commit} is too large to stage: {what} "
-                        f"size limit of {limit} bytes exceeded at {'/'.join(parts)!r} "
-                        f"({len(data)} bytes, {total} in total). Remove large files from the "
-                        "repository; releases hold code, templates and small assets.", plugin=plugin, commit=commit)
-                _write_file(tmp.joinpath(*parts), data, executable=bool(entry.mode & 0o111))
+            blobs = stack.enter_context(contextlib.closing(source.stream_blobs(
+                url, [entry.sha for _, entry in files], plugin=plugin,
+                max_size=max_file_bytes)))
+            made: set[Path] = {tmp}
+            with _source_errors(plugin, commit):
+                for (parts, entry), chunks in zip(files, blobs, strict=True):
+                    target = tmp.joinpath(*parts)
+                    _make_parents(target.parent, made)
+                    written = _write_file(target, chunks, executable=bool(entry.mode & 0o111))
+                    if written != sizes[entry.sha]:
+                        raise StagingError(
+                            f"plugin {plugin!r}: blob {entry.sha.decode()} of {commit} at "
+                            f"{'/'.join(parts)!r} holds {written} bytes, not the "
+                            f"{sizes[entry.sha]} its header says. Delete the mirror "
+                            f"{source.mirror_path(url)} so it is fetched afresh.",
+                            plugin=plugin, commit=commit)
             # Symlinks last: no file is ever written while a link exists in the tree.
             for parts, _entry, link in plan:
                 if link is not None:
-                    tmp.joinpath(*parts).parent.mkdir(parents=True, exist_ok=True)
+                    _make_parents(tmp.joinpath(*parts).parent, made)
                     os.symlink(link, tmp.joinpath(*parts))
-            meta["files"], meta["bytes"] = len(plan), total
             (tmp / METADATA_DIR).mkdir()
+            blob_ids = {"/".join(parts): entry.sha.decode() for parts, entry, _ in plan}
+            _write_file(tmp / METADATA_DIR / MANIFEST_NAME,
+                        [json.dumps(make_manifest(tmp, blob_ids)).encode()], executable=False)
             _write_file(tmp / METADATA_DIR / "release.json",
-                        json.dumps(meta, indent=2).encode(), executable=False)
-            for directory, _dirs, _files in os.walk(tmp):
-                os.chmod(directory, 0o755)
-                _fsync_dir(Path(directory))
+                        [json.dumps(meta, indent=2).encode()], executable=False)
+            # Read-only from here: only .gitplug/ (the test verdict) stays writable.
+            for directory in sorted(made, key=lambda p: len(p.parts), reverse=True):
+                os.chmod(directory, 0o555)
+            _sync_tree(tmp)
             published = self._publish(plugin, commit, tmp, final)
         if published:
             logger.info("plugin %s: staged release %s (%s) at %s", plugin, commit, ref, final)
@@ -212,8 +262,8 @@ class ReleaseStore:
         with self._disk_errors(plugin, commit, target.parent):
             tmp = target.with_name(f".test.json.{secrets.token_hex(4)}")
             try:
-                _write_file(tmp, json.dumps(asdict(record), indent=2).encode(),
-                            executable=False)
+                _write_file(tmp, [json.dumps(asdict(record), indent=2).encode()],
+                            executable=False, sync=True)
                 os.replace(tmp, target)
             finally:
                 tmp.unlink(missing_ok=True)
@@ -333,12 +383,15 @@ def _read_test_record(path: Path) -> TestRecord | None:
 
 
 def _plan(plugin: str, commit: str, entries: Iterable[TreeEntry],
+          sizes_of: Callable[[builtins.list[bytes]], dict[bytes, int]],
           read_link: Callable[[bytes], bytes],
           ) -> builtins.list[tuple[tuple[str, ...], TreeEntry, str | None]]:
     """Validate every path of the tree; return sorted (components, entry, link target).
 
-    Paths are checked before any symlink target is read: a malformed tree
-    (duplicate names) may lack the blobs of its shadowed entries.
+    Paths are checked before any blob is sized or read: a malformed tree
+    (duplicate names) may lack the blobs of its shadowed entries. Then every
+    blob is sized (``sizes_of``, from object headers) and only symlink
+    targets within the size a link may have are read.
     """
 
     def unsafe(path: str, why: str) -> UnsafeTree:
@@ -376,10 +429,13 @@ def _plan(plugin: str, commit: str, entries: Iterable[TreeEntry],
                 kind = "symlink" if above.mode == MODE_LINK else "file"
                 raise unsafe("/".join(parts),
                              f"would be written through the {kind} {'/'.join(parts[:i])!r}")
+    sizes = sizes_of([entry.sha for entry in plan.values()])
     targets: dict[tuple[str, ...], str] = {}
     for parts, entry in plan.items():
         path = "/".join(parts)
         if entry.mode == MODE_LINK:
+            if not 0 < sizes[entry.sha] <= _MAX_LINK:
+                raise unsafe(path, "is a symlink with an empty or invalid target")
             raw = read_link(entry.sha)
             if not raw or b"\0" in raw or len(raw) > _MAX_LINK:
                 raise unsafe(path, "is a symlink with an empty or invalid target")
@@ -429,19 +485,69 @@ def _link_escapes(link: tuple[str, ...], target: str,
     return None
 
 
-def _write_file(path: Path, data: bytes, *, executable: bool) -> None:
-    """Create ``path`` (never through a symlink, never over a file), fsync, make read-only."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _write_file(path: Path, chunks: Iterable[bytes], *, executable: bool,
+                sync: bool = False) -> int:
+    """Create ``path`` (never through a symlink, never over a file), make it read-only.
+
+    Returns the bytes written. No fsync unless ``sync``: staging syncs the
+    finished tree once (:func:`_sync_tree`).
+    """
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                  0o600)
+    written = 0
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
+        for chunk in chunks:
+            view = memoryview(chunk)
+            written += len(view)
+            while view:
+                view = view[os.write(fd, view):]
+        if sync:
+            os.fsync(fd)
         os.fchmod(fd, 0o555 if executable else 0o444)
     finally:
         os.close(fd)
+    return written
+
+
+def _make_parents(directory: Path, made: set[Path]) -> None:
+    """``mkdir -p`` that remembers what exists, so a big tree costs one mkdir per directory."""
+    if directory in made:
+        return
+    _make_parents(directory.parent, made)
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(directory, 0o755)
+    made.add(directory)
+
+
+_LIBC: Any = None
+
+
+def _sync_tree(root: Path) -> None:
+    """Make everything under ``root`` durable in one call: ``syncfs`` where there is one.
+
+    Elsewhere every file and directory is fsynced in one pass at the end
+    (still far cheaper than an fsync after each write).
+    """
+    global _LIBC
+    if _LIBC is None:
+        _LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    syncfs = getattr(_LIBC, "syncfs", None)
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if syncfs is not None and syncfs(fd) == 0:
+            return
+    finally:
+        os.close(fd)
+    for directory, _dirs, files in os.walk(root):
+        for name in files:
+            path = os.path.join(directory, name)
+            if not os.path.islink(path):
+                file_fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+                try:
+                    os.fsync(file_fd)
+                finally:
+                    os.close(file_fd)
+        _fsync_dir(Path(directory))
 
 
 def _fsync_dir(path: Path) -> None:
@@ -470,6 +576,17 @@ def _remove_tree(path: Path) -> None:
             if not os.path.islink(os.path.join(root, name)):
                 os.chmod(os.path.join(root, name), 0o755)
     shutil.rmtree(doomed)
+
+
+@contextlib.contextmanager
+def _source_errors(plugin: str, commit: str) -> Iterator[None]:
+    """A mirror that cannot be read while staging is a StagingError that says what to do."""
+    try:
+        yield
+    except FetchError as exc:
+        cause = str(exc).removeprefix(f"plugin {plugin!r}: ")
+        raise StagingError(f"plugin {plugin!r}: could not stage {commit}: {cause}",
+                           plugin=plugin, commit=commit) from exc
 
 
 @contextlib.contextmanager

@@ -11,15 +11,28 @@ contained::
     if not result.passed:
         ...  # record the deploy as failed at stage "test", show result.output_tail
 
-Containment, and why:
+Containment, and why (README "Security model"):
 
+- the tests run on a *scratch copy* of the release in a temp dir, removed
+  afterwards, so nothing a test writes reaches the release that is loaded;
 - the command is an argument list run without a shell, so a ref or a path in
   it is never interpreted;
-- it runs in a new session (its own process group), so on timeout the whole
-  tree it spawned is signalled: SIGTERM, a short grace, then SIGKILL;
+- it runs under a small *supervisor* process (the server's interpreter, ``-I``)
+  that is a child subreaper (``PR_SET_CHILD_SUBREAPER``): every process the
+  tests start, also one that calls ``setsid`` and drops every variable, is
+  reparented to it when its parent dies, and the supervisor kills and reaps
+  all its descendants before it exits, on success, failure and timeout;
 - its environment is :func:`scrubbed_environment`: no ``GITPLUG_*`` variable,
-  no value equal to one of the server's secrets, no usual credential name,
-  because a plugin's tests are code from a git server, not from the operator;
+  no value that *contains* one of the server's secrets, no usual credential
+  name, because a plugin's tests are code from a git server, not from the
+  operator; and the gate makes the server non-dumpable
+  (``PR_SET_DUMPABLE`` 0) so ``/proc/<server pid>/environ`` is unreadable to
+  other processes of its user (root still reads it: use ``test_user``);
+- ``test_user`` runs the tests as another user (the supervisor drops to it
+  for the test command), so ``data_dir`` and the server's processes are out
+  of reach by permissions; ``sandbox="bwrap"`` runs them in bubblewrap with
+  a read-only root, a private ``/tmp``, no network and only the scratch
+  copy writable;
 - its output goes through a pipe read by a thread that writes at most
   ``max_log_bytes`` to the log and discards the rest, so a test printing
   gigabytes neither fills the disk nor blocks on a full pipe.
@@ -30,14 +43,21 @@ The gate reports; it does not raise. Turning a failed :class:`GateResult` into
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
+import json
 import logging
 import os
 import re
 import selectors
 import shlex
+import shutil
 import signal
+import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -49,7 +69,15 @@ from typing import BinaryIO, cast
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GateResult", "run_test_gate", "scrubbed_environment", "trim_test_log"]
+__all__ = ["GateResult", "run_test_gate", "scrubbed_environment", "trim_test_log",
+           "protect_process", "bwrap_path", "SANDBOXES"]
+
+#: The values of ``test_sandbox``.
+SANDBOXES = ("none", "bwrap")
+#: A secret at least this long is removed wherever it appears in a value;
+#: a shorter one only when it is the whole value (a 3-character secret would
+#: otherwise remove ``PATH``).
+_SUBSTRING_MIN = 8
 
 #: Seconds between SIGTERM and SIGKILL when the test run is stopped.
 KILL_GRACE_S = 2.0
@@ -123,8 +151,10 @@ def scrubbed_environment(
 ) -> dict[str, str]:
     """Return a copy of ``base`` (default ``os.environ``) fit for untrusted tests.
 
-    Removed: every ``GITPLUG_*`` variable; every variable whose value equals
-    one of ``secrets`` (empty secrets are ignored); credential names (see
+    Removed: every ``GITPLUG_*`` variable; every variable whose value holds
+    one of ``secrets`` anywhere (``MY_HEADER="Bearer <token>"``; a secret
+    shorter than 8 characters only as the whole value; empty secrets are
+    ignored), or whose name does; credential names (see
     ``_CREDENTIAL_NAMES``, ``_CREDENTIAL_PREFIXES``,
     ``_CREDENTIAL_SUBSTRINGS``, ``_CREDENTIAL_WORDS``: ``*_TOKEN``,
     ``*SECRET*``, ``*PASSWORD*``, ``*_API_KEY``, ``AWS_*``, ``SSH_AUTH_SOCK``,
@@ -135,9 +165,12 @@ def scrubbed_environment(
     """
     source = os.environ if base is None else base
     secret_values = {s for s in secrets if s}
+    long_secrets = [s for s in secret_values if len(s) >= _SUBSTRING_MIN]
     env: dict[str, str] = {}
     for name, value in source.items():
         if value in secret_values or _is_credential_name(name):
+            continue
+        if any(secret in value or secret in name for secret in long_secrets):
             continue
         if _URL_WITH_PASSWORD.search(value):
             continue
@@ -255,9 +288,9 @@ def _group_alive(pgid: int) -> bool:
         if not entry.isdigit():
             continue
         try:
-            with open(f"/proc/{entry}/stat", "rb") as stat:
+            with open(f"/proc/{entry}/stat", "rb") as stat_file:
                 # "pid (comm) state ppid pgrp ...": comm may hold spaces and parens
-                fields = stat.read().rsplit(b")", 1)[1].split()
+                fields = stat_file.read().rsplit(b")", 1)[1].split()
         except (OSError, IndexError):
             continue
         if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != b"Z":
@@ -266,15 +299,15 @@ def _group_alive(pgid: int) -> bool:
 
 
 #: Environment variable carrying a per-run id; not scrubbed from the gate's
-#: own children because it is set after scrubbing.
+#: own children because it is set after scrubbing. A second line of defence
+#: only: the supervisor finds descendants without it.
 _RUN_MARKER = "PLUGIN_TEST_RUN_ID"
 
 
 def _kill_marked(marker: str | None) -> int:
     """SIGKILL every process whose environment carries this run's marker.
 
-    Catches what the tests started in a session of their own (``setsid``,
-    daemonising servers), which killing the process group misses. Needs
+    A fallback for when the supervisor itself was killed by the tests. Needs
     procfs; returns how many processes were killed.
     """
     if not marker:
@@ -311,17 +344,224 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
         pass
 
 
-def _terminate_group(proc: subprocess.Popen[bytes], grace: float) -> None:
-    """SIGTERM the process group, wait up to ``grace`` seconds, then SIGKILL it."""
-    pgid = proc.pid  # start_new_session: the leader's pid is the group id
-    _signal_group(pgid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        if proc.poll() is not None and not _group_alive(pgid):
-            break
+#: The supervisor: the server's interpreter in isolated mode (-I) with this
+#: program. It makes itself a child subreaper, so every process the tests
+#: start ends up its descendant even after ``setsid`` and a double fork; runs
+#: the command (as ``user``/``group`` if given); on SIGTERM (the gate's
+#: timeout) it sends SIGTERM to all its descendants, waits ``grace`` seconds
+#: for the command, then SIGKILLs them; after the command ends it SIGKILLs
+#: and reaps every descendant left; then it exits as the command did (the
+#: same status, or killed by the same signal). Status 126 with a
+#: ``gitplug test gate:`` line means the command could not be started.
+_SUPERVISOR = r"""
+import ctypes, json, os, signal, subprocess, sys, time
+spec = json.loads(sys.argv[1])
+me = os.getpid()
+if sys.platform.startswith("linux"):
+    ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+stop = []
+signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+
+def descendants():
+    kids = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open("/proc/%s/stat" % entry, "rb") as handle:
+                    fields = handle.read().rsplit(b")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if fields[0] != b"Z":
+                kids.setdefault(int(fields[1]), []).append(int(entry))
+    found, todo = [], [me]
+    while todo:
+        for pid in kids.get(todo.pop(), ()):
+            found.append(pid)
+            todo.append(pid)
+    return found
+
+def signal_all(sig):
+    pids = descendants()
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except OSError:
+            pass
+    return pids
+
+def reap():
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+extra = {}
+if spec["user"] is not None:
+    extra = {"user": spec["user"], "group": spec["group"], "extra_groups": []}
+try:
+    child = subprocess.Popen(spec["argv"], cwd=spec["cwd"], **extra)
+except FileNotFoundError:
+    print("gitplug test gate: command not found: %s" % spec["argv"][0], flush=True)
+    sys.exit(126)
+except OSError as exc:
+    print("gitplug test gate: could not start the test command %s: %s" % (spec["argv"][0], exc),
+          flush=True)
+    sys.exit(126)
+while child.poll() is None and not stop:
+    try:
+        child.wait(timeout=0.1)
+    except subprocess.TimeoutExpired:
+        pass
+if child.returncode is None:
+    signal_all(signal.SIGTERM)
+    deadline = time.monotonic() + spec["grace"]
+    while child.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    _signal_group(pgid, signal.SIGKILL)
-    proc.wait()
+for _ in range(200):
+    if not signal_all(signal.SIGKILL):
+        break
+    if child.returncode is None:
+        child.wait()
+    time.sleep(0.01)
+    reap()
+child.wait()
+reap()
+code = child.returncode
+if code < 0:
+    if -code not in (signal.SIGKILL, signal.SIGSTOP):
+        signal.signal(-code, signal.SIG_DFL)
+    os.kill(me, -code)
+sys.exit(code)
+"""
+
+#: The supervisor's status and line when it could not start the command.
+_NOT_STARTED = 126
+_NOT_STARTED_PREFIX = "gitplug test gate: "
+#: Seconds the gate waits for the supervisor beyond the grace before it kills it.
+_SUPERVISOR_SLACK_S = 5.0
+
+
+def protect_process() -> bool:
+    """Make this process non-dumpable, so others of its user cannot read its memory.
+
+    ``prctl(PR_SET_DUMPABLE, 0)`` makes ``/proc/<pid>/environ`` (and mem, maps,
+    ptrace) owned by root: a test running as the server's user cannot read
+    the server's secrets there. Root is not stopped by it (use ``test_user``).
+    Side effects: no core dumps, no debugger attach by the same user. Linux
+    only; returns whether it took effect.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        return bool(libc.prctl(4, 0, 0, 0, 0) == 0)  # PR_SET_DUMPABLE
+    except (OSError, AttributeError):
+        return False
+
+
+def bwrap_path() -> str | None:
+    """The bubblewrap binary, if installed."""
+    return shutil.which("bwrap")
+
+
+def _bwrap_argv(bwrap: str, scratch: Path, readable: list[str]) -> list[str]:
+    """Bubblewrap: read-only root, private /tmp, /dev and /proc, no network, scratch writable."""
+    argv = [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
+            "--tmpfs", "/tmp", "--tmpfs", "/var/tmp", "--tmpfs", "/dev/shm"]
+    for path in readable:  # what a private /tmp would hide (a venv under /tmp)
+        if path.startswith(("/tmp/", "/var/tmp/")):
+            argv += ["--ro-bind", path, path]
+    argv += ["--bind", str(scratch), str(scratch), "--unshare-net", "--unshare-pid",
+             "--unshare-ipc", "--unshare-uts", "--die-with-parent", "--new-session",
+             "--chdir", str(scratch), "--"]
+    return argv
+
+
+def _allowed(info: os.stat_result, uid: int, gid: int, bits: int) -> bool:
+    if uid == 0:
+        return True
+    if info.st_uid == uid:
+        shift = 6
+    elif info.st_gid == gid:
+        shift = 3
+    else:
+        shift = 0
+    return (info.st_mode >> shift) & bits == bits
+
+
+def _user_cannot(path: str, uid: int, gid: int, bits: int) -> str | None:
+    """Why user ``uid`` cannot use ``path`` with ``bits`` (4 read, 1 execute), or None."""
+    real = os.path.realpath(path)
+    parts = real.split(os.sep)
+    for i in range(1, len(parts)):
+        directory = os.sep.join(parts[:i]) or os.sep
+        try:
+            if not _allowed(os.stat(directory), uid, gid, 1):
+                return f"the directory {directory} is not searchable by it"
+        except OSError as exc:
+            return f"{directory}: {exc.strerror}"
+    try:
+        info = os.stat(real)
+    except OSError as exc:
+        return f"{real}: {exc.strerror}"
+    if stat.S_ISDIR(info.st_mode):
+        bits |= 1
+    if not _allowed(info, uid, gid, bits):
+        return f"{real} is not {'readable' if bits & 4 else 'executable'} by it"
+    return None
+
+
+def _scratch_copy(release_dir: Path, owner: tuple[int, int] | None) -> Path:
+    """A writable copy of the release (not its ``.gitplug/``) in a new temp dir.
+
+    Real copies, no hard links: a test that writes to a file of its copy
+    cannot reach the release. With ``owner`` every entry is chowned to it.
+    """
+    root = Path(tempfile.mkdtemp(prefix="gitplug-test-"))
+    scratch = root / release_dir.name
+    os.mkdir(scratch, 0o755)
+    for directory, dirs, files in os.walk(release_dir):
+        rel = os.path.relpath(directory, release_dir)
+        target = scratch if rel == "." else scratch / rel
+        if rel == ".":
+            dirs[:] = [d for d in dirs if d != ".gitplug"]
+        for name in list(dirs):
+            source = os.path.join(directory, name)
+            if os.path.islink(source):
+                os.symlink(os.readlink(source), target / name)
+                dirs.remove(name)
+            else:
+                os.mkdir(target / name, 0o755)
+        for name in files:
+            source = os.path.join(directory, name)
+            if os.path.islink(source):
+                os.symlink(os.readlink(source), target / name)
+                continue
+            shutil.copyfile(source, target / name, follow_symlinks=False)
+            executable = os.stat(source).st_mode & 0o111
+            os.chmod(target / name, 0o755 if executable else 0o644)
+    if owner is not None:
+        for directory, dirs, files in os.walk(root):
+            os.lchown(directory, *owner)
+            for name in dirs + files:
+                os.lchown(os.path.join(directory, name), *owner)
+    return scratch
+
+
+def _remove_scratch(scratch: Path) -> None:
+    root = scratch.parent
+    for directory, dirs, _files in os.walk(root):  # a test may have made dirs read-only
+        for name in dirs:
+            path = os.path.join(directory, name)
+            if not os.path.islink(path):
+                with contextlib.suppress(OSError):
+                    os.chmod(path, 0o755)
+    shutil.rmtree(root, ignore_errors=True)
+    if root.exists():
+        logger.warning("test gate: could not remove the scratch copy %s", root)
 
 
 def _resolve_argv(command: Sequence[str]) -> tuple[str, ...]:
@@ -343,19 +583,26 @@ def run_test_gate(
     secrets: Iterable[str] = (),
     max_log_bytes: int = 5 * 1024 * 1024,
     extra_pythonpath: Sequence[Path] = (),
+    sandbox: str = "none",
+    test_user: str | None = None,
 ) -> GateResult:
-    """Run ``command`` in ``release_dir`` and report whether it passed.
+    """Run ``command`` in a scratch copy of ``release_dir`` and report whether it passed.
 
     Skips (passed) when ``command`` is None (``test: false``), or when it is
     the default command (``is_default``) and the release has no ``tests/``.
     ``python``/``python3`` as first argument means ``sys.executable``.
-    ``PYTHONPATH`` is ``release_dir``, then ``extra_pythonpath``, then any
-    inherited ``PYTHONPATH``. The log holds a header (command, cwd, start
-    time), at most ``max_log_bytes`` in all for header and output, a truncation
-    line if output was dropped, and a footer (exit status, duration). After
-    ``timeout`` seconds the process group gets SIGTERM, then SIGKILL after
-    :data:`KILL_GRACE_S`; processes the tests left behind are killed as well.
-    Never raises for a problem of the command; returns a failed result.
+    The command runs in a writable copy of the release (without its
+    ``.gitplug/``) in a temp dir that is removed afterwards; ``PYTHONPATH``
+    is that copy, then ``extra_pythonpath``, then any inherited
+    ``PYTHONPATH``. The log holds a header (command, cwd, start time), at
+    most ``max_log_bytes`` in all for header and output, a truncation line
+    if output was dropped, and a footer (exit status, duration). After
+    ``timeout`` seconds the tests get SIGTERM, then SIGKILL after
+    :data:`KILL_GRACE_S`; every process they started is killed when the
+    run ends, whatever it did to escape. ``sandbox="bwrap"`` runs the
+    command in bubblewrap; ``test_user`` as that user (the server must be
+    root). Never raises for a problem of the command or the sandbox;
+    returns a failed result that says what to do.
     """
     release_dir = Path(release_dir)
     log_path = Path(log_path)
@@ -368,59 +615,122 @@ def run_test_gate(
         return _not_started(argv, log_path, "the test command is empty; set `test:` in deploy.yaml")
     if not release_dir.is_dir():
         return _not_started(argv, log_path, f"release directory {release_dir} does not exist")
+    if sandbox not in SANDBOXES:
+        return _not_started(argv, log_path, f"unknown test_sandbox {sandbox!r}; use none or bwrap")
+    bwrap = bwrap_path() if sandbox == "bwrap" else None
+    if sandbox == "bwrap" and bwrap is None:
+        return _not_started(argv, log_path, "test_sandbox is bwrap but bubblewrap is not "
+                            "installed (apt-get install bubblewrap); install it or set "
+                            "test_sandbox: none (README \"Security model\")")
+    owner: tuple[int, int] | None = None
+    if test_user is not None:
+        problem, owner = _check_test_user(test_user, argv, extra_pythonpath)
+        if problem:
+            return _not_started(argv, log_path, problem)
 
-    env = scrubbed_environment(secrets=secrets)
-    paths = [str(release_dir), *(str(p) for p in extra_pythonpath)]
-    if env.get("PYTHONPATH"):
-        paths.append(env["PYTHONPATH"])
-    env["PYTHONPATH"] = os.pathsep.join(paths)
-    # Every process of this run inherits the marker, even one that escapes the
-    # process group with setsid(); _kill_marked finds them by it afterwards.
-    env[_RUN_MARKER] = uuid.uuid4().hex
-
-    header = (
-        f"# gitplug test gate: {shlex.join(argv)}\n"
-        f"# cwd: {release_dir}\n# started: {_now_iso()}\n"
-    )
+    protect_process()  # before any test runs: /proc/<server>/environ unreadable
     try:
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(log_path, "wb")  # noqa: SIM115 - closed in the finally below
+        scratch = _scratch_copy(release_dir, owner)
     except OSError as exc:
-        message = (
-            f"could not open the test log {log_path}: {exc}; check that the data_dir is writable"
-        )
-        return GateResult(False, None, False, 0.0, argv, log_path, message)
-    header_bytes = header.encode("utf-8")
+        return _not_started(argv, log_path, f"could not copy the release to a scratch "
+                            f"directory under {tempfile.gettempdir()}: {exc}; free some space "
+                            "there or set TMPDIR to a writable directory")
     try:
-        log.write(header_bytes)
-        log.flush()
-        budget = max_log_bytes - len(header_bytes)
-        return _run(argv, release_dir, env, timeout, log, log_path, budget)
+        env = scrubbed_environment(secrets=secrets)
+        paths = [str(scratch), *(str(p) for p in extra_pythonpath)]
+        if env.get("PYTHONPATH"):
+            paths.append(env["PYTHONPATH"])
+        env["PYTHONPATH"] = os.pathsep.join(paths)
+        # Every process of this run inherits the marker; a fallback if the tests
+        # kill the supervisor (see _kill_marked).
+        env[_RUN_MARKER] = uuid.uuid4().hex
+        if bwrap is not None:
+            readable = [os.path.dirname(sys.executable), sys.prefix,
+                        *(str(p) for p in extra_pythonpath)]
+            run_argv = (*_bwrap_argv(bwrap, scratch, readable), *argv)
+        else:
+            run_argv = argv
+
+        header = (
+            f"# gitplug test gate: {shlex.join(argv)}\n"
+            f"# cwd: {scratch} (a scratch copy of {release_dir})\n"
+            + (f"# sandbox: {sandbox}; user: {test_user or 'the server user'}\n"
+               if bwrap or test_user else "")
+            + f"# started: {_now_iso()}\n"
+        )
+        try:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            log = open(log_path, "wb")  # noqa: SIM115 - closed in the finally below
+        except OSError as exc:
+            message = (
+                f"could not open the test log {log_path}: {exc}; check that the data_dir is writable"
+            )
+            return GateResult(False, None, False, 0.0, argv, log_path, message)
+        header_bytes = header.encode("utf-8")
+        try:
+            log.write(header_bytes)
+            log.flush()
+            budget = max_log_bytes - len(header_bytes)
+            return _run(argv, run_argv, scratch, env, timeout, log, log_path, budget, owner)
+        finally:
+            log.close()
     finally:
-        log.close()
+        _remove_scratch(scratch)
+
+
+def _check_test_user(test_user: str, argv: tuple[str, ...], extra_pythonpath: Sequence[Path]
+                     ) -> tuple[str | None, tuple[int, int] | None]:
+    """``(problem, (uid, gid))``: whether the tests can run as ``test_user`` here."""
+    import pwd
+    import site
+
+    try:
+        entry = pwd.getpwuid(int(test_user)) if test_user.isdigit() else pwd.getpwnam(test_user)
+    except (KeyError, OverflowError):
+        return f"test_user {test_user!r} does not exist on this host; create it or change " \
+               "test_user in deploy.yaml", None
+    uid, gid = entry.pw_uid, entry.pw_gid
+    if os.geteuid() != 0 and uid != os.geteuid():
+        return (f"test_user {test_user!r} needs the server to run as root (it runs as uid "
+                f"{os.geteuid()}); run it as root or remove test_user"), None
+    needed = [(sys.executable, 5, "the server's interpreter"),
+              (os.path.dirname(os.__file__), 5, "the Python standard library")]
+    needed += [(p, 5, "Python packages") for p in site.getsitepackages() if os.path.isdir(p)]
+    needed += [(str(p), 5, "the test gate's PYTHONPATH") for p in extra_pythonpath]
+    if argv and os.path.isabs(argv[0]) and argv[0] != sys.executable:
+        needed.append((argv[0], 5, "the test command"))
+    for path, bits, what in needed:
+        problem = _user_cannot(path, uid, gid, bits)
+        if problem:
+            return (f"test_user {entry.pw_name!r} cannot use {path} ({what}): {problem}. "
+                    "Install the server where that user can read and run it (for example "
+                    "under /opt or /usr/local) or open up the permissions "
+                    "(README \"Security model\")"), None
+    return None, (uid, gid)
 
 
 def _run(
     argv: tuple[str, ...],
+    run_argv: tuple[str, ...],
     cwd: Path,
     env: dict[str, str],
     timeout: float,
     log: BinaryIO,
     log_path: Path,
     budget: int,
+    owner: tuple[int, int] | None,
 ) -> GateResult:
     started = time.monotonic()
+    spec = {"argv": list(run_argv), "cwd": str(cwd), "grace": KILL_GRACE_S,
+            "user": owner[0] if owner else None, "group": owner[1] if owner else None}
     try:
         proc = subprocess.Popen(
-            argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
+            [sys.executable, "-I", "-c", _SUPERVISOR, json.dumps(spec)], cwd=cwd, env=env,
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            start_new_session=True, close_fds=True,
         )
-    except FileNotFoundError:
-        message = f"command not found: {argv[0]}; set `test:` in deploy.yaml"
-        log.write(f"# {message}\n".encode())
-        return GateResult(False, None, False, time.monotonic() - started, argv, log_path, message)
     except OSError as exc:
-        message = f"could not start the test command {argv[0]}: {exc}; set `test:` in deploy.yaml"
+        message = f"could not start the test gate's supervisor {sys.executable}: {exc}"
         log.write(f"# {message}\n".encode())
         return GateResult(False, None, False, time.monotonic() - started, argv, log_path, message)
 
@@ -433,10 +743,20 @@ def _run(
     except subprocess.TimeoutExpired:
         timed_out = True
         logger.info("test gate timed out after %ss in %s; stopping %s", timeout, cwd, argv)
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)  # the supervisor stops the whole tree
+        try:
+            proc.wait(timeout=KILL_GRACE_S + _SUPERVISOR_SLACK_S)
+        except subprocess.TimeoutExpired:
+            logger.warning("test gate: the supervisor did not stop; killing its group")
     finally:
-        # Also on success: whatever the tests left running must not outlive them.
-        _terminate_group(proc, KILL_GRACE_S if timed_out else 0.0)
-        _kill_marked(env.get(_RUN_MARKER))
+        # The supervisor killed everything it could; if the tests killed the
+        # supervisor itself, its group and the marked processes are what is left.
+        supervisor_gone = proc.poll() is not None
+        _signal_group(proc.pid, signal.SIGKILL)
+        proc.wait()
+        if not supervisor_gone or proc.returncode == -signal.SIGKILL:
+            _kill_marked(env.get(_RUN_MARKER))
         pump.join(timeout=_DRAIN_GRACE_S)
         pump.stop()
         pump.join()
@@ -462,12 +782,17 @@ def _run(
         logger.warning("test gate log %s is incomplete: %s", log_path, pump.error)
 
     tail = _tail_text(bytes(pump.tail))
+    returncode = proc.returncode
+    if returncode == _NOT_STARTED and tail.startswith(_NOT_STARTED_PREFIX) and "\n" not in tail:
+        # The supervisor could not start the command: say so, as before it ran.
+        tail = tail.removeprefix(_NOT_STARTED_PREFIX) + "; set `test:` in deploy.yaml"
+        returncode = None
     if timed_out:
         tail = f"{tail}\n[timed out after {timeout}s]".lstrip("\n")
-    passed = not timed_out and proc.returncode == 0
-    logger.debug("test gate in %s: %s, exit %s, %.2fs", cwd, argv, proc.returncode, duration)
+    passed = not timed_out and returncode == 0
+    logger.debug("test gate in %s: %s, exit %s, %.2fs", cwd, argv, returncode, duration)
     return GateResult(
-        passed=passed, returncode=proc.returncode, timed_out=timed_out,
+        passed=passed, returncode=returncode, timed_out=timed_out,
         duration_s=duration, command=argv, log_path=log_path, output_tail=tail,
     )
 

@@ -64,6 +64,8 @@ class ReleaseSpec:
     commit: str | None = None
     entry: str | None = None
     config: Mapping[str, t.Any] = field(default_factory=lambda: MappingProxyType({}))
+    #: Check the release against its staging manifest before importing it.
+    verify: bool = False
 
 
 def mount_prefix(spec: ReleaseSpec, plugin: Plugin) -> str:
@@ -222,6 +224,7 @@ def build_release(host: Flask, spec: ReleaseSpec, *, code_cache: CodeCache | Non
         release_id=spec.release_id,
         entry=spec.entry,
         code_cache=code_cache,
+        verify=spec.verify,
     )
     try:
         release = LoadedRelease(spec, namespace, plugin)

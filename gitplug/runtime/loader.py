@@ -39,6 +39,7 @@ from pathlib import Path
 
 from ..errors import EntryPointError, PluginImportError, PluginLoadError, PluginNameMismatch
 from .codecache import CodeCache
+from .manifest import verify_release
 from .plugin import Plugin
 
 __all__ = [
@@ -343,13 +344,19 @@ def import_release(
     release_id: str,
     entry: str | None,
     code_cache: CodeCache | None = None,
+    verify: bool = False,
 ) -> tuple[ReleaseNamespace, Plugin]:
     """Import every module of a release under a fresh namespace.
 
     Returns the namespace and the entry :class:`Plugin`. On any error the
     namespace is purged and a :class:`PluginLoadError` subclass is raised.
+    With ``verify``, a release that differs from its staging manifest is
+    refused (:class:`~gitplug.errors.ReleaseModified`) before anything is
+    imported.
     """
     release_dir = Path(release_dir).resolve()
+    if verify:
+        verify_release(release_dir, plugin=plugin_name, release_id=release_id)
     package, entry_spec = find_package(release_dir, entry, plugin_name)
     _refuse_shadowing(package, plugin_name)
     token = re.sub(r"[^0-9A-Za-z]", "", release_id)[:10] or "x"
