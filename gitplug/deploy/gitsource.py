@@ -526,7 +526,11 @@ class GitSource:
             kwargs["ssh_command"] = (f"ssh -o BatchMode=yes -o ConnectTimeout={wait:.0f} -o "
                                      f"ServerAliveInterval={max(1.0, wait / 3):.0f} -o "
                                      "ServerAliveCountMax=3")
-        client, path = get_transport_and_path(location, **kwargs)
+        if kind == "local":
+            # dulwich would read a ':' in a path as scp-like ssh: a path is local here.
+            client, path = dulwich_client.LocalGitClient(), location
+        else:
+            client, path = get_transport_and_path(location, **kwargs)
         try:
             yield client, path
         finally:

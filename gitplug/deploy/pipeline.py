@@ -32,6 +32,7 @@ from ..errors import (
     OnLoadFailed,
     PluginLoadError,
     RefNotFound,
+    ReleaseModified,
     RequirementsNotMet,
     StagingError,
     StateError,
@@ -259,12 +260,7 @@ class Deployer:
                 release = self.releases.get(name, resolved.commit)
                 if release is None:  # else on disk already: nothing to stage, say nothing
                     say("stage", resolved.commit[:12])
-                    release = self.releases.stage(
-                        name, self.git, plugin.repo, resolved.commit, target,
-                        max_file_bytes=self.config.max_file_size,
-                        max_total_bytes=self.config.max_release_size,
-                        max_files=self.config.max_files,
-                    )
+                    release = self._stage(plugin, resolved.commit, target)
                 stage = Stage.REQUIREMENTS
                 self._check_requirements(plugin, release, say)
                 stage = Stage.TEST
@@ -324,6 +320,8 @@ class Deployer:
             except GitplugError as exc:
                 failed_stage = _stage_of(exc, stage)
                 message = str(exc)
+                if isinstance(exc, ReleaseModified):
+                    self._discard(name, exc)  # the next deploy stages it afresh
                 if record is None:
                     # A background trigger that could not even resolve: keep
                     # the error on the plugin, not a history line per poll.
@@ -453,6 +451,8 @@ class Deployer:
                 f"timed out after {plugin.test_timeout:g} s"
                 if result.timed_out
                 else f"failed (exit status {result.returncode})"
+                if result.returncode is not None
+                else "could not run"
             )
             tail = result.output_tail.strip().splitlines()[-5:]
             raise TestGateFailed(
@@ -641,7 +641,17 @@ class Deployer:
             )
             return False
         try:
-            self.runtime.swap(self.spec_for(plugin, release))
+            try:
+                self.runtime.swap(self.spec_for(plugin, release))
+            except ReleaseModified as exc:
+                # Its commit is still in the mirror: stage it afresh, keep its verdict.
+                logger.error("plugin %s: %s Staging %s afresh from the mirror.", name, exc,
+                             commit[:12])
+                self._discard(name, exc)
+                fresh = self._stage(plugin, commit, release.ref)
+                if release.test is not None:
+                    fresh = self.releases.record_test_result(name, commit, release.test)
+                self.runtime.swap(self.spec_for(plugin, fresh))
         except GitplugError as exc:
             logger.error("plugin %s: release %s did not load from disk: %s", name, commit[:12], exc)
             if record_error:
@@ -651,4 +661,21 @@ class Deployer:
                     logger.warning("plugin %s: could not record the load error: %s", name, store_exc)
             return False
         return True
+
+    def _stage(self, plugin: PluginConfig, commit: str, ref: str) -> Release:
+        return self.releases.stage(
+            plugin.name, self.git, plugin.repo, commit, ref,
+            max_file_bytes=self.config.max_file_size,
+            max_total_bytes=self.config.max_release_size,
+            max_files=self.config.max_files,
+        )
+
+    def _discard(self, name: str, exc: ReleaseModified) -> None:
+        """Remove a release that changed on disk; it is never loaded again as it is."""
+        if exc.release:
+            try:
+                self.releases.remove(name, exc.release)
+            except (OSError, ValueError) as error:
+                logger.warning("plugin %s: could not remove the modified release %s: %s",
+                               name, exc.release[:12], error)
 

@@ -288,6 +288,15 @@ class ReleaseStore:
             removed.append(release.commit)
         return removed
 
+    def remove(self, plugin: str, commit: str) -> bool:
+        """Delete the release of ``commit`` (renamed away first); False if there was none."""
+        path = self.path_for(plugin, commit)
+        if not path.exists():
+            return False
+        _remove_tree(path)
+        logger.warning("plugin %s: removed release %s", plugin, commit)
+        return True
+
     def cleanup_incomplete(self) -> builtins.list[Path]:
         """Remove what a crash can leave: temp dirs and release dirs without metadata.
 

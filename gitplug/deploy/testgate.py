@@ -495,14 +495,15 @@ def _allowed(info: os.stat_result, uid: int, gid: int, bits: int) -> bool:
 def _user_cannot(path: str, uid: int, gid: int, bits: int) -> str | None:
     """Why user ``uid`` cannot use ``path`` with ``bits`` (4 read, 1 execute), or None."""
     real = os.path.realpath(path)
-    parts = real.split(os.sep)
-    for i in range(1, len(parts)):
-        directory = os.sep.join(parts[:i]) or os.sep
-        try:
-            if not _allowed(os.stat(directory), uid, gid, 1):
-                return f"the directory {directory} is not searchable by it"
-        except OSError as exc:
-            return f"{directory}: {exc.strerror}"
+    for spelled in dict.fromkeys((os.path.abspath(path), real)):  # as given, and resolved
+        parts = spelled.split(os.sep)
+        for i in range(1, len(parts)):
+            directory = os.sep.join(parts[:i]) or os.sep
+            try:
+                if not _allowed(os.stat(directory), uid, gid, 1):
+                    return f"the directory {directory} is not searchable by it"
+            except OSError as exc:
+                return f"{directory}: {exc.strerror}"
     try:
         info = os.stat(real)
     except OSError as exc:
@@ -693,11 +694,13 @@ def _check_test_user(test_user: str, argv: tuple[str, ...], extra_pythonpath: Se
     if os.geteuid() != 0 and uid != os.geteuid():
         return (f"test_user {test_user!r} needs the server to run as root (it runs as uid "
                 f"{os.geteuid()}); run it as root or remove test_user"), None
-    needed = [(sys.executable, 5, "the server's interpreter"),
-              (os.path.dirname(os.__file__), 5, "the Python standard library")]
-    needed += [(p, 5, "Python packages") for p in site.getsitepackages() if os.path.isdir(p)]
-    needed += [(str(p), 5, "the test gate's PYTHONPATH") for p in extra_pythonpath]
-    if argv and os.path.isabs(argv[0]) and argv[0] != sys.executable:
+    # The supervisor runs as the server; only the test command runs as test_user.
+    needed = [(str(p), 5, "the test gate's PYTHONPATH") for p in extra_pythonpath]
+    if argv and argv[0] == sys.executable:
+        needed += [(sys.executable, 5, "the server's interpreter"),
+                   (os.path.dirname(os.__file__), 5, "the Python standard library")]
+        needed += [(p, 5, "Python packages") for p in site.getsitepackages() if os.path.isdir(p)]
+    elif argv and os.path.isabs(argv[0]):
         needed.append((argv[0], 5, "the test command"))
     for path, bits, what in needed:
         problem = _user_cannot(path, uid, gid, bits)

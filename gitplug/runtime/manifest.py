@@ -128,7 +128,7 @@ def verify_release(root: Path, *, plugin: str, release_id: str) -> None:
             if not stat.S_ISREG(info.st_mode) or kind == "l":
                 raise refuse(f"{rel!r} changed its type")
             if (kind == "x") != bool(info.st_mode & 0o111) or info.st_size != size:
-                raise refuse(f"{rel!r} changed its size or mode")
+                raise refuse(f"{rel!r} was modified (its size or mode changed)")
             if (info.st_ino, info.st_ctime_ns) != (ino, ctime) and git_blob_id(root / rel) != ident:
                 raise refuse(f"{rel!r} was modified")
     except OSError as exc:
