@@ -95,6 +95,36 @@ def test_spec_example(tmp_path: Path) -> None:
     assert dict(hello.config) == {"GREETING": "Hello"}
 
 
+def test_limits_sandbox_and_test_user(tmp_path: Path) -> None:
+    cfg = load(tmp_path, """
+        limits: {max_file_size: 100MiB, max_release_size: 1GiB, max_files: 50000}
+    """)
+    assert (cfg.max_file_size, cfg.max_release_size, cfg.max_files) == (100 << 20, 1 << 30, 50000)
+    assert cfg.test_sandbox == "none" and cfg.test_user is None
+    cfg = load(tmp_path, """
+        limits:
+          max_file_size: 1.5 MB
+          max_release_size: 4096
+        test_sandbox: bwrap
+        test_user: "65534"
+    """)
+    assert (cfg.max_file_size, cfg.max_release_size, cfg.max_files) == (1_500_000, 4096, 50000)
+    assert cfg.test_sandbox == "bwrap" and cfg.test_user == "nobody"
+
+
+def test_a_local_path_with_a_colon_is_local(tmp_path: Path) -> None:
+    (tmp_path / "odd:repo").mkdir()
+    cfg = load(tmp_path, """
+        plugins:
+          a: {repo: "odd:repo"}
+          b: {repo: "./new:repo"}
+          c: {repo: "git.example.com:team/c.git"}
+    """)
+    assert cfg.plugins["a"].repo == str(tmp_path / "odd:repo")  # exists here: local
+    assert cfg.plugins["b"].repo == str(tmp_path / "new:repo")  # spelled as a path
+    assert cfg.plugins["c"].repo == "git.example.com:team/c.git"  # scp-like ssh, as in git
+
+
 def test_plugins_keep_file_order_and_take_top_level_poll_interval(tmp_path: Path) -> None:
     cfg = load(tmp_path, """
         poll_interval: 15
@@ -428,6 +458,23 @@ BROKEN = [
     pytest.param("""
         keep_releases: 0
     """, 1, "keep_releases", r"expected an integer >= 1 .*got 0", id="keep-releases-0"),
+    pytest.param("""
+        limits:
+          max_file_size: 10 parsecs
+    """, 2, "limits.max_file_size", r"expected a size such as 100MiB, 1GiB", id="bad-size"),
+    pytest.param("""
+        limits: {max_files: 0}
+    """, 1, "limits.max_files", r"expected an integer >= 1 \(files per release\)",
+                 id="max-files-0"),
+    pytest.param("""
+        limits: {max_size: 1MiB}
+    """, 1, "limits.max_size", r"did you mean 'max_file_size'", id="limits-unknown-key"),
+    pytest.param("""
+        test_sandbox: docker
+    """, 1, "test_sandbox", r"expected none or bwrap", id="bad-sandbox"),
+    pytest.param("""
+        test_user: no-such-user-here
+    """, 1, "test_user", r"no user 'no-such-user-here' on this host", id="unknown-test-user"),
     pytest.param("""
         plugins:
           hello:

@@ -428,3 +428,79 @@ def test_tags_lists_lightweight_and_annotated_tags_newest_first(tmp_path: Path, 
         source.tags("hello", repo.url)
     source.fetch("hello", repo.url)
     assert source.tags("hello", repo.url) == [("annotated", second, T0 + 100), ("light", first, T0)]
+
+
+# -- sizes from headers, streaming (bounded memory) ------------------------------
+
+
+@pytest.mark.parametrize("use_git", [True, False], ids=["git", "dulwich"])
+def test_blob_sizes_from_headers_loose_packed_and_deltas(tmp_path: Path, use_git: bool) -> None:
+    import shutil
+    import subprocess
+
+    from dulwich.objects import Blob
+    from dulwich.repo import Repo
+
+    if use_git and shutil.which("git") is None:
+        pytest.skip("the git command is not installed")
+    origin = GitRepo(tmp_path / "origin")
+    base = "".join(f"line {i}\n" for i in range(20000))
+    origin.write("a.txt", base)
+    origin.write("b.txt", base.replace("line 5\n", "LINE five\n"))  # a delta of a.txt, packed
+    origin.write("empty", b"")
+    head = origin.commit("similar files")
+    source = GitSource(tmp_path / "mirrors", git_command=use_git)
+    source.fetch("hello", origin.url)
+    mirror = source.mirror_path(origin.url)
+    if shutil.which("git"):  # deltas in the pack, as a real server sends them
+        subprocess.run(["git", "--git-dir", str(mirror), "repack", "-adfq", "--window=50"],
+                       check=True)
+    loose = Blob.from_string(b"x" * 777)
+    with Repo(str(mirror)) as repo:
+        repo.object_store.add_object(loose)  # a loose object beside the pack
+    entries = {e.path: e.sha for e in source.iter_tree(origin.url, head)}
+    shas = [*entries.values(), loose.id]
+    sizes = source.blob_sizes(origin.url, shas)
+    assert sizes == {entries[b"a.txt"]: len(base), entries[b"b.txt"]: len(base) + 3,
+                     entries[b"empty"]: 0, loose.id: 777}
+    streamed = [b"".join(chunks) for chunks in source.stream_blobs(origin.url, shas)]
+    assert [len(data) for data in streamed] == [sizes[sha] for sha in shas]
+    assert streamed[-1] == b"x" * 777
+    with pytest.raises(FetchError, match=r"blob [0-9a-f]{40} of .* holds 208890 bytes, over the "
+                       r"limit of 1000"):
+        for chunks in source.stream_blobs(origin.url, [entries[b"a.txt"]], max_size=1000):
+            list(chunks)
+    with Repo(str(origin.path)) as repo:
+        tree_id = repo[head.encode()].tree
+    with pytest.raises(FetchError, match="not a blob|expected 3"):
+        source.blob_sizes(origin.url, [tree_id])
+    with pytest.raises(FetchError):
+        source.blob_sizes(origin.url, [b"f" * 40])
+
+
+def test_a_damaged_object_is_a_fetch_error_that_says_what_to_do(tmp_path: Path) -> None:
+    from dulwich.objects import Blob
+    from dulwich.repo import Repo
+
+    origin = GitRepo(tmp_path / "origin")
+    origin.write("a.txt", "hello\n")
+    head = origin.commit("one")
+    source = GitSource(tmp_path / "mirrors", git_command=None)
+    source.fetch("hello", origin.url)
+    blob = Blob.from_string(b"damaged " * 100)
+    mirror = source.mirror_path(origin.url)
+    with Repo(str(mirror)) as repo:
+        repo.object_store.add_object(blob)
+    path = mirror / "objects" / blob.id[:2].decode() / blob.id[2:].decode()
+    path.chmod(0o644)
+    data = path.read_bytes()
+    path.write_bytes(data[:12] + b"\xff" * 20)  # a zlib stream that breaks after the header
+    with pytest.raises(FetchError, match=r"plugin 'hello': object [0-9a-f]{40} in the mirror of "
+                       r".* is damaged \(\d+ bytes where its header says 800\)\. Delete .* so "
+                       "it is fetched afresh"):
+        next(iter(next(source.stream_blobs(origin.url, [blob.id], plugin="hello"))))
+    path.write_bytes(b"\x78\x9c" + b"\xff" * 30)  # not even a header: zlib.error inside dulwich
+    with pytest.raises(FetchError, match=r"plugin 'hello': could not read the mirror of .*: "
+                       r"error: Error -3 while decompressing"):
+        source.blob_sizes(origin.url, [blob.id], plugin="hello")
+    assert head

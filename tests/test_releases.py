@@ -317,3 +317,70 @@ def test_invalid_names_are_refused(store: ReleaseStore) -> None:
         store.path_for("../x", "a" * 40)
     with pytest.raises(ValueError, match="invalid commit sha 'main'"):
         store.get("hello", "main")
+
+
+# -- the manifest the loader checks ------------------------------------------------
+
+
+def test_manifest_refuses_every_kind_of_change(origin: GitRepo, source: GitSource,
+                                               store: ReleaseStore) -> None:
+    from gitplug.errors import ReleaseModified
+    from gitplug.runtime.manifest import verify_release
+
+    head = origin.head
+    assert head is not None
+    root = _stage(store, source, origin, head).path
+    verify_release(root, plugin="hello", release_id=head)  # as staged: fine
+
+    def refused(match: str) -> None:
+        with pytest.raises(ReleaseModified, match=rf"plugin 'hello': release {head[:12]} at "
+                           rf"{root} differs from what was staged: {match}\. .*Delete {root} and "
+                           "deploy again"):
+            verify_release(root, plugin="hello", release_id=head)
+
+    init = root / "hello" / "__init__.py"
+    (root / "hello").chmod(0o755)
+    # Same size, same mode, new content: the ctime moved, so it is hashed.
+    init.chmod(0o644)
+    init.write_text("plugin = 'HELLO'\n")
+    init.chmod(0o444)
+    refused(r"'hello/__init__\.py' was modified")
+    init.chmod(0o644)
+    init.write_text("plugin = 'hello'\n")  # restored: its hash matches again
+    init.chmod(0o444)
+    verify_release(root, plugin="hello", release_id=head)
+    (root / "hello" / "backdoor.py").write_text("x = 1\n")
+    refused(r"'hello/backdoor\.py' was added")
+    (root / "hello" / "backdoor.py").unlink()
+    (root / "hello" / "static" / "app.js").chmod(0o644)
+    (root / "hello" / "static").chmod(0o755)
+    (root / "hello" / "static" / "app.js").unlink()
+    refused(r"'hello/static/app\.js' was removed")
+    (root / "hello" / "static" / "app.js").write_text("console.log('hi');\n")
+    (root / "hello" / "static" / "app.js").chmod(0o444)
+    verify_release(root, plugin="hello", release_id=head)
+    root.chmod(0o755)
+    (root / "current").unlink()
+    (root / "current").symlink_to("bin")
+    refused(r"'current' was replaced by a different symlink")
+    (root / "current").unlink()
+    (root / "current").symlink_to("hello")
+    verify_release(root, plugin="hello", release_id=head)
+    (root / ".gitplug" / "manifest.json").chmod(0o644)
+    (root / ".gitplug" / "manifest.json").write_text("{")
+    refused(r"its manifest .*manifest\.json is unreadable \(.*\)")
+    (root / ".gitplug" / "manifest.json").unlink()
+    refused(r"its manifest .*manifest\.json is missing")
+
+
+def test_stage_limits_are_checked_before_anything_is_read(
+        origin: GitRepo, source: GitSource, store: ReleaseStore) -> None:
+    for n in range(30):
+        origin.write(f"data/f{n:02}.txt", f"{n}\n")
+    commit = origin.commit("thirty more files")
+    with pytest.raises(StagingError, match=rf"plugin 'hello': commit {commit} has more than 20 "
+                       r"files \(limits\.max_files\); nothing was written\."):
+        _stage(store, source, origin, commit, max_files=20)
+    assert _leftovers(store) == []
+    release = _stage(store, source, origin, commit, max_files=37)  # exactly at the limit
+    assert release.path.joinpath("data", "f29.txt").read_text() == "29\n"

@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import ctypes
+import os
 import re
 import shlex
 import sys
 import textwrap
 import time
+import typing as t
 from pathlib import Path
 
 import psutil
 import pytest
 
-from gitplug.deploy.testgate import GateResult, run_test_gate, scrubbed_environment
+from gitplug.deploy.testgate import (
+    GateResult,
+    protect_process,
+    run_test_gate,
+    scrubbed_environment,
+)
 
 
 @pytest.fixture()
@@ -270,3 +278,93 @@ def test_missing_release_dir_fails_clearly(tmp_path: Path, log_path: Path) -> No
     result = gate(tmp_path / "nope", log_path, "pass")
     assert not result.passed
     assert result.output_tail == f"release directory {tmp_path / 'nope'} does not exist"
+
+
+def test_scrub_removes_values_that_contain_a_secret() -> None:
+    token = "tok-0123456789abcdef"
+    base = {
+        "PATH": "/usr/bin",
+        "MY_HEADER": f"Bearer {token}",
+        "DSN": f"host=db password={token} user=x",
+        f"X_{token}": "1",  # a name can carry it too
+        "SHORT": "abc",  # a short secret only as a whole value...
+        "NOT_SHORT": "xabcx",  # ...never as a part, or PATH-like values would go
+    }
+    env = scrubbed_environment(base, secrets=[token, "abc"])
+    assert env == {"PATH": "/usr/bin", "NOT_SHORT": "xabcx", "PYTHONDONTWRITEBYTECODE": "1"}
+
+
+def test_a_process_that_drops_the_marker_and_calls_setsid_is_killed(
+        release: Path, log_path: Path) -> None:
+    # A double fork into a new session, without the run's marker: only the
+    # supervisor (a child subreaper) still knows it.
+    code = textwrap.dedent(
+        """
+        import os, subprocess, sys
+        env = {k: v for k, v in os.environ.items() if k != "PLUGIN_TEST_RUN_ID"}
+        child = subprocess.Popen(["setsid", "sh", "-c", "sleep 60 & echo CHILD $!"], env=env,
+                                 stdout=subprocess.PIPE, text=True)
+        print(child.stdout.readline().strip(), flush=True)
+        sys.exit(3)
+        """
+    )
+    result = gate(release, log_path, code)
+    assert result.returncode == 3 and not result.passed
+    pid = child_pid(log_path)
+    environ = Path(f"/proc/{pid}/environ")
+    assert not environ.exists() or b"PLUGIN_TEST_RUN_ID" not in environ.read_bytes()
+    assert wait_dead(pid, within=0.5), "the escaped sleeper survived the test gate"
+
+
+def _as_nobody(job: t.Callable[[], int]) -> int:
+    """Fork, become nobody, run ``job``; return the child's pid (it exits with job's status)."""
+    pid = os.fork()
+    if pid == 0:  # the child: no pytest machinery from here on
+        code = 1
+        try:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            code = job()
+        finally:
+            os._exit(code)
+    return pid
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run two processes as another user")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl is Linux only")
+@pytest.mark.parametrize("protect", [False, True])
+def test_protect_process_hides_environ_from_the_same_user(protect: bool) -> None:
+    # Two processes of one unprivileged user: the reader can read the target's
+    # environ unless the target called protect_process().
+    ready_r, ready_w = os.pipe()
+
+    def target() -> int:
+        if protect and not protect_process():
+            return 2
+        if not protect:  # changing uid made it non-dumpable; a server's process is dumpable
+            ctypes.CDLL(None).prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE, 1
+        os.write(ready_w, b"R")
+        time.sleep(30)
+        return 0
+
+    target_pid = _as_nobody(target)
+    try:
+        assert os.read(ready_r, 1) == b"R"
+
+        def reader() -> int:
+            try:
+                with open(f"/proc/{target_pid}/environ", "rb") as handle:
+                    handle.read()
+                return 10  # read it
+            except OSError:
+                return 11  # could not
+
+        reader_pid = _as_nobody(reader)
+        _, status = os.waitpid(reader_pid, 0)
+        assert os.waitstatus_to_exitcode(status) == (11 if protect else 10)
+    finally:
+        os.kill(target_pid, 9)
+        os.waitpid(target_pid, 0)
+        os.close(ready_r)
+        os.close(ready_w)

@@ -338,6 +338,11 @@ class GitSource:
                     raise _error(FetchError, plugin, url, None, f"blob {sha.decode()} of {{url}} "
                                  f"holds {size} bytes, over the limit of {max_size}.")
                 data = _raw(repo, sha, 3)
+                if len(data) != size:  # dulwich reads a truncated loose object silently
+                    raise _error(FetchError, plugin, url, None, f"object {sha.decode()} in the "
+                                 f"mirror of {{url}} is damaged ({len(data)} bytes where its "
+                                 f"header says {size}). Delete {self.mirror_path(url)} so it "
+                                 "is fetched afresh.")
                 yield iter([data[i:i + CHUNK] for i in range(0, len(data), CHUNK)] or [b""])
                 del data
 
