@@ -137,14 +137,14 @@ def test_repository_emptied(host: Host) -> None:
 
 
 def test_file_over_the_staging_limit(host: Host) -> None:
-    # 50 MiB is the per-file limit; zeros compress well, so the repo stays small.
+    # 100 MiB is the default per-file limit; zeros compress well, so the repo stays small.
     files: dict[str, str | bytes] = dict(plugin_files("v2"))
-    files["hello/static/huge.bin"] = b"\0" * (50 * MiB + 1)
+    files["hello/static/huge.bin"] = b"\0" * (100 * MiB + 1)
     bad = host.commit(files, "a huge file")
     host.deploy_fails(
         "stage",
-        rf"plugin 'hello': commit {bad} is too large to stage: file size limit of {50 * MiB} bytes"
-        r" exceeded at 'hello/static/huge\.bin' \(52428801 bytes.*Remove large files from the repository",
+        rf"plugin 'hello': commit {bad} is too large to stage: file size limit of {100 * MiB} bytes"
+        r" exceeded at 'hello/static/huge\.bin' \(104857601 bytes.*Remove large files from the repository",
     )
     assert not (host.tmp / "data" / "releases" / "hello" / bad).exists()
     assert [p.name for p in (host.tmp / "data" / "releases" / "hello").iterdir()] == [host.good]
