@@ -350,10 +350,12 @@ def test_killed_while_testing(tmp_path: Path) -> None:
     scenario = make_scenario(tmp_path, gate=True, v2_files={"tests/test_slow.py": SLOW_TEST})
     child = scenario.deploy_child({"CRASH_SLEEP": "60"})
     logs = scenario.data / "logs" / "hello"
+    # v1's tests wrote 1.log; v2's gate has started once its log exists (git
+    # children of the fetch and stage steps come and go before that).
     gate = wait_for(
         "the test gate to run",
         lambda: (
-            (list(logs.glob("*.log")) if logs.is_dir() else [])
+            (len(list(logs.glob("*.log"))) >= 2 if logs.is_dir() else False)
             and psutil.Process(child.pid).children(recursive=True)
         ),
     )

@@ -431,7 +431,7 @@ class GitSource:
             proc = subprocess.Popen(
                 [self.git_command, "--git-dir", str(mirror), "cat-file", f"--{mode}"],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                env=self._git_env(), start_new_session=True, close_fds=True, bufsize=0)
+                env=self._git_env(), start_new_session=True, close_fds=True)
         except OSError as exc:
             raise _error(FetchError, plugin, url, None, f"could not run {self.git_command} on "
                          f"the mirror of {{url}}: {exc}. Check the git installation.") from exc
@@ -449,11 +449,25 @@ class GitSource:
             timer.cancel()
             _kill_group(proc)
 
+    @staticmethod
+    def _feed(proc: subprocess.Popen[bytes], shas: list[bytes]) -> threading.Thread:
+        """Write every sha to ``cat-file`` from a thread, so reading never waits on a round trip."""
+
+        def feed() -> None:
+            assert proc.stdin is not None
+            with contextlib.suppress(OSError, ValueError):  # git died: the reader reports it
+                for sha in shas:
+                    proc.stdin.write(sha + b"\n")
+                proc.stdin.close()
+
+        feeder = threading.Thread(target=feed, name="gitplug-cat-file-feed", daemon=True)
+        feeder.start()
+        return feeder
+
     def _git_header(self, plugin: str, url: str, proc: subprocess.Popen[bytes],
                     sha: bytes) -> int:
-        """Ask ``cat-file`` for ``sha``; return the blob's size (its contents may follow)."""
-        assert proc.stdin is not None and proc.stdout is not None
-        proc.stdin.write(sha + b"\n")
+        """Read ``cat-file``'s header line for ``sha``; return the blob's size."""
+        assert proc.stdout is not None
         line = _read_line(proc.stdout)
         parts = line.split()
         if len(parts) != 3 or parts[0] != sha:
@@ -468,13 +482,16 @@ class GitSource:
 
     def _git_sizes(self, plugin: str, url: str, shas: list[bytes]) -> dict[bytes, int]:
         with self._cat_file(plugin, url, "batch-check") as proc:
+            self._feed(proc, shas)
             return {sha: self._git_header(plugin, url, proc, sha) for sha in shas}
 
-    def _git_stream(self, plugin: str, url: str, shas: Iterable[bytes],
+    def _git_stream(self, plugin: str, url: str, blob_shas: Iterable[bytes],
                     max_size: int | None) -> Iterator[Iterator[bytes]]:
+        shas = list(blob_shas)
         with self._cat_file(plugin, url, "batch") as proc:
             stdout = proc.stdout
             assert stdout is not None
+            self._feed(proc, shas)
             for sha in shas:
                 size = self._git_header(plugin, url, proc, sha)
                 if max_size is not None and size > max_size:
@@ -748,16 +765,11 @@ def _varint(data: bytes, pos: int) -> tuple[int, int]:
 
 def _read_line(stream: Any) -> bytes:
     """One line of ``git cat-file`` output, without its newline; OSError at EOF."""
-    line = bytearray()
-    while True:
-        byte = stream.read(1)
-        if not byte:
-            raise OSError("git cat-file exited early")
-        if byte == b"\n":
-            return bytes(line)
-        line += byte
-        if len(line) > 4096:
-            raise OSError("git cat-file printed an overlong line")
+    line = stream.readline(4097)
+    if not line.endswith(b"\n"):
+        raise OSError("git cat-file exited early" if len(line) < 4097 else
+                      "git cat-file printed an overlong line")
+    return bytes(line[:-1])
 
 
 def _read_exactly_bytes(stream: Any, size: int) -> bytes:

@@ -451,8 +451,6 @@ class Deployer:
                 f"timed out after {plugin.test_timeout:g} s"
                 if result.timed_out
                 else f"failed (exit status {result.returncode})"
-                if result.returncode is not None
-                else "could not run"
             )
             tail = result.output_tail.strip().splitlines()[-5:]
             raise TestGateFailed(
