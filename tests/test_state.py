@@ -749,3 +749,13 @@ def test_every_store_implements_the_whole_protocol() -> None:
     for impl in (SQLiteStateStore, postgres.PostgresStateStore):
         missing = sorted(name for name in wanted if not callable(getattr(impl, name, None)))
         assert missing == [], f"{impl.__name__} lacks {missing}"
+
+
+def test_postgres_url_without_psycopg_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.delitem(sys.modules, "gitplug.state.postgres", raising=False)
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # what an environment without it gives
+    with pytest.raises(StateError, match=r"needs psycopg .*pip install 'gitplug\[fleet\]'") as caught:
+        open_state_store("postgresql://gitplug:hunter2@db/fleet")
+    assert "hunter2" not in str(caught.value)
