@@ -301,12 +301,6 @@ def test_mount_errors(tmp_path: Path, make_gp: Callable[[Flask], GitPlug]) -> No
     gp = make_gp(app)
     plugins = _plugins(tmp_path / "plugins")
     world = gp.load_directory("world", plugins["world"], url_prefix="/world/v1")
-    with pytest.raises(MountError, match=r"url_prefix '/shop' would hide the host's route '/shop/cart'"):
-        gp.load_directory("hello", plugins["hello"], url_prefix="/shop")
-    with pytest.raises(MountError, match=r"would hide the host's route '/exact'"):
-        gp.load_directory("hello", plugins["hello"], url_prefix="/exact")
-    with pytest.raises(MountError, match=r"would hide the host's route '/static/<path:filename>'"):
-        gp.load_directory("hello", plugins["hello"], url_prefix="/static")
     for prefix in ("/world", "/world/v1", "/world/v1/deeper"):
         with pytest.raises(MountError, match=rf"url_prefix '{prefix}' overlaps plugin 'world' at '/world/v1'"):
             gp.load_directory("hello", plugins["hello"], url_prefix=prefix)
@@ -392,3 +386,100 @@ def test_host_url_defaults_from_the_flask_docs_work_with_plugin_endpoints(
     gp.load_directory("hello", _plugins(tmp_path / "plugins")["hello"])
     response = app.test_client().get("/de/about", buffered=True)
     assert (response.status_code, response.get_data(as_text=True)) == (200, "/de/about /hello/")
+
+
+PANEL = {
+    "shop/__init__.py": """
+        from gitplug import Plugin
+        plugin = Plugin("shop", __name__)
+
+        @plugin.route("/")
+        def index():
+            return "plugin index"
+
+        @plugin.route("/panel", methods=["GET", "POST"])
+        def panel():
+            return "plugin panel"
+
+        @plugin.route("/cart")
+        def cart():
+            return "plugin cart"
+
+        @plugin.route("/x")
+        def x():
+            return "plugin x"
+    """,
+}
+
+
+def test_host_routes_under_a_prefix_answer_whenever_they_were_added(
+    tmp_path: Path, make_gp: Callable[[Flask], GitPlug], caplog: pytest.LogCaptureFixture
+) -> None:
+    """README "Guarantees": the host's routes win, added before or after the plugin was mounted."""
+    app = _make_host(tmp_path / "host")
+
+    @app.route("/shop/cart")
+    def cart() -> str:
+        return "host cart"
+
+    gp = make_gp(app)
+    plugin_dir = write_files(tmp_path / "shop", PANEL)
+    caplog.set_level("WARNING", logger="gitplug")
+    first = gp.load_directory("shop", plugin_dir, url_prefix="/shop")  # no MountError for /shop/cart
+    assert "the host's routes '/shop/cart' (endpoint 'cart') lie under url_prefix '/shop'" in caplog.text
+    # Added after the plugin was mounted, the way an extension registers a
+    # probe at startup (before the first request).
+    app.add_url_rule("/shop/panel", endpoint="panel", view_func=lambda: "host panel", methods=["GET"])
+    app.add_url_rule("/shop/dir/", endpoint="dir", view_func=lambda: "host dir")
+    assert (
+        "plugin shop: the host added route '/shop/panel' (endpoint 'panel') under url_prefix '/shop';"
+        " the host's route answers it from now on"
+    ) in caplog.text
+    with serve_wsgi(app) as base:
+        assert _get(base, "GET", "/shop/panel")[::2] == (200, b"host panel")
+        assert _get(base, "GET", "/shop/cart")[::2] == (200, b"host cart")
+        # The host's 405 and its redirect to the canonical URL are the host's answers too.
+        status, headers, _ = _get(base, "POST", "/shop/panel")
+        assert status == 405 and ("Allow", "GET, HEAD, OPTIONS") in headers
+        status, headers, _ = _get(base, "GET", "/shop/dir")
+        assert status == 308 and ("Location", "<base>/shop/dir/") in headers
+        # Everything else under the prefix is still the plugin's.
+        assert _get(base, "GET", "/shop/")[::2] == (200, b"plugin index")
+        assert _get(base, "GET", "/shop/x")[::2] == (200, b"plugin x")
+        assert gp.live_release("shop") is first and first.requests == 2
+        # The plugin's next deploy is not refused for the route added later,
+        # and the log says again which host routes the prefix overlaps.
+        caplog.clear()
+        second = gp.load_directory("shop", write_files(tmp_path / "shop2", PANEL), url_prefix="/shop")
+        assert gp.live_release("shop") is second is not first
+        assert "'/shop/panel' (endpoint 'panel')" in caplog.text and "'/shop/cart'" in caplog.text
+        assert _get(base, "GET", "/shop/panel")[::2] == (200, b"host panel")
+        assert _get(base, "GET", "/shop/x")[::2] == (200, b"plugin x")
+        # url_for of the host endpoint and of the plugin endpoint agree with who answers.
+        with app.test_request_context("/shop/panel"):
+            from flask import url_for
+
+            assert (url_for("panel"), url_for("shop.panel")) == ("/shop/panel", "/shop/panel")
+            assert request.url_rule is not None and request.url_rule.endpoint == "panel"
+
+
+def test_a_build_only_host_rule_does_not_block_a_mount(
+    tmp_path: Path, make_gp: Callable[[Flask], GitPlug], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A build-only rule never matches a request, so it takes no URL from a plugin."""
+    app = _make_host(tmp_path / "host")
+    app.add_url_rule("/blog/x", endpoint="x", build_only=True)
+    gp = make_gp(app)
+    caplog.set_level("WARNING", logger="gitplug")
+    gp.load_directory("blog", write_files(tmp_path / "blog", {
+        "blog/__init__.py": PANEL["shop/__init__.py"].replace('"shop"', '"blog"')
+    }), url_prefix="/blog")
+    app.add_url_rule("/blog/panel", endpoint="later", build_only=True)  # added later: the same
+    assert "/blog/x" not in caplog.text and "/blog/panel" not in caplog.text
+    with serve_wsgi(app) as base:
+        assert _get(base, "GET", "/blog/x")[::2] == (200, b"plugin x")
+        assert _get(base, "GET", "/blog/panel")[::2] == (200, b"plugin panel")
+    with app.test_request_context("/"):
+        from flask import url_for
+
+        assert url_for("x") == "/blog/x"

@@ -4,7 +4,8 @@
 takes the runtime's live snapshot (one locked counter increment) and keeps
 it until the server closes the response, streaming included. Plugin
 requests also count their 5xx answers per release, for metrics and
-automatic rollback.
+automatic rollback. A request under a plugin's prefix that a host route
+answers is a host request (host routes win).
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ class Runtime(t.Protocol):
 
     snapshot: Snapshot
     _lock: threading.Lock
+    host_shadowed: frozenset[str]
+
+    def host_claims(self, release: LoadedRelease, environ: dict[str, t.Any]) -> bool: ...
 
     def _leave(self, snapshot: Snapshot) -> None: ...
 
@@ -61,7 +65,12 @@ class PinRequests:
             snapshot.inflight += 1
             release = snapshot.release_for_path(environ.get("PATH_INFO") or "/") if snapshot.releases else None
             if release is not None:
-                release.requests += 1
+                # One set lookup; the host's rules are matched only under a
+                # prefix the host has routes under (rare, and then small).
+                if release.prefix in runtime.host_shadowed and runtime.host_claims(release, environ):
+                    release = None
+                else:
+                    release.requests += 1
         environ[ENVIRON_SNAPSHOT] = snapshot
         if release is not None:
             environ[ENVIRON_RELEASE] = release

@@ -7,17 +7,24 @@ path (or the host's map), and *builds* each endpoint from the map that owns
 it, all from the request's snapshot. Maps are never mutated after they are
 built, which sidesteps ``Map.add`` not being thread-safe and ``Map`` having
 no rule removal.
+
+A host rule under a plugin's prefix wins over the plugin (README, "Guarantees":
+the host is left as it was), whenever it was added: :func:`host_rules_under`
+finds such rules and :func:`claims_map` copies them into a small private map
+that decides, only for requests under such a prefix, whether the host answers.
 """
 
 from __future__ import annotations
 
 import typing as t
 
-from werkzeug.routing import Map, MapAdapter
+from werkzeug.exceptions import HTTPException, NotFound
+from werkzeug.routing import Map, MapAdapter, Rule
 
+from ..prefixes import under_prefix
 from .snapshot import Snapshot
 
-__all__ = ["SnapshotAdapter", "install_snapshot_map"]
+__all__ = ["SnapshotAdapter", "claims_map", "host_claims", "host_rules_under", "install_snapshot_map"]
 
 
 def _binding(base: MapAdapter) -> tuple[t.Any, ...]:
@@ -36,6 +43,45 @@ def _binding(base: MapAdapter) -> tuple[t.Any, ...]:
 def _adapter_like(map: Map, base: MapAdapter) -> MapAdapter:
     """A plain adapter for ``map`` bound exactly like ``base``."""
     return MapAdapter(map, *_binding(base))
+
+
+def host_rules_under(rules: t.Iterable[Rule], prefix: str) -> list[Rule]:
+    """The rules among ``rules`` that can answer a URL under ``prefix``.
+
+    A build-only rule never matches a request (it only builds URLs that
+    something else serves), so it never takes a URL from a plugin.
+    """
+    return [rule for rule in rules if not rule.build_only and under_prefix(rule.rule, prefix)]
+
+
+def claims_map(host_map: Map, rules: t.Iterable[Rule]) -> Map:
+    """A private map holding unbound copies of ``rules``, configured like ``host_map``."""
+    return Map(
+        [rule.empty() for rule in rules],
+        default_subdomain=host_map.default_subdomain,
+        strict_slashes=host_map.strict_slashes,
+        merge_slashes=host_map.merge_slashes,
+        redirect_defaults=host_map.redirect_defaults,
+        converters=host_map.converters,
+        sort_parameters=host_map.sort_parameters,
+        sort_key=host_map.sort_key,
+        host_matching=host_map.host_matching,
+    )
+
+
+def host_claims(claims: Map, host_adapter: MapAdapter) -> bool:
+    """Whether a host rule of ``claims`` answers the request ``host_adapter`` is bound to.
+
+    A 405 or a redirect to the canonical URL is the host's answer too: the
+    URL is the host's, whatever the method or trailing slash.
+    """
+    try:
+        _adapter_like(claims, host_adapter).match()
+    except NotFound:
+        return False
+    except HTTPException:  # MethodNotAllowed, RequestRedirect
+        return True
+    return True
 
 
 class SnapshotAdapter(MapAdapter):
@@ -91,8 +137,18 @@ class _SnapshotAwareMap:
 
     Flask's documented URL-defaults pattern asks
     ``app.url_map.is_endpoint_expecting(endpoint, "lang_code")``; for a
-    plugin endpoint the answer comes from the request's snapshot.
+    plugin endpoint the answer comes from the request's snapshot. Rules the
+    host adds after gitplug is installed are reported to the runtime, so a
+    host route added under a live plugin's prefix answers at once.
     """
+
+    def add(self, rulefactory: t.Any) -> None:
+        # A factory makes its rules anew on every get_rules(): take them once,
+        # add each (a Rule's own get_rules yields itself), report exactly those.
+        rules = list(rulefactory.get_rules(self))
+        for rule in rules:
+            super().add(rule)  # type: ignore[misc]
+        self._gitplug_runtime.host_rules_added(rules)  # type: ignore[attr-defined]
 
     def is_endpoint_expecting(self, endpoint: t.Any, *arguments: str) -> bool:
         self.update()  # type: ignore[attr-defined]

@@ -9,6 +9,9 @@
   :mod:`gitplug.runtime.hooks`, :mod:`gitplug.runtime.templating`);
 * :meth:`Runtime.swap` builds and verifies a new release completely, then
   publishes a new snapshot with one reference assignment;
+* a host route under a plugin's prefix answers instead of the plugin,
+  whenever it was added (before or after the plugin was mounted): the
+  overlap is logged on every publish and when the host adds the route;
 * a retired release is unloaded (``on_unload``, module purge) by a reaper
   thread once the last snapshot holding it has no request in flight,
   streaming responses included.
@@ -28,18 +31,18 @@ from collections import defaultdict
 from collections.abc import Iterable
 
 from flask import Flask
-from werkzeug.routing import MapAdapter
+from werkzeug.routing import Map, MapAdapter, Rule
 
 from .. import signals
 from ..errors import HealthCheckFailed, MountError, OnLoadFailed, PluginLoadError
-from ..prefixes import invalid_prefix_message, mount_key, prefixes_overlap, under_prefix
+from ..prefixes import invalid_prefix_message, mount_key, prefixes_overlap
 from .codecache import CodeCache
 from .environ import ENVIRON_RELEASE, ENVIRON_SNAPSHOT
 from .hooks import LayeredErrorHandlers, LayeredHooks, LayeredViews
 from .loaded import HOOK_REGISTRIES, LoadedRelease, ReleaseSpec, build_release
 from .loader import fault_location
 from .pinning import PinRequests
-from .routing import SnapshotAdapter, install_snapshot_map
+from .routing import SnapshotAdapter, claims_map, host_claims, host_rules_under, install_snapshot_map
 from .snapshot import Snapshot
 from .templating import TEMPLATE_KINDS, install_routing_environment, install_template_layers
 
@@ -72,6 +75,12 @@ class Runtime:
         #: ``(deadline, label, weakref to the release's sentinel)`` of unloaded releases,
         #: oldest first; checked for leaks by the reaper once the deadline passes.
         self._retired_refs: list[tuple[float, str, weakref.ref[t.Any]]] = []
+        #: Live prefixes that have host rules under them (read per request, no lock).
+        self.host_shadowed: frozenset[str] = frozenset()
+        #: ``{live prefix: host rules under it}``, kept current by publish and
+        #: by the host map's ``add``; ``_claims`` holds their private maps.
+        self._host_under: dict[str, list[Rule]] = {}
+        self._claims: dict[str, Map] = {}
         self._install()
 
     # -- installation ------------------------------------------------------
@@ -86,7 +95,7 @@ class Runtime:
         self.template_layers_needed = False
         app.error_handler_spec = LayeredErrorHandlers(app.error_handler_spec, self)
         app.view_functions = LayeredViews(app.view_functions, self)
-        host_create_url_adapter = app.create_url_adapter
+        host_create_url_adapter = self._host_create_url_adapter = app.create_url_adapter
 
         def create_url_adapter(request: t.Any) -> MapAdapter | None:
             host_adapter = host_create_url_adapter(request)
@@ -104,7 +113,7 @@ class Runtime:
                 # (app.test_request_context()): pin it, without counting.
                 snapshot = environ[ENVIRON_SNAPSHOT] = self.snapshot
                 found = snapshot.release_for_path(environ.get("PATH_INFO") or "/")
-                if found is not None:
+                if found is not None and not (found.prefix in self.host_shadowed and self.host_claims(found, environ)):
                     environ[ENVIRON_RELEASE] = found
             if not snapshot.releases:
                 return host_adapter
@@ -169,7 +178,12 @@ class Runtime:
     # -- loading and swapping ----------------------------------------------
 
     def check_mount(self, name: str, url_prefix: str) -> None:
-        """Refuse an invalid prefix, or a name or prefix that clashes with the host or another plugin."""
+        """Refuse an invalid prefix, a name the host's blueprints use, or a prefix another plugin has.
+
+        A host route under ``url_prefix`` does not refuse the mount: the
+        host's route keeps answering its URLs (host routes win, whenever they
+        were added), and :meth:`publish` logs the overlap.
+        """
         invalid = invalid_prefix_message(name, url_prefix)
         if invalid is not None:
             raise MountError(invalid)
@@ -179,15 +193,68 @@ class Runtime:
                 f"plugin {name!r}: the host application already has a blueprint named"
                 f" {name!r}. Rename the plugin in the configuration."
             )
-        for rule in self.app.url_map.iter_rules():
-            if under_prefix(rule.rule, url_prefix):
-                raise MountError(
-                    f"plugin {name!r}: url_prefix {url_prefix!r} would hide the host's route"
-                    f" {rule.rule!r} (endpoint {rule.endpoint!r}). Choose another url_prefix."
-                )
         clash = _prefix_clash(name, url_prefix, self.snapshot.releases.values())
         if clash is not None:
             raise MountError(clash)
+
+    # -- host routes under plugin prefixes -------------------------------------
+
+    def host_claims(self, release: LoadedRelease, environ: dict[str, t.Any]) -> bool:
+        """Whether a host route under ``release``'s prefix answers this request.
+
+        Only asked for prefixes in :attr:`host_shadowed`, so plugin requests
+        under a prefix the host has no route under pay one set lookup.
+        """
+        claims = self._claims.get(release.prefix)
+        if claims is None:
+            return False
+        request = self.app.request_class(environ, populate_request=False, shallow=True)
+        host_adapter = self._host_create_url_adapter(request)
+        return host_adapter is not None and host_claims(claims, host_adapter)
+
+    def _set_host_under(self, prefix: str, rules: list[Rule]) -> None:
+        """Record the host rules under a live prefix and rebuild its private map. Lock held."""
+        self._host_under[prefix] = rules
+        if rules:
+            self._claims[prefix] = claims_map(self.app.url_map, rules)
+        else:
+            self._claims.pop(prefix, None)
+        self.host_shadowed = frozenset(self._claims)
+
+    def _track_prefixes(self, snapshot: Snapshot) -> None:
+        """Follow the live prefixes of ``snapshot``: scan the host's rules for new ones. Lock held."""
+        live = {release.prefix for release in snapshot.releases.values()}
+        for prefix in set(self._host_under) - live:
+            self._set_host_under(prefix, [])
+            del self._host_under[prefix]
+        for prefix in live - set(self._host_under):
+            self._set_host_under(prefix, host_rules_under(self.app.url_map.iter_rules(), prefix))
+
+    def host_rules_added(self, rules: list[Rule]) -> None:
+        """Called by the host's map for rules added after gitplug was installed.
+
+        A rule under a live prefix answers from the next request on; the log
+        says which plugin's prefix it now overlaps.
+        """
+        if not self._host_under:
+            return
+        found: list[tuple[str, Rule]] = []
+        with self._lock:
+            for prefix, current in list(self._host_under.items()):
+                new = host_rules_under(rules, prefix)
+                if new:
+                    self._set_host_under(prefix, current + new)
+                    found.extend((prefix, rule) for rule in new)
+            owners = {release.prefix: release.name for release in self.snapshot.releases.values()}
+        for prefix, rule in found:
+            logger.warning(
+                "plugin %s: the host added route %r (endpoint %r) under url_prefix %r; the host's"
+                " route answers it from now on (host routes win)",
+                owners.get(prefix, "?"),
+                rule.rule,
+                rule.endpoint,
+                prefix,
+            )
 
     def swap_lock(self, name: str) -> threading.Lock:
         """The lock that serialises loads and swaps of one plugin."""
@@ -293,6 +360,7 @@ class Runtime:
             old_snapshot = self.snapshot
             clash = self._clash(release, old_snapshot.releases.values()) if release is not None else None
             error = MountError(clash) if clash is not None else None
+            overlapped: list[Rule] = []
             if error is None:
                 releases = dict(old_snapshot.releases)
                 old = releases.pop(name, None)
@@ -304,6 +372,9 @@ class Runtime:
                     live.snapshot_refs += 1
                 self._open_snapshots.add(new_snapshot)
                 self._sync_registries()
+                self._track_prefixes(new_snapshot)
+                if release is not None:
+                    overlapped = list(self._host_under.get(release.prefix, ()))
                 if old is not None and old is not release:
                     old.retired = True
                 self.snapshot = new_snapshot
@@ -314,6 +385,15 @@ class Runtime:
             self._unload_now(release, run_callbacks=True, was_live=False)
             signals.plugin_load_failed.send(self.app, plugin=name, release=release.release_id, error=error)
             raise error
+        if overlapped:
+            assert release is not None
+            logger.warning(
+                "plugin %s: the host's routes %s lie under url_prefix %r; the host answers them,"
+                " not the plugin (host routes win). Choose another url_prefix to serve them from the plugin.",
+                name,
+                ", ".join(f"{rule.rule!r} (endpoint {rule.endpoint!r})" for rule in overlapped),
+                release.prefix,
+            )
         shadowed = self._shadowed_template_names(release)
         if shadowed:
             logger.warning(
