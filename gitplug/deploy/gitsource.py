@@ -10,8 +10,15 @@ Transports (dulwich): a local path, ``file://``, ``http(s)://``, ``git://``,
 ``ssh://`` and scp-like ``user@host:path`` (through the ``ssh`` binary).
 
 Timeouts: ``timeout`` bounds every HTTP connect and read (urllib3); for ssh
-it is ``ConnectTimeout`` plus a keep-alive that drops a silent server (unless
-``GIT_SSH_COMMAND`` is set). Local paths and ``git://`` have none in dulwich.
+it is ``ConnectTimeout`` plus a keep-alive that drops a silent server. Local
+paths and ``git://`` have none in dulwich.
+
+SSH runs ``$GIT_SSH_COMMAND`` (split like a shell would, never run by one),
+else ``$GIT_SSH``, else ``ssh``, always with gitplug's own options appended:
+``BatchMode=yes`` (no password or host-key prompt: an unknown host key fails
+at once) and the deadlines above. ssh takes the first value given for an
+option, so an option the command sets itself (its own ``ConnectTimeout``)
+wins over gitplug's default. See :func:`ssh_command`.
 
 Bounded memory: dulwich inflates whole objects in memory (a local fetch of a
 600 MiB blob costs about twice that, a loose object over 512 MiB fails in
@@ -37,6 +44,7 @@ import hashlib
 import logging
 import os
 import re
+import shlex
 import shutil
 import signal
 import struct
@@ -44,7 +52,7 @@ import subprocess
 import threading
 import time
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -61,7 +69,7 @@ from dulwich.repo import Repo
 
 from gitplug.errors import FetchError, RefNotFound, SourceError, redact_url
 
-__all__ = ["CommitInfo", "GitSource", "ResolvedRef", "TreeEntry", "MODE_GITLINK", "MODE_LINK"]
+__all__ = ["CommitInfo", "GitSource", "ResolvedRef", "TreeEntry", "MODE_GITLINK", "MODE_LINK", "ssh_command"]
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +174,7 @@ class GitSource:
         Raises FetchError, also for an empty repository.
         """
         with self._wrap(plugin, url, None, "could not list the refs of"), \
-                self._client(url) as (client, path):
+                self._client(url, plugin) as (client, path):
             raw = {k: v for k, v in client.get_refs(path).refs.items() if v is not None}
             kept = _branches_and_tags(raw)
             if not kept:
@@ -194,7 +202,7 @@ class GitSource:
         """
         with self._wrap(plugin, url, None, "could not fetch"), self._mirror_lock(plugin, url), \
                 self._open_or_init_mirror(self.mirror_path(url)) as repo, \
-                self._client(url) as (client, path):
+                self._client(url, plugin) as (client, path):
             listing = client.get_refs(path)
             refs, symrefs = _branches_and_tags(listing.refs), listing.symrefs
             extra = [want.encode()] if want and want.encode() not in repo.object_store else []
@@ -517,6 +525,12 @@ class GitSource:
                          f"{doing} {{url}}{at}: {self._cause(exc)}. {_HINT}") from exc
 
     def _cause(self, exc: BaseException) -> str:
+        if isinstance(exc, dulwich_errors.HangupException) and exc.stderr_lines:
+            # ssh's own words: "Host key verification failed.", "Permission denied (publickey)."
+            said = " / ".join(line.decode("utf-8", "replace").strip()
+                              for line in exc.stderr_lines if line.strip())[-400:]
+            hint = _SSH_HINTS.get(next((k for k in _SSH_HINTS if k in said), ""), "")
+            return f"the remote end hung up; ssh said: {said}{hint}"
         chain: BaseException | None = exc
         while chain is not None:  # urllib3 errors arrive wrapped in GitProtocolError
             reason = getattr(chain, "reason", None) or chain
@@ -532,7 +546,7 @@ class GitSource:
         return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
     @contextlib.contextmanager
-    def _client(self, url: str) -> Iterator[tuple[Any, str]]:
+    def _client(self, url: str, plugin: str = "") -> Iterator[tuple[Any, str]]:
         kind, location = classify_url(url)
         kwargs: dict[str, Any] = {}
         pool = None
@@ -542,12 +556,13 @@ class GitSource:
             # One retry at most, so a dead server fails within ~2x the timeout.
             pool.connection_pool_kw["retries"] = urllib3.Retry(total=1, redirect=5)
             kwargs["pool_manager"] = pool
-        elif kind == "ssh" and not os.environ.get("GIT_SSH_COMMAND"):
-            # No password prompts; give up on a silent server after about `timeout`.
-            wait = max(1.0, self.timeout)
-            kwargs["ssh_command"] = (f"ssh -o BatchMode=yes -o ConnectTimeout={wait:.0f} -o "
-                                     f"ServerAliveInterval={max(1.0, wait / 3):.0f} -o "
-                                     "ServerAliveCountMax=3")
+        elif kind == "ssh":
+            # dulwich's client ignores GIT_SSH_COMMAND (only its porcelain
+            # reads it): always hand it the command, with our options.
+            try:
+                kwargs["ssh_command"] = ssh_command(self.timeout)
+            except ValueError as exc:
+                raise _error(FetchError, plugin, url, None, str(exc)) from exc
         if kind == "local":
             # dulwich would read a ':' in a path as scp-like ssh: a path is local here.
             client, path = dulwich_client.LocalGitClient(), location
@@ -644,6 +659,47 @@ class GitSource:
             raise _error(RefNotFound, plugin, url, sha, f"commit {sha!r} is not in the mirror "
                          "of {url}. Fetch the repository, then resolve the ref again.")
         return obj
+
+
+#: What to do about the ssh failures an operator meets first, keyed by ssh's words.
+_SSH_HINTS = {
+    "Host key verification failed": (
+        " (the server's host key is not in the known_hosts file ssh reads: add it, after"
+        " checking its fingerprint, or point -o UserKnownHostsFile=... in GIT_SSH_COMMAND at"
+        " a file that has it)"),
+    "Permission denied": (
+        " (the server refused every key offered: give the deploy key with -i KEY in"
+        " GIT_SSH_COMMAND, or load it into ssh-agent)"),
+}
+
+
+def ssh_command(timeout: float, environ: Mapping[str, str] | None = None) -> str:
+    """The ssh command line gitplug hands dulwich, as one shell-quoted string.
+
+    ``$GIT_SSH_COMMAND`` (split with :func:`shlex.split`) if set, else
+    ``$GIT_SSH`` (a program, no arguments, as git reads it), else ``ssh``;
+    then ``-o BatchMode=yes`` and deadlines from ``timeout`` are appended.
+    Nothing is ever run through a shell. Raises ValueError for a
+    ``GIT_SSH_COMMAND`` that cannot be split (an unclosed quote), with a message
+    that says so.
+    """
+    env = os.environ if environ is None else environ
+    if env.get("GIT_SSH_COMMAND", "").strip():
+        try:
+            args = shlex.split(env["GIT_SSH_COMMAND"])
+        except ValueError as exc:
+            raise ValueError(f"GIT_SSH_COMMAND cannot be split into arguments ({exc}): "
+                             f"{env['GIT_SSH_COMMAND']!r}. Fix its quoting, or unset it to "
+                             "use plain ssh.") from exc
+    elif env.get("GIT_SSH", "").strip():
+        args = [env["GIT_SSH"].strip()]
+    else:
+        args = ["ssh"]
+    # No password or host-key prompts; give up on a silent server after about `timeout`.
+    wait = max(1.0, timeout)
+    args += ["-o", "BatchMode=yes", "-o", f"ConnectTimeout={wait:.0f}",
+             "-o", f"ServerAliveInterval={max(1.0, wait / 3):.0f}", "-o", "ServerAliveCountMax=3"]
+    return shlex.join(args)
 
 
 def _error(cls: type[_E], plugin: str, url: str, ref: str | None, text: str) -> _E:
