@@ -285,9 +285,11 @@ def history(plugin: str, limit: int, config_path: Path | None, as_json: bool) ->
     click.echo(f"{'id':>5}  {'started':<26} {'trigger':<13} {'ref':<12} {'commit':<12} {'result':<11} {'stage':<12} duration")
     for r in records:
         duration = f"{r.duration_s:.2f}s" if r.duration_s is not None else "-"
+        # A background failure that recurred counts on its first record.
+        repeats = f"  (failed {r.repeats} times, last {r.last_seen_at})" if r.repeats > 1 else ""
         click.echo(
             f"{r.id:>5}  {r.started_at:<26} {r.trigger:<13} {(r.ref or '-')[:12]:<12} {_short(r.commit):<12}"
-            f" {r.result.value:<11} {(r.stage.value if r.stage else '-'):<12} {duration}"
+            f" {r.result.value:<11} {(r.stage.value if r.stage else '-'):<12} {duration}{repeats}"
         )
 
 

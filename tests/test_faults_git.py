@@ -23,7 +23,7 @@ from faults_site import (
     plugin_files,
     v1_repo,
 )
-from gitplug.state import DeployResult
+from gitplug.state import DeployRecord, DeployResult, Stage
 from gitrepo import MODE_EXEC, MODE_FILE, MODE_GITLINK, MODE_LINK, GitRepo, serve_http
 
 # =========================================================================== git
@@ -36,6 +36,59 @@ def test_unreachable_repository_moved_away(host: Host) -> None:
         rf"plugin 'hello': could not fetch {re.escape(host.repo.url)}: no git repository there\."
         r" Check that the repository exists and this host can reach it\.",
     )
+
+
+def test_a_background_fetch_failure_is_recorded_once_with_a_count(host: Host) -> None:
+    """README "Guarantees": a poll or webhook that fails at fetch leaves a record, not one per poll."""
+    services = host.gp._state.services
+
+    def background(kind: str) -> DeployRecord | None:
+        future = services.trigger("hello", kind)  # what the poll scheduler and the webhook route call
+        assert future is not None, "this process is the controller: the trigger runs here"
+        return future.result(timeout=120)
+
+    before = [r.id for r in host.gp.history("hello")]
+    shutil.move(str(host.repo.path), str(host.tmp / "moved"))
+    first = background("poll")
+    assert first is not None and (first.result, first.stage, first.trigger) == (
+        DeployResult.FAILED, Stage.FETCH, "poll"
+    ), first
+    assert re.fullmatch(
+        rf"plugin 'hello': could not fetch {re.escape(host.repo.url)}: no git repository there\."
+        r" Check that the repository exists and this host can reach it\.",
+        first.error or "",
+    ), first.error
+    assert (first.repeats, first.last_seen_at) == (1, None)
+    assert [r.id for r in host.gp.history("hello")] == [first.id, *before]
+    assert [d.id for _, d, _ in host.failed] == [first.id]  # deploy_failed, as for any failed deploy
+    said = [r.getMessage() for r in host.logged]
+    assert any(f"deploy {first.id} failed at fetch: " in line for line in said), said
+    assert host.gp.status()["plugins"][0]["last_deploy"]["id"] == first.id
+    host.assert_good_serves()
+
+    # Failing the same way again, by poll or webhook: the same record counts.
+    for kind in ("poll", "poll", "webhook"):
+        again = background(kind)
+        assert again is not None and again.id == first.id
+    record = host.gp.history("hello")[0]
+    assert (record.id, record.repeats, record.trigger) == (first.id, 4, "poll")
+    assert record.last_seen_at is not None and record.last_seen_at >= record.started_at
+    assert record.to_json()["repeats"] == 4
+    assert [r.id for r in host.gp.history("hello")] == [first.id, *before]
+    assert [d.id for _, d, _ in host.failed] == [first.id]  # notified once
+    said = [r.getMessage() for r in host.logged]
+    assert any(f"failed again at fetch (4 times since {first.started_at}, deploy {first.id})" in line for line in said)
+
+    # A different failure is a record of its own.
+    shutil.move(str(host.tmp / "moved"), str(host.repo.path))
+    host.repo.branch("other")
+    host.repo.checkout("other")
+    host.repo.delete_branch("main")
+    other = background("poll")
+    assert other is not None and other.id != first.id and other.stage == Stage.FETCH, other
+    assert "ref 'main' names no branch, tag or commit" in (other.error or "")
+    assert [r.id for r in host.gp.history("hello")] == [other.id, first.id, *before]
+    host.assert_good_serves()
 
 
 def test_unreachable_http_server(make_host: t.Callable[..., Host], tmp_path: Path) -> None:

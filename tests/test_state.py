@@ -225,7 +225,7 @@ def test_to_json_has_the_spec_shape(store: StateStore) -> None:
     spec_keys = {
         "id", "trigger", "ref", "commit", "result", "stage", "error", "started_at", "duration_s"
     }
-    assert spec_keys <= set(data) <= spec_keys | {"plugin", "log_path", "host"}
+    assert spec_keys <= set(data) <= spec_keys | {"plugin", "log_path", "host", "repeats", "last_seen_at"}
     assert data["result"] == "failed" and data["stage"] == "test" and data["commit"] == "a" * 40
     assert type(data["result"]) is str and type(data["stage"]) is str
     assert json.loads(json.dumps(data)) == data
@@ -759,3 +759,28 @@ def test_postgres_url_without_psycopg_says_what_to_install(monkeypatch: pytest.M
     with pytest.raises(StateError, match=r"needs psycopg .*pip install 'gitplug\[fleet\]'") as caught:
         open_state_store("postgresql://gitplug:hunter2@db/fleet")
     assert "hunter2" not in str(caught.value)
+
+
+def test_a_schema_3_database_gains_repeats_and_keeps_its_history(db: Path) -> None:
+    """The migration adding repeats and last_seen_at: records written before it count once."""
+    db.parent.mkdir(parents=True)
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        for statements in state_module._MIGRATIONS[:3]:
+            for statement in statements:
+                conn.execute(statement)
+        conn.execute("INSERT INTO schema_version (version) VALUES (3)")
+        conn.execute(
+            "INSERT INTO deploys (plugin, trigger, ref, result, stage, error, started_at, host)"
+            " VALUES ('hello', 'poll', 'main', 'failed', 'fetch', 'gone', '2026-01-01T00:00:00.000Z', 'h')"
+        )
+    conn.close()
+    with SQLiteStateStore(db) as store:
+        (old,) = store.history("hello")
+        assert (old.error, old.repeats, old.last_seen_at) == ("gone", 1, None)
+        again = store.update_deploy(old.id, repeats=2, last_seen_at="2026-01-01T00:01:00.000Z")
+        assert (again.repeats, again.last_seen_at) == (2, "2026-01-01T00:01:00.000Z")
+        assert store.get_deploy(old.id) == again
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT version FROM schema_version").fetchone()[0] == state_module.SCHEMA_VERSION
+    conn.close()

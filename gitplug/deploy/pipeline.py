@@ -3,7 +3,11 @@
 :class:`Deployer` runs one deploy at a time per plugin (a thread lock plus
 an ``fcntl`` lock file, so the CLI and a server on the same data directory
 never deploy one plugin at once). Every failure is recorded with its stage
-and error; nothing served changes unless every stage passed.
+and error; nothing served changes unless every stage passed. A background
+trigger (poll, webhook) that fails before it knows the commit (at ``fetch``)
+is recorded too, once per run of identical failures: the record counts the
+repeats (:attr:`~gitplug.state.DeployRecord.repeats`) instead of a poll
+adding a line each interval.
 
 A deployer either serves (it has the server's :class:`~gitplug.runtime.swap.Runtime`
 and swaps it) or only verifies (the CLI: it loads the release into a private
@@ -204,7 +208,9 @@ class Deployer:
 
         Returns the deploy record, or None when a background trigger found
         nothing to do. Never raises for a failed deploy: the record says
-        ``failed`` with its stage and error. ``pin`` (a ref, None to unpin,
+        ``failed`` with its stage and error (for a background trigger that
+        failed like the plugin's latest record, that record, its ``repeats``
+        counted up). ``pin`` (a ref, None to unpin,
         False to leave as is) is written together with the new live commit.
         ``commit`` (a full sha) is deployed as ``ref`` although ``ref`` does
         not name it yet: the push remote deploys a pushed commit before it
@@ -323,18 +329,15 @@ class Deployer:
                 if isinstance(exc, ReleaseModified):
                     self._discard(name, exc)  # the next deploy stages it afresh
                 if record is None:
-                    # A background trigger that could not even resolve: keep
-                    # the error on the plugin, not a history line per poll.
-                    self.store.update_plugin(name, last_error=message)
-                    logger.warning("plugin %s: %s failed at %s: %s", name, trigger, failed_stage, message)
-                    return None
+                    # A background trigger that could not even resolve.
+                    return self._background_failure(name, trigger, target, failed_stage, message, started, exc, say)
                 return self._fail(name, record, failed_stage, message, started, exc, say)
             except Exception as exc:  # noqa: BLE001 - a bug must still be recorded, not lost
                 logger.exception("plugin %s: deploy crashed at %s", name, stage)
+                message = f"internal error: {type(exc).__name__}: {exc}"
                 if record is None:
-                    self.store.update_plugin(name, last_error=f"{type(exc).__name__}: {exc}")
-                    return None
-                return self._fail(name, record, stage, f"internal error: {type(exc).__name__}: {exc}", started, exc, say)
+                    return self._background_failure(name, trigger, target, stage, message, started, exc, say)
+                return self._fail(name, record, stage, message, started, exc, say)
 
     def _fail(
         self,
@@ -366,6 +369,42 @@ class Deployer:
         # Failed releases count against keep_releases too (their records and logs stay).
         self._prune(name)
         return record
+
+    def _background_failure(
+        self,
+        name: str,
+        trigger: str,
+        target: str,
+        stage: Stage,
+        message: str,
+        started: float,
+        exc: BaseException,
+        say: Progress,
+    ) -> DeployRecord:
+        """Record a background trigger that failed before it had a record.
+
+        When the plugin's latest record is a background failure of the same
+        ref at the same stage with the same error, that record counts one
+        more repeat (no new line, no second ``deploy_failed``); otherwise a
+        new failed record is written like any failed deploy.
+        """
+        last = self.store.last_deploy(name)
+        if (
+            last is not None
+            and last.result == DeployResult.FAILED
+            and last.trigger not in EXPLICIT_TRIGGERS
+            and (last.ref, last.stage, last.error) == (target, stage, message)
+        ):
+            record = self.store.update_deploy(last.id, repeats=last.repeats + 1, last_seen_at=now_iso())
+            say("failed", f"{stage.value}: {message}")
+            logger.warning(
+                "plugin %s: %s failed again at %s (%d times since %s, deploy %d): %s",
+                name, trigger, stage.value, record.repeats, record.started_at, record.id, message,
+            )
+            return record
+        record = self.store.start_deploy(name, trigger=trigger, ref=target)
+        signals.deploy_started.send(self, plugin=name, deploy=record)
+        return self._fail(name, record, stage, message, started, exc, say)
 
     def _resolve(
         self, plugin: PluginConfig, ref: str, *, fetch: bool, say: Progress, commit: str | None = None

@@ -124,6 +124,12 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             plugins TEXT NOT NULL, leader BOOLEAN NOT NULL DEFAULT FALSE)""",
     ),
     ("ALTER TABLE plugins ADD COLUMN url_prefix TEXT",),
+    (
+        # A background trigger that fails the same way again counts on the
+        # record it already has (DeployRecord.repeats) instead of adding one.
+        "ALTER TABLE deploys ADD COLUMN repeats INTEGER NOT NULL DEFAULT 1",
+        "ALTER TABLE deploys ADD COLUMN last_seen_at TEXT",
+    ),
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -137,7 +143,7 @@ _PLUGIN_COLUMNS = (
 )
 _DEPLOY_COLUMNS = (
     "id, plugin, trigger, ref, commit_sha, result, stage, error, started_at, duration_s, "
-    "log_path, host"
+    "log_path, host, repeats, last_seen_at"
 )
 def _plugin_from_row(row: Mapping[str, Any]) -> PluginState:
     values = dict(row)

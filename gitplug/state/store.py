@@ -133,7 +133,14 @@ class PluginState:
 
 @dataclass(frozen=True)
 class DeployRecord:
-    """One deploy, from trigger to result (SPEC 10's ``last_deploy``)."""
+    """One deploy, from trigger to result (``last_deploy`` in the README's "HTTP API").
+
+    ``repeats`` counts how many times a background trigger (poll, webhook)
+    failed the same way, at the same stage with the same error, one after
+    another: such failures share one record rather than one per poll.
+    ``last_seen_at`` is when the latest of them happened (None while
+    ``repeats`` is 1).
+    """
 
     id: int
     plugin: str
@@ -147,9 +154,11 @@ class DeployRecord:
     duration_s: float | None
     log_path: str | None
     host: str
+    repeats: int = 1
+    last_seen_at: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        """The record as SPEC 10 prints it, plus ``plugin``, ``log_path``, ``host``."""
+        """The record as ``gitplug history --json`` prints it."""
         return {
             "id": self.id,
             "trigger": self.trigger,
@@ -163,6 +172,8 @@ class DeployRecord:
             "plugin": self.plugin,
             "log_path": self.log_path,
             "host": self.host,
+            "repeats": self.repeats,
+            "last_seen_at": self.last_seen_at,
         }
 
 
@@ -281,7 +292,7 @@ PLUGIN_FIELDS = frozenset(
 )
 #: Fields :meth:`StateStore.update_deploy` accepts.
 DEPLOY_FIELDS = frozenset(
-    {"trigger", "ref", "commit", "result", "stage", "error", "duration_s", "log_path"}
+    {"trigger", "ref", "commit", "result", "stage", "error", "duration_s", "log_path", "repeats", "last_seen_at"}
 )
 
 
