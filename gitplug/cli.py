@@ -243,6 +243,8 @@ def status(config_path: Path | None, as_json: bool) -> None:
     for p in data["plugins"]:
         pin = f" (pinned at {p['pin']})" if p["pin"] else ""
         click.echo(f"{p['name']}: {p['state']}  {_short(p['live_commit'])}  ref {p['ref']}{pin}  {p['url_prefix']}")
+        if p.get("state_reason"):
+            click.echo(f"    {p['state']}: {p['state_reason']}")
         for host_id, host in sorted(p["hosts"].items()):
             lead = " (leader)" if host.get("leader") else ""
             error = f"  {host['error'].splitlines()[0]}" if host["error"] else ""

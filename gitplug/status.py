@@ -1,4 +1,12 @@
-"""The data of ``gitplug status --json`` and ``GET /_gitplug/api/plugins`` (SPEC 10)."""
+"""The data of ``gitplug status --json`` and ``GET /_gitplug/api/plugins`` (README, "HTTP API").
+
+``state`` is ``live``, ``stopped``, ``failed`` (nothing served: the first
+deploy failed), ``pending`` (never deployed) or ``behind``: a release is
+served, no pin holds it, and the latest deploy of the tracked ref failed
+(a failed ``gitplug resume``, a poll or webhook that failed), so the plugin
+serves an older commit than its ref asks for; ``state_reason`` says why in
+one line (None for the other states).
+"""
 
 from __future__ import annotations
 
@@ -8,9 +16,10 @@ from .config import GitplugConfig, PluginConfig
 from .deploy.gitsource import redact_url
 from .errors import UnknownPlugin
 from .runtime.swap import Runtime
-from .state import HostInfo, PluginStateValue, StateStore, host_status
+from .state import DeployRecord, DeployResult, HostInfo, PluginStateValue, StateStore, host_status
 
 __all__ = ["plugin_status", "build_status"]
+
 
 def plugin_status(
     plugin: PluginConfig,
@@ -43,6 +52,10 @@ def plugin_status(
         value = "live"
     else:
         value = state.state.value
+    reason = None
+    if value == "live" and state is not None and not state.pin and _failed_on_ref(last, plugin.ref):
+        assert last is not None
+        value, reason = "behind", _behind_reason(plugin.ref, last, state.live_commit)
     workers = workers if workers is not None else store.workers()
     hosts = hosts if hosts is not None else store.hosts()
     return {
@@ -51,6 +64,7 @@ def plugin_status(
         "ref": plugin.ref,
         "pin": state.pin if state else None,
         "state": value,
+        "state_reason": reason,
         "live_commit": live_commit,
         "previous_commit": state.previous_commit if state else None,
         "url_prefix": url_prefix,
@@ -59,6 +73,21 @@ def plugin_status(
         "last_error": state.last_error if state else None,
         "last_deploy": last.to_json() if last is not None else None,
     }
+
+
+def _failed_on_ref(last: DeployRecord | None, ref: str) -> bool:
+    return last is not None and last.result == DeployResult.FAILED and last.ref == ref
+
+
+def _behind_reason(ref: str, last: DeployRecord, live_commit: str | None) -> str:
+    """``serving abc, not the head of main: deploy #7 (cli) of def failed at test: ...``."""
+    what = f" of {last.commit[:12]}" if last.commit else ""
+    error = (last.error or "").strip().splitlines()
+    detail = f": {error[0][:200]}" if error else ""
+    return (
+        f"serving {(live_commit or '?')[:12]}, not the head of {ref}: deploy #{last.id}"
+        f" ({last.trigger}){what} failed at {last.stage.value if last.stage else '?'}{detail}"
+    )
 
 
 def build_status(

@@ -125,7 +125,8 @@ class Host:
         live = self.gp.live_release("hello")
         assert live is not None and live.commit == self.good
         status = self.gp.status()["plugins"][0]
-        assert (status["state"], status["live_commit"]) == ("live", self.good), status
+        # "behind" once a deploy of the tracked ref failed (deploy_fails checks which).
+        assert status["state"] in ("live", "behind") and status["live_commit"] == self.good, status
 
     def commit(self, files: dict[str, str | bytes], message: str, *, replace: bool = True) -> str:
         """Commit ``files`` as the whole work tree (``replace``) or on top of it."""
@@ -151,6 +152,9 @@ class Host:
         status = self.gp.status()["plugins"][0]
         assert status["last_error"] == record.error
         assert status["last_deploy"]["result"] == "failed"
+        if ref is None:  # the tracked ref failed: the plugin is behind it, and says why
+            assert status["state"] == "behind", status
+            assert f", not the head of main: deploy #{record.id} (" in status["state_reason"], status
         self.assert_good_serves()
         return record
 

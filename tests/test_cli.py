@@ -319,12 +319,45 @@ def test_deploy_json_failure_history_and_status(
         "main",
         None,
     )
-    assert (plugin["state"], plugin["live_commit"], plugin["workers"]) == ("live", v1, {})
+    # The tracked ref's head failed: the plugin serves v1, behind main, and says why.
+    assert (plugin["state"], plugin["live_commit"], plugin["workers"]) == ("behind", v1, {})
+    assert plugin["state_reason"].startswith(
+        f"serving {v1[:12]}, not the head of main: deploy #4 (cli) of {bad[:12]} failed at load: "
+    )
     assert plugin["last_deploy"] == history[0]
 
     proc = run_cli("history", "hello", "-c", config)
     assert proc.returncode == 0
     assert [line.split()[0] for line in proc.stdout.splitlines()[1:]] == ["4", "3", "2", "1"]
+
+
+def test_status_after_a_failed_resume_says_behind_and_why(tmp_path: Path, repo: GitRepo, config: Path) -> None:
+    v1 = write_version(repo, "hello", "v1")
+    assert run_cli("deploy", "hello", "-c", config).returncode == 0
+    write_version(repo, "hello", "v2")
+    assert run_cli("deploy", "hello", "-c", config).returncode == 0
+    proc = run_cli("rollback", "hello", v1, "-c", config)
+    assert proc.returncode == 0, proc.stderr
+    (plugin,) = cli_json("status", "-c", config)["plugins"]
+    assert (plugin["state"], plugin["state_reason"], plugin["pin"]) == ("live", None, v1)
+
+    bad = write_version(repo, "hello", "v3", broken=True)
+    proc = run_cli("resume", "hello", "-c", config)
+    assert proc.returncode == 1, proc.stdout
+    failed = cli_json("history", "hello", "-c", config)[0]
+    assert (failed["trigger"], failed["result"], failed["commit"]) == ("cli", "failed", bad)
+    reason = (
+        f"serving {v1[:12]}, not the head of main: deploy #{failed['id']} (cli) of {bad[:12]}"
+        f" failed at load: {failed['error'].splitlines()[0]}"
+    )
+    (plugin,) = cli_json("status", "-c", config)["plugins"]
+    assert (plugin["state"], plugin["pin"], plugin["live_commit"]) == ("behind", None, v1)
+    assert plugin["state_reason"] == reason
+    proc = run_cli("status", "-c", config)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith(f"hello: behind  {v1[:12]}  ref main  /hello"), lines
+    assert lines[1] == f"    behind: {reason}", lines
 
 
 def test_unknown_plugin_exits_2_listing_the_known_ones(config: Path) -> None:

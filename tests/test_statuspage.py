@@ -557,3 +557,32 @@ def test_a_repository_password_is_never_shown(tmp_path: Path) -> None:
         assert "hunter2" not in client.get(PAGE).get_data(as_text=True)
     finally:
         gp.shutdown()
+
+
+def test_after_a_failed_resume_the_page_says_the_plugin_is_behind_and_why(site: Site) -> None:
+    client = site.client
+    csrf = login(client)
+    v2 = write_version(site.repo, "v2")
+    act(client, "deploy", csrf)
+    html = act(client, "rollback", csrf, ref="v1")
+    assert 'data-role="state">live<' in html and "state-reason" not in html
+    bad = write_version(site.repo, "v3", broken=True)
+    html = act(client, "resume", csrf)
+    assert "resume failed at load" in flash_of(html)
+    assert served(client) == "200 v1" and v2 != bad
+    (plugin,) = site.gp.status()["plugins"]
+    record = site.gp.history("hello")[0]
+    assert (plugin["state"], plugin["pin"], plugin["live_commit"]) == ("behind", None, site.v1)
+    assert plugin["state_reason"] == (
+        f"serving {site.v1[:12]}, not the head of main: deploy #{record.id} ({record.trigger}) of"
+        f" {bad[:12]} failed at load: {record.error.splitlines()[0]}"  # type: ignore[union-attr]
+    )
+    assert 'data-role="state">behind<' in html
+    reason = re.search(r'<p class="state-reason" data-role="state-reason">(.*?)</p>', html, re.S)
+    assert reason and f"serving {site.v1[:12]}, not the head of main: deploy #{record.id}" in reason.group(1)
+    assert "failed at load: plugin &#39;hello&#39;: syntax error in hello/__init__.py line 8" in reason.group(1)
+    # A deploy of the tracked ref that goes live again ends it.
+    write_version(site.repo, "v4")
+    act(client, "deploy", csrf)
+    (plugin,) = site.gp.status()["plugins"]
+    assert (plugin["state"], plugin["state_reason"]) == ("live", None)

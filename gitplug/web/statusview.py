@@ -65,6 +65,8 @@ class PluginView:
     history: tuple[DeployRecord, ...]
     #: Rollback targets: ((group label, ((value, label), ...)), ...).
     choices: tuple[tuple[str, tuple[tuple[str, str], ...]], ...]
+    #: Why the plugin is ``behind`` its tracked ref, in one line (else None).
+    state_reason: str | None = None
 
     @property
     def running(self) -> bool:
@@ -196,6 +198,7 @@ def _plugin_view(
         last_error=status["last_error"],
         history=history,
         choices=_choices(deployer, plugin, live, status.get("previous_commit")),
+        state_reason=status.get("state_reason"),
     )
 
 
