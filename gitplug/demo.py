@@ -1,4 +1,4 @@
-"""``gitplug demo``: the walkthrough of SPEC 8 on this machine alone.
+"""``gitplug demo``: the walkthrough of the README's "Five minutes with the demo", on this machine alone.
 
 Makes a real git repository from ``plugins_repo_example/`` under the data
 directory (two tagged commits, v1.0.0 and v1.1.0), serves the root

@@ -1,9 +1,9 @@
 """The Flask extension: ``GitPlug(app)`` / ``GitPlug().init_app(app)``.
 
-The extension object is the programmatic face of gitplug (SPEC 10). Its
+The extension object is the programmatic face of gitplug. Its
 per-application state lives in ``app.extensions["gitplug"]``; the object
 remembers the application it was last initialised with so that the Python
-API (``gp.deploy("hello")``) needs no app argument, as SPEC 10 shows.
+API (``gp.deploy("hello")``) needs no app argument.
 """
 
 from __future__ import annotations

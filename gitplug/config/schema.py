@@ -3,7 +3,7 @@
 The second half of :func:`gitplug.config.load_config` and
 :func:`~gitplug.config.config_from_mapping`: :func:`_finish` runs
 :class:`_Checker` over the values :mod:`gitplug.config.yamlfile` read, checks
-every key of SPEC section 3 (types, ranges, URLs, refs, prefixes that clash),
+every key of the README's "Configuration" (types, ranges, URLs, refs, prefixes that clash),
 reports each problem to the :class:`~gitplug.config.yamlfile._Report`, and returns
 the frozen configuration only when no problem was reported.
 

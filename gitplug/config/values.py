@@ -42,7 +42,7 @@ def hosted_repo_path(data_dir: Path, name: str) -> Path:
 
 @dataclass(frozen=True, kw_only=True)
 class AutoRollback:
-    """When a newly live release is swapped back (SPEC section 6)."""
+    """When a newly live release is swapped back (``auto_rollback`` in the README's "Configuration")."""
 
     max_error_rate: float = 0.2  #: 0 < rate <= 1, over the first ``min_requests`` requests
     min_requests: int = 20  #: >= 1

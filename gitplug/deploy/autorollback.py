@@ -1,4 +1,4 @@
-"""Automatic rollback of a newly live release that errors (SPEC 6).
+"""Automatic rollback of a newly live release that errors (README, "Guarantees": auto-rollback).
 
 Run by the controller. For each plugin with ``auto_rollback``, a release
 that went live is watched for ``window`` seconds: once its first

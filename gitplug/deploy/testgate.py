@@ -1,7 +1,7 @@
 """The test gate: run a plugin's own tests in a staged release, before it loads.
 
 A release that fails its tests, hangs, or cannot start its test command never
-goes live (SPEC 4.2). The gate is the only place where gitplug runs code from
+goes live (README, "Guarantees"). The gate is the only place where gitplug runs code from
 a plugin repository in a separate process, so it is also where that code is
 contained::
 

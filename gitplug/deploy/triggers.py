@@ -3,7 +3,7 @@
 Every trigger (poll, webhook, API, config change) goes through
 :class:`TriggerQueue`, which runs at most one deploy per plugin at a time
 and folds a burst of triggers for one plugin into a single follow-up run:
-ten webhooks for one push make one deploy (SPEC 4.6).
+ten webhooks for one push make one deploy (README, "Webhooks").
 """
 
 from __future__ import annotations

@@ -92,7 +92,7 @@ class LayeredErrorHandlers(defaultdict):  # type: ignore[type-arg]
     """``error_handler_spec`` with plugins layered in.
 
     On conflicts in the app-wide scope the host's own handler wins: a plugin
-    cannot replace the host's error pages (SPEC 4.9).
+    cannot replace the host's error pages (README, "Guarantees").
     """
 
     def __init__(self, original: defaultdict, runtime: _SnapshotSource) -> None:  # type: ignore[type-arg]

@@ -62,7 +62,7 @@ class PluginStateValue(enum.StrEnum):
 
 
 class DeployResult(enum.StrEnum):
-    """The outcome of one deploy (SPEC 10)."""
+    """The outcome of one deploy (``result`` in the README's "HTTP API")."""
 
     RUNNING = "running"
     LIVE = "live"
@@ -73,7 +73,7 @@ class DeployResult(enum.StrEnum):
 
 
 class Stage(enum.StrEnum):
-    """The pipeline step where a deploy stopped (SPEC 10)."""
+    """The pipeline step where a deploy stopped (``stage`` in the README's "HTTP API")."""
 
     FETCH = "fetch"
     STAGE = "stage"

@@ -1,7 +1,7 @@
 """gitplug's own HTTP surface on the host, under ``api_prefix`` (``/_gitplug``).
 
     POST /webhook, /webhook/<plugin>     signed push events (see gitplug.web.webhook)
-    GET  /api/plugins                    status of every plugin (SPEC 10)
+    GET  /api/plugins                    status of every plugin (README, "HTTP API")
     GET  /api/plugins/<p>                one plugin
     GET  /api/plugins/<p>/history        its deploys, newest first
     POST /api/plugins/<p>/<action>       deploy | rollback | resume | stop | start

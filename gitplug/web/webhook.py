@@ -1,4 +1,4 @@
-"""Webhook trigger (SPEC section 5): verify, parse and match a push, then queue deploys.
+"""Webhook trigger (README, "Webhooks"): verify, parse and match a push, then queue deploys.
 
 Framework-free on purpose: the Flask view at ``POST <api_prefix>/webhook[/<plugin>]``
 passes the raw request to :func:`handle_webhook` and sends back what it returns::
@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 Forge = Literal["github", "gitea", "gitlab", "bitbucket", "generic"]
 
-#: Largest body accepted (SPEC section 5: 413 above 1 MiB).
+#: Largest body accepted (413 above 1 MiB; README, "Webhooks").
 MAX_BODY: Final = 1 << 20
 
 NO_SECRET_MESSAGE: Final = (
