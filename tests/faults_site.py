@@ -154,7 +154,7 @@ class Host:
         assert status["last_deploy"]["result"] == "failed"
         if ref is None:  # the tracked ref failed: the plugin is behind it, and says why
             assert status["state"] == "behind", status
-            assert f", not the head of main: deploy #{record.id} (" in status["state_reason"], status
+            assert f", not the head of {status['ref']}: deploy #{record.id} (" in status["state_reason"], status
         self.assert_good_serves()
         return record
 
