@@ -461,6 +461,11 @@ def test_host_routes_under_a_prefix_answer_whenever_they_were_added(
 
             assert (url_for("panel"), url_for("shop.panel")) == ("/shop/panel", "/shop/panel")
             assert request.url_rule is not None and request.url_rule.endpoint == "panel"
+    # A Host header TRUSTED_HOSTS refuses: Flask's 400, and the request is not left counted
+    # (it was counted under the runtime's lock before the host's rules were asked).
+    app.config["TRUSTED_HOSTS"] = ["127.0.0.1"]
+    assert app.test_client().get("/shop/panel", headers={"Host": "evil.example"}, buffered=True).status_code == 400
+    assert gp.runtime.snapshot.inflight == 0
 
 
 def test_a_build_only_host_rule_does_not_block_a_mount(

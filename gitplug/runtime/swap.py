@@ -208,8 +208,13 @@ class Runtime:
         claims = self._claims.get(release.prefix)
         if claims is None:
             return False
-        request = self.app.request_class(environ, populate_request=False, shallow=True)
-        host_adapter = self._host_create_url_adapter(request)
+        try:
+            request = self.app.request_class(environ, populate_request=False, shallow=True)
+            host_adapter = self._host_create_url_adapter(request)
+        except Exception:  # noqa: BLE001 - e.g. a Host header TRUSTED_HOSTS refuses
+            # Called with the runtime's lock held and the request counted: never
+            # raise here. The request's own URL matching answers the error.
+            return False
         return host_adapter is not None and host_claims(claims, host_adapter)
 
     def _set_host_under(self, prefix: str, rules: list[Rule]) -> None:
