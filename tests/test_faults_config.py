@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from flask import Flask
 
 from faults_site import (
+    PLUGIN_INIT,
     UNSET_VAR,
     Host,
     make_host_fixture,  # noqa: F401
@@ -25,6 +26,7 @@ from gitplug.cli import cli
 from gitplug.config import load_config
 from gitplug.errors import ConfigError
 from gitplug.state import DeployResult
+from gitrepo import GitRepo
 
 # =========================================================================== configuration
 
@@ -187,8 +189,11 @@ def test_invalid_mapping_config_never_starts_a_second_host(
 
 
 def test_prefix_over_a_host_route_deploys_and_the_host_route_keeps_answering(
-    make_host: t.Callable[..., Host], caplog: pytest.LogCaptureFixture
+    make_host: t.Callable[..., Host], caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
+    admin = GitRepo(tmp_path / "admin-repo")
+    admin.write("admin/__init__.py", PLUGIN_INIT.format(stamp="admin").replace('Plugin("hello"', 'Plugin("admin"'))
+    admin_head = admin.commit("admin v1")
     app = Flask("host")
     app.config["TESTING"] = True
 
@@ -197,7 +202,7 @@ def test_prefix_over_a_host_route_deploys_and_the_host_route_keeps_answering(
         return "host panel"
 
     host = make_host(
-        app=app, others={"admin": {"repo": "{repo}", "url_prefix": "/admin", "test": False}}
+        app=app, others={"admin": {"repo": admin.url, "url_prefix": "/admin", "test": False}}
     )
     caplog.set_level("WARNING", logger="gitplug")
     record = host.gp.deploy("admin")
@@ -209,4 +214,4 @@ def test_prefix_over_a_host_route_deploys_and_the_host_route_keeps_answering(
     ) in caplog.text
     host.assert_good_serves()
     assert host.served("/admin/panel") == "200 host panel"
-    assert host.served("/admin/") == f"200 {host.good_stamp}"
+    assert host.served("/admin/") == f"200 stamp=admin@{admin_head[:7]}"
