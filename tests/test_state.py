@@ -784,3 +784,16 @@ def test_a_schema_3_database_gains_repeats_and_keeps_its_history(db: Path) -> No
     with sqlite3.connect(db) as conn:
         assert conn.execute("SELECT version FROM schema_version").fetchone()[0] == state_module.SCHEMA_VERSION
     conn.close()
+
+
+def test_a_repeated_failure_counts_on_its_record(store: StateStore) -> None:
+    """What the pipeline writes for a background failure that recurs (both stores)."""
+    record = store.start_deploy("hello", trigger="poll", ref="main")
+    record = store.finish_deploy(record.id, result=DeployResult.FAILED, stage=Stage.FETCH, error="gone")
+    assert (record.repeats, record.last_seen_at) == (1, None)
+    again = store.update_deploy(record.id, repeats=record.repeats + 1, last_seen_at="2026-01-01T00:01:00.000Z")
+    assert (again.repeats, again.last_seen_at, again.error, again.stage) == (
+        2, "2026-01-01T00:01:00.000Z", "gone", Stage.FETCH
+    )
+    assert store.history("hello") == [again] and store.last_deploy("hello") == again
+    assert again.to_json()["repeats"] == 2
