@@ -217,7 +217,9 @@ def check_config(config_path: Path | None) -> None:
     click.echo(f"{config.source}: OK, {len(config.plugins)} plugin(s)")
     for plugin in config.plugins.values():
         gate = " ".join(plugin.test) if plugin.test else "off"
-        click.echo(f"  {plugin.name}: {redact_url(plugin.repo)} @ {plugin.ref} -> {plugin.url_prefix or f'/{plugin.name} (unless its Plugin(...) declares a url_prefix)'} (tests: {gate})")
+        where = f" path {plugin.path}" if plugin.path else ""
+        prefix = plugin.url_prefix or f"/{plugin.name} (unless its Plugin(...) declares a url_prefix)"
+        click.echo(f"  {plugin.name}: {redact_url(plugin.repo)}{where} @ {plugin.ref} -> {prefix} (tests: {gate})")
     source = Path(config.source) if config.source else None
     if source is not None and source.is_file():
         # Valid as read here; say what the server would still refuse (an unset secret).

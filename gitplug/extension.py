@@ -273,9 +273,12 @@ class GitPlug:
         """The pipeline of this application (internal API)."""
         return self._require().deployer  # type: ignore[return-value]
 
-    def queue_deploy(self, name: str, trigger: str) -> None:
-        """Queue a background deploy of ``name``: coalesced, run by the controller."""
-        self._require().services.trigger(name, trigger)  # type: ignore[union-attr]
+    def queue_deploy(self, name: str, trigger: str, *, at: float | None = None) -> None:
+        """Queue a background deploy of ``name``: coalesced, run by the controller.
+
+        ``at`` (``time.monotonic()``): when its cause was known (see HostServices.trigger).
+        """
+        self._require().services.trigger(name, trigger, at=at)  # type: ignore[union-attr]
 
     def history(self, name: str, *, limit: int = 50) -> list[DeployRecord]:
         """Deploys of ``name``, newest first."""

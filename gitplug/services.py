@@ -525,14 +525,23 @@ class HostServices:
     def _run_trigger(self, trigger: Trigger) -> DeployRecord | None:
         # The deployer itself ignores background triggers of a pinned or
         # stopped plugin (checked under the plugin's lock).
-        return self.deployer.deploy(trigger.plugin, ref=trigger.ref, trigger=trigger.kind)
+        return self.deployer.deploy(trigger.plugin, ref=trigger.ref, trigger=trigger.kind, fresh_after=trigger.at)
 
     # -- the entry point for webhooks and the API ------------------------------------
 
-    def trigger(self, plugin: str, kind: str, ref: str | None = None) -> Future[DeployRecord | None] | None:
-        """Queue a deploy here if this process leads, else via the store (to the leader)."""
+    def trigger(
+        self, plugin: str, kind: str, ref: str | None = None, *, at: float | None = None
+    ) -> Future[DeployRecord | None] | None:
+        """Queue a deploy here if this process leads, else via the store (to the leader).
+
+        ``at`` (``time.monotonic()``) is when its cause was known, e.g. when a
+        webhook arrived: the plugins of one repository it triggers then share
+        one fetch (:meth:`~gitplug.deploy.pipeline.Deployer.fetch`).
+        """
         if self.is_leader or self._started_pid is None:
-            return self.queue.submit(Trigger(plugin, kind, ref))
+            if at is None:
+                return self.queue.submit(Trigger(plugin, kind, ref))
+            return self.queue.submit(Trigger(plugin, kind, ref, at=at))
         request = getattr(self.store, "request_deploy", None)
         if request is None:
             return self.queue.submit(Trigger(plugin, kind, ref))

@@ -61,6 +61,7 @@ def plugin_status(
     return {
         "name": plugin.name,
         "repo": redact_url(plugin.repo),  # never a password, whoever asks
+        "path": plugin.path,
         "ref": plugin.ref,
         "pin": state.pin if state else None,
         "state": value,

@@ -363,16 +363,19 @@ class _RootBackend(FileSystemBackend):
 
 
 @contextlib.contextmanager
-def serve_http(repo_root: Path, *, delay: float = 0.0) -> Iterator[str]:
+def serve_http(repo_root: Path, *, delay: float = 0.0, log: list[str] | None = None) -> Iterator[str]:
     """Serve every repository under ``repo_root`` over git smart HTTP on 127.0.0.1.
 
     Yields the base URL (``http://127.0.0.1:<port>``); the repository at
     ``repo_root/name`` is ``<base>/name``. ``delay`` seconds are slept before
-    every response, to test client timeouts. The server stops when the block ends.
+    every response, to test client timeouts. ``log`` gets ``"GET /name/info/refs"``
+    for every request, to count fetches. The server stops when the block ends.
     """
     git_app = make_wsgi_chain(_RootBackend(str(repo_root)))
 
     def app(environ: dict[str, Any], start_response: Any) -> Any:
+        if log is not None:
+            log.append(f"{environ['REQUEST_METHOD']} {environ.get('PATH_INFO', '')}")
         if delay:
             time.sleep(delay)
         return git_app(environ, start_response)

@@ -61,7 +61,7 @@ _FORGE_PATHS = {
 }
 _LIMIT_KEYS = ("max_file_size", "max_release_size", "max_files")
 _SANDBOXES = ("none", "bwrap")
-_PLUGIN_KEYS = ("repo", "ref", "url_prefix", "entry", "poll_interval", "test", "test_timeout",
+_PLUGIN_KEYS = ("repo", "ref", "path", "url_prefix", "entry", "poll_interval", "test", "test_timeout",
                 "auto_rollback", "config", "push_token", "allow_force_push")
 #: ``repo: push``: gitplug hosts the repository itself.
 _PUSH_REPO = "push"
@@ -472,6 +472,7 @@ class _Checker:
             repo = self.repo(path + ("repo",), raw["repo"]) if "repo" in raw else None
         ref = opt("ref", self.ref, default="main")
         push_token, allow_force = self.push_settings(path, raw, hosted, ref)
+        subdir = opt("path", self.repo_path, default=None)
         url_prefix = opt("url_prefix", self.prefix, default=None)
         # A plugin without one is checked for clashes at /<name>; the prefix its
         # constructor declares is checked by the runtime when it loads.
@@ -485,7 +486,7 @@ class _Checker:
         config = opt("config", self.free_form, default={})
         if len(self.report.problems) > problems_before or repo is None:
             return None
-        return PluginConfig(name=name, repo=repo, ref=ref, url_prefix=url_prefix, entry=entry,
+        return PluginConfig(name=name, repo=repo, ref=ref, path=subdir, url_prefix=url_prefix, entry=entry,
                             poll_interval=poll, test=test, test_is_default=test_is_default,
                             test_timeout=timeout, auto_rollback=rollback, hosted=hosted,
                             push_token=push_token, allow_force_push=allow_force,
@@ -551,6 +552,33 @@ class _Checker:
             self.fail(path, what, value)
             return None
         return self.local_path(path, repo, what)
+
+    def repo_path(self, path: _KeyPath, value: Any, *, glob: bool = False) -> str | None:
+        """A directory inside the repository: relative, '/'-separated, no '.', '..' or '.git'.
+
+        Returned without a trailing '/'. ``glob`` allows ``*``, ``?`` and ``[...]``.
+        """
+        example = "'plugins/*'" if glob else "'plugins/shop'"
+        what = f"a directory inside the repository such as {example}"
+        text = self.string(path, value, what)
+        if text is None:
+            return None
+        parts = text.removesuffix("/").split("/")
+        problem = None
+        if text.startswith("/") or "\\" in text:
+            problem = "relative to the repository's root, with '/' between directories"
+        elif any(part in ("", ".", "..") for part in parts):
+            problem = "no empty, '.' or '..' components: it must stay inside the repository"
+        elif any(part.lower() == ".git" for part in parts):
+            problem = "not inside .git"
+        elif not glob and re.search(r"[*?\[]", text):
+            problem = "no wildcards here; discover: takes a glob"
+        elif re.search(r"[\x00-\x1f\x7f]", text):
+            problem = "no control characters"
+        if problem:
+            self.fail(path, f"{what} ({problem})", value)
+            return None
+        return "/".join(parts)
 
     def ref(self, path: _KeyPath, value: Any) -> str | None:
         what = "a branch, tag or commit sha"

@@ -56,6 +56,9 @@ class PluginConfig:
     name: str
     repo: str
     ref: str = "main"
+    #: A directory of the repository (``plugins/shop``, no ``..``) whose tree is the
+    #: release; None: the repository's root. ``entry`` and the tests are relative to it.
+    path: str | None = None
     #: ``None``: the prefix ``Plugin(..., url_prefix=...)`` declares, else
     #: ``/<name>`` (known once a release is loaded; see :attr:`default_prefix`).
     url_prefix: str | None = None

@@ -283,15 +283,48 @@ class GitSource:
                               commit.message.decode("utf-8", "replace").rstrip("\n"),
                               datetime.fromtimestamp(commit.commit_time, tz=timezone.utc))
 
-    def iter_tree(self, url: str, sha: str, *, plugin: str = "") -> Iterator[TreeEntry]:
+    def iter_tree(self, url: str, sha: str, *, plugin: str = "", tree: str | None = None
+                  ) -> Iterator[TreeEntry]:
         """Every non-tree entry of commit ``sha``'s tree, recursively, in tree order.
 
-        Entries are reported verbatim, even those git would refuse (``..``,
-        duplicate names, a ``/`` inside a name): validating them is the
-        stager's job. Submodules come with mode ``MODE_GITLINK``.
+        With ``tree`` (a tree id from :meth:`subtree`), that tree is walked
+        instead and paths are relative to it. Entries are reported verbatim,
+        even those git would refuse (``..``, duplicate names, a ``/`` inside a
+        name): validating them is the stager's job. Submodules come with mode
+        ``MODE_GITLINK``.
         """
         with self._open_mirror(plugin, url, sha) as repo:
-            yield from self._walk(repo, b"", self._get_commit(repo, plugin, url, sha).tree)
+            root = tree.encode() if tree else self._get_commit(repo, plugin, url, sha).tree
+            yield from self._walk(repo, b"", root)
+
+    def subtree(self, url: str, sha: str, path: str, *, plugin: str = "") -> str | None:
+        """The tree id of directory ``path`` (``a/b``, no ``.``/``..``) in commit ``sha``.
+
+        None when the commit has no directory there (missing, or a file).
+        Two commits whose subtree ids are equal hold the same files under
+        ``path``: that is how a monorepo plugin knows a push did not touch it.
+        """
+        with self._open_mirror(plugin, url, sha) as repo:
+            tree = self._get_commit(repo, plugin, url, sha).tree
+            for part in path.split("/"):
+                found = [(mode, child) for name, mode, child in parse_tree(_raw(repo, tree, 2), 20)
+                         if name == os.fsencode(part)]
+                if len(found) != 1 or found[0][0] != MODE_TREE:
+                    return None
+                tree = found[0][1]
+            return tree.decode()
+
+    def directories(self, url: str, sha: str, path: str, *, plugin: str = "") -> dict[str, str]:
+        """``{name: tree id}`` of the directories directly inside ``path`` ("" for the root)."""
+        with self._open_mirror(plugin, url, sha) as repo:
+            tree: bytes | None = self._get_commit(repo, plugin, url, sha).tree
+            if path:
+                found = self.subtree(url, sha, path, plugin=plugin)
+                tree = found.encode() if found else None
+            if tree is None:
+                return {}
+            return {os.fsdecode(name): child.decode()
+                    for name, mode, child in parse_tree(_raw(repo, tree, 2), 20) if mode == MODE_TREE}
 
     def _walk(self, repo: Repo, prefix: bytes, tree_sha: bytes) -> Iterator[TreeEntry]:
         # Errors surface through _open_mirror's wrapper as FetchError.

@@ -115,7 +115,7 @@ def _stage_of(exc: BaseException, default: Stage) -> Stage:
 
 
 class _NothingToDo(Exception):
-    """Internal: the resolved commit is already live."""
+    """Internal: the resolved commit, or its tree under ``path``, is already live; the reason."""
 
 
 class Deployer:
@@ -136,6 +136,10 @@ class Deployer:
         #: at DEBUG on every later poll (see :meth:`_ignoring`).
         self._ignored: dict[str, str] = {}
         self._ignored_guard = threading.Lock()
+        self._fetch_guard = threading.Lock()
+        self._fetch_locks: dict[Path, threading.Lock] = {}
+        #: mirror -> monotonic time the last fetch into it started (see :meth:`fetch`).
+        self._fetched_at: dict[Path, float] = {}
 
     # -- helpers -------------------------------------------------------------
 
@@ -203,8 +207,12 @@ class Deployer:
         progress: Progress | None = None,
         reason: str | None = None,
         commit: str | None = None,
+        fresh_after: float | None = None,
     ) -> DeployRecord | None:
         """Deploy ``ref`` (default: the pin, else the tracked ref) of ``name``.
+
+        ``fresh_after`` (``time.monotonic()``, default now): a fetch of the
+        repository that started after it is fresh enough (see :meth:`fetch`).
 
         Returns the deploy record, or None when a background trigger found
         nothing to do. Never raises for a failed deploy: the record says
@@ -239,15 +247,23 @@ class Deployer:
                 signals.deploy_started.send(self, plugin=name, deploy=record)
             stage = Stage.FETCH
             try:
-                resolved = self._resolve(plugin, target, fetch=fetch, commit=commit, say=say)
+                resolved = self._resolve(plugin, target, fetch=fetch, commit=commit, say=say, fresh_after=fresh_after)
                 if trigger in POLL_TRIGGERS:
                     signals.poll_succeeded.send(self, plugin=name, at=time.time())
                 if record is not None:
                     record = self.store.update_deploy(record.id, commit=resolved.commit)
                 if resolved.commit == self.served_commit(name):
-                    raise _NothingToDo(resolved.commit)
+                    raise _NothingToDo(f"{resolved.commit[:12]} is already live")
                 if not explicit and state is not None and resolved.commit == state.live_commit:
                     return None  # already deployed; this process converges on it by itself
+                unchanged = self._unchanged_path(plugin, resolved.commit)
+                if unchanged is not None:
+                    if record is None:
+                        if self._skipped_before(name, resolved.commit):
+                            return None  # one history line per commit, not one per poll
+                        record = self.store.start_deploy(name, trigger=trigger, ref=target, commit=resolved.commit)
+                        signals.deploy_started.send(self, plugin=name, deploy=record)
+                    raise _NothingToDo(unchanged)
                 if not explicit:
                     if resolved.commit in self.store.failed_commits(name):
                         self._ignoring(
@@ -264,7 +280,7 @@ class Deployer:
                 assert record is not None
                 stage = Stage.STAGE
                 release = self.releases.get(name, resolved.commit)
-                if release is None:  # else on disk already: nothing to stage, say nothing
+                if release is None or release.source_path != plugin.path:  # else on disk already: say nothing
                     say("stage", resolved.commit[:12])
                     release = self._stage(plugin, resolved.commit, target)
                 stage = Stage.REQUIREMENTS
@@ -315,11 +331,11 @@ class Deployer:
                 record = self.store.finish_deploy(
                     record.id,
                     result=DeployResult.SKIPPED,
-                    error=f"{str(done)[:12]} is already live",
+                    error=str(done),
                     duration_s=round(time.monotonic() - started, 3),
                     plugin_update={"pin": pin} if pin is not False else None,
                 )
-                say("skipped", f"{str(done)[:12]} is already live")
+                say("skipped", str(done))
                 if trigger in ROLLBACK_TRIGGERS:
                     self._signal_rolled_back(name, record, state.live_commit if state else None, reason or trigger)
                 return record
@@ -407,7 +423,14 @@ class Deployer:
         return self._fail(name, record, stage, message, started, exc, say)
 
     def _resolve(
-        self, plugin: PluginConfig, ref: str, *, fetch: bool, say: Progress, commit: str | None = None
+        self,
+        plugin: PluginConfig,
+        ref: str,
+        *,
+        fetch: bool,
+        say: Progress,
+        commit: str | None = None,
+        fresh_after: float | None = None,
     ) -> ResolvedRef:
         """Resolve ``ref``; without ``fetch``, try the local mirror first.
 
@@ -425,8 +448,54 @@ class Deployer:
             except (RefNotFound, FetchError):
                 pass  # not known locally yet: fetch after all
         say("fetch", f"{redact_url(plugin.repo)} ({ref})")
-        self.git.fetch(plugin.name, plugin.repo)
+        self.fetch(plugin.name, plugin.repo, fresh_after=fresh_after)
         return self.git.resolve(plugin.name, plugin.repo, ref)
+
+    def fetch(self, name: str, url: str, *, fresh_after: float | None = None) -> None:
+        """Fetch ``url`` into its mirror, sharing one fetch between the plugins of a repository.
+
+        A fetch that *started after* ``fresh_after`` (default: now, i.e. a
+        fetch waited for) sees every push made before it, so it is used
+        instead of fetching again: nothing is missed, and the plugins of one
+        monorepo triggered by one webhook (``fresh_after`` = its arrival)
+        make one fetch.
+        """
+        asked = time.monotonic() if fresh_after is None else fresh_after
+        key = self.git.mirror_path(url)
+        with self._fetch_guard:
+            lock = self._fetch_locks.setdefault(key, threading.Lock())
+        with lock:
+            if self._fetched_at.get(key, -1.0) >= asked:
+                logger.debug("plugin %s: using the fetch of %s that just finished", name, key.name)
+                return
+            started = time.monotonic()
+            self.git.fetch(name, url)
+            self._fetched_at[key] = started
+
+    def _unchanged_path(self, plugin: PluginConfig, commit: str) -> str | None:
+        """Why ``commit`` needs no deploy: its tree under ``path`` is the live release's.
+
+        None for a plugin without ``path``, when nothing of it is live, or
+        when the directory changed (or vanished: staging reports that).
+        """
+        if not plugin.path:
+            return None
+        served = self.served_commit(plugin.name)
+        live = self.releases.get(plugin.name, served) if served else None
+        if live is None or live.source_path != plugin.path:
+            return None
+        subtree = self.git.subtree(plugin.repo, commit, plugin.path, plugin=plugin.name)
+        if subtree is None or subtree != live.subtree:
+            return None
+        return (
+            f"nothing changed under {plugin.path}/ in {commit[:12]}: the live release"
+            f" {served[:12]} holds the same tree ({subtree[:12]})"
+        )
+
+    def _skipped_before(self, name: str, commit: str) -> bool:
+        return any(
+            r.commit == commit and r.result == DeployResult.SKIPPED for r in self.store.history(name, limit=20)
+        )
 
     def _check_requirements(self, plugin: PluginConfig, release: Release, say: Progress) -> None:
         """Fail the deploy unless the host has every distribution the release asks for.
@@ -705,6 +774,7 @@ class Deployer:
             max_file_bytes=self.config.max_file_size,
             max_total_bytes=self.config.max_release_size,
             max_files=self.config.max_files,
+            path=plugin.path,
         )
 
     def _discard(self, name: str, exc: ReleaseModified) -> None:

@@ -91,6 +91,8 @@ class Release:
     message: str
     staged_at: str  # ISO 8601, UTC
     test: TestRecord | None  # None until the test gate recorded a result
+    source_path: str | None = None  # the repository directory staged (``path:``); None: the root
+    subtree: str = ""  # the tree id staged: ``tree`` for the root, else the directory's
 
 
 class ReleaseStore:
@@ -119,7 +121,8 @@ class ReleaseStore:
                 return None
             return Release(plugin, commit, path, str(meta["ref"]), str(meta["tree"]),
                            str(meta["author"]), str(meta["message"]), str(meta["staged_at"]),
-                           _read_test_record(path / METADATA_DIR / "test.json"))
+                           _read_test_record(path / METADATA_DIR / "test.json"),
+                           meta.get("path") or None, str(meta.get("subtree") or meta["tree"]))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             if path.exists():
                 logger.warning("plugin %s: release %s has no valid metadata (%s)", plugin,
@@ -147,9 +150,12 @@ class ReleaseStore:
         max_file_bytes: int = 100 * MiB,
         max_total_bytes: int = 1024 * MiB,
         max_files: int = 50_000,
+        path: str | None = None,
     ) -> Release:
         """Write the checkout of ``commit`` as a release and return it.
 
+        With ``path`` (a monorepo's ``plugins/shop``), the release holds that
+        directory's tree only, as if it were the repository's root.
         Idempotent: an existing complete release is returned untouched. The
         commit must be in ``source``'s mirror of ``url``. Raises UnsafeTree
         (naming the path) for a tree that could write outside the release,
@@ -161,8 +167,24 @@ class ReleaseStore:
         final = self.path_for(plugin, commit)
         existing = self.get(plugin, commit)
         if existing is not None:
+            if existing.source_path != path:
+                raise StagingError(
+                    f"plugin {plugin!r}: the release of {commit} on disk holds "
+                    f"{existing.source_path or 'the repository root'!r}, but path is now "
+                    f"{path or 'the repository root'!r}. Push a new commit to deploy the new path "
+                    f"(or remove {final} if it is not live).", plugin=plugin, commit=commit)
             return existing
         info = source.commit_info(url, commit, plugin=plugin)
+        tree = info.tree
+        if path:
+            # Resolve the directory first and stage its tree: the rest is unchanged.
+            found = source.subtree(url, commit, path, plugin=plugin)
+            if found is None:
+                raise StagingError(
+                    f"plugin {plugin!r}: commit {commit} has no directory {path!r} (the plugin's "
+                    "path). Fix path in the configuration, or push a commit that has it.",
+                    plugin=plugin, commit=commit)
+            tree = found
 
         def too_large(what: str, limit: int, at: str, size: int, total: int) -> StagingError:
             return StagingError(
@@ -173,7 +195,7 @@ class ReleaseStore:
                 plugin=plugin, commit=commit)
 
         entries: list[TreeEntry] = []
-        for entry in source.iter_tree(url, commit, plugin=plugin):
+        for entry in source.iter_tree(url, commit, plugin=plugin, tree=tree):
             entries.append(entry)
             if len(entries) > max_files:
                 raise StagingError(
@@ -202,7 +224,8 @@ class ReleaseStore:
                 raise too_large("release", max_total_bytes, "/".join(parts), size, total)
         meta = {
             "format": _FORMAT, "plugin": plugin, "commit": commit, "ref": ref,
-            "url": redact_url(url), "tree": info.tree, "author": info.author,
+            "url": redact_url(url), "tree": info.tree, "path": path, "subtree": tree,
+            "author": info.author,
             "message": info.message, "committed_at": info.committed_at.isoformat(),
             "staged_at": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
             "files": len(plan), "bytes": total,

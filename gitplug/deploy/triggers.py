@@ -8,12 +8,14 @@ ten webhooks for one push make one deploy (README, "Webhooks").
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
+import time
 import typing as t
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -32,6 +34,9 @@ class Trigger:
     plugin: str
     kind: str  # poll | startup | webhook | api | config
     ref: str | None = None
+    #: When the reason for it was known (``time.monotonic()``): a fetch of the
+    #: repository that started after this sees every push that caused it.
+    at: float = field(default_factory=time.monotonic, compare=False)
 
 
 RunDeploy = Callable[[Trigger], "DeployRecord | None"]
@@ -65,7 +70,9 @@ class TriggerQueue:
                 # Keep the most specific request: an explicit ref, or a person's
                 # trigger (it must leave a history record) over a background one.
                 if trigger.ref is not None or (trigger.kind in EXPLICIT_TRIGGERS and kept.ref is None):
-                    self._pending[trigger.plugin] = (trigger, future)
+                    kept = trigger
+                # ...and the newest reason: its fetch must see the latest push.
+                self._pending[trigger.plugin] = (dataclasses.replace(kept, at=max(kept.at, trigger.at)), future)
                 return future
             future = Future()
             if trigger.plugin in self._running:

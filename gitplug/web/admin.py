@@ -17,6 +17,7 @@ endpoints answer 403 and say how to set one; a wrong token is 401.
 from __future__ import annotations
 
 import hmac
+import time
 import typing as t
 
 from flask import Blueprint, Flask, Response, jsonify, request
@@ -97,9 +98,10 @@ def register_admin(app: Flask, gp: GitplugFacade, config: GitplugConfig) -> None
 
         cfg = current_config()
         store = gp.store
+        received = time.monotonic()  # one push, one fetch for every plugin of its repository
 
         def queue_deploy(name: str, event: t.Any) -> None:
-            gp.queue_deploy(name, "webhook")
+            gp.queue_deploy(name, "webhook", at=received)
 
         def is_pinned(name: str) -> bool:
             plugin_state = store.get_plugin(name)

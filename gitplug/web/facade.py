@@ -35,8 +35,12 @@ class GitplugFacade(t.Protocol):
     @property
     def runtime(self) -> Runtime: ...
 
-    def queue_deploy(self, name: str, trigger: str) -> None:
-        """Queue a background deploy of ``name`` (coalesced; on the controller)."""
+    def queue_deploy(self, name: str, trigger: str, *, at: float | None = None) -> None:
+        """Queue a background deploy of ``name`` (coalesced; on the controller).
+
+        ``at`` (``time.monotonic()``): when its cause was known, so that the
+        plugins one push triggers share one fetch of their repository.
+        """
 
     def status(self, only: str | None = None) -> dict[str, t.Any]: ...
 
