@@ -68,11 +68,18 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print machin
 
 
 def _load(config_path: Path | None, *, need_secrets: bool = True) -> GitplugConfig:
-    """The configuration; ``need_secrets=False`` for read-only commands.
+    """The configuration, with the plugins the server discovered (README, "Discovery").
 
-    A read-only command uses neither the admin token nor the webhook secret,
-    so an unset ``${NAME}`` for them does not fail it (the server's does).
+    ``need_secrets=False`` for read-only commands: they use neither the admin
+    token nor the webhook secret, so an unset ``${NAME}`` for them does not
+    fail them (the server's does).
     """
+    from .deploy.discovery import with_discovered
+
+    return with_discovered(_load_file(config_path, need_secrets=need_secrets))[0]
+
+
+def _load_file(config_path: Path | None, *, need_secrets: bool = True) -> GitplugConfig:
     if config_path is None and not os.environ.get(CONFIG_ENV_VAR):
         from_app = _flask_app_config()
         if from_app is not None:
@@ -213,13 +220,16 @@ def check_config(config_path: Path | None) -> None:
     """Validate the configuration and say what is wrong, where."""
     from .deploy.gitsource import redact_url
 
-    config = _load(config_path, need_secrets=False)
-    click.echo(f"{config.source}: OK, {len(config.plugins)} plugin(s)")
+    config = _load_file(config_path, need_secrets=False)
+    found = f", {len(config.discover)} discover entr{'y' if len(config.discover) == 1 else 'ies'}"
+    click.echo(f"{config.source}: OK, {len(config.plugins)} plugin(s){found if config.discover else ''}")
     for plugin in config.plugins.values():
         gate = " ".join(plugin.test) if plugin.test else "off"
         where = f" path {plugin.path}" if plugin.path else ""
         prefix = plugin.url_prefix or f"/{plugin.name} (unless its Plugin(...) declares a url_prefix)"
         click.echo(f"  {plugin.name}: {redact_url(plugin.repo)}{where} @ {plugin.ref} -> {prefix} (tests: {gate})")
+    for entry in config.discover:
+        click.echo(f"  discover {entry.path} in {redact_url(entry.repo)} @ {entry.ref} -> {entry.url_prefix}")
     source = Path(config.source) if config.source else None
     if source is not None and source.is_file():
         # Valid as read here; say what the server would still refuse (an unset secret).
@@ -244,6 +254,8 @@ def status(config_path: Path | None, as_json: bool) -> None:
         return
     for p in data["plugins"]:
         pin = f" (pinned at {p['pin']})" if p["pin"] else ""
+        if p.get("discovered_from"):
+            pin += f" (discovered in {p['discovered_from']['repo']} {p['discovered_from']['path']})"
         click.echo(f"{p['name']}: {p['state']}  {_short(p['live_commit'])}  ref {p['ref']}{pin}  {p['url_prefix']}")
         if p.get("state_reason"):
             click.echo(f"    {p['state']}: {p['state_reason']}")
@@ -281,7 +293,8 @@ def status(config_path: Path | None, as_json: bool) -> None:
 def history(plugin: str, limit: int, config_path: Path | None, as_json: bool) -> None:
     """Deploys of PLUGIN: when, trigger, ref, commit, result, stage, duration."""
     config = _load(config_path, need_secrets=False)
-    config.plugin(plugin)
+    if plugin not in config.removed:
+        config.plugin(plugin)
     records = _store(config).history(plugin, limit=limit)
     if as_json:
         _print_json([r.to_json() for r in records])
@@ -417,10 +430,17 @@ def reload_config(config_path: Path | None) -> None:
 
 
 def _parse_dev(values: tuple[str, ...]) -> list[tuple[str, Path]]:
+    """``NAME=PATH`` pairs; a bare ``PATH`` (a directory of plugins) has the name ``""``."""
     pairs = []
     for value in values:
         name, sep, path = value.partition("=")
-        if not sep or not name or not path:
+        if not sep:
+            if not Path(value).is_dir():
+                raise click.BadParameter(f"{value!r}: expected NAME=PATH, or a directory of plugins;"
+                                         " e.g. --dev hello=./plugins_repo_example or --dev ./plugins")
+            pairs.append(("", Path(value)))
+            continue
+        if not name or not path:
             raise click.BadParameter(f"{value!r}: expected NAME=PATH, e.g. --dev hello=./plugins_repo_example")
         pairs.append((name, Path(path)))
     return pairs
@@ -429,7 +449,8 @@ def _parse_dev(values: tuple[str, ...]) -> list[tuple[str, Path]]:
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=5000, show_default=True, type=int)
-@click.option("--dev", "dev", multiple=True, metavar="NAME=PATH", help="Serve a plugin from a directory; swap on every save.")
+@click.option("--dev", "dev", multiple=True, metavar="NAME=PATH|DIR",
+              help="Serve a plugin from a directory (or every plugin in DIR's subdirectories); swap on every save.")
 @config_option
 @domain_errors
 def serve(host: str, port: int, dev: tuple[str, ...], config_path: Path | None) -> None:

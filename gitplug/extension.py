@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import tempfile
 import typing as t
@@ -20,6 +21,7 @@ from types import MappingProxyType
 from flask import Flask, current_app
 
 from .config import GitplugConfig, config_from_mapping, load_config
+from .deploy.discovery import with_discovered
 from .deploy.notify import Notifier
 from .deploy.pipeline import Deployer
 from .deploy.requirements import check_requirements
@@ -71,7 +73,9 @@ class GitPlug:
             raise GitplugError(
                 "gitplug is already initialised on this application; create one GitPlug per app."
             )
-        config = config or self._config or _config_from_app(app)
+        file_config = config or self._config or _config_from_app(app)
+        # What runs: the configuration plus the plugins discovered so far (read from disk).
+        config = with_discovered(file_config)[0] if file_config is not None else None
         code_cache = CodeCache(config.data_dir / "cache") if config is not None else None
         runtime = Runtime(app, code_cache=code_cache)
         state = _AppState(runtime, config)
@@ -84,7 +88,7 @@ class GitPlug:
             state.store, state.deployer = store, deployer
             # Subscribed now; its sender thread starts with the first message.
             state.notifier = Notifier(lambda: deployer.config, sender=deployer).connect()
-            state.services = HostServices(config, store, deployer, runtime)
+            state.services = HostServices(config, store, deployer, runtime, file_config=file_config)
             state.services.on_config.append(lambda new: setattr(state, "config", new))
             state.services.restore()
             from .web.admin import register_admin
@@ -195,6 +199,52 @@ class GitPlug:
         self._state.watchers.append(watcher)
         return watcher
 
+    def watch_plugins_directory(
+        self,
+        path: str | Path,
+        *,
+        interval: float = 0.4,
+        on_error: t.Callable[[GitplugError], None] | None = None,
+    ) -> list[str]:
+        """Watch a directory of plugins: each subdirectory holding a plugin package is one.
+
+        Each is served at ``/<subdirectory name>`` and swapped on every save
+        that loads (:meth:`watch_directory`); a subdirectory added later is
+        loaded, one deleted is stopped. Returns the names loaded now.
+        """
+        root = Path(path).resolve()
+        if not root.is_dir():
+            raise PluginLoadError(f"{root} is not a directory. Pass a directory whose subdirectories are"
+                                  " plugin checkouts.", plugin=root.name)
+        watching: dict[str, DirectoryWatcher] = {}
+        report = on_error or (lambda e: logger.error("%s", e))
+
+        def rescan() -> None:
+            found = {}
+            for child in sorted(root.iterdir()):
+                if child.is_dir() and not child.name.startswith(".") and _holds_package(child):
+                    if _PLUGIN_NAME.match(child.name):
+                        found[child.name] = child
+                    elif child.name not in watching:
+                        report(PluginLoadError(
+                            f"{child} is not loaded: {child.name!r} is not a valid plugin name (letters,"
+                            " digits, '_' and '-', starting with a letter or '_'). Rename the directory.",
+                            plugin=child.name))
+            for name in sorted(set(watching) - set(found)):
+                watching.pop(name).stop()
+                self._state.watchers = [w for w in self._state.watchers if w.root != root / name]
+                self.runtime.stop(name)
+                logger.info("plugin %s: %s is gone; stopped", name, root / name)
+            for name, child in found.items():
+                if name not in watching:
+                    watching[name] = self.watch_directory(name, child, interval=interval, on_error=on_error)
+
+        rescan()
+        watcher = DirectoryWatcher(root, rescan, interval=interval)
+        watcher.start()
+        self._state.watchers.append(watcher)
+        return sorted(watching)
+
     def stop(self, name: str) -> bool:
         """Unmount a plugin: its URLs answer 404 and its hooks are gone.
 
@@ -283,7 +333,8 @@ class GitPlug:
     def history(self, name: str, *, limit: int = 50) -> list[DeployRecord]:
         """Deploys of ``name``, newest first."""
         state = self._require()
-        state.deployer.plugin_config(name)  # type: ignore[union-attr]
+        if name not in state.deployer.config.removed:  # type: ignore[union-attr]
+            state.deployer.plugin_config(name)  # type: ignore[union-attr]
         return state.store.history(name, limit=limit)  # type: ignore[union-attr]
 
     def shutdown(self) -> None:
@@ -338,6 +389,14 @@ class _AppState:
             shutil.rmtree(self._dev_root, ignore_errors=True)
             self._dev_root = None
             self._temporary_dev_root = False
+
+
+_PLUGIN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*\Z")
+
+
+def _holds_package(directory: Path) -> bool:
+    """Whether ``directory`` has a subdirectory with an ``__init__.py`` (a plugin checkout)."""
+    return any(sub.is_dir() and (sub / "__init__.py").is_file() for sub in directory.iterdir())
 
 
 def _config_from_app(app: Flask) -> GitplugConfig | None:

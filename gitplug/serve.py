@@ -46,6 +46,11 @@ def run_server(
         click.secho(f"not loaded, the previous release keeps serving:\n  {exc}", fg="red", err=True)
 
     for name, path in dev:
+        if not name:  # a directory of plugins
+            names = gp.watch_plugins_directory(path, on_error=report)
+            click.echo(f"watching {path}: plugins {', '.join(names) or '(none yet)'}; new ones load"
+                       " when they appear", err=True)
+            continue
         gp.watch_directory(name, path, on_error=report)
         click.echo(f"watching {path} as plugin {name!r} at /{name}/", err=True)
     if config is not None:

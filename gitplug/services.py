@@ -45,6 +45,7 @@ from pathlib import Path
 
 from .config import ConfigDiff, GitplugConfig, diff_plugins, load_config
 from .deploy.autorollback import AutoRollbackWatch
+from .deploy.discovery import discovered_path, record_scan, scan, with_discovered
 from .deploy.hosted import HostedRepos
 from .deploy.layout import DataLayout, FileLock
 from .deploy.pipeline import Deployer
@@ -65,6 +66,9 @@ from .state import (
 
 __all__ = ["HostServices"]
 
+#: Trigger "plugin" names of discover scans: ``discover:<index>`` (no plugin name has ':').
+_DISCOVER = "discover:"
+
 logger = logging.getLogger(__name__)
 
 
@@ -83,8 +87,19 @@ class HostServices:
     #: The name of the fleet-wide lease that makes a controller the leader.
     lease_name = "leader"
 
-    def __init__(self, config: GitplugConfig, store: StateStore, deployer: Deployer, runtime: Runtime) -> None:
+    def __init__(
+        self,
+        config: GitplugConfig,
+        store: StateStore,
+        deployer: Deployer,
+        runtime: Runtime,
+        *,
+        file_config: GitplugConfig | None = None,
+    ) -> None:
+        #: What the services run: the configuration plus the discovered plugins.
         self.config = config
+        #: The configuration as read (``discover:`` entries, no discovered plugins).
+        self.file_config = file_config or config
         self.store = store
         self.deployer = deployer
         self.runtime = runtime
@@ -115,6 +130,11 @@ class HostServices:
         #: Called with the new configuration after a reload (the extension's state).
         self.on_config: list[t.Callable[[GitplugConfig], None]] = []
         self._config_mtime = self._source_mtime()
+        self._discovered_mtime = self._discovered_file_mtime()
+        self._discover_problems: list[str] = []
+        #: One configuration change at a time (a reload, a scan, the watcher).
+        self._adopt_lock = threading.RLock()
+        deployer.on_fetch.append(self._after_fetch)
 
     # -- startup ------------------------------------------------------------------
 
@@ -197,7 +217,10 @@ class HostServices:
 
     def _poll_intervals(self, config: GitplugConfig) -> dict[str, float]:
         # A hosted plugin (repo: push) changes only by a push, which deploys itself.
-        return {n: p.poll_interval for n, p in config.plugins.items() if not p.hosted}
+        intervals = {n: p.poll_interval for n, p in config.plugins.items() if not p.hosted}
+        # Each discover entry is scanned on its own interval too ("discover:<index>").
+        intervals.update({f"{_DISCOVER}{i}": d.poll_interval for i, d in enumerate(self.file_config.discover)})
+        return intervals
 
     def ensure_started(self) -> None:
         """Start the background threads once per process (fork-safe)."""
@@ -234,6 +257,7 @@ class HostServices:
         self.queue = TriggerQueue(self._run_trigger)
         self.scheduler = PollScheduler(self.queue)
         self.auto_rollback = AutoRollbackWatch(self.store, self.deployer)
+        self._adopt_lock = threading.RLock()
         self._pushed_stats = {}
         self._seen_counter = -1
         self._converge_lock = threading.Lock()
@@ -331,7 +355,7 @@ class HostServices:
         live = self.runtime.live(name)
         if state is None or not state.live_commit:
             return False
-        if state.state == PluginStateValue.STOPPED:
+        if state.state in (PluginStateValue.STOPPED, PluginStateValue.REMOVED):
             return live is not None
         refused = self._refused.get(name)
         if refused is not None and refused[0] == state.live_commit:
@@ -344,7 +368,7 @@ class HostServices:
             return True
         commit = state.live_commit
         assert commit is not None
-        if state.state == PluginStateValue.STOPPED:
+        if state.state in (PluginStateValue.STOPPED, PluginStateValue.REMOVED):
             self.runtime.stop(name)
             logger.info("plugin %s: stopped", name)
             return True
@@ -428,6 +452,14 @@ class HostServices:
             if mtime is not None and mtime != self._config_mtime:
                 self._config_mtime = mtime
                 self.reload_config()
+            discovered = self._discovered_file_mtime()
+            if discovered != self._discovered_mtime:
+                # The controller scanned: every process serves what it found.
+                self._discovered_mtime = discovered
+                try:
+                    self.refresh_discovered()
+                except Exception:  # noqa: BLE001 - the loop must keep running
+                    logger.exception("gitplug: applying the discovered plugins failed")
             if not self.is_controller:
                 if self._controller_lock.acquire(blocking=False):
                     self.is_controller = True
@@ -523,6 +555,9 @@ class HostServices:
             self.queue.submit(Trigger(request.plugin, request.trigger, request.ref))
 
     def _run_trigger(self, trigger: Trigger) -> DeployRecord | None:
+        if trigger.plugin.startswith(_DISCOVER):
+            self.discover(int(trigger.plugin[len(_DISCOVER):]), fresh_after=trigger.at)
+            return None
         # The deployer itself ignores background triggers of a pinned or
         # stopped plugin (checked under the plugin's lock).
         return self.deployer.deploy(trigger.plugin, ref=trigger.ref, trigger=trigger.kind, fresh_after=trigger.at)
@@ -563,6 +598,72 @@ class HostServices:
         except OSError:
             return None
 
+    # -- discovery ---------------------------------------------------------------------
+
+    def _discovered_file_mtime(self) -> int | None:
+        try:
+            return discovered_path(self.file_config).stat().st_mtime_ns
+        except OSError:
+            return None
+
+    def _after_fetch(self, url: str, started: float) -> None:
+        """A plugin's deploy fetched ``url``: scan the discover entries of that repository."""
+        if not self.is_leader and self._started_pid is not None:
+            return
+        mirror = self.deployer.git.mirror_path(url)
+        for index, entry in enumerate(self.file_config.discover):
+            if self.deployer.git.mirror_path(entry.repo) == mirror:
+                # at=started: the scan uses that fetch instead of fetching again.
+                self.queue.submit(Trigger(f"{_DISCOVER}{index}", "discover", at=started))
+
+    def discover(self, index: int, *, fresh_after: float | None = None) -> list[str]:
+        """Scan ``discover[index]`` (fetching its repository) and apply what changed.
+
+        Run by the controller. A fetch or resolve that fails changes nothing:
+        the plugins found before keep running. Returns the problems found.
+        """
+        if index >= len(self.file_config.discover):
+            return []
+        entry = self.file_config.discover[index]
+        try:
+            self.deployer.fetch("", entry.repo, fresh_after=fresh_after)
+            commit = self.deployer.git.resolve("", entry.repo, entry.ref).commit
+            found, problems = scan(self.deployer.git, entry, commit)
+        except GitplugError as exc:
+            logger.warning("gitplug: discover %r in %s: %s; the plugins found before stay", entry.path,
+                           entry.repo, exc)
+            return []
+        gone = record_scan(self.file_config, entry, commit, found, problems)
+        self._discovered_mtime = self._discovered_file_mtime()
+        self.refresh_discovered()
+        for name in gone:
+            if name in self.config.removed:
+                self._record_removed(name, entry.ref, commit, self.config.removed[name].path or "")
+        return problems
+
+    def _record_removed(self, name: str, ref: str, commit: str, directory: str) -> None:
+        with self.deployer.lock_for(name):
+            self.store.update_plugin(name, state=PluginStateValue.REMOVED)
+            record = self.store.start_deploy(name, trigger="discover", ref=ref, commit=commit)
+            self.store.finish_deploy(
+                record.id,
+                result=DeployResult.SKIPPED,
+                error=f"removed: {directory}/ is no longer in {commit[:12]}; the plugin is stopped",
+                duration_s=0.0,
+            )
+        logger.info("plugin %s: removed (%s/ is gone from %s)", name, directory, commit[:12])
+
+    def refresh_discovered(self) -> ConfigDiff:
+        """Merge the last scans into the configuration and apply the difference."""
+        new, problems = with_discovered(self.file_config)
+        if problems != self._discover_problems:
+            for problem in problems:
+                logger.error("gitplug: %s", problem)
+            self._discover_problems = problems
+        return self._adopt(new, "discover")
+
+    # -- configuration reload -----------------------------------------------------
+
     def reload_config(self) -> ConfigDiff | None:
         """Re-read the configuration file and apply the difference.
 
@@ -574,18 +675,35 @@ class HostServices:
         if path is None:
             return None
         try:
-            new = load_config(path)
+            new_file = load_config(path)
         except GitplugError as exc:
             logger.error("gitplug: refusing the edited configuration, keeping the running one: %s", exc)
             return None
+        rescan = new_file.discover != self.file_config.discover
+        self.file_config = new_file
+        new, _problems = with_discovered(new_file)
+        diff = self._adopt(new, "config")
+        if rescan and (self.is_leader or self._started_pid is None):
+            for index in range(len(new_file.discover)):
+                self.queue.submit(Trigger(f"{_DISCOVER}{index}", "discover"))
+        return diff
+
+    def _adopt(self, new: GitplugConfig, kind: str) -> ConfigDiff:
+        """Run ``new`` (configuration plus discovered plugins): stop, reload, queue what changed."""
+        with self._adopt_lock:
+            return self._adopt_locked(new, kind)
+
+    def _adopt_locked(self, new: GitplugConfig, kind: str) -> ConfigDiff:
         diff = diff_plugins(self.config, new)
         if not diff:
             self.config = new
             self.deployer.config = new
+            for callback in self.on_config:
+                callback(new)
             return diff
         logger.info(
-            "gitplug: configuration reloaded: added %s, removed %s, changed %s",
-            list(diff.added), list(diff.removed), list(diff.changed),
+            "gitplug: configuration (%s): added %s, removed %s, changed %s",
+            kind, list(diff.added), list(diff.removed), list(diff.changed),
         )
         old = self.config
         self.set_config(new)
@@ -602,7 +720,7 @@ class HostServices:
                 self.deployer.load_from_disk(name, live.commit)
         if self.is_leader or self._started_pid is None:
             for name in (*diff.added, *diff.changed):
-                self.queue.submit(Trigger(name, "config"))
+                self.queue.submit(Trigger(name, kind))
         return diff
 
     def deploy_and_wait(

@@ -28,8 +28,9 @@ def plugin_status(
     runtime: Runtime | None = None,
     workers: list[t.Any] | None = None,
     hosts: list[HostInfo] | None = None,
+    removed: bool = False,
 ) -> dict[str, t.Any]:
-    """One plugin's entry of the status object."""
+    """One plugin's entry of the status object (``removed``: a discovered plugin whose directory is gone)."""
     state = store.get_plugin(plugin.name)
     last = store.last_deploy(plugin.name)
     # The prefix in use: the live release's (it may be the one its
@@ -56,8 +57,12 @@ def plugin_status(
     if value == "live" and state is not None and not state.pin and _failed_on_ref(last, plugin.ref):
         assert last is not None
         value, reason = "behind", _behind_reason(plugin.ref, last, state.live_commit)
+    if removed:
+        value, reason = PluginStateValue.REMOVED.value, None
+        live_commit = None
     workers = workers if workers is not None else store.workers()
     hosts = hosts if hosts is not None else store.hosts()
+    found = plugin.discovered_from
     return {
         "name": plugin.name,
         "repo": redact_url(plugin.repo),  # never a password, whoever asks
@@ -69,6 +74,7 @@ def plugin_status(
         "live_commit": live_commit,
         "previous_commit": state.previous_commit if state else None,
         "url_prefix": url_prefix,
+        "discovered_from": {"repo": found[0], "path": found[1]} if found else None,
         "workers": {w.worker_id: w.plugin_commits.get(plugin.name) for w in workers},
         "hosts": host_status(plugin.name, state, hosts),
         "last_error": state.last_error if state else None,
@@ -98,15 +104,19 @@ def build_status(
     runtime: Runtime | None = None,
     only: str | None = None,
 ) -> dict[str, t.Any]:
-    """``{"plugins": [...]}`` for every configured plugin (or just ``only``)."""
-    if only is not None and only not in config.plugins:
+    """``{"plugins": [...]}`` for every configured plugin (or just ``only``).
+
+    Discovered plugins whose directory is gone follow, with state ``removed``.
+    """
+    if only is not None and only not in config.plugins and only not in config.removed:
         raise UnknownPlugin(only, list(config.plugins))
     workers = store.workers()
     hosts = store.hosts()
-    names = [only] if only is not None else list(config.plugins)
+    names = [only] if only is not None else [*config.plugins, *config.removed]
     return {
         "plugins": [
-            plugin_status(config.plugins[n], store, runtime=runtime, workers=workers, hosts=hosts)
+            plugin_status(config.plugins.get(n) or config.removed[n], store, runtime=runtime, workers=workers,
+                          hosts=hosts, removed=n not in config.plugins)
             for n in names
         ]
     }

@@ -34,6 +34,7 @@ from .values import (
     NOTIFY_EVENTS,
     NOTIFY_FORMATS,
     AutoRollback,
+    DiscoverConfig,
     GitplugConfig,
     NotifyTarget,
     PluginConfig,
@@ -47,7 +48,7 @@ logger = logging.getLogger(__name__)
 
 _TOP_KEYS = ("data_dir", "poll_interval", "keep_releases", "state", "host_id", "admin_token",
              "webhook", "api_prefix", "push_max_size", "public_url", "notify", "limits",
-             "test_sandbox", "test_user", "plugins")
+             "test_sandbox", "test_user", "discover", "plugins")
 _HOST_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:@-]{0,127}\Z")
 _NOTIFY_KEYS = ("url", "events", "format", "plugins", "secret", "token", "timeout")
 #: The path a forge status entry's ``url`` must end with (the repository's API URL).
@@ -61,6 +62,9 @@ _FORGE_PATHS = {
 }
 _LIMIT_KEYS = ("max_file_size", "max_release_size", "max_files")
 _SANDBOXES = ("none", "bwrap")
+#: A ``discover:`` entry: where to look, and the defaults of the plugins found.
+_DISCOVER_KEYS = ("repo", "ref", "path", "url_prefix", "entry", "poll_interval", "test", "test_timeout",
+                  "auto_rollback", "config")
 _PLUGIN_KEYS = ("repo", "ref", "path", "url_prefix", "entry", "poll_interval", "test", "test_timeout",
                 "auto_rollback", "config", "push_token", "allow_force_push")
 #: ``repo: push``: gitplug hosts the repository itself.
@@ -320,12 +324,22 @@ class _Checker:
             public_url = self.http_url(("public_url",), data["public_url"],
                                        "the URL people reach this server at, e.g. https://deploy.example.com")
         notify = self.notify(get("notify"), plugins)
+        discover: list[DiscoverConfig] = []
+        raw_discover = get("discover")
+        if isinstance(raw_discover, list):
+            for index, raw in enumerate(raw_discover):
+                entry = self.discover_entry(("discover", str(index)), raw, poll)
+                if entry is not None:
+                    discover.append(entry)
+        elif raw_discover is not None:
+            self.fail(("discover",), "a list of {repo: ..., path: 'plugins/*', ...} entries",
+                      raw_discover)
         return GitplugConfig(data_dir=data_dir, poll_interval=poll, keep_releases=keep,
                              state=state, host_id=host_id, admin_token=admin_token,
                              webhook_secret=webhook_secret, api_prefix=api_prefix,
                              push_max_size=push_max_size,
                              public_url=public_url.rstrip("/") if public_url else None, notify=notify,
-                             plugins=plugins, source=self.report.file,
+                             plugins=plugins, discover=tuple(discover), source=self.report.file,
                              base_dir=self.base_dir, test_sandbox=sandbox, test_user=test_user,
                              **limits)
 
@@ -552,6 +566,54 @@ class _Checker:
             self.fail(path, what, value)
             return None
         return self.local_path(path, repo, what)
+
+    def discover_entry(self, path: _KeyPath, raw: Any, default_poll: float) -> DiscoverConfig | None:
+        """One ``discover:`` entry; string values may hold ``{name}`` (checked with a sample name)."""
+        if not isinstance(raw, Mapping):
+            self.fail(path, "a mapping {repo: ..., path: 'plugins/*', ...}", raw)
+            return None
+        self.keys(path, raw, _DISCOVER_KEYS)
+        problems_before = len(self.report.problems)
+        for key, what in (("repo", "the repository to look in (a URL or a local path)"),
+                          ("path", "a glob of directories such as 'plugins/*'")):
+            if key not in raw:
+                self.report.add(path + (key,), f"missing; expected {what}")
+        repo = None
+        if raw.get("repo") == _PUSH_REPO:
+            self.fail(path + ("repo",), "a git repository to look in (repo: push is for one plugin)",
+                      raw["repo"])
+        elif "repo" in raw:
+            repo = self.repo(path + ("repo",), raw["repo"])
+        pattern = self.repo_path(path + ("path",), raw["path"], glob=True) if "path" in raw else None
+
+        def opt(key: str, check: Any, *, default: Any) -> Any:
+            return check(path + (key,), raw[key]) if key in raw else default
+
+        def template(key: str, check: Any) -> Any:
+            # Checked as the plugin called "name" would see it; kept with {name} in it.
+            value = raw[key]
+            sample = value.replace("{name}", "name") if isinstance(value, str) else value
+            return value if check(path + (key,), sample) is not None else None
+
+        ref = template("ref", self.ref) if "ref" in raw else "main"
+        url_prefix = "/{name}"
+        if "url_prefix" in raw:
+            url_prefix = template("url_prefix", self.prefix)
+            if url_prefix is not None and "{name}" not in url_prefix:
+                self.fail(path + ("url_prefix",), "a prefix holding {name}, such as '/{name}' "
+                          "(else every plugin found would have the same prefix)", raw["url_prefix"])
+        entry = template("entry", self.entry) if "entry" in raw else None
+        poll = opt("poll_interval", self.number, default=default_poll)
+        test, test_is_default = opt("test", self.test, default=(DEFAULT_TEST_COMMAND, True))
+        timeout = opt("test_timeout", self.number, default=120.0)
+        rollback = opt("auto_rollback", self.auto_rollback, default=None)
+        config = opt("config", self.free_form, default={})
+        if len(self.report.problems) > problems_before or repo is None or pattern is None:
+            return None
+        return DiscoverConfig(repo=repo, path=pattern, ref=ref, url_prefix=url_prefix, entry=entry,
+                              poll_interval=poll, test=test, test_is_default=test_is_default,
+                              test_timeout=timeout, auto_rollback=rollback,
+                              config=MappingProxyType(config))
 
     def repo_path(self, path: _KeyPath, value: Any, *, glob: bool = False) -> str | None:
         """A directory inside the repository: relative, '/'-separated, no '.', '..' or '.git'.

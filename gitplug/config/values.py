@@ -79,6 +79,8 @@ class PluginConfig:
     allow_force_push: bool = False
     #: Read-only; the plugin sees it as ``current_plugin.config``.
     config: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}), hash=False)
+    #: ``(repo, path glob)`` of the ``discover:`` entry that found it; None: listed in ``plugins:``.
+    discovered_from: tuple[str, str] | None = None
 
     @property
     def default_prefix(self) -> str:
@@ -126,6 +128,50 @@ class NotifyTarget:
                 f"events={sorted(self.events)!r})")
 
 
+def _with_name(value: Any, name: str) -> Any:
+    """``value`` with ``{name}`` replaced in every string, also inside lists and mappings."""
+    if isinstance(value, str):
+        return value.replace("{name}", name)
+    if isinstance(value, Mapping):
+        return {k: _with_name(v, name) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_with_name(v, name) for v in value)
+    return value
+
+
+@dataclass(frozen=True, kw_only=True)
+class DiscoverConfig:
+    """One entry of ``discover:``: every directory matching ``path`` that holds a
+    plugin package is a plugin named after the directory (README, "Discovery").
+
+    The other fields are the defaults of the plugins found, with ``{name}`` in
+    any string replaced by the plugin's name (:meth:`plugin`).
+    """
+
+    repo: str
+    path: str  #: a glob of directories, '/'-separated: ``plugins/*``
+    ref: str = "main"
+    url_prefix: str = "/{name}"
+    entry: str | None = None
+    poll_interval: float = 60.0
+    test: tuple[str, ...] | None = DEFAULT_TEST_COMMAND
+    test_is_default: bool = True
+    test_timeout: float = 120.0
+    auto_rollback: AutoRollback | None = None
+    config: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}), hash=False)
+
+    def plugin(self, name: str, directory: str) -> PluginConfig:
+        """The plugin found in ``directory`` (which matched :attr:`path`), called ``name``."""
+        return PluginConfig(
+            name=name, repo=self.repo, ref=_with_name(self.ref, name), path=directory,
+            url_prefix=_with_name(self.url_prefix, name), entry=_with_name(self.entry, name),
+            poll_interval=self.poll_interval, test=_with_name(self.test, name),
+            test_is_default=self.test_is_default, test_timeout=self.test_timeout,
+            auto_rollback=self.auto_rollback, config=_with_name(dict(self.config), name),
+            discovered_from=(self.repo, self.path),
+        )
+
+
 @dataclass(frozen=True, kw_only=True)
 class GitplugConfig:
     """The whole validated configuration. Paths are absolute."""
@@ -157,6 +203,12 @@ class GitplugConfig:
     plugins: Mapping[str, PluginConfig] = field(
         default_factory=lambda: MappingProxyType({}), hash=False
     )
+    #: The ``discover:`` entries, in file order.
+    discover: tuple[DiscoverConfig, ...] = ()
+    #: Discovered plugins whose directory is gone: stopped, shown as removed.
+    removed: Mapping[str, PluginConfig] = field(
+        default_factory=lambda: MappingProxyType({}), hash=False
+    )
     source: str | None = None  #: the file it came from, or MAPPING_SOURCE
     base_dir: Path = field(default_factory=Path.cwd)
 
@@ -165,6 +217,8 @@ class GitplugConfig:
             object.__setattr__(self, "state", f"sqlite:///{self.data_dir}/state.db")
         if not isinstance(self.plugins, MappingProxyType):
             object.__setattr__(self, "plugins", MappingProxyType(dict(self.plugins)))
+        if not isinstance(self.removed, MappingProxyType):
+            object.__setattr__(self, "removed", MappingProxyType(dict(self.removed)))
 
     @property
     def host(self) -> str:

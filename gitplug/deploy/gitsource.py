@@ -314,17 +314,23 @@ class GitSource:
                 tree = found[0][1]
             return tree.decode()
 
-    def directories(self, url: str, sha: str, path: str, *, plugin: str = "") -> dict[str, str]:
-        """``{name: tree id}`` of the directories directly inside ``path`` ("" for the root)."""
+    def entries(self, url: str, sha: str, path: str, *, plugin: str = "") -> dict[str, tuple[int, str]]:
+        """``{name: (git mode, object id)}`` directly inside directory ``path`` ("" for the root).
+
+        Empty when the commit has no directory there.
+        """
+        tree = self.subtree(url, sha, path, plugin=plugin) if path else None
         with self._open_mirror(plugin, url, sha) as repo:
-            tree: bytes | None = self._get_commit(repo, plugin, url, sha).tree
-            if path:
-                found = self.subtree(url, sha, path, plugin=plugin)
-                tree = found.encode() if found else None
-            if tree is None:
+            root = tree.encode() if tree else self._get_commit(repo, plugin, url, sha).tree
+            if path and tree is None:
                 return {}
-            return {os.fsdecode(name): child.decode()
-                    for name, mode, child in parse_tree(_raw(repo, tree, 2), 20) if mode == MODE_TREE}
+            return {os.fsdecode(name): (mode, child.decode())
+                    for name, mode, child in parse_tree(_raw(repo, root, 2), 20)}
+
+    def directories(self, url: str, sha: str, path: str, *, plugin: str = "") -> list[str]:
+        """The names of the directories directly inside ``path`` ("" for the root)."""
+        return [name for name, (mode, _id) in self.entries(url, sha, path, plugin=plugin).items()
+                if mode == MODE_TREE]
 
     def _walk(self, repo: Repo, prefix: bytes, tree_sha: bytes) -> Iterator[TreeEntry]:
         # Errors surface through _open_mirror's wrapper as FetchError.

@@ -64,7 +64,7 @@ Progress = Callable[[str, str], None]
 #: re-run a failed test gate. Background triggers (poll, startup: a server's
 #: first poll, webhook, config) stay silent when there is nothing to do and
 #: never retry a failed commit.
-EXPLICIT_TRIGGERS = frozenset({"cli", "api", "rollback", "auto-rollback", "push"})
+EXPLICIT_TRIGGERS = frozenset({"cli", "api", "rollback", "auto-rollback", "push", "discover"})
 
 #: Triggers that are polls: a success stamps the plugin's last successful poll.
 POLL_TRIGGERS = frozenset({"poll", "startup"})
@@ -140,6 +140,9 @@ class Deployer:
         self._fetch_locks: dict[Path, threading.Lock] = {}
         #: mirror -> monotonic time the last fetch into it started (see :meth:`fetch`).
         self._fetched_at: dict[Path, float] = {}
+        #: Called as ``hook(url, started)`` after a plugin's deploy fetched ``url``
+        #: (``started``: when the fetch it used began); discovery listens.
+        self.on_fetch: list[Callable[[str, float], None]] = []
 
     # -- helpers -------------------------------------------------------------
 
@@ -448,29 +451,36 @@ class Deployer:
             except (RefNotFound, FetchError):
                 pass  # not known locally yet: fetch after all
         say("fetch", f"{redact_url(plugin.repo)} ({ref})")
-        self.fetch(plugin.name, plugin.repo, fresh_after=fresh_after)
+        started = self.fetch(plugin.name, plugin.repo, fresh_after=fresh_after)
+        for hook in self.on_fetch:
+            try:
+                hook(plugin.repo, started)
+            except Exception:  # noqa: BLE001 - a listener never fails a deploy
+                logger.exception("plugin %s: a fetch listener failed", plugin.name)
         return self.git.resolve(plugin.name, plugin.repo, ref)
 
-    def fetch(self, name: str, url: str, *, fresh_after: float | None = None) -> None:
+    def fetch(self, name: str, url: str, *, fresh_after: float | None = None) -> float:
         """Fetch ``url`` into its mirror, sharing one fetch between the plugins of a repository.
 
         A fetch that *started after* ``fresh_after`` (default: now, i.e. a
         fetch waited for) sees every push made before it, so it is used
         instead of fetching again: nothing is missed, and the plugins of one
         monorepo triggered by one webhook (``fresh_after`` = its arrival)
-        make one fetch.
+        make one fetch. Returns when the fetch it used started (``time.monotonic()``).
         """
         asked = time.monotonic() if fresh_after is None else fresh_after
         key = self.git.mirror_path(url)
         with self._fetch_guard:
             lock = self._fetch_locks.setdefault(key, threading.Lock())
         with lock:
-            if self._fetched_at.get(key, -1.0) >= asked:
+            last = self._fetched_at.get(key, -1.0)
+            if last >= asked:
                 logger.debug("plugin %s: using the fetch of %s that just finished", name, key.name)
-                return
+                return last
             started = time.monotonic()
             self.git.fetch(name, url)
             self._fetched_at[key] = started
+            return started
 
     def _unchanged_path(self, plugin: PluginConfig, commit: str) -> str | None:
         """Why ``commit`` needs no deploy: its tree under ``path`` is the live release's.

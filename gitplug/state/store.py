@@ -59,6 +59,7 @@ class PluginStateValue(enum.StrEnum):
     STOPPED = "stopped"
     FAILED = "failed"  # no release is live: the first deploy failed
     PENDING = "pending"  # configured, never deployed yet
+    REMOVED = "removed"  # discovered, and its directory is gone: stopped
 
 
 class DeployResult(enum.StrEnum):
