@@ -47,7 +47,7 @@ plugins:
 CONFIG_FAULTS = [
     pytest.param(
         GOOD_YAML + "    reff: main\n",
-        r"unknown key 'reff'; did you mean 'ref'\? Allowed here: repo, ref, url_prefix",
+        r"unknown key 'reff'; did you mean 'ref'\? Allowed here: repo, ref, path, url_prefix",
         "reff: main",
         "plugins.hello.reff",
         id="unknown-key",

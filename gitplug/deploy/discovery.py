@@ -126,11 +126,14 @@ def record_scan(
     data = _read(path)
     before = data["entries"].get(_key(entry), {}).get("found", {})
     gone = sorted(set(before) - set(found))
+    previous = json.dumps(data, sort_keys=True)
     data["entries"][_key(entry)] = {"commit": commit, "found": dict(found), "problems": problems}
     for name in gone:
         data["removed"][name] = {"key": _key(entry), "directory": before[name], "commit": commit}
     for name in found:
         data["removed"].pop(name, None)
+    if json.dumps(data, sort_keys=True) == previous:
+        return gone  # nothing new: every process's configuration stays as it is
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".discovered-", dir=path.parent)
     try:
