@@ -63,6 +63,7 @@ class GitPlug:
         (a mapping of the deploy.yaml schema), else the file named by
         ``app.config["GITPLUG_CONFIG"]``. Without any, only the runtime is
         installed (``load_directory`` works; nothing is deployed from git).
+        A relative ``GITPLUG_CONFIG`` is relative to ``app.root_path``.
         Each plugin's last live release is loaded from disk here, before the
         first request, without any network access; polling, convergence and
         the webhook queue start with the first request in each process (or
@@ -405,7 +406,9 @@ def _config_from_app(app: Flask) -> GitplugConfig | None:
         return config_from_mapping(mapping, base_dir=Path(app.root_path))
     path = app.config.get("GITPLUG_CONFIG")
     if path:
-        return load_config(path)
+        # Relative to the application, as Flask's own config.from_pyfile(): the same
+        # file whatever the working directory (`flask --app ... gitplug` from elsewhere).
+        return load_config(Path(app.root_path, os.path.expanduser(os.fspath(path))))
     return None
 
 

@@ -665,11 +665,15 @@ class HostServices:
     # -- configuration reload -----------------------------------------------------
 
     def reload_config(self) -> ConfigDiff | None:
-        """Re-read the configuration file and apply the difference.
+        """Re-read the configuration file and apply it.
 
         An invalid file is refused whole (logged); the running configuration
-        stays. Added plugins are deployed, removed ones stopped, changed ones
-        reloaded (prefix, config) and deployed (ref).
+        stays. A valid one replaces the running one for every reader (the
+        webhook's secret, the admin token, ...), whether or not a plugin
+        changed. Added plugins are deployed, removed ones stopped, changed
+        ones reloaded (prefix, config) and deployed (ref). Every process of
+        a server runs this itself when it sees the file change (the control
+        loop, about once a second), so every worker applies a reload.
         """
         path = self._source_path()
         if path is None:

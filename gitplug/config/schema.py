@@ -31,6 +31,7 @@ from ..prefixes import mount_key, prefix_problem, prefixes_overlap, under_prefix
 from .values import (
     DEFAULT_PUSH_MAX_SIZE,
     DEFAULT_TEST_COMMAND,
+    DEFAULT_WEBHOOK_MAX_BODY,
     NOTIFY_EVENTS,
     NOTIFY_FORMATS,
     AutoRollback,
@@ -81,6 +82,8 @@ _URL_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 _REPO_SCHEMES = ("http", "https", "ssh", "git", "file")
 _BAD_REF = re.compile(r"[\s\x00-\x1f\x7f~^:?*\[\\]|\.\.|@\{|^-")
 _SECONDS = "a positive number of seconds"
+#: Far above what any forge sends (GitHub caps a delivery at 25 MB).
+_MAX_WEBHOOK_BODY = 1 << 30
 
 
 def _finish(data: Any, report: _Report, base_dir: Path) -> GitplugConfig:
@@ -174,6 +177,15 @@ class _Checker:
             self.fail(path, what, value)
             return None
         return number
+
+    def webhook_max_body(self, value: Any) -> int | None:
+        path: _KeyPath = ("webhook", "max_body")
+        size = self.size(path, value)
+        if size is not None and size > _MAX_WEBHOOK_BODY:
+            self.fail(path, f"a size of at most {_MAX_WEBHOOK_BODY >> 20}MiB (GitHub sends 25MB "
+                            "at most)", value)
+            return None
+        return size
 
     def string(self, path: _KeyPath, value: Any, what: str) -> str | None:
         if isinstance(value, str) and value:
@@ -286,10 +298,13 @@ class _Checker:
                 host_id = text
         admin_token = self.long_secret(("admin_token",), get("admin_token"))
         webhook_secret = None
+        webhook_max_body = DEFAULT_WEBHOOK_MAX_BODY
         webhook = get("webhook")
         if isinstance(webhook, Mapping):
-            self.keys(("webhook",), webhook, ("secret",))
+            self.keys(("webhook",), webhook, ("secret", "max_body"))
             webhook_secret = self.long_secret(("webhook", "secret"), webhook.get("secret"))
+            if "max_body" in webhook:
+                webhook_max_body = self.webhook_max_body(webhook["max_body"]) or webhook_max_body
         elif webhook is not None:
             self.fail(("webhook",), "a mapping such as {secret: ${GITPLUG_WEBHOOK_SECRET}}",
                       webhook)
@@ -337,7 +352,7 @@ class _Checker:
         return GitplugConfig(data_dir=data_dir, poll_interval=poll, keep_releases=keep,
                              state=state, host_id=host_id, admin_token=admin_token,
                              webhook_secret=webhook_secret, api_prefix=api_prefix,
-                             push_max_size=push_max_size,
+                             webhook_max_body=webhook_max_body, push_max_size=push_max_size,
                              public_url=public_url.rstrip("/") if public_url else None, notify=notify,
                              plugins=plugins, discover=tuple(discover), source=self.report.file,
                              base_dir=self.base_dir, test_sandbox=sandbox, test_user=test_user,

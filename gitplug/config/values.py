@@ -26,6 +26,8 @@ from ..errors import UnknownPlugin
 
 #: The test gate's command when a plugin gives no ``test``.
 DEFAULT_TEST_COMMAND: Final[tuple[str, ...]] = ("python", "-m", "pytest", "-q", "-p", "no:cacheprovider")
+#: ``webhook.max_body`` when not given: GitHub's own cap on a delivery (25 MB), in MiB.
+DEFAULT_WEBHOOK_MAX_BODY: Final = 25 << 20
 
 
 #: The push remote's default body limit: 100 MiB.
@@ -184,6 +186,8 @@ class GitplugConfig:
     host_id: str = ""
     admin_token: str | None = None
     webhook_secret: str | None = None
+    #: Bytes; a webhook body over this is refused (413) from its Content-Length.
+    webhook_max_body: int = DEFAULT_WEBHOOK_MAX_BODY
     api_prefix: str = "/_gitplug"
     #: Largest request body the push remote reads (bytes); refused from the headers above it.
     push_max_size: int = DEFAULT_PUSH_MAX_SIZE

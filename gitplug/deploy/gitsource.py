@@ -9,9 +9,11 @@ only, so rollbacks and restarts work while the git server is down.
 Transports (dulwich): a local path, ``file://``, ``http(s)://``, ``git://``,
 ``ssh://`` and scp-like ``user@host:path`` (through the ``ssh`` binary).
 
-Timeouts: ``timeout`` bounds every HTTP connect and read (urllib3); for ssh
-it is ``ConnectTimeout`` plus a keep-alive that drops a silent server. Local
-paths and ``git://`` have none in dulwich.
+Deadlines: ``timeout`` bounds every network wait. HTTP: each connect and
+each read (urllib3), never retried, so a silent server fails after
+``timeout`` seconds, as the error says. ``git://``: each connect and each
+read of the connection's socket (dulwich sets none). ssh: ``ConnectTimeout``
+plus a keep-alive that drops a silent server. Local paths need none.
 
 SSH runs ``$GIT_SSH_COMMAND`` (split like a shell would, never run by one),
 else ``$GIT_SSH``, else ``ssh``, always with gitplug's own options appended:
@@ -47,10 +49,12 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import threading
 import time
+import types
 import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -78,6 +82,10 @@ MODE_LINK = 0o120000
 MODE_GITLINK = 0o160000
 
 _HINT = "Check that the repository exists and this host can reach it."
+_AUTH_HINT = ("Check the credentials gitplug sends for this URL (the `credentials:` entry "
+              "whose prefix matches it, or the user and password in the URL) and that they "
+              "may read the repository.")
+_HTTP_STATUS = re.compile(r"unexpected http resp (\d{3})")
 _EMPTY = "the repository {url} is empty (no branches or tags). Push a commit to it."
 _HEX = re.compile(r"^[0-9a-f]+$")
 _MIRRORED = (b"refs/heads/", b"refs/tags/")
@@ -560,8 +568,9 @@ class GitSource:
             yield
         except _GIT_ERRORS as exc:  # our own FetchError/RefNotFound are not among them
             at = f" (ref {ref!r})" if ref else ""
+            hint = _AUTH_HINT if _refused_access(exc) else _HINT
             raise _error(FetchError, plugin, url, ref,
-                         f"{doing} {{url}}{at}: {self._cause(exc)}. {_HINT}") from exc
+                         f"{doing} {{url}}{at}: {self._cause(exc)}. {hint}") from exc
 
     def _cause(self, exc: BaseException) -> str:
         if isinstance(exc, dulwich_errors.HangupException) and exc.stderr_lines:
@@ -581,6 +590,11 @@ class GitSource:
         for cls, cause in _CAUSES:
             if isinstance(exc, cls):
                 return cause
+        status = _HTTP_STATUS.search(str(exc))
+        if status and status.group(1) == "403":
+            return "access denied (HTTP 403)"
+        if status:
+            return f"the server answered HTTP {status.group(1)}"
         text = str(exc).strip()
         return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
@@ -592,8 +606,10 @@ class GitSource:
         if kind == "http":
             pool = dulwich_client.default_urllib3_manager(None, base_url=location,
                                                           timeout=self.timeout)
-            # One retry at most, so a dead server fails within ~2x the timeout.
-            pool.connection_pool_kw["retries"] = urllib3.Retry(total=1, redirect=5)
+            # No retry of a connect or a read: a silent server fails after `timeout`
+            # seconds, the figure the error gives (the next poll is the retry).
+            pool.connection_pool_kw["retries"] = urllib3.Retry(
+                total=None, connect=0, read=0, status=0, other=0, redirect=5)
             kwargs["pool_manager"] = pool
         elif kind == "ssh":
             # dulwich's client ignores GIT_SSH_COMMAND (only its porcelain
@@ -607,6 +623,8 @@ class GitSource:
             client, path = dulwich_client.LocalGitClient(), location
         else:
             client, path = get_transport_and_path(location, **kwargs)
+        if kind == "git":
+            _give_deadline(client, self.timeout)
         try:
             yield client, path
         finally:
@@ -739,6 +757,51 @@ def ssh_command(timeout: float, environ: Mapping[str, str] | None = None) -> str
     args += ["-o", "BatchMode=yes", "-o", f"ConnectTimeout={wait:.0f}",
              "-o", f"ServerAliveInterval={max(1.0, wait / 3):.0f}", "-o", "ServerAliveCountMax=3"]
     return shlex.join(args)
+
+
+def _refused_access(exc: BaseException) -> bool:
+    """Whether the server refused the credentials (HTTP 401 or 403), not the repository."""
+    if isinstance(exc, dulwich_client.HTTPUnauthorized):
+        return True
+    status = _HTTP_STATUS.search(str(exc))
+    return bool(status and status.group(1) in ("401", "403"))
+
+
+class _SocketsWithTimeout:
+    """The ``socket`` module, as one git:// client sees it: its sockets have a timeout.
+
+    dulwich's ``TCPGitClient._connect`` creates its socket with ``socket.socket()``
+    and never sets a timeout, so a server that accepts and never answers blocks
+    a read forever. :func:`_give_deadline` runs that method with this object in
+    place of the module (in a copy of the function's globals: nothing global
+    changes), so the connect and every read of that one connection time out.
+    """
+
+    def __init__(self, timeout: float) -> None:
+        self._timeout = timeout
+
+    def socket(self, *args: Any, **kwargs: Any) -> socket.socket:
+        sock = socket.socket(*args, **kwargs)
+        sock.settimeout(self._timeout)
+        return sock
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(socket, name)
+
+
+def _give_deadline(client: Any, timeout: float) -> None:
+    """Make the git:// ``client``'s connection time out after ``timeout`` s per connect and read."""
+    connect = getattr(type(client), "_connect", None)
+    code = getattr(connect, "__code__", None)
+    if code is None or code.co_freevars or "socket" not in code.co_names:
+        # A dulwich whose _connect this cannot wrap: better no deadline than no fetch.
+        logger.warning("git:// fetches have no deadline with this dulwich (%s)",
+                       getattr(dulwich_client, "__name__", "?"))
+        return
+    scoped = dict(connect.__globals__, socket=_SocketsWithTimeout(timeout))
+    with_deadline = types.FunctionType(code, scoped, connect.__name__, connect.__defaults__)
+    with_deadline.__kwdefaults__ = connect.__kwdefaults__
+    client._connect = types.MethodType(with_deadline, client)
 
 
 def _error(cls: type[_E], plugin: str, url: str, ref: str | None, text: str) -> _E:

@@ -240,6 +240,9 @@ class ReleaseStore:
                 for (parts, entry), chunks in zip(files, blobs, strict=True):
                     target = tmp.joinpath(*parts)
                     _make_parents(target.parent, made)
+                    if sizes[entry.sha] < _LFS_POINTER_MAX:  # small: whole, to tell a pointer
+                        chunks = [b"".join(chunks)]
+                        _refuse_lfs_pointer(plugin, commit, parts, chunks[0])
                     written = _write_file(target, chunks, executable=bool(entry.mode & 0o111))
                     if written != sizes[entry.sha]:
                         raise StagingError(
@@ -477,6 +480,35 @@ def _plan(plugin: str, commit: str, entries: Iterable[TreeEntry],
         if problem:
             raise unsafe("/".join(parts), f"is a symlink to {target!r}, which {problem}")
     return [(parts, entry, targets.get(parts)) for parts, entry in sorted(plan.items())]
+
+
+#: The first line of a Git LFS pointer file: git-lfs's spec v1, and "hawser", its name before 1.0.
+_LFS_VERSIONS = (b"version https://git-lfs.github.com/spec/v1\n",
+                 b"version https://hawser.github.com/spec/v1\n")
+#: git-lfs's spec: a pointer file is smaller than 1024 bytes.
+_LFS_POINTER_MAX = 1024
+
+
+def _refuse_lfs_pointer(plugin: str, commit: str, parts: tuple[str, ...], data: bytes) -> None:
+    """Raise StagingError if ``data`` is a Git LFS pointer rather than the file it stands for.
+
+    gitplug fetches git objects only, never LFS objects: a path that
+    ``.gitattributes`` sends through ``filter=lfs`` holds a small pointer text in
+    git, and serving it would serve that text in place of the image or archive.
+    Recognised by the pointer format itself (git-lfs's spec: under 1024 bytes, the
+    version line first, an ``oid sha256:`` line), so a file committed without LFS
+    under a ``filter=lfs`` pattern (real content) still stages.
+    """
+    if len(data) >= _LFS_POINTER_MAX or not data.startswith(_LFS_VERSIONS):
+        return
+    if b"\noid sha256:" not in data:
+        return
+    path = "/".join(parts)
+    raise StagingError(
+        f"plugin {plugin!r}: commit {commit} holds {path!r} as a Git LFS pointer, and gitplug "
+        "does not fetch LFS objects, so it would serve the pointer text instead of the file. "
+        f"Keep it in git itself (`git lfs untrack '{path}'`, `git rm --cached '{path}'`, then "
+        "`git add` and commit it again), or serve it from elsewhere.", plugin=plugin, commit=commit)
 
 
 def _fold(name: str) -> str:

@@ -4,17 +4,25 @@ Every trigger (poll, webhook, API, config change) goes through
 :class:`TriggerQueue`, which runs at most one deploy per plugin at a time
 and folds a burst of triggers for one plugin into a single follow-up run:
 ten webhooks for one push make one deploy (README, "Webhooks").
+
+A stuck plugin never starves the others: each plugin holds at most one of
+the queue's workers, every network step of a deploy has a deadline (see
+:mod:`gitplug.deploy.gitsource`), and plugins waiting for a worker are served
+in the order they asked, so a plugin whose deploys keep timing out is
+re-queued behind the ones already waiting. The workers are daemon threads:
+a deploy blocked on a silent server never keeps the process from exiting.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import threading
 import time
 import typing as t
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -47,8 +55,13 @@ class TriggerQueue:
 
     def __init__(self, run: RunDeploy, *, max_workers: int = 4) -> None:
         self._run = run
-        self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="gitplug-deploy")
+        self._max_workers = max_workers
         self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        #: Started deploys waiting for a worker, first come first served.
+        self._ready: collections.deque[tuple[Trigger, Future[DeployRecord | None]]] = collections.deque()
+        self._workers: list[threading.Thread] = []
+        self._idle = 0
         self._running: dict[str, Future[DeployRecord | None]] = {}
         self._pending: dict[str, tuple[Trigger, Future[DeployRecord | None]]] = {}
         self._closed = False
@@ -84,7 +97,26 @@ class TriggerQueue:
     def _start(self, trigger: Trigger, future: Future[DeployRecord | None]) -> None:
         # Lock held.
         self._running[trigger.plugin] = future
-        self._executor.submit(self._execute, trigger, future)
+        self._ready.append((trigger, future))
+        if self._idle:
+            self._wake.notify()
+        elif len(self._workers) < self._max_workers:
+            worker = threading.Thread(target=self._work, name=f"gitplug-deploy-{len(self._workers)}",
+                                      daemon=True)
+            self._workers.append(worker)
+            worker.start()
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                while not self._ready and not self._closed:
+                    self._idle += 1
+                    self._wake.wait()
+                    self._idle -= 1
+                if self._closed:
+                    return
+                trigger, future = self._ready.popleft()
+            self._execute(trigger, future)
 
     def _execute(self, trigger: Trigger, future: Future[DeployRecord | None]) -> None:
         try:
@@ -99,7 +131,7 @@ class TriggerQueue:
                 self._running.pop(trigger.plugin, None)
                 pending = self._pending.pop(trigger.plugin, None)
                 if pending is not None and not self._closed:
-                    self._start(*pending)
+                    self._start(*pending)  # at the back of the line: others waiting go first
                 elif pending is not None:
                     pending[1].set_result(None)
 
@@ -107,10 +139,27 @@ class TriggerQueue:
         with self._lock:
             return plugin in self._running or plugin in self._pending
 
-    def shutdown(self, wait: bool = True) -> None:
+    def shutdown(self, wait: bool = True, *, timeout: float | None = None) -> None:
+        """Run nothing more; with ``wait``, wait (at most ``timeout`` s) for running deploys.
+
+        Deploys not started yet are dropped (their futures answer None). A
+        deploy still running when the wait ends goes on in its daemon thread;
+        its record is marked interrupted by the next controller if the
+        process exits first.
+        """
         with self._lock:
             self._closed = True
-        self._executor.shutdown(wait=wait, cancel_futures=False)
+            dropped = list(self._ready) + list(self._pending.values())
+            self._ready.clear()
+            self._pending.clear()
+            workers = list(self._workers)
+            self._wake.notify_all()
+        for _trigger, future in dropped:
+            if not future.done():
+                future.set_result(None)
+        if wait:
+            for worker in workers:
+                worker.join(timeout)
 
 
 class PollScheduler:

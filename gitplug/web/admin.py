@@ -17,6 +17,7 @@ endpoints answer 403 and say how to set one; a wrong token is 401.
 from __future__ import annotations
 
 import hmac
+import socket
 import time
 import typing as t
 
@@ -66,6 +67,21 @@ def bearer_ok(config: GitplugConfig, store: t.Any = None) -> tuple[Response, int
     return _error(401, "wrong admin token")
 
 
+def _json(body: dict[str, t.Any], status: int) -> Response:
+    response = jsonify(body)
+    response.status_code = status
+    return response
+
+
+def _client_socket() -> socket.socket | None:
+    """The client connection's socket, where the WSGI server exposes it (Werkzeug, gunicorn)."""
+    for key in ("werkzeug.socket", "gunicorn.socket"):
+        sock = request.environ.get(key)
+        if isinstance(sock, socket.socket):
+            return sock
+    return None
+
+
 def register_admin(app: Flask, gp: GitplugFacade, config: GitplugConfig) -> None:
     """Register the admin blueprint on ``app`` at ``config.api_prefix``."""
     bp = Blueprint(ADMIN_BLUEPRINT, __name__)
@@ -93,12 +109,24 @@ def register_admin(app: Flask, gp: GitplugFacade, config: GitplugConfig) -> None
 
     # -- webhook ----------------------------------------------------------------
 
-    def _webhook(plugin: str | None) -> tuple[Response, int]:
-        from .webhook import MAX_BODY, handle_webhook
+    def _webhook(plugin: str | None) -> Response:
+        from ..errors import WebhookRejected
+        from .webhook import handle_webhook, read_body, refuse_from_headers
 
         cfg = current_config()
         store = gp.store
         received = time.monotonic()  # one push, one fetch for every plugin of its repository
+        headers = dict(request.headers)
+        # What the headers alone refuse (no secret, a body over the limit) is
+        # answered before a byte of the body is read; the body then has a deadline.
+        early = refuse_from_headers(headers, secret=cfg.webhook_secret, max_body=cfg.webhook_max_body)
+        if early is not None:
+            return _json(early.body, early.status)
+        try:
+            body = read_body(request.stream, max_body=cfg.webhook_max_body, sock=_client_socket())
+        except WebhookRejected as exc:
+            state = {413: "too_large", 408: "too_slow"}.get(exc.status, "bad_request")
+            return _json({"status": state, "message": str(exc)}, exc.status)
 
         def queue_deploy(name: str, event: t.Any) -> None:
             gp.queue_deploy(name, "webhook", at=received)
@@ -108,24 +136,24 @@ def register_admin(app: Flask, gp: GitplugFacade, config: GitplugConfig) -> None
             return bool(plugin_state and plugin_state.pin)
 
         answer = handle_webhook(
-            headers=dict(request.headers),
-            # Never read an unbounded body: one byte past the limit is enough to answer 413.
-            body=request.stream.read(MAX_BODY + 1),
+            headers=headers,
+            body=body,
             secret=cfg.webhook_secret,
             plugins=cfg.plugins,
             plugin=plugin,
             remember_delivery=store.remember_delivery,
             queue_deploy=queue_deploy,
             is_pinned=is_pinned,
+            max_body=cfg.webhook_max_body,
         )
-        return jsonify(answer.body), answer.status
+        return _json(answer.body, answer.status)
 
     @bp.post("/webhook")
-    def webhook() -> tuple[Response, int]:
+    def webhook() -> Response:
         return _webhook(None)
 
     @bp.post("/webhook/<plugin>")
-    def webhook_for(plugin: str) -> tuple[Response, int]:
+    def webhook_for(plugin: str) -> Response:
         return _webhook(plugin)
 
     # -- JSON API -------------------------------------------------------------------

@@ -9,7 +9,9 @@ passes the raw request to :func:`handle_webhook` and sends back what it returns:
 
 Checks run in this order; the first that fails answers (body "status" in brackets):
 403 no ``webhook.secret``: refuse everything (refused); 413 ``Content-Length`` or
-body over ``max_body`` (too_large); 401 missing, wrong or SHA-1 signature
+body over ``max_body`` (too_large); the first two from the headers alone, before a
+byte of the body is read (:func:`refuse_from_headers`), which :func:`read_body` then
+reads with a deadline (408, too_slow); 401 missing, wrong or SHA-1 signature
 (unauthorized); 404 unknown plugin in the URL (unknown_plugin); 400 malformed body
 (bad_request); 200 ping (pong), non-push event (ignored), repeated delivery id
 (duplicate), nothing tracks the pushed ref (unmatched), all matches pinned
@@ -28,12 +30,16 @@ import json
 import logging
 import os
 import re
+import socket
+import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from gitplug.config import PluginConfig
+from gitplug.config.values import DEFAULT_WEBHOOK_MAX_BODY
 
 from ..errors import GitplugError, UnknownPlugin, WebhookRejected
 
@@ -41,8 +47,13 @@ logger = logging.getLogger(__name__)
 
 Forge = Literal["github", "gitea", "gitlab", "bitbucket", "generic"]
 
-#: Largest body accepted (413 above 1 MiB; README, "Webhooks").
-MAX_BODY: Final = 1 << 20
+#: Largest body accepted unless ``webhook.max_body`` says otherwise: GitHub's own
+#: cap on a delivery (25 MB); a push of thousands of paths is over a megabyte.
+MAX_BODY: Final = DEFAULT_WEBHOOK_MAX_BODY
+#: Seconds to receive a whole body. The forges give up sooner (GitHub after 10 s,
+#: Gitea after 5 s by default), so a slower sender is no forge, and a client
+#: trickling bytes must not hold a server thread for longer.
+BODY_DEADLINE_S: Final = 10.0
 
 NO_SECRET_MESSAGE: Final = (
     "the webhook is disabled because no secret is configured. Set "
@@ -166,7 +177,8 @@ def verify_signature(headers: Mapping[str, str], body: bytes, secret: str) -> Fo
     ``X-Hub-Signature-256: sha256=<hex>`` (GitHub, Gitea, Forgejo),
     ``X-Gitea-Signature`` / ``X-Forgejo-Signature: <hex>``, ``X-Hub-Signature:
     sha256=<hex>`` (Bitbucket), ``X-Gitlab-Token: <secret>``; all compared in
-    constant time; the forge is told by its event headers. Raises
+    constant time; the forge is told by its event headers. Each HMAC is checked
+    over what its forge signs (:func:`signed_bytes`). Raises
     :class:`WebhookRejected` (401) for a missing or wrong signature, or SHA-1 only.
     """
     h = _lower(headers)
@@ -175,7 +187,8 @@ def verify_signature(headers: Mapping[str, str], body: bytes, secret: str) -> Fo
     key, forge = secret.encode("utf-8"), _event_forge(h)
     for header, prefixed in _HMAC_HEADERS:
         if header.lower() in h:
-            _check_hmac(h[header.lower()], body, key, header, prefixed=prefixed)
+            _check_hmac(h[header.lower()], signed_bytes(h, body, forge), key, header,
+                        prefixed=prefixed)
             if header == "X-Gitplug-Signature":
                 return "generic"
             return forge if forge in ("gitea", "bitbucket") else "github"
@@ -191,6 +204,27 @@ def verify_signature(headers: Mapping[str, str], body: bytes, secret: str) -> Fo
                                "Forgejo), X-Hub-Signature: sha256=... (Bitbucket), X-Gitlab-Token "
                                "(GitLab) or X-Gitplug-Signature: sha256=<hex HMAC-SHA256 of the "
                                "body>; set the webhook's secret to the value of webhook.secret.")
+
+
+def signed_bytes(headers: Mapping[str, str], body: bytes, forge: str | None) -> bytes:
+    """What ``forge`` computed its HMAC over, for a request with ``headers`` and ``body``.
+
+    GitHub, Bitbucket and gitplug's generic form sign the raw body, whatever its
+    content type: with GitHub's ``application/x-www-form-urlencoded`` the form
+    body itself. Gitea, Forgejo and Gogs sign the JSON payload: sent as a form
+    (``payload=<url-encoded JSON>``), the signature is over the decoded JSON, not
+    over the body on the wire (Gitea's ``services/webhook/deliver.go``). A form
+    without one ``payload`` field signs nothing: the check fails with 401.
+    """
+    h = _lower(headers)
+    if forge != "gitea" or not _is_form(h):
+        return body
+    payloads = parse_qs(body, keep_blank_values=True).get(b"payload", [])
+    return payloads[0] if len(payloads) == 1 else b""
+
+
+def _is_form(h: Mapping[str, str]) -> bool:
+    return "application/x-www-form-urlencoded" in h.get("content-type", "").lower()
 
 
 def _check_hmac(value: str, body: bytes, key: bytes, header: str, *, prefixed: bool) -> None:
@@ -260,7 +294,9 @@ def parse_push(headers: Mapping[str, str], body: bytes, forge: str) -> PushEvent
         ref, after = _ref(data.get("ref")), _text(data.get("after"))
         gone = data.get("deleted") is True or (after or "x").strip("0") == ""  # 000...: deleted
         refs, deleted = ([], [ref]) if gone else ([ref], [])
-    if not urls:
+    # Bitbucket Server's documented example and older servers send no repository.links:
+    # such a delivery can still deploy the plugin its URL names (handle_webhook).
+    if not urls and not (forge == "bitbucket" and event == "repo:refs_changed"):
         raise WebhookRejected(400, f"the {forge} payload names no repository URL (expected "
                                    f"{_URL_FIELDS.get(forge, 'repository.clone_url')})")
     default = _text(_dig(repo, "default_branch")) or _text(_dig(project, "default_branch"))
@@ -306,7 +342,7 @@ def _load_json(h: Mapping[str, str], body: bytes) -> dict[str, Any]:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise WebhookRejected(400, f"the body is not UTF-8 (byte {exc.start}); send JSON") from exc
-    if "application/x-www-form-urlencoded" in h.get("content-type", "").lower():
+    if _is_form(h):
         form = parse_qs(text)  # at most max_body bytes: cheap
         if "payload" not in form:
             raise WebhookRejected(400, "the form body has no 'payload' field; set the webhook's "
@@ -372,14 +408,18 @@ def plugins_for_push(event: PushEvent, plugins: Mapping[str, PluginConfig], *,
     and its tracked ``ref`` names a pushed ref by git's rules for short names:
     ``main`` matches ``refs/heads/main`` and ``refs/tags/main``, ``refs/heads/x``
     only itself, ``HEAD`` the default branch, and a full commit sha nothing.
-    ``only`` restricts the search to that plugin (raises :class:`UnknownPlugin`).
-    Returns ``(names, "")`` or ``([], reason)``.
+    ``only`` restricts the search to that plugin (raises :class:`UnknownPlugin`);
+    an event that names no repository URL (Bitbucket Server without
+    ``repository.links``) then matches on the ref alone, and matches nothing
+    without ``only``. Returns ``(names, "")`` or ``([], reason)``.
     """
     if only is not None and only not in plugins:
         raise UnknownPlugin(only)
     candidates = [plugins[only]] if only is not None else list(plugins.values())
     pushed = {_match_key(url) for url in event.repo_urls}
     same_repo = [p for p in candidates if _match_key(p.repo) in pushed]
+    if not event.repo_urls and only is not None:
+        same_repo = candidates  # the URL names the plugin; the payload names no repository
     shown = ", ".join(sorted({normalise_repo_url(url) for url in event.repo_urls}))
     if not same_repo:
         if only is not None:
@@ -431,14 +471,12 @@ def handle_webhook(*, headers: Mapping[str, str], body: bytes, secret: str | Non
     answers 503; anything else is a bug and propagates.
     """
     h = _lower(headers)
-    if not secret:
-        return _answer(403, "refused", NO_SECRET_MESSAGE)
-    declared = h.get("content-length", "").strip()
-    if declared and not re.fullmatch(r"[0-9]+", declared):
-        return _answer(400, "bad_request", f"Content-Length {declared[:40]!r} is not a number")
-    if (size := max(int(declared or 0), len(body))) > max_body:
-        return _answer(413, "too_large", f"the body of {size} bytes is over the webhook's limit "
-                                         f"of {max_body} bytes; send push events only")
+    early = refuse_from_headers(h, secret=secret, max_body=max_body)
+    if early is not None:
+        return early
+    if len(body) > max_body:
+        return _too_large(len(body), max_body)
+    assert secret  # refuse_from_headers answered otherwise
     try:
         forge = verify_signature(h, body, secret)
     except WebhookRejected as exc:
@@ -453,6 +491,11 @@ def handle_webhook(*, headers: Mapping[str, str], body: bytes, secret: str | Non
         logger.warning("webhook from %s refused (%d): %s", forge, exc.status, exc)
         return _answer(exc.status, "bad_request", str(exc), forge=forge)
     info: dict[str, Any] = {"forge": forge, "event": event.event, "delivery": event.delivery_id}
+    if event.is_push and not event.repo_urls and plugin is None:
+        return _answer(400, "bad_request", "the delivery names no repository URL (Bitbucket "
+                                           "Server without repository.links), so gitplug cannot "
+                                           "tell which plugins it is for; point the webhook at "
+                                           "<api_prefix>/webhook/<plugin>", **info)
     if not event.is_push:  # a ping, or an event the webhook should not be subscribed to
         if event.is_ping:
             return _answer(200, "pong", f"gitplug received the {forge} ping; push events will "
@@ -487,6 +530,86 @@ def handle_webhook(*, headers: Mapping[str, str], body: bytes, secret: str | Non
                                       "queued", pinned=pinned, **info)
     return _answer(202, "queued", f"queued deploys of {', '.join(queued)} for {pushed}",
                    pinned=pinned, **info)
+
+
+def refuse_from_headers(headers: Mapping[str, str], *, secret: str | None,
+                        max_body: int = MAX_BODY) -> WebhookResponse | None:
+    """The answer that needs no body, or None: read the body, then :func:`handle_webhook`.
+
+    403 without a configured secret (nothing would be accepted), 400 for a
+    ``Content-Length`` that is not a number, 413 for one over ``max_body``. Call it
+    before reading a byte of the body, so that what no forge would send costs
+    nothing to refuse.
+    """
+    h = _lower(headers)
+    if not secret:
+        return _answer(403, "refused", NO_SECRET_MESSAGE)
+    declared = h.get("content-length", "").strip()
+    if declared and not re.fullmatch(r"[0-9]+", declared):
+        return _answer(400, "bad_request", f"Content-Length {declared[:40]!r} is not a number")
+    if declared and int(declared) > max_body:
+        return _too_large(int(declared), max_body)
+    return None
+
+
+def read_body(stream: Any, *, max_body: int = MAX_BODY, deadline_s: float = BODY_DEADLINE_S,
+              sock: socket.socket | None = None) -> bytes:
+    """Read a request body of at most ``max_body`` bytes within ``deadline_s`` seconds.
+
+    ``stream`` is the WSGI input (a chunked body arrives decoded, and counts as
+    read); ``sock`` the client's socket when the server exposes it (Werkzeug's
+    ``werkzeug.socket``, gunicorn's ``gunicorn.socket``): when the deadline passes,
+    its read side is shut, which ends a read blocked on a client that trickles or
+    sends nothing. Raises :class:`WebhookRejected`: 413 past ``max_body`` (one byte
+    over is enough to know), 408 past the deadline, 400 when the client hung up early.
+    """
+    started = time.monotonic()
+    expired = threading.Event()
+
+    def expire() -> None:
+        expired.set()
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RD)
+            except OSError:  # already closed by the client: nothing left to wake
+                pass
+
+    timer = threading.Timer(deadline_s, expire)
+    timer.daemon = True
+    timer.start()
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        while size <= max_body:
+            try:
+                chunk = stream.read(min(1 << 16, max_body + 1 - size))
+            except Exception as exc:  # noqa: BLE001 - servers say "short body" differently
+                # OSError, Werkzeug's ClientDisconnected, gunicorn's NoMoreData ...
+                if expired.is_set():
+                    break
+                raise WebhookRejected(400, f"the client sent less than it announced "
+                                           f"({type(exc).__name__}); retry the delivery") from exc
+            if expired.is_set() or time.monotonic() - started > deadline_s:
+                expired.set()
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        timer.cancel()
+    if expired.is_set():
+        raise WebhookRejected(408, f"the body did not arrive within {deadline_s:g} s (a forge "
+                                   "sends it at once); refusing the slow request")
+    if size > max_body:
+        raise WebhookRejected(413, _too_large(size, max_body).body["message"])
+    return b"".join(chunks)
+
+
+def _too_large(size: int, max_body: int) -> WebhookResponse:
+    return _answer(413, "too_large", f"the body of {size} bytes or more is over the webhook's "
+                                     f"limit of {max_body} bytes (webhook.max_body); send push "
+                                     "events only, or raise webhook.max_body")
 
 
 def _answer(status: int, state: str, message: str, **extra: Any) -> WebhookResponse:
