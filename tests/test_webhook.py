@@ -306,6 +306,36 @@ def test_github_form_encoded_payload_is_read(forge: Forge) -> None:
     assert forge.send(headers, body).status == 202 and forge.names == ["hello"]
 
 
+def test_gitea_form_encoded_payload_is_verified_over_the_json(forge: Forge) -> None:
+    # Gitea (services/webhook/deliver.go) and Forgejo sign the JSON payload, then
+    # send it as the form field "payload": the signature is not over the body.
+    payload = json.dumps(GITEA_PUSH).encode()
+    body = urlencode({"payload": payload}).encode()
+    assert body != payload
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    answer = forge.send(gitea_headers(payload, **form), body)
+    assert (answer.status, answer.body["queued"]) == (202, ["shop"]), answer.body
+    # Forgejo's own header, alone: the same rule.
+    forgejo = {"Content-Type": "application/x-www-form-urlencoded", "X-Forgejo-Event": "push",
+               "X-Forgejo-Delivery": "f-1", "X-Forgejo-Signature": bare(payload)}
+    assert forge.send(forgejo, body).status == 202
+    # What Gitea never sends, a signature over the form body, is refused: it proves
+    # nothing about the payload the deploy is decided from.
+    refused = forge.send(gitea_headers(body, **form), body)
+    assert (refused.status, refused.body["status"]) == (401, "unauthorized")
+    # A form with the payload twice signs nothing.
+    doubled = body + b"&" + body
+    assert forge.send(gitea_headers(payload, **form), doubled).status == 401
+
+
+def test_github_form_signature_is_over_the_raw_body(forge: Forge) -> None:
+    # GitHub signs the body as sent, form-encoded or not; a signature over the JSON fails.
+    payload = json.dumps(GITHUB_PUSH).encode()
+    body = urlencode({"payload": payload}).encode()
+    headers = github_headers(payload, **{"Content-Type": "application/x-www-form-urlencoded"})
+    assert forge.send(headers, body).status == 401
+
+
 def test_github_tag_push_matches_the_plugin_tracking_the_tag(forge: Forge) -> None:
     body = dumps({**GITHUB_PUSH, "ref": "refs/tags/v1.0.0", "created": True, "before": ZERO})
     answer = forge.send(github_headers(body), body)
@@ -430,6 +460,61 @@ def test_bitbucket_server_refs_changed(forge: Forge) -> None:
     assert event.refs == ("refs/heads/main",) and event.after == SHA1
     assert event.delivery_id == "bbs-1" and len(event.repo_urls) == 2
     assert parse_push({"X-Event-Key": "diagnostics:ping"}, b"{}", "bitbucket").is_ping
+
+
+#: Bitbucket Server's documented repo:refs_changed shape (Server 5.x): the repository has
+#: its slug, project and id, but no ``links``; older servers send it like that.
+BITBUCKET_SERVER_BARE = {
+    "eventKey": "repo:refs_changed", "date": "2024-06-10T12:00:00+1000",
+    "actor": {"name": "admin", "emailAddress": "admin@example.com", "id": 1,
+              "displayName": "Administrator", "active": True, "slug": "admin", "type": "NORMAL"},
+    "repository": {"slug": "site", "id": 84, "name": "site", "scmId": "git",
+                   "state": "AVAILABLE", "statusMessage": "Available", "forkable": True,
+                   "project": {"key": "TEAM", "id": 84, "name": "Team", "public": True,
+                               "type": "NORMAL"},
+                   "public": False},
+    "changes": [{"ref": {"id": "refs/heads/main", "displayId": "main", "type": "BRANCH"},
+                 "refId": "refs/heads/main", "fromHash": SHA0, "toHash": SHA1,
+                 "type": "UPDATE"}],
+}
+
+
+def bitbucket_server_headers(body: bytes) -> dict[str, str]:
+    delivery = hashlib.sha256(body).hexdigest()[:32]  # one id per delivery, as the server does
+    return {"Content-Type": "application/json; charset=utf-8", "X-Event-Key": "repo:refs_changed",
+            "X-Request-Id": delivery, "X-Hub-Signature": hub(body)}
+
+
+def test_bitbucket_server_without_links_matches_on_the_ref_where_the_plugin_is_named(
+        forge: Forge) -> None:
+    body = dumps(BITBUCKET_SERVER_BARE)
+    answer = forge.send(bitbucket_server_headers(body), body, plugin="site")
+    assert (answer.status, answer.body["queued"]) == (202, ["site"]), answer.body
+    # Another ref than the plugin's: nothing to do, and it says why.
+    other = dumps({**BITBUCKET_SERVER_BARE, "changes": [
+        {**BITBUCKET_SERVER_BARE["changes"][0], "ref": {"id": "refs/heads/dev"},
+         "refId": "refs/heads/dev"}]})
+    answer = forge.send(bitbucket_server_headers(other), other, plugin="site")
+    assert (answer.status, answer.body["status"]) == (200, "unmatched")
+    assert "tracks 'refs/heads/main', not refs/heads/dev" in answer.body["message"]
+    # Without a plugin in the URL, nothing says which plugins it is for: 400, and how to fix it.
+    answer = forge.send(bitbucket_server_headers(body), body)
+    assert (answer.status, answer.body["status"]) == (400, "bad_request")
+    assert "/webhook/<plugin>" in answer.body["message"] and forge.names == ["site"]
+
+
+def test_bitbucket_server_naming_another_repository_is_not_matched_on_the_ref(
+        forge: Forge) -> None:
+    # Where the delivery names its clone URLs, /webhook/<plugin> still checks them.
+    payload = {**BITBUCKET_SERVER_BARE, "repository": {
+        **BITBUCKET_SERVER_BARE["repository"],
+        "links": {"clone": [{"href": "https://bitbucket.example.com/scm/team/other.git",
+                             "name": "http"}]}}}
+    body = dumps(payload)
+    answer = forge.send(bitbucket_server_headers(body), body, plugin="site")
+    assert (answer.status, answer.body["status"]) == (200, "unmatched"), answer.body
+    assert "plugin 'site' tracks repository bitbucket.org/team/site" in answer.body["message"]
+    assert forge.queued == []
 
 
 def test_generic_push_to_a_local_repository(forge: Forge, tmp_path: Path) -> None:
