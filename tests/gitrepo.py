@@ -33,6 +33,7 @@ Contract:
 
 from __future__ import annotations
 
+import base64
 import binascii
 import contextlib
 import os
@@ -363,21 +364,32 @@ class _RootBackend(FileSystemBackend):
 
 
 @contextlib.contextmanager
-def serve_http(repo_root: Path, *, delay: float = 0.0, log: list[str] | None = None) -> Iterator[str]:
+def serve_http(repo_root: Path, *, delay: float = 0.0, log: list[str] | None = None,
+               auth: tuple[str, str] | None = None) -> Iterator[str]:
     """Serve every repository under ``repo_root`` over git smart HTTP on 127.0.0.1.
 
     Yields the base URL (``http://127.0.0.1:<port>``); the repository at
     ``repo_root/name`` is ``<base>/name``. ``delay`` seconds are slept before
     every response, to test client timeouts. ``log`` gets ``"GET /name/info/refs"``
-    for every request, to count fetches. The server stops when the block ends.
+    for every request, to count fetches. With ``auth`` (user, password), as a
+    forge does: no credentials is 401 with a Basic challenge, wrong ones 403.
+    The server stops when the block ends.
     """
     git_app = make_wsgi_chain(_RootBackend(str(repo_root)))
+    expected = ("Basic " + base64.b64encode(":".join(auth).encode()).decode()) if auth else None
 
     def app(environ: dict[str, Any], start_response: Any) -> Any:
         if log is not None:
             log.append(f"{environ['REQUEST_METHOD']} {environ.get('PATH_INFO', '')}")
         if delay:
             time.sleep(delay)
+        if expected is not None:
+            given = environ.get("HTTP_AUTHORIZATION")
+            if given != expected:
+                status = "401 Unauthorized" if given is None else "403 Forbidden"
+                start_response(status, [("Content-Type", "text/plain"),
+                                        ("WWW-Authenticate", 'Basic realm="git"')])
+                return [status.encode()]
         return git_app(environ, start_response)
 
     server = make_server(
