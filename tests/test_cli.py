@@ -412,6 +412,31 @@ def test_flask_gitplug_group(tmp_path: Path, repo: GitRepo, config: Path) -> Non
     assert json.loads(proc.stdout)["plugins"][0]["live_commit"] == sha
 
 
+def test_flask_app_relative_gitplug_config_is_relative_to_the_app(
+    tmp_path: Path, repo: GitRepo
+) -> None:
+    # app.config["GITPLUG_CONFIG"] = "deploy.yaml" names the file beside the app, as
+    # Flask's own config.from_pyfile() does, whatever directory `flask` runs from.
+    sha = write_version(repo, "hello", "v1")
+    project = tmp_path / "project"
+    project.mkdir()
+    write_config(project / "deploy.yaml", {"hello": {"repo": repo.url}})
+    assert run_cli("deploy", "hello", "-c", project / "deploy.yaml").returncode == 0
+    (project / "relhost.py").write_text(
+        "from flask import Flask\n\napp = Flask(__name__)\n"
+        "app.config['GITPLUG_CONFIG'] = 'deploy.yaml'\n"
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = run_cli(
+        "--app", str(project / "relhost.py"), "gitplug", "status", "--json",
+        cwd=elsewhere, argv0=[sys.executable, "-m", "flask"],
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["plugins"][0]["live_commit"] == sha
+    assert not (elsewhere / "deploy.yaml").exists()
+
+
 # --------------------------------------------------------------------------- with a server
 
 

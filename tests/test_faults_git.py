@@ -203,6 +203,41 @@ def test_file_over_the_staging_limit(host: Host) -> None:
     assert [p.name for p in (host.tmp / "data" / "releases" / "hello").iterdir()] == [host.good]
 
 
+#: A Git LFS pointer as git-lfs writes it (spec v1): what git holds for an LFS file.
+LFS_POINTER = (b"version https://git-lfs.github.com/spec/v1\n"
+               b"oid sha256:" + b"4d7a2146" * 8 + b"\nsize 48213\n")
+LFS_ATTRIBUTES = "*.png filter=lfs diff=lfs merge=lfs -text\n"
+PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
+
+
+def test_git_lfs_pointer_is_refused_at_stage(host: Host) -> None:
+    files: dict[str, str | bytes] = dict(plugin_files("v2"))
+    files[".gitattributes"] = LFS_ATTRIBUTES
+    files["hello/static/logo.png"] = LFS_POINTER
+    bad = host.commit(files, "logo through LFS")
+    host.deploy_fails(
+        "stage",
+        rf"plugin 'hello': commit {bad} holds 'hello/static/logo\.png' as a Git LFS pointer, and"
+        r" gitplug does not fetch LFS objects, so it would serve the pointer text instead of the"
+        r" file\. Keep it in git itself \(`git lfs untrack 'hello/static/logo\.png'`",
+    )
+    assert not (host.tmp / "data" / "releases" / "hello" / bad).exists()
+
+
+def test_file_under_an_lfs_pattern_committed_whole_stages(host: Host) -> None:
+    # The attributes alone prove nothing: a file committed without git-lfs installed is
+    # the file itself, and serving it is right. Only pointer content is refused.
+    files: dict[str, str | bytes] = dict(plugin_files("v2"))
+    files[".gitattributes"] = LFS_ATTRIBUTES
+    files["hello/static/logo.png"] = PNG
+    files["hello/notes.txt"] = "version https://git-lfs.github.com/spec/v1 is a URL in a note\n"
+    good = host.commit(files, "logo committed whole")
+    record = host.gp.deploy("hello")
+    assert record is not None and record.result == DeployResult.LIVE, record
+    staged = host.tmp / "data" / "releases" / "hello" / good / "hello" / "static" / "logo.png"
+    assert staged.read_bytes() == PNG
+
+
 # =========================================================================== trees
 
 
