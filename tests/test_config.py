@@ -63,6 +63,20 @@ def test_defaults(tmp_path: Path) -> None:
     assert hello.config == {} and isinstance(hello.config, MappingProxyType)
 
 
+@pytest.mark.parametrize(("value", "size"), [
+    ("25MiB", 25 << 20), ("512 KiB", 512 << 10), ("1.5MB", 1_500_000), (4096, 4096),
+    ("'4096'", 4096), ("2gib", None),
+])
+def test_webhook_max_body(tmp_path: Path, value: object, size: int | None) -> None:
+    if size is None:
+        with pytest.raises(ConfigError, match="at most 1024MiB"):
+            load(tmp_path, f"webhook: {{max_body: {value}}}\n")
+        return
+    assert load(tmp_path, f"webhook: {{max_body: {value}}}\n").webhook_max_body == size
+    # Not given: GitHub's own cap on a delivery.
+    assert load(tmp_path, "webhook: {secret: s}\n").webhook_max_body == 25 << 20
+
+
 def test_spec_example(tmp_path: Path) -> None:
     cfg = load(tmp_path, """
         data_dir: .gitplug
@@ -500,6 +514,19 @@ BROKEN = [
         webhook:
           secrt: abc
     """, 2, "webhook.secrt", r"did you mean 'secret'", id="webhook-unknown-key"),
+    pytest.param("""
+        webhook:
+          max_body: lots
+    """, 2, "webhook.max_body", r"expected a size such as 25MiB, 512KiB or 1048576 \(bytes\), "
+                                 r"got 'lots'", id="webhook-max-body-not-a-size"),
+    pytest.param("""
+        webhook:
+          max_body: 0
+    """, 2, "webhook.max_body", r"expected a size such as 25MiB", id="webhook-max-body-zero"),
+    pytest.param("""
+        webhook:
+          max_body: 2GiB
+    """, 2, "webhook.max_body", r"at most 1024MiB, got '2GiB'", id="webhook-max-body-too-big"),
     pytest.param("""
         plugins:
           hello:
