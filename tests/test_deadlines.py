@@ -26,7 +26,7 @@ from gitrepo import GitRepo
 from serverproc import Server, write_config, write_version
 from silent import SilentServer
 
-#: Seconds `gitplug serve` may take to exit after SIGTERM/SIGINT (README "Operating it").
+#: Seconds `gitplug serve` may take to exit after SIGTERM/SIGINT (README "Production").
 GRACE_S = 10.0
 
 
