@@ -47,6 +47,7 @@ poll_interval: 3600
 admin_token: ${{GITPLUG_ADMIN_TOKEN}}
 webhook:
   secret: ${{GITPLUG_WEBHOOK_SECRET}}
+  max_body: 1MiB
 plugins:
   hello:
     repo: {repo}
@@ -352,8 +353,10 @@ def test_webhook_push_deploys_once_per_delivery(site: Site) -> None:
 
 def test_webhook_refusals(site: Site) -> None:
     before = len(site.history())
+    # Over webhook.max_body (1MiB here): refused from its Content-Length.
     status, body, _ = site.hook({}, body=b"{" + b" " * (1 << 20) + b"}")
     assert (status, body["status"]) == (413, "too_large"), body
+    assert "limit of 1048576 bytes (webhook.max_body)" in body["message"]
 
     status, body, _ = site.hook(site.push(), path="/webhook/nope")
     assert (status, body["status"]) == (404, "unknown_plugin"), body

@@ -219,7 +219,7 @@ def _push(host: Host, after: str) -> bytes:
 
 @pytest.fixture
 def hook_host(make_host: t.Callable[..., Host]) -> Host:
-    return make_host(top={"webhook": {"secret": SECRET}})
+    return make_host(top={"webhook": {"secret": SECRET, "max_body": "1MiB"}})
 
 
 def _post(
@@ -273,7 +273,8 @@ WEBHOOK_FAULTS = [
         lambda body: _signed(body, delivery="d1"),
         b"\0" * (MiB + 1),
         413,
-        rf"the body of {MiB + 1} bytes is over the webhook's limit of {MiB} bytes",
+        rf"the body of {MiB + 1} bytes is over the webhook's limit of {MiB} bytes"
+        r" \(webhook\.max_body\)",
         id="oversized",
     ),
     pytest.param(

@@ -602,14 +602,16 @@ def read_body(stream: Any, *, max_body: int = MAX_BODY, deadline_s: float = BODY
         raise WebhookRejected(408, f"the body did not arrive within {deadline_s:g} s (a forge "
                                    "sends it at once); refusing the slow request")
     if size > max_body:
-        raise WebhookRejected(413, _too_large(size, max_body).body["message"])
+        raise WebhookRejected(413, _too_large(None, max_body).body["message"])
     return b"".join(chunks)
 
 
-def _too_large(size: int, max_body: int) -> WebhookResponse:
-    return _answer(413, "too_large", f"the body of {size} bytes or more is over the webhook's "
-                                     f"limit of {max_body} bytes (webhook.max_body); send push "
-                                     "events only, or raise webhook.max_body")
+def _too_large(size: int | None, max_body: int) -> WebhookResponse:
+    """413; ``size`` None when the body was cut off one byte past the limit."""
+    what = f"the body of {size} bytes" if size is not None else "the body"
+    return _answer(413, "too_large", f"{what} is over the webhook's limit of {max_body} bytes "
+                                     "(webhook.max_body); send push events only, or raise "
+                                     "webhook.max_body")
 
 
 def _answer(status: int, state: str, message: str, **extra: Any) -> WebhookResponse:
