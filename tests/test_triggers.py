@@ -152,3 +152,75 @@ def test_background_starts_on_the_first_request_and_only_once(tmp_path: Path) ->
     finally:
         gp.shutdown()
     assert [name for name in gitplug_threads() if name in ("gitplug-control", "gitplug-converge")] == []
+
+
+def test_queue_serves_waiting_plugins_in_order_behind_a_stuck_one() -> None:
+    from gitplug.deploy.triggers import TriggerQueue
+
+    release = threading.Event()
+    entered = threading.Event()
+    started: list[str] = []
+
+    def run(trigger: Trigger) -> None:
+        started.append(trigger.plugin)  # one worker: appends happen in run order
+        if trigger.plugin == "stuck" and not entered.is_set():
+            entered.set()
+            release.wait(timeout=60)
+
+    queue = TriggerQueue(run, max_workers=1)
+    try:
+        first = queue.submit(Trigger("stuck", "webhook"))
+        assert entered.wait(timeout=30)
+        waiting = [queue.submit(Trigger(name, "webhook")) for name in ("a", "b", "c")]
+        again = queue.submit(Trigger("stuck", "poll"))  # its next run goes behind a, b and c
+        release.set()
+        for future in (first, *waiting, again):
+            assert future.result(timeout=30) is None
+        assert started == ["stuck", "a", "b", "c", "stuck"]
+    finally:
+        release.set()
+        queue.shutdown(wait=False)
+
+
+def test_queue_runs_up_to_max_workers_at_once_in_daemon_threads() -> None:
+    from gitplug.deploy.triggers import TriggerQueue
+
+    release = threading.Event()
+    together = threading.Barrier(3)
+
+    def run(trigger: Trigger) -> None:
+        together.wait(timeout=30)  # returns only when two deploys run at once
+        release.wait(timeout=60)
+
+    queue = TriggerQueue(run, max_workers=2)
+    try:
+        futures = [queue.submit(Trigger(name, "webhook")) for name in ("p0", "p1")]
+        together.wait(timeout=30)
+        # Daemon threads: a deploy that never returns cannot keep the process alive.
+        assert len(queue._workers) == 2 and all(worker.daemon for worker in queue._workers)
+        release.set()
+        assert [future.result(timeout=30) for future in futures] == [None, None]
+    finally:
+        release.set()
+        queue.shutdown(wait=False)
+
+
+def test_queue_shutdown_never_waits_for_a_stuck_deploy() -> None:
+    from gitplug.deploy.triggers import TriggerQueue
+
+    entered = threading.Event()
+    never = threading.Event()
+
+    def run(trigger: Trigger) -> None:
+        entered.set()
+        never.wait(timeout=120)
+
+    queue = TriggerQueue(run, max_workers=1)
+    queue.submit(Trigger("stuck", "webhook"))
+    assert entered.wait(timeout=30)
+    pending = queue.submit(Trigger("stuck", "poll"))
+    other = queue.submit(Trigger("other", "webhook"))
+    queue.shutdown(wait=False)
+    # What had not started is answered at once, as "nothing done".
+    assert pending.result(timeout=5) is None and other.result(timeout=5) is None
+    never.set()

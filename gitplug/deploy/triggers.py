@@ -100,7 +100,9 @@ class TriggerQueue:
         self._ready.append((trigger, future))
         if self._idle:
             self._wake.notify()
-        elif len(self._workers) < self._max_workers:
+        # A notified worker counts as idle until it takes the lock again: start
+        # another whenever more deploys wait than idle workers could take.
+        if len(self._ready) > self._idle and len(self._workers) < self._max_workers:
             worker = threading.Thread(target=self._work, name=f"gitplug-deploy-{len(self._workers)}",
                                       daemon=True)
             self._workers.append(worker)
