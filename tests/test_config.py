@@ -517,16 +517,17 @@ BROKEN = [
     pytest.param("""
         webhook:
           max_body: lots
-    """, 2, "webhook.max_body", r"expected a size such as 25MiB, 512KiB or 1048576 \(bytes\), "
+    """, 2, "webhook.max_body", r"expected a size such as 100MiB, 25MB or a number of bytes, "
                                  r"got 'lots'", id="webhook-max-body-not-a-size"),
     pytest.param("""
         webhook:
           max_body: 0
-    """, 2, "webhook.max_body", r"expected a size such as 25MiB", id="webhook-max-body-zero"),
+    """, 2, "webhook.max_body", r"expected a size such as 100MiB", id="webhook-max-body-zero"),
     pytest.param("""
         webhook:
           max_body: 2GiB
-    """, 2, "webhook.max_body", r"at most 1024MiB, got '2GiB'", id="webhook-max-body-too-big"),
+    """, 2, "webhook.max_body", r"expected a size of at most 1024MiB \(GitHub sends 25MB at "
+                                 r"most\), got '2GiB'", id="webhook-max-body-too-big"),
     pytest.param("""
         plugins:
           hello:

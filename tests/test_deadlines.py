@@ -23,7 +23,7 @@ from gitplug.deploy.gitsource import GitSource
 from gitplug.errors import FetchError
 from gitplug.state import DeployResult, Stage
 from gitrepo import GitRepo
-from serverproc import Server, write_config, write_version
+from serverproc import Server, wait_for, write_config, write_version
 from silent import SilentServer
 
 #: Seconds `gitplug serve` may take to exit after SIGTERM/SIGINT (README "Production").
@@ -79,8 +79,11 @@ def test_plugins_stuck_on_a_silent_server_do_not_starve_a_healthy_one(
         record = gp.deploy("hello")
         assert record is not None and record.result == DeployResult.LIVE, record
         assert record.commit == good
-        # The stuck ones failed at their deadline, at stage fetch, which freed their workers.
+        # The stuck ones fail at their deadline, at stage fetch, which frees their workers
+        # (the first to fail made room for hello; the others may still be timing out).
         for name in stuck:
+            wait_for(lambda name=name: gp.store.last_deploy(name).result != DeployResult.RUNNING,
+                     timeout=60, what=f"{name}'s deploy to end")
             last = gp.store.last_deploy(name)
             assert last is not None and last.result == DeployResult.FAILED, last
             assert last.stage == Stage.FETCH and "timed out after 3s" in (last.error or ""), last
