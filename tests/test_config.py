@@ -74,7 +74,7 @@ def test_webhook_max_body(tmp_path: Path, value: object, size: int | None) -> No
         return
     assert load(tmp_path, f"webhook: {{max_body: {value}}}\n").webhook_max_body == size
     # Not given: GitHub's own cap on a delivery.
-    assert load(tmp_path, "webhook: {secret: s}\n").webhook_max_body == 25 << 20
+    assert load(tmp_path, "webhook: {secret: sixteen-or-more-chars}\n").webhook_max_body == 25 << 20
 
 
 def test_spec_example(tmp_path: Path) -> None:
