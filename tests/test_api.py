@@ -328,6 +328,9 @@ def test_webhook_push_deploys_once_per_delivery(site: Site) -> None:
     within(5, lambda: site.served() == expected("hello", "v3", v3), what="v3 after the push")
     # The positive control: how long a delivery that deploys takes to be served here.
     live_after = time.monotonic() - pushed
+    # The swap serves v3 a few milliseconds before the deploy's record is written.
+    wait_for(lambda: site.history()[0]["result"] != "running", timeout=10,
+             what="the deploy's record to be written")
     last = site.history()[0]
     assert (last["trigger"], last["result"], last["commit"]) == ("webhook", "live", v3)
     count = len(site.history())
