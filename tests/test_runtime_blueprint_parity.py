@@ -287,3 +287,128 @@ def test_host_list_templates_lists_live_plugins_templates(tmp_path: Path, make_g
     assert info.value.name == "missing.html"
     gp.stop("frontend")
     assert sorted(app.jinja_env.list_templates()) == ["admin/index.html", "admin/nested/nested.txt"]
+
+
+# -- app-wide template registrations (Flask: test_template_filter ... test_template_global) --
+
+REGISTRATIONS = """
+    plugin = Plugin("bp", __name__)
+
+    @plugin.app_template_filter()
+    def my_reverse(s):
+        return s[::-1]
+
+    @plugin.app_template_filter("my_reverse_custom_name_3")
+    def my_reverse_3(s):
+        return s[::-1]
+
+    def added(s):
+        return s[::-1] + "|" + current_plugin.name
+
+    plugin.add_app_template_filter(added, "strrev")
+
+    @plugin.app_template_test()
+    def is_boolean(value):
+        return isinstance(value, bool)
+
+    @plugin.app_template_test(name="my_boolean_custom_name")
+    def boolean_3(value):
+        return isinstance(value, bool)
+
+    @plugin.app_template_global()
+    def get_stuff():
+        return 42
+
+    def added_global():
+        return "g:" + current_plugin.name
+
+    plugin.add_app_template_global(added_global, "plugin_name")
+"""
+
+
+def test_app_wide_template_registrations_are_the_plugins_own_objects(tmp_path: Path, make_gp: MakeGP) -> None:
+    app = _host()
+    gp = make_gp(app)
+    release = gp.load_directory("bp", _plugin(tmp_path, REGISTRATIONS), url_prefix="/py")
+    module = release.plugin.import_name
+    import sys
+
+    mod = sys.modules[module]
+    env = app.jinja_env
+    for kind, name, func in [
+        ("filters", "my_reverse", mod.my_reverse),
+        ("filters", "my_reverse_custom_name_3", mod.my_reverse_3),
+        ("filters", "strrev", mod.added),
+        ("tests", "is_boolean", mod.is_boolean),
+        ("tests", "my_boolean_custom_name", mod.boolean_3),
+        ("globals", "get_stuff", mod.get_stuff),
+        ("globals", "plugin_name", mod.added_global),
+    ]:
+        registry = getattr(env, kind)
+        assert name in registry.keys() and name in registry
+        assert registry[name] is func, (kind, name)
+    assert env.filters["my_reverse"]("abcd") == "dcba"
+    assert env.tests["is_boolean"](False)
+    del mod, func
+    # In a host template, on a host request, and with current_plugin set.
+    @app.route("/tpl")
+    def tpl() -> str:
+        from flask import render_template_string
+
+        return render_template_string(
+            "{{ value|my_reverse }} {{ value|strrev }} {{ get_stuff() }} {{ plugin_name() }}"
+            " {{ False is is_boolean }} {{ 1 is my_boolean_custom_name }}",
+            value="abcd",
+        )
+
+    assert app.test_client().get("/tpl").text == "dcba dcba|bp 42 g:bp True False"
+    gp.stop("bp")
+    assert "my_reverse" not in env.filters and "get_stuff" not in env.globals
+
+
+def test_a_plugin_may_replace_jinjas_built_ins_but_not_the_hosts_own(tmp_path: Path, make_gp: MakeGP) -> None:
+    import jinja2.defaults
+    from flask import render_template_string
+
+    app = _host()
+
+    @app.template_filter("title")
+    def host_title(s: str) -> str:
+        return "HOST:" + s
+
+    gp = make_gp(app)
+    src = _plugin(tmp_path, """
+        plugin = Plugin("yesno", __name__)
+
+        @plugin.app_template_test("boolean")
+        def yes_or_no(value):
+            return value in ("yes", "no")
+
+        @plugin.app_template_filter("upper")
+        def shout(s):
+            return s.upper() + "!"
+
+        @plugin.app_template_filter("title")
+        def plugin_title(s):
+            return "PLUGIN:" + s
+
+        @plugin.route("/")
+        def index():
+            return render_template("page.html")
+    """, extra={"parity/templates/page.html": "{{ 'yes' is boolean }} {{ 'a'|upper }} {{ 'a'|title }}"})
+
+    @app.route("/tpl")
+    def tpl() -> str:
+        return render_template_string("{{ 'yes' is boolean }} {{ True is boolean }} {{ 'a'|upper }} {{ 'a'|title }}")
+
+    client = app.test_client()
+    assert client.get("/tpl").text == "False True A HOST:a"
+    gp.load_directory("yesno", src)
+    assert client.get("/tpl").text == "True False A! HOST:a"
+    assert client.get("/yesno/").text == "True A! HOST:a"
+    assert app.jinja_env.tests["boolean"].__name__ == "yes_or_no"
+    assert app.jinja_env.filters["title"] is host_title
+    gp.stop("yesno")
+    assert client.get("/tpl").text == "False True A HOST:a"
+    assert app.jinja_env.tests["boolean"] is jinja2.defaults.DEFAULT_TESTS["boolean"]
+    assert app.jinja_env.filters["upper"] is jinja2.defaults.DEFAULT_FILTERS["upper"]

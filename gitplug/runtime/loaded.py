@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import logging
 import typing as t
+import weakref
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ from ..prefixes import invalid_prefix_message, mount_key
 from .codecache import CodeCache
 from .loader import ReleaseNamespace, import_release, purge_namespace, release_relative
 from .plugin import PlainStaticRule, Plugin, PluginContext, _active_release
-from .templating import TEMPLATE_KINDS, ReleaseTemplateDict
+from .templating import TEMPLATE_KINDS, ReleaseTemplateDict, host_registers
 
 __all__ = ["ReleaseSpec", "LoadedRelease", "build_release", "mount_prefix", "HOOK_REGISTRIES"]
 
@@ -103,6 +104,9 @@ class LoadedRelease:
             url_prefix=self.url_prefix,
             logger=logging.getLogger(f"gitplug.plugin.{spec.name}"),
         )
+        sentinel = namespace.sentinel_ref() if namespace.sentinel_ref is not None else None
+        if sentinel is not None:
+            sentinel.release = weakref.ref(self)
         self.url_map: Map
         #: Every endpoint of the release (``hello.index``, ``hello.static``).
         #: Like ``url_map`` it is kept after :meth:`purge`: URL building reads
@@ -289,12 +293,11 @@ def _register(host: Flask, release: LoadedRelease, plugin: Plugin, namespace: Re
             spec_for_scope.update(cleaned)
             release.error_handlers[scope] = spec_for_scope
     fake_env = t.cast(SimpleNamespace, scratch.jinja_env)
+    # The plugin's own objects, unwrapped (``app.jinja_env.filters["rev"] is
+    # rev``, as for a blueprint); current_plugin finds their plugin through
+    # the release sentinel of the module they were defined in.
     release.template_registrations = {
-        kind: {
-            name: _wrap_app_wide(release, value) if callable(value) and not isinstance(value, type) else value
-            for name, value in getattr(fake_env, kind).items()
-        }
-        for kind in ("filters", "globals", "tests")
+        kind: dict(getattr(fake_env, kind)) for kind in ("filters", "globals", "tests")
     }
     release.template_loaders = [
         bp.jinja_loader for bp in scratch.iter_blueprints() if bp.jinja_loader is not None
@@ -330,11 +333,14 @@ def _compile_templates(host: Flask, release: LoadedRelease, code_cache: CodeCach
     # The release's own app-wide filters/globals/tests first, then the host's
     # (a live view: the host may still add entries). Jinja checks filter names
     # at compile time, so the release's own must be visible here already.
+    # The host application's own registrations win here too; Jinja's
+    # built-ins do not (README, "Writing a plugin").
     regs = release.template_registrations
     for kind in TEMPLATE_KINDS:
-        own = regs.get(kind)
+        host_dict = getattr(host_env, kind)
+        own = {name: value for name, value in regs.get(kind, {}).items() if not host_registers(host_dict, kind, name)}
         if own:
-            setattr(env, kind, ReleaseTemplateDict(dict(own), getattr(host_env, kind)))
+            setattr(env, kind, ReleaseTemplateDict(own, host_dict))
     release.jinja_env = env
     for own_loader in release.template_loaders:
         for name in own_loader.list_templates():

@@ -70,10 +70,14 @@ class ReleaseSentinel:
     anything of an unloaded release is still reachable.
     """
 
-    __slots__ = ("label", "__weakref__")
+    __slots__ = ("label", "release", "__weakref__")
 
     def __init__(self, label: str) -> None:
         self.label = label
+        #: A weak reference to the release's ``LoadedRelease`` once it exists:
+        #: how :data:`~gitplug.current_plugin` finds the plugin whose function
+        #: is running (an app-wide filter or global called by the host).
+        self.release: t.Any = None
 
     def __repr__(self) -> str:
         return f"<release {self.label}>"

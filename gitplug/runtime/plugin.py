@@ -22,6 +22,8 @@ from __future__ import annotations
 import contextvars
 import logging
 import os
+import sys
+import types
 import typing as t
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -154,6 +156,19 @@ def _find_current_plugin() -> PluginContext:
     active = _active_release.get()
     if active is not None:
         return t.cast(PluginContext, active.context)
+    # The nearest caller defined in a release (a view, or an app-wide filter
+    # or global that the host's template calls): its module holds the
+    # release's sentinel. A few frames up at most; only when asked.
+    frame: types.FrameType | None = sys._getframe(1)
+    while frame is not None:
+        sentinel = frame.f_globals.get("__gitplug_release__")
+        if sentinel is not None:
+            ref = getattr(sentinel, "release", None)
+            release = ref() if ref is not None else None
+            if release is not None:
+                return t.cast(PluginContext, release.context)
+            break
+        frame = frame.f_back
     ctx = _cv_request.get(None)
     if ctx is not None:
         release = ctx.request.environ.get(ENVIRON_RELEASE)

@@ -44,7 +44,12 @@ from .loader import fault_location
 from .pinning import PinRequests
 from .routing import SnapshotAdapter, claims_map, host_claims, host_rules_under, install_snapshot_map
 from .snapshot import Snapshot
-from .templating import TEMPLATE_KINDS, install_routing_environment, install_template_layers
+from .templating import (
+    TEMPLATE_KINDS,
+    LayeredTemplateDict,
+    install_routing_environment,
+    install_template_layers,
+)
 
 __all__ = ["Runtime"]
 
@@ -150,6 +155,12 @@ class Runtime:
         """
         app = self.app
         self.template_layers_needed = any(snapshot.templates for snapshot in self._open_snapshots)
+        for kind in TEMPLATE_KINDS:
+            registry = getattr(app.jinja_env, kind)
+            if isinstance(registry, LayeredTemplateDict):
+                registry.yield_builtins(
+                    {name for snapshot in self._open_snapshots for name in snapshot.templates.get(kind, ())}
+                )
         for registry in HOOK_REGISTRIES:
             needed = any(snapshot.hooks.get(registry) for snapshot in self._open_snapshots)
             current = getattr(app, registry)

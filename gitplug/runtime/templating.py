@@ -22,6 +22,7 @@ from __future__ import annotations
 import typing as t
 
 import jinja2
+import jinja2.defaults
 from flask.globals import _cv_request
 
 from .environ import ENVIRON_RELEASE, ENVIRON_SNAPSHOT
@@ -33,6 +34,7 @@ __all__ = [
     "LayeredTemplateDict",
     "ReleaseTemplateDict",
     "TEMPLATE_KINDS",
+    "host_registers",
 ]
 
 
@@ -165,6 +167,27 @@ class LayeredTemplateDict(_MergedView):
         super().__init__(original)
         self._runtime = runtime
         self._kind = kind
+        #: Jinja built-ins taken out of the dict while a plugin replaces them
+        #: (``{name: built-in}``); lookups fall back to them (see yield_builtins).
+        self._yielded: dict[str, t.Any] = {}
+
+    def yield_builtins(self, names: t.Collection[str]) -> None:
+        """Let plugins replace exactly these of Jinja's built-ins. Runtime lock held.
+
+        The host's own registrations always win, so they stay in the dict;
+        a Jinja default (the very object Jinja ships) named in ``names``
+        moves to :attr:`_yielded`: a lookup then misses the dict, sees the
+        request's plugin layer first and falls back to the built-in. A name
+        no open snapshot replaces any more goes back into the dict.
+        """
+        builtins = _JINJA_DEFAULTS[self._kind]
+        for name in [n for n in self._yielded if n not in names]:
+            dict.__setitem__(self, name, self._yielded.pop(name))
+        for name in names:
+            value = dict.get(self, name, _MISSING)
+            if name not in self._yielded and value is not _MISSING and value is builtins.get(name, _MISSING):
+                self._yielded[name] = value  # before the pop: a lookup never misses both
+                dict.pop(self, name, None)
 
     def _layer(self) -> dict[str, t.Any]:
         if not self._runtime.template_layers_needed:
@@ -179,30 +202,37 @@ class LayeredTemplateDict(_MergedView):
         layer = self._layer()
         if name in layer:
             return layer[name]
+        yielded = self._yielded.get(name, _MISSING)
+        if yielded is not _MISSING:
+            return yielded
         raise KeyError(name)
 
     def __contains__(self, name: object) -> bool:
-        return dict.__contains__(self, name) or name in self._layer()
+        return dict.__contains__(self, name) or name in self._layer() or name in self._yielded
 
     def get(self, name: t.Any, default: t.Any = None) -> t.Any:
         if dict.__contains__(self, name):
             return dict.__getitem__(self, name)
-        return self._layer().get(name, default)
+        value = self._layer().get(name, _MISSING)
+        if value is _MISSING:
+            value = self._yielded.get(name, default)
+        return value
 
     def _merged(self) -> dict[str, t.Any]:
         layer = self._layer()
-        if not layer:
+        if not layer and not self._yielded:
             return dict(dict.items(self))
-        return {**layer, **dict(dict.items(self))}
+        return {**self._yielded, **layer, **dict(dict.items(self))}
 
     def __iter__(self) -> t.Iterator[t.Any]:
-        if not self._layer():
+        if not self._layer() and not self._yielded:
             return dict.__iter__(self)
         return iter(self._merged())
 
     def __len__(self) -> int:
-        layer = self._layer()
-        return dict.__len__(self) if not layer else len(self._merged())
+        if not self._layer() and not self._yielded:
+            return dict.__len__(self)
+        return len(self._merged())
 
 
 class ReleaseTemplateDict(_MergedView):
@@ -242,6 +272,22 @@ class ReleaseTemplateDict(_MergedView):
 TEMPLATE_KINDS = ("filters", "globals", "tests")
 
 _EMPTY: dict[str, t.Any] = {}
+_MISSING: t.Any = object()
+
+#: Jinja's own filters, tests and globals: a plugin may replace these (the
+#: host application's own registrations it may not).
+_JINJA_DEFAULTS: dict[str, dict[str, t.Any]] = {
+    "filters": jinja2.defaults.DEFAULT_FILTERS,
+    "tests": jinja2.defaults.DEFAULT_TESTS,
+    "globals": jinja2.defaults.DEFAULT_NAMESPACE,
+}
+
+
+def host_registers(registry: t.Mapping[str, t.Any], kind: str, name: str) -> bool:
+    """True if the host's ``filters``/``tests``/``globals`` hold ``name`` as its
+    own registration (not one of Jinja's built-ins, not a plugin's layer)."""
+    value = dict.get(registry, name, _MISSING) if isinstance(registry, dict) else registry.get(name, _MISSING)
+    return value is not _MISSING and value is not _JINJA_DEFAULTS[kind].get(name, _MISSING)
 
 
 def install_template_layers(env: jinja2.Environment, runtime: t.Any) -> None:
