@@ -412,3 +412,431 @@ def test_a_plugin_may_replace_jinjas_built_ins_but_not_the_hosts_own(tmp_path: P
     assert client.get("/tpl").text == "False True A HOST:a"
     assert app.jinja_env.tests["boolean"] is jinja2.defaults.DEFAULT_TESTS["boolean"]
     assert app.jinja_env.filters["upper"] is jinja2.defaults.DEFAULT_FILTERS["upper"]
+
+
+# -- error handlers (Flask: test_blueprint_specific_error_handling, ..._user_error_handling,
+#    test_blueprint_app_error_handling) ---------------------------------------------
+
+
+def _load_many(tmp_path: Path, gp: GitPlug, sources: dict[str, str]) -> None:
+    for name, source in sources.items():
+        gp.load_directory(name, _plugin(tmp_path / name, source, package=name), url_prefix="/" + name)
+
+
+def test_plugin_specific_error_handlers(tmp_path: Path, make_gp: MakeGP) -> None:
+    app = _host()
+    gp = make_gp(app)
+    _load_many(tmp_path, gp, {
+        "frontend": """
+            plugin = Plugin("frontend", __name__)
+
+            @plugin.errorhandler(403)
+            def forbidden(e):
+                return "frontend says no", 403
+
+            @plugin.route("/no")
+            def no():
+                abort(403)
+        """,
+        "backend": """
+            plugin = Plugin("backend", __name__)
+
+            @plugin.errorhandler(403)
+            def forbidden(e):
+                return "backend says no", 403
+
+            @plugin.route("/no")
+            def no():
+                abort(403)
+        """,
+        "sideend": """
+            plugin = Plugin("sideend", __name__)
+
+            @plugin.route("/no")
+            def no():
+                abort(403)
+        """,
+    })
+
+    @app.errorhandler(403)
+    def app_forbidden(e: Exception) -> tuple[str, int]:
+        return "application itself says no", 403
+
+    client = app.test_client()
+    assert client.get("/frontend/no").text == "frontend says no"
+    assert client.get("/backend/no").text == "backend says no"
+    assert client.get("/sideend/no").text == "application itself says no"
+
+
+def test_plugin_specific_user_exception_handlers(tmp_path: Path, make_gp: MakeGP) -> None:
+    app = _host()
+    gp = make_gp(app)
+    _load_many(tmp_path, gp, {"blue": """
+        class MyDecoratorException(Exception):
+            pass
+
+        class MyFunctionException(Exception):
+            pass
+
+        plugin = Plugin("blue", __name__)
+
+        @plugin.errorhandler(MyDecoratorException)
+        def on_decorator(e):
+            assert isinstance(e, MyDecoratorException)
+            return "boom"
+
+        def on_function(e):
+            assert isinstance(e, MyFunctionException)
+            return "bam"
+
+        plugin.register_error_handler(MyFunctionException, on_function)
+
+        @plugin.route("/decorator")
+        def decorator():
+            raise MyDecoratorException()
+
+        @plugin.route("/function")
+        def function():
+            raise MyFunctionException()
+    """})
+    client = app.test_client()
+    assert client.get("/blue/decorator").text == "boom"
+    assert client.get("/blue/function").text == "bam"
+
+
+def test_app_errorhandler_of_a_plugin_covers_host_and_other_plugins(tmp_path: Path, make_gp: MakeGP) -> None:
+    app = _host()
+
+    @app.route("/forbidden")
+    def forbidden() -> str:
+        from flask import abort
+
+        abort(403)
+
+    gp = make_gp(app)
+    _load_many(tmp_path, gp, {
+        "errors": """
+            plugin = Plugin("errors", __name__)
+
+            @plugin.app_errorhandler(403)
+            def forbidden_handler(e):
+                return "you shall not pass", 403
+        """,
+        "forbidden_bp": """
+            plugin = Plugin("forbidden_bp", __name__)
+
+            @plugin.route("/nope")
+            def nope():
+                abort(403)
+        """,
+    })
+    client = app.test_client()
+    assert client.get("/forbidden").text == "you shall not pass"
+    assert client.get("/forbidden_bp/nope").text == "you shall not pass"
+
+
+# -- rules and endpoints ------------------------------------------------------------
+
+
+def test_route_defaults_and_empty_url_defaults(tmp_path: Path, make_gp: MakeGP) -> None:
+    """Flask: test_blueprint_url_defaults (route defaults), test_empty_url_defaults."""
+    app = _host()
+    gp = make_gp(app)
+    _load_many(tmp_path, gp, {"bp": """
+        plugin = Plugin("bp", __name__)
+
+        @plugin.route("/", defaults={"page": 1})
+        @plugin.route("/page/<int:page>")
+        def something(page):
+            return str(page)
+
+        @plugin.route("/foo", defaults={"baz": 42})
+        def foo(baz):
+            return f"foo/{baz:d}"
+    """})
+    client = app.test_client()
+    assert client.get("/bp/").text == "1"
+    assert client.get("/bp/page/2").text == "2"
+    assert client.get("/bp/foo").text == "foo/42"
+
+
+def test_custom_endpoints_and_dotted_names_from_the_host(tmp_path: Path, make_gp: MakeGP) -> None:
+    """Flask: test_route_decorator_custom_endpoint, test_dotted_names_from_app."""
+    app = _host()
+
+    @app.route("/app")
+    def app_index() -> str:
+        from flask import url_for
+
+        return url_for("bp.index")
+
+    gp = make_gp(app)
+    _load_many(tmp_path, gp, {"bp": """
+        plugin = Plugin("bp", __name__)
+
+        @plugin.route("/foo")
+        def foo():
+            return request.endpoint
+
+        @plugin.route("/bar", endpoint="bar")
+        def foo_bar():
+            return request.endpoint
+
+        @plugin.route("/bar/123", endpoint="123")
+        def foo_bar_foo():
+            return request.endpoint
+
+        @plugin.route("/bar/foo")
+        def bar_foo():
+            return request.endpoint
+
+        @plugin.route("/test/")
+        def index():
+            return url_for("app_index")
+    """})
+    client = app.test_client()
+    assert client.get("/bp/foo").text == "bp.foo"
+    assert client.get("/bp/bar").text == "bp.bar"
+    assert client.get("/bp/bar/123").text == "bp.123"
+    assert client.get("/bp/bar/foo").text == "bp.bar_foo"
+    assert client.get("/app").text == "/bp/test/"
+    assert client.get("/bp/test/").text == "/app"
+
+
+@pytest.mark.parametrize("how", [
+    'plugin.route("/", endpoint="a.b")(lambda: "")',
+    'plugin.add_url_rule("/", endpoint="a.b")',
+    'view = lambda: ""\nview.__name__ = "a.b"\nplugin.add_url_rule("/", view_func=view)',
+])
+def test_dotted_endpoint_is_refused_with_its_value_error(tmp_path: Path, make_gp: MakeGP, how: str) -> None:
+    """Flask: test_route_decorator_custom_endpoint_with_dots."""
+    app = _host()
+    gp = make_gp(app)
+    src = _plugin(tmp_path, 'plugin = Plugin("bp", __name__)\n' + how + "\n")
+    with pytest.raises(PluginImportError) as info:
+        gp.load_directory("bp", src)
+    assert isinstance(info.value.__cause__, ValueError)
+    assert ".." not in str(info.value)
+
+
+# -- hooks and context processors ---------------------------------------------------
+
+
+def test_request_hooks_context_processors_and_app_wide_hooks(tmp_path: Path, make_gp: MakeGP) -> None:
+    """Flask: test_request_processing, test_app_request_processing, test_context_processing."""
+    app = _host()
+    app.config["EVTS"] = []
+
+    @app.route("/page")
+    def app_page() -> str:
+        from flask import render_template_string
+
+        return render_template_string(
+            "{% if notanswer %}{{ notanswer }} is not the answer. {% endif %}"
+            "{% if answer %}{{ answer }} is the answer.{% endif %}"
+        )
+
+    gp = make_gp(app)
+    _load_many(tmp_path, gp, {"answer": """
+        from flask import current_app, render_template_string
+
+        plugin = Plugin("answer", __name__)
+
+        def evt(what):
+            current_app.config["EVTS"].append(what)
+
+        @plugin.before_request
+        def before_bp():
+            evt("before")
+
+        @plugin.after_request
+        def after_bp(response):
+            response.data += b"|after"
+            evt("after")
+            return response
+
+        @plugin.teardown_request
+        def teardown_bp(exc):
+            evt("teardown")
+
+        @plugin.before_app_request
+        def before_app():
+            evt("app-before")
+
+        @plugin.after_app_request
+        def after_app(response):
+            evt("app-after")
+            return response
+
+        @plugin.teardown_app_request
+        def teardown_app(exc):
+            evt("app-teardown")
+
+        @plugin.app_context_processor
+        def not_answer():
+            return {"notanswer": 43}
+
+        @plugin.context_processor
+        def answer():
+            return {"answer": 42}
+
+        @plugin.route("/bp")
+        def bp_page():
+            return render_template_string(
+                "{% if notanswer %}{{ notanswer }} is not the answer. {% endif %}"
+                "{% if answer %}{{ answer }} is the answer.{% endif %}"
+            )
+    """})
+    client = app.test_client()
+    evts = app.config["EVTS"]
+    assert client.get("/answer/bp").text == "43 is not the answer. 42 is the answer.|after"
+    assert evts == ["app-before", "before", "after", "app-after", "teardown", "app-teardown"]
+    evts.clear()
+    assert client.get("/page").text == "43 is not the answer. "
+    assert evts == ["app-before", "app-after", "app-teardown"]
+
+
+def test_app_url_processors_of_a_plugin_serve_host_routes(tmp_path: Path, make_gp: MakeGP) -> None:
+    """Flask: test_app_url_processors."""
+    from flask import url_for
+
+    app = _host()
+
+    @app.route("/<lang_code>/")
+    def index() -> str:
+        return url_for("about")
+
+    @app.route("/<lang_code>/about")
+    def about() -> str:
+        return url_for("index")
+
+    gp = make_gp(app)
+    _load_many(tmp_path, gp, {"bp": """
+        plugin = Plugin("bp", __name__)
+
+        @plugin.app_url_defaults
+        def add_language_code(endpoint, values):
+            values.setdefault("lang_code", g.lang_code)
+
+        @plugin.app_url_value_preprocessor
+        def pull_lang_code(endpoint, values):
+            g.lang_code = values.pop("lang_code")
+    """})
+    client = app.test_client()
+    assert client.get("/de/").text == "/de/about"
+    assert client.get("/de/about").text == "/de/"
+
+
+# -- nesting (Flask: test_nested_blueprint, test_nested_callback_order, test_nesting_url_prefixes) --
+
+NESTED = """
+    from flask import Blueprint, render_template_string
+
+    plugin = Plugin("parent", __name__{parent_init})
+    child = Blueprint("child", __name__{child_init})
+    grandchild = Blueprint("grandchild", __name__)
+
+    @plugin.errorhandler(403)
+    def forbidden(e):
+        return "Parent no", 403
+
+    @plugin.route("/")
+    def parent_index():
+        return "Parent yes"
+
+    @plugin.route("/no")
+    def parent_no():
+        abort(403)
+
+    @child.route("/")
+    def child_index():
+        return "Child yes"
+
+    @child.route("/no")
+    def child_no():
+        abort(403)
+
+    @grandchild.errorhandler(403)
+    def grandchild_forbidden(e):
+        return "Grandchild no", 403
+
+    @grandchild.route("/")
+    def grandchild_index():
+        return "Grandchild yes"
+
+    @grandchild.route("/no")
+    def grandchild_no():
+        abort(403)
+
+    for scope, bp in (("parent", plugin), ("child", child)):
+        def before(scope=scope):
+            g.setdefault("seen", []).append(scope)
+        bp.before_request(before)
+
+    @child.context_processor
+    def child_ctx():
+        return {{"key": "child"}}
+
+    @plugin.context_processor
+    def parent_ctx():
+        return {{"key": "parent"}}
+
+    @child.route("/a")
+    def a():
+        return ", ".join(g.seen)
+
+    @child.route("/b")
+    def b():
+        return render_template_string("{{{{ key }}}}")
+
+    child.register_blueprint(grandchild, url_prefix="/grandchild")
+    plugin.register_blueprint(child{child_registration})
+"""
+
+
+def test_nested_blueprints_inside_a_plugin(tmp_path: Path, make_gp: MakeGP) -> None:
+    app = _host()
+
+    @app.before_request
+    def app_before() -> None:
+        from flask import g
+
+        g.setdefault("seen", []).append("app")
+
+    gp = make_gp(app)
+    src = _plugin(tmp_path, NESTED.format(parent_init="", child_init="", child_registration=', url_prefix="/child"'))
+    gp.load_directory("parent", src)
+    client = app.test_client()
+    assert client.get("/parent/").text == "Parent yes"
+    assert client.get("/parent/child/").text == "Child yes"
+    assert client.get("/parent/child/grandchild/").text == "Grandchild yes"
+    assert client.get("/parent/no").text == "Parent no"
+    assert client.get("/parent/child/no").text == "Parent no"
+    assert client.get("/parent/child/grandchild/no").text == "Grandchild no"
+    assert client.get("/parent/child/a").text == "app, parent, child"
+    assert client.get("/parent/child/b").text == "child"
+
+
+@pytest.mark.parametrize(
+    ("parent_init", "child_init", "parent_registration", "child_registration"),
+    [
+        ("/parent", "/child", None, None),
+        ("/parent", None, None, "/child"),
+        (None, None, "/parent", "/child"),
+        ("/other", "/something", "/parent", "/child"),
+    ],
+)
+def test_nesting_url_prefixes(
+    tmp_path: Path, make_gp: MakeGP, parent_init: str | None, child_init: str | None,
+    parent_registration: str | None, child_registration: str | None,
+) -> None:
+    """The plugin's constructor prefix plays the parent's own; the configuration's its registration."""
+    app = _host()
+    gp = make_gp(app)
+    src = _plugin(tmp_path, NESTED.format(
+        parent_init=f", url_prefix={parent_init!r}" if parent_init else "",
+        child_init=f", url_prefix={child_init!r}" if child_init else "",
+        child_registration=f", url_prefix={child_registration!r}" if child_registration else "",
+    ))
+    gp.load_directory("parent", src, url_prefix=parent_registration)
+    assert app.test_client().get("/parent/child/").text == "Child yes"
