@@ -719,7 +719,8 @@ class HostServices:
             live = self.runtime.live(name)
             before, after = old.plugins[name], new.plugins[name]
             if live is not None and live.commit and (
-                before.url_prefix != after.url_prefix or before.config != after.config or before.entry != after.entry
+                before.url_prefix != after.url_prefix or before.subdomain != after.subdomain
+                or before.config != after.config or before.entry != after.entry
             ):
                 self.deployer.load_from_disk(name, live.commit)
         if self.is_leader or self._started_pid is None:

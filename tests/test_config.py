@@ -839,3 +839,14 @@ def test_one_trailing_slash_is_a_valid_prefix_and_clashes_as_without_it() -> Non
         config_from_mapping({"plugins": {"p": {"repo": "/p", "url_prefix": "/shop/"},
                                          "q": {"repo": "/q", "url_prefix": "/shop"}}},
                             base_dir=Path("/"))
+
+
+@pytest.mark.parametrize("value, ok", [("api", True), ("<user>.api", True), ("a/b", False), ("", False),
+                                       ("-x", False)])
+def test_plugin_subdomain_setting(value: str, ok: bool) -> None:
+    data = {"plugins": {"p": {"repo": "/p", "subdomain": value}}}
+    if ok:
+        assert config_from_mapping(data, base_dir=Path("/")).plugins["p"].subdomain == value
+    else:
+        with pytest.raises(ConfigError, match=r"plugins\.p\.subdomain: expected a subdomain such as 'api'"):
+            config_from_mapping(data, base_dir=Path("/"))

@@ -840,3 +840,50 @@ def test_nesting_url_prefixes(
     ))
     gp.load_directory("parent", src, url_prefix=parent_registration)
     assert app.test_client().get("/parent/child/").text == "Child yes"
+
+
+# -- subdomains (Flask: test_nesting_subdomains, test_child_and_parent_subdomain) ----
+
+SUBDOMAINS = """
+    from flask import Blueprint
+
+    plugin = Plugin("parent", __name__)
+    child = Blueprint("child", __name__{child_subdomain})
+
+    @child.route("/child/")
+    def index():
+        return "child"
+
+    plugin.register_blueprint(child)
+"""
+
+
+def _subdomain_host() -> Flask:
+    app = _host()
+    app.subdomain_matching = True
+    app.config["SERVER_NAME"] = "example.test"
+    return app
+
+
+def test_configured_subdomain_applies_to_the_plugin_and_its_children(tmp_path: Path, make_gp: MakeGP) -> None:
+    from gitplug.runtime.loaded import ReleaseSpec
+
+    app = _subdomain_host()
+    gp = make_gp(app)
+    src = _plugin(tmp_path, SUBDOMAINS.format(child_subdomain=""))
+    gp.runtime.swap(ReleaseSpec(name="parent", path=src, release_id="sub-1", url_prefix="/p", subdomain="api"))
+    client = app.test_client()
+    assert client.get("/p/child/", base_url="http://api.example.test").text == "child"
+    assert client.get("/p/child/", base_url="http://example.test").status_code == 404
+
+
+def test_child_subdomain_nests_under_the_configured_one(tmp_path: Path, make_gp: MakeGP) -> None:
+    from gitplug.runtime.loaded import ReleaseSpec
+
+    app = _subdomain_host()
+    gp = make_gp(app)
+    src = _plugin(tmp_path, SUBDOMAINS.format(child_subdomain=', subdomain="api"'))
+    gp.runtime.swap(ReleaseSpec(name="parent", path=src, release_id="sub-2", url_prefix="/p", subdomain="parent"))
+    client = app.test_client()
+    assert client.get("/p/child/", base_url="http://api.parent.example.test").text == "child"
+    assert client.get("/p/child/", base_url="http://parent.example.test").status_code == 404

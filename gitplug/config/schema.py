@@ -66,7 +66,7 @@ _SANDBOXES = ("none", "bwrap")
 #: A ``discover:`` entry: where to look, and the defaults of the plugins found.
 _DISCOVER_KEYS = ("repo", "ref", "path", "url_prefix", "entry", "poll_interval", "test", "test_timeout",
                   "auto_rollback", "config")
-_PLUGIN_KEYS = ("repo", "ref", "path", "url_prefix", "entry", "poll_interval", "test", "test_timeout",
+_PLUGIN_KEYS = ("repo", "ref", "path", "url_prefix", "subdomain", "entry", "poll_interval", "test", "test_timeout",
                 "auto_rollback", "config", "push_token", "allow_force_push")
 #: ``repo: push``: gitplug hosts the repository itself.
 _PUSH_REPO = "push"
@@ -84,6 +84,9 @@ _BAD_REF = re.compile(r"[\s\x00-\x1f\x7f~^:?*\[\\]|\.\.|@\{|^-")
 _SECONDS = "a positive number of seconds"
 #: Far above what any forge sends (GitHub caps a delivery at 25 MB).
 _MAX_WEBHOOK_BODY = 1 << 30
+#: Dot-separated labels; a label may be a converter (``<user>``), as in Flask.
+_SUBDOMAIN = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?|<[A-Za-z_][A-Za-z0-9_:]*>)"
+                        r"(?:\.(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?|<[A-Za-z_][A-Za-z0-9_:]*>))*")
 
 
 def _finish(data: Any, report: _Report, base_dir: Path) -> GitplugConfig:
@@ -507,6 +510,7 @@ class _Checker:
         # constructor declares is checked by the runtime when it loads.
         if url_prefix is not None or "url_prefix" not in raw:
             self.prefixes[name] = mount_key(url_prefix or f"/{name}")
+        subdomain = opt("subdomain", self.subdomain, default=None)
         entry = opt("entry", self.entry, default=None)
         poll = opt("poll_interval", self.number, default=default_poll)
         test, test_is_default = opt("test", self.test, default=(DEFAULT_TEST_COMMAND, True))
@@ -515,7 +519,8 @@ class _Checker:
         config = opt("config", self.free_form, default={})
         if len(self.report.problems) > problems_before or repo is None:
             return None
-        return PluginConfig(name=name, repo=repo, ref=ref, path=subdir, url_prefix=url_prefix, entry=entry,
+        return PluginConfig(name=name, repo=repo, ref=ref, path=subdir, url_prefix=url_prefix,
+                            subdomain=subdomain, entry=entry,
                             poll_interval=poll, test=test, test_is_default=test_is_default,
                             test_timeout=timeout, auto_rollback=rollback, hosted=hosted,
                             push_token=push_token, allow_force_push=allow_force,
@@ -664,6 +669,16 @@ class _Checker:
             self.fail(path, what + " (no spaces, '..', '@{', ~^:?*[\\, nor a leading '-')", value)
             return None
         return ref
+
+    def subdomain(self, path: _KeyPath, value: Any) -> str | None:
+        what = "a subdomain such as 'api' (the host needs SERVER_NAME and subdomain_matching)"
+        subdomain = self.string(path, value, what)
+        if subdomain is None:
+            return None
+        if not _SUBDOMAIN.fullmatch(subdomain):
+            self.fail(path, what, value)
+            return None
+        return subdomain
 
     def entry(self, path: _KeyPath, value: Any) -> str | None:
         what = "'module.path:attribute', e.g. 'hello:plugin'"

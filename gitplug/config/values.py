@@ -64,6 +64,9 @@ class PluginConfig:
     #: ``None``: the prefix ``Plugin(..., url_prefix=...)`` declares, else
     #: ``/<name>`` (known once a release is loaded; see :attr:`default_prefix`).
     url_prefix: str | None = None
+    #: The subdomain the plugin's routes answer on (``api``); None: the
+    #: constructor's, else the host's default, as for a blueprint.
+    subdomain: str | None = None
     entry: str | None = None  #: "module.path:attr"; None means the package's ``plugin``
     poll_interval: float = 60.0
     test: tuple[str, ...] | None = DEFAULT_TEST_COMMAND  #: None: the gate is off

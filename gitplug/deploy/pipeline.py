@@ -165,6 +165,7 @@ class Deployer:
             path=release.path,
             release_id=release.commit,
             url_prefix=plugin.url_prefix,
+            subdomain=plugin.subdomain,
             commit=release.commit,
             entry=plugin.entry,
             config=plugin.config,

@@ -63,6 +63,8 @@ class ReleaseSpec:
     #: declares, else ``/<name>`` (resolved by :func:`build_release`).
     url_prefix: str | None
     commit: str | None = None
+    #: The configured subdomain; None: the constructor's (registered as Flask does).
+    subdomain: str | None = None
     entry: str | None = None
     config: Mapping[str, t.Any] = field(default_factory=lambda: MappingProxyType({}))
     #: Check the release against its staging manifest before importing it.
@@ -258,7 +260,10 @@ def _register(host: Flask, release: LoadedRelease, plugin: Plugin, namespace: Re
         # another release's assets.
         base = plugin.static_url_path or "/static"
         plugin.static_url_path = f"{base.rstrip('/')}/{release.release_id[:12]}"
-    scratch.register_blueprint(plugin, url_prefix=release.url_prefix)
+    options: dict[str, t.Any] = {"url_prefix": release.url_prefix}
+    if release.spec.subdomain:
+        options["subdomain"] = release.spec.subdomain
+    scratch.register_blueprint(plugin, **options)
     if plugin.has_static_folder:
         _add_plain_static_rules(scratch, plugin, base)
 
