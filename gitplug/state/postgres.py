@@ -32,7 +32,6 @@ import time
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
-from datetime import datetime, timezone
 from typing import Any
 
 import psycopg
@@ -53,9 +52,10 @@ from .store import (
     Stage,
     WorkerInfo,
     default_host,
+    final_result,
     now_iso,
-    parse_iso,
     redact_url,
+    seconds_since,
 )
 
 __all__ = ["PostgresStateStore", "SCHEMA_VERSION", "redact_url"]
@@ -422,20 +422,13 @@ class PostgresStateStore:
         log_path: str | None = None,
         plugin_update: Mapping[str, Any] | None = None,
     ) -> DeployRecord:
-        result = DeployResult(result)
-        if result is DeployResult.RUNNING:
-            raise ValueError(f"finish_deploy({deploy_id}) needs a final result, not 'running'")
-        if plugin_update:
-            unknown = sorted(set(plugin_update) - PLUGIN_FIELDS)
-            if unknown:
-                raise TypeError(f"finish_deploy() got unknown plugin fields {unknown}")
+        result = final_result(deploy_id, result, plugin_update)
         with self._write(f"finish deploy {deploy_id}") as conn:
             row = self._deploy_row(conn, deploy_id)
             if plugin_update:
                 self._update_plugin_in(conn, row["plugin"], dict(plugin_update))
             if duration_s is None:
-                elapsed = datetime.now(timezone.utc) - parse_iso(row["started_at"])
-                duration_s = round(max(elapsed.total_seconds(), 0.0), 3)
+                duration_s = seconds_since(row["started_at"])
             row = conn.execute(
                 "UPDATE deploys SET result = %s, stage = %s, error = %s, duration_s = %s, "
                 "commit_sha = COALESCE(%s, commit_sha), log_path = COALESCE(%s, log_path) "

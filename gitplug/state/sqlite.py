@@ -16,7 +16,6 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +34,9 @@ from .store import (
     Stage,
     WorkerInfo,
     default_host,
+    final_result,
     now_iso,
-    parse_iso,
+    seconds_since,
 )
 
 __all__ = ["SQLiteStateStore", "BUSY_TIMEOUT_S", "SCHEMA_VERSION"]
@@ -395,13 +395,7 @@ class SQLiteStateStore:
         log_path: str | None = None,
         plugin_update: Mapping[str, Any] | None = None,
     ) -> DeployRecord:
-        result = DeployResult(result)
-        if result is DeployResult.RUNNING:
-            raise ValueError(f"finish_deploy({deploy_id}) needs a final result, not 'running'")
-        if plugin_update:
-            unknown = sorted(set(plugin_update) - PLUGIN_FIELDS)
-            if unknown:
-                raise TypeError(f"finish_deploy() got unknown plugin fields {unknown}")
+        result = final_result(deploy_id, result, plugin_update)
         with self._write(f"finish deploy {deploy_id}") as conn:
             row = self._deploy_row(conn, deploy_id)
             if plugin_update:
@@ -409,8 +403,7 @@ class SQLiteStateStore:
                 # so no crash can leave one written without the other.
                 self._update_plugin_in(conn, row["plugin"], dict(plugin_update))
             if duration_s is None:
-                elapsed = datetime.now(timezone.utc) - parse_iso(row["started_at"])
-                duration_s = round(max(elapsed.total_seconds(), 0.0), 3)
+                duration_s = seconds_since(row["started_at"])
             conn.execute(
                 "UPDATE deploys SET result = ?, stage = ?, error = ?, duration_s = ?, "
                 "commit_sha = COALESCE(?, commit_sha), log_path = COALESCE(?, log_path) "

@@ -297,6 +297,25 @@ DEPLOY_FIELDS = frozenset(
 )
 
 
+def final_result(deploy_id: int, result: DeployResult | str,
+                 plugin_update: Mapping[str, Any] | None) -> DeployResult:
+    """Check ``finish_deploy``'s arguments the same way in every store; the result as an enum."""
+    final = DeployResult(result)
+    if final is DeployResult.RUNNING:
+        raise ValueError(f"finish_deploy({deploy_id}) needs a final result, not 'running'")
+    if plugin_update:
+        unknown = sorted(set(plugin_update) - PLUGIN_FIELDS)
+        if unknown:
+            raise TypeError(f"finish_deploy() got unknown plugin fields {unknown}")
+    return final
+
+
+def seconds_since(started_at: str) -> float:
+    """Seconds from an ISO ``started_at`` until now, rounded to ms, never negative."""
+    elapsed = datetime.now(timezone.utc) - parse_iso(started_at)
+    return round(max(elapsed.total_seconds(), 0.0), 3)
+
+
 class StateStore(Protocol):
     """The durable state shared by all processes of a server (or a fleet).
 
