@@ -176,7 +176,11 @@ class HostServices:
             logger.info("gitplug: the state store answers again; catching up")
             self._seen_counter = -1
 
-    def _serve_local_record(self) -> None:
+    def _serve_local_record(self, only: str | None = None) -> None:
+        """Serve what this host last served (``served.json``), for plugins serving nothing.
+
+        ``only``: that plugin alone (it cannot have the fleet's release yet).
+        """
         try:
             served = json.loads(self.layout.served_file.read_text("utf-8"))
         except FileNotFoundError:
@@ -185,9 +189,12 @@ class HostServices:
             logger.warning("gitplug: cannot read %s: %s", self.layout.served_file, exc)
             return
         for name, commit in served.items():
+            if only is not None and name != only:
+                continue
             if name in self.config.plugins and isinstance(commit, str) and self.runtime.live(name) is None:
                 if self.deployer.load_from_disk(name, commit, record_error=False):
-                    logger.info("plugin %s: serving %s as this host last did (no state store)", name, commit[:12])
+                    why = "no state store" if only is None else "until the fleet's release is here"
+                    logger.info("plugin %s: serving %s as this host last did (%s)", name, commit[:12], why)
 
     def _write_local_record(self) -> None:
         """Keep ``served.json`` equal to what this process serves (the host controller only)."""
@@ -374,7 +381,16 @@ class HostServices:
             return True
         release = self.deployer.releases.get(name, commit)
         if release is None and not self.is_controller:
-            return False  # this host's controller is staging it: load it once it is on disk
+            # This host's controller is staging it: load it once it is on disk,
+            # serving meanwhile what this host served last (a fresh worker).
+            if self.runtime.live(name) is None:
+                self._serve_local_record(only=name)
+            return False
+        if release is not None and self._fleet and state.live_tree and release.subtree != state.live_tree:
+            self._refuse(name, commit, f"commit {commit[:12]} gives tree {release.subtree[:12]} on this "
+                         f"host but {state.live_tree[:12]} on the host that tested it; check that every "
+                         "host configures the same repository and path for the plugin")
+            return True
         if release is None or (self._fleet and (release.test is None or not release.test.passed)):
             # Decided on another host (or this host lost the release): fetch,
             # stage and check it here, without running the tests again.
@@ -398,9 +414,15 @@ class HostServices:
         return bool(getattr(self.store, "fleet", False))
 
     def _refuse(self, name: str, commit: str, error: str) -> None:
-        """Keep serving what this process serves; show the host as diverged."""
+        """Keep serving what this process serves; show the host as diverged.
+
+        A process that serves nothing of the plugin yet (it just started)
+        serves what this host served last.
+        """
         self._refused[name] = (commit, error)
         logger.error("plugin %s: not serving %s (keeping the last good release): %s", name, commit[:12], error)
+        if self.runtime.live(name) is None:
+            self._serve_local_record(only=name)
         self._beat_now.set()
 
     def _served(self, name: str) -> None:
@@ -710,6 +732,8 @@ class HostServices:
             kind, list(diff.added), list(diff.removed), list(diff.changed),
         )
         old = self.config
+        for name in diff.changed:
+            self._refused.pop(name, None)  # a changed configuration may serve what it refused
         self.set_config(new)
         for name in diff.removed:
             # Only what the configuration removed: plugins this process serves

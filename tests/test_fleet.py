@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from fleet import TOKEN, Host, leader_of
 from gitrepo import GitRepo
@@ -167,6 +168,67 @@ def test_one_deploy_reaches_every_host(fleet: Fleet) -> None:
     assert a.status()["last_deploy"]["stage"] == "load"
     assert fleet.all_serve(v3)
     assert {e["state"] for e in a.status()["hosts"].values()} == {"live"}
+
+
+def _diverged_on(host: Host, host_id: str, sha: str) -> str | None:
+    """The error ``host``'s status shows for ``host_id`` when it is diverged naming ``sha``, else None."""
+    entry = host.status()["hosts"].get(host_id, {})
+    error = entry.get("error") or ""
+    return error if entry.get("state") == "diverged" and sha[:12] in error else None
+
+
+def test_a_follower_refuses_a_commit_whose_tree_is_not_the_tested_one(fleet: Fleet) -> None:
+    v1 = write_version(fleet.repo, "hello", "v1", gate_test=True)
+    a = fleet.host("web-1").start()
+    wait_for(lambda: leader_of(a) == "web-1", timeout=CONVERGE_S, what="web-1 leading the fleet")
+    b = fleet.host("web-2").start()
+    fleet.wait_all_serve(v1, "the first poll")
+
+    # The branch is force-pushed between the leader's test and web-2's fetch:
+    # web-2 (down meanwhile) cannot find the tested commit and keeps v1.
+    b.stop()
+    v2 = write_version(fleet.repo, "hello", "v2", gate_test=True)
+    status, body = a.hook(fleet.repo.url, v2)
+    assert status == 202, body
+    fleet.wait_all_serve(v2, "the leader deploying v2", [a])
+    fleet.repo.set_ref("refs/heads/main", v1)
+    v2b = write_version(fleet.repo, "hello", "v2-rewritten")
+    assert v2b != v2
+    b.start()
+    wait_for(lambda: _diverged_on(a, "web-2", v2), timeout=CONVERGE_S, what="web-2 diverged on v2")
+    assert "is not in" in (_diverged_on(a, "web-2", v2) or "")
+    assert b.serves(v1) and a.serves(v2)
+
+    # The tree check itself: web-2's configuration drifted (path: sub), so it
+    # would stage another tree of the tested commit than the leader tested.
+    config = yaml.safe_load(b.config.read_text())
+    config["plugins"]["hello"]["path"] = "sub"
+    b.config.write_text(yaml.safe_dump(config, sort_keys=False))
+    wait_for(lambda: "changed ['hello']" in b.log(), timeout=CONVERGE_S, what="web-2 reloading its configuration")
+    fleet.repo.write("sub/hello/__init__.py", (fleet.repo.path / "hello" / "__init__.py").read_text())
+    v3 = write_version(fleet.repo, "hello", "v3", gate_test=True)
+    status, body = a.hook(fleet.repo.url, v3)
+    assert status == 202, body
+    fleet.wait_all_serve(v3, "the leader deploying v3", [a])
+    wait_for(lambda: _diverged_on(a, "web-2", v3), timeout=CONVERGE_S, what="web-2 diverged on v3")
+    error = _diverged_on(a, "web-2", v3) or ""
+    assert "gives tree" in error and "on the host that tested it" in error, error
+    assert b.serves(v1)  # its last good release
+    assert not (b.data_dir / "releases" / "hello" / v3).exists()  # nothing of it staged
+    assert not b.test_logs()  # a follower never runs the tests
+    shown = run_cli("status", "-c", b.config, env=b.env())
+    assert "host web-2: diverged" in shown.stdout, shown.stdout
+
+    # The configuration repaired, web-2 serves the fleet's release at once.
+    del config["plugins"]["hello"]["path"]
+    b.config.write_text(yaml.safe_dump(config, sort_keys=False))
+    fleet.wait_all_serve(v3, "web-2 after the repair")
+    wait_for(
+        lambda: a.status()["hosts"].get("web-2", {}).get("state") == "live",
+        timeout=CONVERGE_S, what="web-2 live again",
+    )
+    assert a.status()["hosts"]["web-2"]["error"] is None
+    assert not b.test_logs()
 
 
 def test_a_killed_leader_is_replaced_and_no_host_serves_a_half_deploy(fleet: Fleet) -> None:

@@ -299,8 +299,9 @@ class Deployer:
                 fields: dict[str, t.Any] = {
                     "live_commit": release.commit,
                     # The other hosts of a fleet stage this commit themselves and
-                    # check that their tree is the one tested here.
-                    "live_tree": release.tree,
+                    # check that the tree they stage is the one tested here (the
+                    # commit's tree, or its directory's for a plugin with a path).
+                    "live_tree": release.subtree,
                     "url_prefix": url_prefix,
                     "desired_commit": release.commit,
                     "state": PluginStateValue.LIVE,
@@ -719,18 +720,19 @@ class Deployer:
             if not self.git.has_commit(plugin.repo, commit):
                 raise RefNotFound(
                     f"plugin {name!r}: commit {commit[:12]}, live on the fleet, is not in "
-                    f"{redact_url(plugin.repo)} as this host sees it; check that every host "
-                    "configures the same repository",
+                    f"{redact_url(plugin.repo)} as this host sees it (a branch force-pushed "
+                    "since, or another repository); check that every host configures the same "
+                    "repository. This host keeps its release and follows the next commit",
                     plugin=name, url=plugin.repo, ref=commit,
                 )
-            release = self.releases.stage(name, self.git, plugin.repo, commit, plugin.ref)
-        if tree is not None and release.tree != tree:
-            raise StagingError(
-                f"plugin {name!r}: commit {commit[:12]} has tree {release.tree[:12]} here but "
-                f"{tree[:12]} on the host that tested it; not serving it (check that every "
-                "host configures the same repository)",
-                plugin=name, commit=commit,
-            )
+            # Checked before staging: a tree that did not pass is never written here.
+            if plugin.path:
+                staged = self.git.subtree(plugin.repo, commit, plugin.path, plugin=name) or "(none)"
+            else:
+                staged = self.git.commit_info(plugin.repo, commit, plugin=name).tree
+            self._check_tree(name, commit, staged, tree)
+            release = self._stage(plugin, commit, plugin.ref)
+        self._check_tree(name, commit, release.subtree, tree)
         if release.test is None or not release.test.passed:
             release = self.releases.record_test_result(
                 name, commit,
@@ -739,6 +741,23 @@ class Deployer:
             )
         self._load_verify_swap(plugin, release, lambda stage, message: None)
         return release
+
+    @staticmethod
+    def _check_tree(name: str, commit: str, here: str, tested: str | None) -> None:
+        """Raise StagingError unless ``here`` is the tree id the deciding host tested.
+
+        The tree is what a release holds: the commit's, or its ``path``
+        directory's. A commit id fixes its tree (the mirror verifies object
+        ids), so a difference means this host stages another part of the
+        commit than the host that tested it: its configuration differs.
+        """
+        if tested is not None and here != tested:
+            raise StagingError(
+                f"plugin {name!r}: commit {commit[:12]} gives tree {here[:12]} on this host but "
+                f"{tested[:12]} on the host that tested it; not serving it. Check that every "
+                "host configures the same repository and path for the plugin",
+                plugin=name, commit=commit,
+            )
 
     def load_from_disk(self, name: str, commit: str, *, record_error: bool = True) -> bool:
         """Serve ``commit`` of ``name`` from its release on disk (no network).
