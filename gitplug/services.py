@@ -50,7 +50,7 @@ from .deploy.hosted import HostedRepos
 from .deploy.layout import DataLayout, FileLock
 from .deploy.pipeline import Deployer
 from .deploy.triggers import PollScheduler, Trigger, TriggerQueue
-from .errors import GitplugError, StateError
+from .errors import GitplugError, StateError, UnknownPlugin
 from .runtime.swap import Runtime
 from .state import (
     DeployRecord,
@@ -582,7 +582,15 @@ class HostServices:
             return None
         # The deployer itself ignores background triggers of a pinned or
         # stopped plugin (checked under the plugin's lock).
-        return self.deployer.deploy(trigger.plugin, ref=trigger.ref, trigger=trigger.kind, fresh_after=trigger.at)
+        try:
+            return self.deployer.deploy(trigger.plugin, ref=trigger.ref, trigger=trigger.kind,
+                                        fresh_after=trigger.at)
+        except UnknownPlugin:
+            # Removed (discovery, reload-config) after this trigger was queued: a
+            # webhook's deploy of a directory the same push deleted. Nothing to do.
+            logger.info("plugin %s: %s trigger dropped: the plugin is no longer configured",
+                        trigger.plugin, trigger.kind)
+            return None
 
     # -- the entry point for webhooks and the API ------------------------------------
 

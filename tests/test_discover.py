@@ -122,7 +122,7 @@ def test_directories_become_plugins_and_follow_pushes_with_webhooks(tmp_path: Pa
         hook(server, repo)
         within(5, lambda: body_of(server, "/blog/") == "200 blog v2", what="blog back")
         assert status(config)["blog"]["state"] == "live"
-    assert "Traceback" not in server.log()
+    assert "Traceback" not in server.log(), server.log()
 
 
 def test_polls_find_new_directories_without_a_webhook(tmp_path: Path) -> None:
@@ -175,4 +175,4 @@ def test_serve_dev_takes_a_directory_of_plugins(tmp_path: Path) -> None:
         shutil.rmtree(root / "two")
         within(2, lambda: server.get("/two/").startswith("404 "), what="a removed plugin stopped")
         assert server.get("/one/") == "200 one dev "
-    assert "Traceback" not in server.log()
+    assert "Traceback" not in server.log(), server.log()

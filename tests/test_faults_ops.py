@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import re
 import shutil
 import threading
@@ -319,6 +320,26 @@ def test_webhook_unknown_plugin(hook_host: Host) -> None:
     assert code == 404
     assert "no plugin named 'nope' in the configuration; check the webhook URL" in answer["message"]
     hook_host.assert_good_serves()
+
+
+def test_trigger_of_a_plugin_removed_while_queued_is_dropped_quietly(
+    host: Host, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A push that deletes a discovered plugin's directory queues that plugin's deploy,
+    then its scan removes the plugin: the queued trigger finds no plugin. It is dropped
+    with one INFO line, not a traceback in the server's log."""
+    from gitplug.deploy.triggers import Trigger
+
+    queue = host.gp._state.services.queue
+    caplog.set_level(logging.INFO, logger="gitplug")
+    # The same path with a configured plugin runs a deploy: the trigger is really executed.
+    done = queue.submit(Trigger("hello", "webhook")).result(timeout=60)
+    assert done is None or done.plugin == "hello"
+    assert queue.submit(Trigger("gone", "webhook")).result(timeout=60) is None
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records if "gone" in r.getMessage()]
+    assert lines == [(logging.INFO, "plugin gone: webhook trigger dropped: the plugin is no longer configured")]
+    assert not any(r.exc_info for r in caplog.records), [r.getMessage() for r in caplog.records if r.exc_info]
+    host.assert_good_serves()
 
 
 def test_webhook_without_a_secret_refuses_everything(host: Host) -> None:
