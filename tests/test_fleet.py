@@ -231,6 +231,94 @@ def test_a_follower_refuses_a_commit_whose_tree_is_not_the_tested_one(fleet: Fle
     assert not b.test_logs()
 
 
+def _at_once(*calls: t.Callable[[], tuple[int, t.Any]]) -> list[tuple[int, t.Any]]:
+    """Run ``calls`` in threads released together; their answers, in order."""
+    barrier = threading.Barrier(len(calls))
+    answers: list[tuple[int, t.Any]] = [(0, None)] * len(calls)
+
+    def run(index: int) -> None:
+        barrier.wait(timeout=30)
+        answers[index] = calls[index]()
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(calls))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=CONVERGE_S * 2)
+    assert not any(thread.is_alive() for thread in threads), "an operator's call did not return"
+    return answers
+
+
+def _finished_at(record: dict[str, t.Any]) -> float:
+    from gitplug.state import parse_iso
+
+    return parse_iso(record["started_at"]).timestamp() + float(record["duration_s"] or 0.0)
+
+
+def test_operators_on_two_hosts_at_once_leave_the_fleet_on_one_release(fleet: Fleet) -> None:
+    a, b, c, v1 = start_fleet(fleet)
+    v2 = write_version(fleet.repo, "hello", "v2", gate_test=True)
+    fleet.repo.tag("v2")
+    status, body = a.hook(fleet.repo.url, v2)
+    assert status == 202, body
+    fleet.wait_all_serve(v2, "v2 by webhook")
+    commits = {"v1": v1, "v2": v2}
+
+    seen = 0
+    for first, second in (("v1", "v2"), ("v2", "v1"), ("v1", "v2")):
+        # Two operators, on web-2 and on web-3 (a gunicorn worker), roll back
+        # to different tags at the same moment.
+        answers = _at_once(
+            lambda ref=first: b.api("POST", "/plugins/hello/rollback", {"ref": ref}),  # type: ignore[misc]
+            lambda ref=second: c.api("POST", "/plugins/hello/rollback", {"ref": ref}),  # type: ignore[misc]
+        )
+        assert [code for code, _ in answers] == [200, 200], answers
+        history = a.api("GET", "/plugins/hello/history")[1]
+        rollbacks = sorted((r for r in history if r["trigger"] == "rollback" and r["id"] > seen),
+                           key=lambda r: r["id"])
+        assert len(rollbacks) == 2, rollbacks
+        seen = rollbacks[-1]["id"]
+        earlier, later = rollbacks
+        # One after the other, never interleaved (a small allowance for rounding) ...
+        assert _finished_at(earlier) <= parse_started(later) + 0.05, rollbacks
+        # ... and the later decision is the fleet's: its commit live, its tag pinned, everywhere.
+        decided = commits[later["ref"]]
+        assert later["commit"] == decided and later["result"] in ("live", "skipped"), later
+        fleet.wait_all_serve(decided, f"the rollbacks to {first} and {second}")
+        for host in (a, b, c):
+            shown = host.status()
+            assert (shown["pin"], shown["live_commit"]) == (later["ref"], decided), (host.host_id, shown)
+
+    # A stop on one host and a rollback on another at once: the later one wins everywhere.
+    answers = _at_once(
+        lambda: b.api("POST", "/plugins/hello/stop"),
+        lambda: c.api("POST", "/plugins/hello/rollback", {"ref": "v2"}),
+    )
+    assert [code for code, _ in answers] == [200, 200], answers
+    state = a.status()
+    if state["state"] == "stopped":
+        wait_for(lambda: all(h.answer().startswith("404 ") for h in (a, b, c, c, c, c)),
+                 timeout=CONVERGE_S, what="every host stopping the plugin")
+        status, body = a.api("POST", "/plugins/hello/start")
+        assert status == 200, body
+    else:
+        assert (state["state"], state["live_commit"], state["pin"]) == ("live", v2, "v2"), state
+    fleet.wait_all_serve(v2, "the plugin live on v2")
+
+    # Resume through web-3 puts every host back on the branch.
+    status, body = c.api("POST", "/plugins/hello/resume")
+    assert status == 200, body
+    fleet.wait_all_serve(v2, "resume")
+    assert all(h.status()["pin"] is None for h in (a, b, c))
+    assert fleet.test_runs() == 2  # v1 and v2 were tested once each, fleet-wide
+
+
+def parse_started(record: dict[str, t.Any]) -> float:
+    from gitplug.state import parse_iso
+
+    return parse_iso(record["started_at"]).timestamp()
+
+
 def test_a_killed_leader_is_replaced_and_no_host_serves_a_half_deploy(fleet: Fleet) -> None:
     a, b, c, v1 = start_fleet(fleet)
     fleet.repo.write("tests/test_slow.py", SLOW_GATE_TEST)

@@ -618,6 +618,33 @@ def test_postgres_lease_is_exclusive_and_freed_when_its_holder_dies(pg_url: str)
         store.close()
 
 
+def test_postgres_lease_waits_for_its_holder(pg_url: str) -> None:
+    holder_store, waiter_store = open_state_store(pg_url), open_state_store(pg_url)
+    try:
+        held = holder_store.acquire_lease("plugin:hello")
+        assert held is not None
+        # A bounded wait ends without the lease while it is held ...
+        assert waiter_store.acquire_lease("plugin:hello", wait_s=0.2) is None
+        got: list[Any] = []
+        waiter = threading.Thread(target=lambda: got.append(waiter_store.acquire_lease("plugin:hello", wait_s=None)))
+        waiter.start()
+        # ... an unbounded one is still waiting (a bounded one got its answer in 0.2 s) ...
+        waiter.join(0.5)
+        assert waiter.is_alive() and not got
+        held.release()
+        # ... and gets it once the holder lets go.
+        waiter.join(30)
+        assert not waiter.is_alive() and got and got[0] is not None and got[0].alive()
+        assert holder_store.acquire_lease("plugin:hello") is None
+        got[0].release()
+        again = holder_store.acquire_lease("plugin:hello", wait_s=5)
+        assert again is not None
+        again.release()
+    finally:
+        holder_store.close()
+        waiter_store.close()
+
+
 def test_postgres_change_feed_hears_other_processes(pg_url: str) -> None:
     store = open_state_store(pg_url)
     writer = open_state_store(pg_url)

@@ -19,10 +19,13 @@ import os
 import threading
 import time
 import typing as t
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["DataLayout", "FileLock"]
+from ..state import Lease
+
+__all__ = ["DataLayout", "FileLock", "PluginLock"]
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,11 @@ class FileLock:
     def release_local(self) -> None:
         self._thread_lock.release()
 
+    @property
+    def depth(self) -> int:
+        """How many times the calling thread holds the lock (0: it does not)."""
+        return self._depth if self._owner == threading.get_ident() else 0
+
     def release(self) -> None:
         if self._depth > 1 and self._owner == threading.get_ident():
             self._depth -= 1
@@ -141,6 +149,74 @@ class FileLock:
         self._thread_lock.release()
 
     def __enter__(self) -> FileLock:
+        """``with lock:`` holds it (blocking) for the block."""
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: t.Any) -> None:
+        self.release()
+
+
+class PluginLock:
+    """A plugin's deploy lock: this host's :class:`FileLock`, then the fleet's lease.
+
+    On one host (``take`` None) it is the file lock. In a fleet the
+    outermost :meth:`acquire` of a thread also takes the plugin's fleet-wide
+    lease (``take(wait_s)``, see :meth:`gitplug.state.StateStore.acquire_lease`),
+    so every decision about a plugin (deploy, rollback, resume, stop, start),
+    whichever host makes it, runs alone and reads the state the decision
+    before it wrote: two operators on two hosts are served one after the
+    other, and the later one's decision is the fleet's. Same interface as
+    :class:`FileLock`; :meth:`try_local` takes only the in-process part.
+    """
+
+    def __init__(self, local: FileLock, take: Callable[[float | None], Lease | None] | None = None) -> None:
+        self.local = local
+        self._take = take
+        self._lease: Lease | None = None
+
+    @property
+    def path(self) -> Path:
+        return self.local.path
+
+    def acquire(self, *, blocking: bool = True, timeout: float | None = None) -> bool:
+        """Take both parts; False (holding neither) when ``blocking`` is off or ``timeout`` passed."""
+        started = time.monotonic()
+        if not self.local.acquire(blocking=blocking, timeout=timeout):
+            return False
+        if self._take is None or self.local.depth > 1:
+            return True
+        if not blocking:
+            wait: float | None = 0.0
+        elif timeout is None:
+            wait = None
+        else:
+            wait = max(timeout - (time.monotonic() - started), 0.0)
+        try:
+            lease = self._take(wait)
+        except BaseException:
+            self.local.release()
+            raise
+        if lease is None:
+            self.local.release()
+            return False
+        self._lease = lease
+        return True
+
+    def release(self) -> None:
+        if self.local.depth == 1:
+            lease, self._lease = self._lease, None
+            if lease is not None:
+                lease.release()
+        self.local.release()
+
+    def try_local(self) -> bool:
+        return self.local.try_local()
+
+    def release_local(self) -> None:
+        self.local.release_local()
+
+    def __enter__(self) -> PluginLock:
         """``with lock:`` holds it (blocking) for the block."""
         self.acquire()
         return self

@@ -17,6 +17,7 @@ watching the state store converge on it).
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -46,9 +47,18 @@ from ..errors import (
 from ..runtime.codecache import CodeCache
 from ..runtime.loaded import ReleaseSpec
 from ..runtime.swap import Runtime
-from ..state import DeployRecord, DeployResult, PluginStateValue, Stage, StateStore, now_iso
+from ..state import (
+    DeployRecord,
+    DeployResult,
+    Lease,
+    PluginState,
+    PluginStateValue,
+    Stage,
+    StateStore,
+    now_iso,
+)
 from .gitsource import GitSource, ResolvedRef, redact_url
-from .layout import DataLayout, FileLock
+from .layout import DataLayout, FileLock, PluginLock
 from .releases import Release, ReleaseStore, TestRecord
 from .requirements import check_requirements
 from .testgate import run_test_gate
@@ -128,7 +138,7 @@ class Deployer:
         self.layout = DataLayout(config.data_dir)
         self.git = GitSource(self.layout.mirrors)
         self.releases = ReleaseStore(self.layout.releases)
-        self._locks: dict[str, FileLock] = {}
+        self._locks: dict[str, PluginLock] = {}
         self._locks_guard = threading.Lock()
         self._verify_runtime: Runtime | None = None
         #: ``{plugin: state}`` a background trigger last said it ignores
@@ -152,12 +162,27 @@ class Deployer:
             raise UnknownPlugin(name, list(self.config.plugins))
         return plugin
 
-    def lock_for(self, name: str) -> FileLock:
+    def lock_for(self, name: str) -> PluginLock:
+        """The plugin's deploy lock: this host's, and in a fleet the fleet's (:class:`PluginLock`)."""
         with self._locks_guard:
             lock = self._locks.get(name)
             if lock is None:
-                lock = self._locks[name] = FileLock(self.layout.lock_file(f"deploy-{name}"))
+                take = functools.partial(self._plugin_lease, name) if self.fleet else None
+                lock = self._locks[name] = PluginLock(FileLock(self.layout.lock_file(f"deploy-{name}")), take)
             return lock
+
+    def _plugin_lease(self, name: str, wait_s: float | None) -> Lease | None:
+        lease = self.store.acquire_lease(f"plugin:{name}", wait_s=0.0)
+        if lease is None and wait_s != 0.0:
+            # Said once: the wait may be a whole test run on another host.
+            logger.info("plugin %s: another host is deploying it; waiting for its decision", name)
+            lease = self.store.acquire_lease(f"plugin:{name}", wait_s=wait_s)
+        return lease
+
+    @property
+    def fleet(self) -> bool:
+        """Whether the store is shared by several hosts (README, "Running a fleet")."""
+        return bool(getattr(self.store, "fleet", False))
 
     def spec_for(self, plugin: PluginConfig, release: Release) -> ReleaseSpec:
         return ReleaseSpec(
@@ -190,6 +215,19 @@ class Deployer:
     def _not_ignoring(self, name: str) -> None:
         with self._ignored_guard:
             self._ignored.pop(name, None)
+
+    def _decided_commit(self, name: str, state: PluginState | None) -> str | None:
+        """The commit a deploy of ``name`` would change: what is live where decisions are made.
+
+        In a fleet that is the store's live commit (read under the plugin's
+        fleet-wide lock), not what this process happens to serve: a host
+        that has not converged yet must not take the fleet's release for
+        its own, or a decision would write a pin beside another live commit.
+        """
+        if self.fleet:
+            live = state is not None and state.state == PluginStateValue.LIVE
+            return state.live_commit if live and state is not None else None
+        return self.served_commit(name)
 
     def served_commit(self, name: str) -> str | None:
         if self.runtime is None:
@@ -256,7 +294,7 @@ class Deployer:
                     signals.poll_succeeded.send(self, plugin=name, at=time.time())
                 if record is not None:
                     record = self.store.update_deploy(record.id, commit=resolved.commit)
-                if resolved.commit == self.served_commit(name):
+                if resolved.commit == self._decided_commit(name, state):
                     raise _NothingToDo(f"{resolved.commit[:12]} is already live")
                 if not explicit and state is not None and resolved.commit == state.live_commit:
                     return None  # already deployed; this process converges on it by itself
@@ -646,19 +684,23 @@ class Deployer:
         and no test run.
         """
         self.plugin_config(name)
-        state = self.store.get_plugin(name)
-        ref = target
-        if target == "previous":
-            if state is None or not state.previous_commit:
-                raise GitplugError(
-                    f"plugin {name!r}: there is no previous release to roll back to."
-                    " Name a tag or commit: `gitplug rollback NAME v1.2.0`."
-                )
-            ref = state.previous_commit
-        # The reason (auto-rollback's observed error rate) is recorded with the
-        # deploy; rolled_back is sent from inside the deploy, under its lock,
-        # so from_commit is the commit it really replaced.
-        return self.deploy(name, ref=ref, trigger=trigger, pin=ref, fetch=False, progress=progress, reason=reason)
+        # Under the plugin's lock from the read of "previous" to the write:
+        # in a fleet, a rollback decided on another host meanwhile is seen.
+        with self.lock_for(name):
+            state = self.store.get_plugin(name)
+            ref = target
+            if target == "previous":
+                if state is None or not state.previous_commit:
+                    raise GitplugError(
+                        f"plugin {name!r}: there is no previous release to roll back to."
+                        " Name a tag or commit: `gitplug rollback NAME v1.2.0`."
+                    )
+                ref = state.previous_commit
+            # The reason (auto-rollback's observed error rate) is recorded with the
+            # deploy; rolled_back is sent from inside the deploy, under its lock,
+            # so from_commit is the commit it really replaced.
+            return self.deploy(name, ref=ref, trigger=trigger, pin=ref, fetch=False, progress=progress,
+                               reason=reason)
 
     def _signal_rolled_back(self, name: str, record: DeployRecord, from_commit: str | None, reason: str) -> None:
         signals.rolled_back.send(

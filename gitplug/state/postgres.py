@@ -35,6 +35,7 @@ from contextlib import contextmanager, suppress
 from typing import Any
 
 import psycopg
+import psycopg.errors
 from psycopg.rows import dict_row
 
 from ..errors import StateError
@@ -642,8 +643,12 @@ class PostgresStateStore:
 
     # -- leases and notifications -------------------------------------------------
 
-    def acquire_lease(self, name: str) -> _AdvisoryLease | None:
-        """Take lease ``name``: a session advisory lock on a connection of its own."""
+    def acquire_lease(self, name: str, *, wait_s: float | None = 0.0) -> _AdvisoryLease | None:
+        """Take lease ``name``: a session advisory lock on a connection of its own.
+
+        Waiting uses the server's ``lock_timeout``: the holder's release (or
+        death) hands the lock over at once, in the order the waiters asked.
+        """
         if self._closed:
             raise StateError(f"state database {self.where}: the store is closed")
         action = f"take the lease {name!r}"
@@ -651,14 +656,25 @@ class PostgresStateStore:
             conn = self.connect()
         except psycopg.Error as exc:
             raise self._error(action, exc) from exc
+        key = (_LOCK_SPACE, _lock_key(name))
         try:
-            row = conn.execute(
-                "SELECT pg_try_advisory_lock(%s, %s) AS held", (_LOCK_SPACE, _lock_key(name))
-            ).fetchone()
+            if wait_s is not None and wait_s <= 0:
+                row = conn.execute("SELECT pg_try_advisory_lock(%s, %s) AS held", key).fetchone()
+                held = bool(row and row["held"])
+            else:
+                # lock_timeout 0 means "no timeout" to PostgreSQL: that is None here.
+                timeout_ms = 0 if wait_s is None else max(int(wait_s * 1000), 1)
+                conn.execute(f"SET lock_timeout = {timeout_ms}")
+                try:
+                    conn.execute("SELECT pg_advisory_lock(%s, %s)", key)
+                    held = True
+                except psycopg.errors.LockNotAvailable:
+                    held = False
+                conn.execute("SET lock_timeout = 0")
         except psycopg.Error as exc:
             self._close_quietly(conn)
             raise self._error(action, exc) from exc
-        if not row or not row["held"]:
+        if not held:
             self._close_quietly(conn)
             return None
         return _AdvisoryLease(conn, name)

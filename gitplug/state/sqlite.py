@@ -603,7 +603,7 @@ class SQLiteStateStore:
         )
         return [_host_from_row(row[0], row[1], row[2], row[3]) for row in rows]
 
-    def acquire_lease(self, name: str) -> _HostLease:
+    def acquire_lease(self, name: str, *, wait_s: float | None = 0.0) -> _HostLease:
         # One file is one machine's: the caller's host-wide lock is the lease.
         return _HostLease()
 

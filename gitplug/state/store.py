@@ -448,12 +448,13 @@ class StateStore(Protocol):
     def hosts(self) -> list[HostInfo]:
         """Every host that ever beat, by id; silent ones are kept (status shows them lost)."""
 
-    def acquire_lease(self, name: str) -> Lease | None:
+    def acquire_lease(self, name: str, *, wait_s: float | None = 0.0) -> Lease | None:
         """Take the fleet-wide lease ``name`` if no live process holds it, else None.
 
-        The lease is lost when its holder dies (a SQLite store is one
-        machine's, whose callers already hold a host-wide lock: its lease
-        is always granted).
+        ``wait_s``: how long to wait for its holder to give it up (0: not at
+        all; None: as long as it takes). The lease is lost when its holder
+        dies (a SQLite store is one machine's, whose callers already hold a
+        host-wide lock: its lease is always granted).
         """
 
     def change_feed(self) -> ChangeFeed | None:
