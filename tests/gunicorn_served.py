@@ -9,10 +9,12 @@ releases, regressions and late workers apart from requests still in flight.
 from __future__ import annotations
 
 import json
+import time
+import typing as t
 from dataclasses import dataclass
 
 from gunicorn_site import label
-from loadgen import Sample
+from loadgen import LoadGenerator, Sample
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,34 @@ def decode(samples: list[Sample]) -> list[Served]:
             )
         )
     return out
+
+
+def served_so_far(load: LoadGenerator) -> list[Served]:
+    """The 200 answers ``load`` has received until now, decoded, in send order."""
+    return decode(sorted((s for s in load.samples_so_far() if s.status == 200), key=lambda s: s.sent))
+
+
+def wait_served(
+    load: LoadGenerator, what: str, enough: t.Callable[[list[Served]], bool], *, timeout: float = 90.0
+) -> list[Served]:
+    """Keep the load running until what it has served satisfies ``enough``.
+
+    Load windows wait for what the test needs to have observed (answers from
+    every worker, answers sent after a convergence deadline), not for a fixed
+    number of seconds that a loaded machine may not fill. ``timeout`` only
+    guards against a hang; the load stopping first (its own bound) fails too.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        served = served_so_far(load)
+        if enough(served):
+            return served
+        if not load.running or time.monotonic() > deadline:
+            raise AssertionError(
+                f"the load {'stopped' if not load.running else f'ran {timeout} s'} before {what}:"
+                f" {len(served)} answers from workers {sorted({s.pid for s in served})}"
+            )
+        time.sleep(0.05)
 
 
 def mixed(served: list[Served]) -> list[Served]:

@@ -17,7 +17,7 @@ import time
 import pytest
 
 from gunicorn_fixtures import site_fixture  # noqa: F401
-from gunicorn_served import Served, decode, first_serving, mixed, regressions
+from gunicorn_served import Served, decode, first_serving, mixed, regressions, wait_served
 from gunicorn_site import (
     BROKEN_KINDS,
     CONVERGENCE_S,
@@ -89,7 +89,7 @@ def test_load_with_deploys_never_mixes_regresses_or_lags(site: Site) -> None:
             max_seconds=150.0,
         )
         with load:
-            time.sleep(1.0)
+            wait_served(load, "every worker answering", lambda served: len({s.pid for s in served}) == 3)
             for seq in range(1, LOAD_DEPLOYS + 1):
                 broken = BROKEN_KINDS[(seq // 4) % 2] if seq % 4 == 0 else None
                 d = site.deploy(seq, via="cli" if seq % 2 else "api", server=server, broken=broken)

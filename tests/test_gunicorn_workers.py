@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from gunicorn_fixtures import gated_site_fixture, site_fixture  # noqa: F401
-from gunicorn_served import decode, first_serving, killed_in_flight, mixed, regressions
+from gunicorn_served import Served, decode, first_serving, killed_in_flight, mixed, regressions, wait_served
 from gunicorn_site import (
     CONVERGENCE_S,
     Site,
@@ -73,7 +73,7 @@ def test_status_lists_every_worker_and_drops_a_killed_one(site: Site) -> None:
             max_seconds=40.0,
         )
         with load:
-            time.sleep(0.5)
+            wait_served(load, "20 answers before the kill", lambda served: len(served) >= 20)
             os.kill(victim, signal.SIGKILL)
             killed_at = time.monotonic()
             respawned = wait_for(
@@ -148,15 +148,27 @@ def test_preload_and_recycled_workers_never_serve_a_stale_release(site: Site) ->
             reconnect_every=5,
             retry_stale=True,
             max_requests=5_000,
-            max_seconds=40.0,
+            max_seconds=90.0,
         )
         with load:
-            time.sleep(3.0)
+            # A worker recycled before the deploy (--max-requests 50 +- 10 each).
+            wait_served(
+                load, "a worker recycled before the deploy",
+                lambda served: len({s.pid for s in served}) > 2 and len(served) >= 120,
+            )
             d = site.deploy(1, via="cli")
             assert d.result == "live", d
             v1, done_at = d.commit, d.done_at
             done_mono = time.monotonic() - (time.time() - done_at)
-            time.sleep(2 * CONVERGENCE_S + 3.0)
+
+            def seen_enough(served: list[Served]) -> bool:
+                # Two workers born after the deploy served, and every worker alive
+                # answered a request sent after the convergence window.
+                after = {pid for pid, born in server.births.items() if born > done_at}
+                late = {s.pid for s in served if s.sample.sent > done_mono + CONVERGENCE_S + 0.5}
+                return len(after & {s.pid for s in served}) >= 2 and set(server.worker_pids()) <= late
+
+            wait_served(load, "recycled workers serving after the convergence window", seen_enough)
         result = load.result()
     print(f"\nload: {result.summary()}")
     assert not result.non_2xx and not result.connection_errors, result.summary()
@@ -243,11 +255,14 @@ def test_sync_workers_converge_after_a_cli_deploy(site: Site) -> None:
             server.port, "/hello/", clients=3, rate=60, max_requests=5_000, max_seconds=30.0
         )
         with load:
-            time.sleep(1.0)
+            wait_served(load, "both workers answering", lambda served: len({s.pid for s in served}) == 2)
             d = site.deploy(1, via="cli")
             assert d.result == "live", d
             v1, done_at = d.commit, d.done_at
-            time.sleep(CONVERGENCE_S + 1.0)
+            wait_served(
+                load, "both workers answering after the convergence window",
+                lambda served: len({s.pid for s in served if s.t > done_at + CONVERGENCE_S + 0.5}) == 2,
+            )
         result = load.result()
     print(f"\nload: {result.summary()}")
     assert not result.non_2xx and not result.connection_errors, result.summary()
@@ -445,7 +460,12 @@ def test_convergence_is_not_held_back_by_the_next_deploy(gated_site: Site) -> No
                 timeout=20,
             )
             assert second["result"] == "live", second
-            time.sleep(1.0)
+            r1_done = finished_at(first)
+            wait_served(
+                load, "every worker answering after r001's convergence window",
+                lambda served: set(server.worker_pids())
+                <= {s.pid for s in served if s.t > r1_done + CONVERGENCE_S},
+            )
         result = load.result()
     print(f"\nload: {result.summary()}")
     assert not result.non_2xx and not result.connection_errors, result.summary()
