@@ -221,7 +221,7 @@ def test_current_plugin_in_views_callbacks_and_app_wide_hooks(
     # Outside any plugin code it is an error that says where it works.
     with app.test_request_context("/"):
         with pytest.raises(RuntimeError, match="only available while gitplug runs plugin code"):
-            current_plugin.name
+            current_plugin.name  # noqa: B018 - the attribute access is what raises
     v2 = gp.load_directory("hooky", _hooky(tmp_path / "v2", "L2"), url_prefix="/hk")
     assert gp.runtime.wait_idle()
     assert [e[:3] for e in _events(app, "on_unload")] == [("on_unload", "hooky", rid)]

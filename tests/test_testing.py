@@ -10,8 +10,8 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from gitplug import EntryPointError, GitPlug, GitplugError, PluginImportError
-from gitplug.errors import PluginNameMismatch
 from gitplug.deploy.testgate import run_test_gate
+from gitplug.errors import PluginNameMismatch
 from gitplug.testing import (
     PLUGIN_DIR_ENV,
     GitplugTestClient,
