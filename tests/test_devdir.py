@@ -252,13 +252,14 @@ def test_watch_directory_that_starts_broken_goes_live_once_fixed(
     assert client.get("/devplug/", buffered=True).status_code == 404
 
     (src / "devplug/version.py").write_text('VERSION = "fixed"\n')
-    _wait_for(
+    noticed_after = _wait_for(
         lambda: client.get("/devplug/", buffered=True).get_data(as_text=True) == "code=fixed template=T1",
         "the fixed save is served",
     )
     watcher.stop()
-    # A stopped watcher reloads nothing more.
+    # A stopped watcher reloads nothing more: waited three times what the save above
+    # took to be served, so a running watcher would have reloaded by then.
     live = gp.live_release("devplug")
     (src / "devplug/version.py").write_text('VERSION = "after-stop"\n')
-    time.sleep(0.5)
+    time.sleep(max(0.5, 3 * noticed_after))
     assert gp.live_release("devplug") is live
