@@ -228,6 +228,11 @@ def check_config(config_path: Path | None) -> None:
         where = f" path {plugin.path}" if plugin.path else ""
         prefix = plugin.url_prefix or f"/{plugin.name} (unless its Plugin(...) declares a url_prefix)"
         click.echo(f"  {plugin.name}: {redact_url(plugin.repo)}{where} @ {plugin.ref} -> {prefix} (tests: {gate})")
+        if plugin.verify is not None:
+            keys = ([f"allowed_signers {plugin.verify.allowed_signers}"] if plugin.verify.allowed_signers else []) + [
+                f"gpg key {key}" for key in plugin.verify.gpg_keys
+            ]
+            click.echo(f"    signed {'commits' if plugin.verify.mode == 'head' else 'tags'} only: {', '.join(keys)}")
     for entry in config.discover:
         click.echo(f"  discover {entry.path} in {redact_url(entry.repo)} @ {entry.ref} -> {entry.url_prefix}")
     source = Path(config.source) if config.source else None
@@ -304,9 +309,10 @@ def history(plugin: str, limit: int, config_path: Path | None, as_json: bool) ->
         duration = f"{r.duration_s:.2f}s" if r.duration_s is not None else "-"
         # A background failure that recurred counts on its first record.
         repeats = f"  (failed {r.repeats} times, last {r.last_seen_at})" if r.repeats > 1 else ""
+        signed = f"  signed by {r.signer}" if r.signer else ""
         click.echo(
             f"{r.id:>5}  {r.started_at:<26} {r.trigger:<13} {(r.ref or '-')[:12]:<12} {_short(r.commit):<12}"
-            f" {r.result.value:<11} {(r.stage.value if r.stage else '-'):<12} {duration}{repeats}"
+            f" {r.result.value:<11} {(r.stage.value if r.stage else '-'):<12} {duration}{repeats}{signed}"
         )
 
 

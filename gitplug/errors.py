@@ -126,6 +126,21 @@ class StagingError(GitplugError):
         super().__init__(message)
 
 
+class SignatureRefused(GitplugError):
+    """A commit or tag lacks a valid signature by an allowed key (README, "Signed commits").
+
+    ``signer`` is the signing key's fingerprint when the object carries a
+    signature at all (an untrusted or forged one), else None.
+    """
+
+    def __init__(self, message: str, *, plugin: str, commit: str | None = None,
+                 signer: str | None = None) -> None:
+        self.plugin = plugin
+        self.commit = commit
+        self.signer = signer
+        super().__init__(message)
+
+
 class UnsafeTree(StagingError):
     """The commit's tree would write outside its release; names the path."""
 

@@ -55,12 +55,15 @@ from .values import (
     DEFAULT_TEST_COMMAND,
     NOTIFY_EVENTS,
     NOTIFY_FORMATS,
+    VERIFY_MODES,
     AutoRollback,
     ConfigDiff,
+    Credential,
     DiscoverConfig,
     GitplugConfig,
     NotifyTarget,
     PluginConfig,
+    VerifyConfig,
     hosted_repo_path,
 )
 from .yamlfile import _Report, _walk_python, _Walker
@@ -74,12 +77,15 @@ __all__ = [
     "NOTIFY_EVENTS",
     "NOTIFY_FORMATS",
     "SECRET_KEYS",
+    "VERIFY_MODES",
     "AutoRollback",
     "ConfigDiff",
+    "Credential",
     "DiscoverConfig",
     "GitplugConfig",
     "NotifyTarget",
     "PluginConfig",
+    "VerifyConfig",
     "config_from_mapping",
     "diff_plugins",
     "hosted_repo_path",
@@ -109,6 +115,7 @@ def resolve_config_path(path: str | os.PathLike[str] | None, *,
 SECRET_KEYS: Final = frozenset({
     ("admin_token",), ("webhook", "secret"), ("plugins", "*", "push_token"),
     ("notify", "*", "secret"), ("notify", "*", "token"),
+    ("credentials", "*", "password"), ("credentials", "*", "passphrase"),
 })
 
 

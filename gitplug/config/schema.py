@@ -20,6 +20,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -34,11 +35,14 @@ from .values import (
     DEFAULT_WEBHOOK_MAX_BODY,
     NOTIFY_EVENTS,
     NOTIFY_FORMATS,
+    VERIFY_MODES,
     AutoRollback,
+    Credential,
     DiscoverConfig,
     GitplugConfig,
     NotifyTarget,
     PluginConfig,
+    VerifyConfig,
     hosted_repo_path,
 )
 from .yamlfile import _Interpolated, _KeyPath, _plain, _Report, _show
@@ -49,7 +53,7 @@ logger = logging.getLogger(__name__)
 
 _TOP_KEYS = ("data_dir", "poll_interval", "keep_releases", "state", "host_id", "admin_token",
              "webhook", "api_prefix", "push_max_size", "public_url", "notify", "limits",
-             "test_sandbox", "test_user", "discover", "plugins")
+             "test_sandbox", "test_user", "discover", "credentials", "verify", "plugins")
 _HOST_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:@-]{0,127}\Z")
 _NOTIFY_KEYS = ("url", "events", "format", "plugins", "secret", "token", "timeout")
 #: The path a forge status entry's ``url`` must end with (the repository's API URL).
@@ -61,13 +65,17 @@ _FORGE_PATHS = {
     "gitea": (re.compile(r"/api/v1/repos/[^/]+/[^/]+\Z"),
               "https://gitea.example.com/api/v1/repos/OWNER/REPO"),
 }
+_VERIFY_KEYS = ("mode", "allowed_signers", "gpg_keys")
+_CREDENTIAL_KEYS = ("url", "username", "password", "ssh_key", "passphrase", "known_hosts")
+#: The Debian package that installs each tool ``verify`` needs.
+_TOOL_PACKAGES = {"git": "git", "ssh-keygen": "openssh-client", "gpg": "gnupg"}
 _LIMIT_KEYS = ("max_file_size", "max_release_size", "max_files")
 _SANDBOXES = ("none", "bwrap")
 #: A ``discover:`` entry: where to look, and the defaults of the plugins found.
 _DISCOVER_KEYS = ("repo", "ref", "path", "url_prefix", "entry", "poll_interval", "test", "test_timeout",
-                  "auto_rollback", "config")
+                  "auto_rollback", "config", "verify")
 _PLUGIN_KEYS = ("repo", "ref", "path", "url_prefix", "subdomain", "entry", "poll_interval", "test", "test_timeout",
-                "auto_rollback", "config", "push_token", "allow_force_push")
+                "auto_rollback", "config", "push_token", "allow_force_push", "verify")
 #: ``repo: push``: gitplug hosts the repository itself.
 _PUSH_REPO = "push"
 #: Tokens shorter than this are refused (``admin_token``, ``webhook.secret``,
@@ -121,6 +129,8 @@ class _Checker:
     def __init__(self, report: _Report, base_dir: Path) -> None:
         self.report = report
         self.base_dir = base_dir
+        #: The top-level ``verify``: what a plugin without its own gets.
+        self.default_verify: VerifyConfig | None = None
         #: ``{plugin name: url_prefix}`` of every plugin whose prefix is valid,
         #: even if another of its settings is not: clashes are reported too.
         self.prefixes: dict[str, str] = {}
@@ -326,6 +336,8 @@ class _Checker:
             else:
                 self.fail(("test_sandbox",), "none or bwrap", raw_sandbox)
         test_user = self.test_user(get("test_user"))
+        credentials = self.credentials(get("credentials"))
+        self.default_verify = self.verify(("verify",), get("verify")) if "verify" in data else None
         plugins: dict[str, PluginConfig] = {}
         raw_plugins = get("plugins")
         if isinstance(raw_plugins, Mapping):
@@ -359,7 +371,7 @@ class _Checker:
                              public_url=public_url.rstrip("/") if public_url else None, notify=notify,
                              plugins=plugins, discover=tuple(discover), source=self.report.file,
                              base_dir=self.base_dir, test_sandbox=sandbox, test_user=test_user,
-                             **limits)
+                             credentials=credentials, verify=self.default_verify, **limits)
 
     def http_url(self, path: _KeyPath, value: Any, what: str) -> str | None:
         """An ``http://`` or ``https://`` URL with a host."""
@@ -517,6 +529,7 @@ class _Checker:
         timeout = opt("test_timeout", self.number, default=120.0)
         rollback = opt("auto_rollback", self.auto_rollback, default=None)
         config = opt("config", self.free_form, default={})
+        verify = opt("verify", self.verify, default=self.default_verify)
         if len(self.report.problems) > problems_before or repo is None:
             return None
         return PluginConfig(name=name, repo=repo, ref=ref, path=subdir, url_prefix=url_prefix,
@@ -524,7 +537,7 @@ class _Checker:
                             poll_interval=poll, test=test, test_is_default=test_is_default,
                             test_timeout=timeout, auto_rollback=rollback, hosted=hosted,
                             push_token=push_token, allow_force_push=allow_force,
-                            config=MappingProxyType(config))
+                            config=MappingProxyType(config), verify=verify)
 
     def push_settings(self, path: _KeyPath, raw: Mapping[str, Any], hosted: bool,
                       ref: str | None) -> tuple[str | None, bool]:
@@ -628,12 +641,13 @@ class _Checker:
         timeout = opt("test_timeout", self.number, default=120.0)
         rollback = opt("auto_rollback", self.auto_rollback, default=None)
         config = opt("config", self.free_form, default={})
+        verify = opt("verify", self.verify, default=self.default_verify)
         if len(self.report.problems) > problems_before or repo is None or pattern is None:
             return None
         return DiscoverConfig(repo=repo, path=pattern, ref=ref, url_prefix=url_prefix, entry=entry,
                               poll_interval=poll, test=test, test_is_default=test_is_default,
                               test_timeout=timeout, auto_rollback=rollback,
-                              config=MappingProxyType(config))
+                              config=MappingProxyType(config), verify=verify)
 
     def repo_path(self, path: _KeyPath, value: Any, *, glob: bool = False) -> str | None:
         """A directory inside the repository: relative, '/'-separated, no '.', '..' or '.git'.
@@ -734,6 +748,206 @@ class _Checker:
         if "window" in value:
             window = self.number(path + ("window",), value["window"]) or window
         return AutoRollback(max_error_rate=rate, min_requests=count, window=window)
+
+    def readable_file(self, path: _KeyPath, value: Any, what: str) -> str | None:
+        """An existing, readable regular file (relative to the configuration's directory)."""
+        file = self.local_path(path, value, what)
+        if file is None:
+            return None
+        if not os.path.isfile(file):
+            self.report.add(path, f"no file at {file}: expected {what}")
+            return None
+        if not os.access(file, os.R_OK):
+            self.report.add(path, f"{file} is not readable by this user (uid {os.getuid()}); "
+                                  "fix its permissions")
+            return None
+        return file
+
+    def verify(self, path: _KeyPath, value: Any) -> VerifyConfig | None:
+        """``verify``: ``{mode, allowed_signers, gpg_keys}``; ``false``/null: none (README, "Signed commits")."""
+        example = ("a mapping such as {mode: head, allowed_signers: allowed_signers, "
+                   "gpg_keys: [release-key.asc]}, or false")
+        if value is None or _bool_value(value) is False:
+            return None
+        if not isinstance(value, Mapping):
+            self.fail(path, example, value)
+            return None
+        self.keys(path, value, _VERIFY_KEYS)
+        before = len(self.report.problems)
+        mode = value.get("mode", "head")
+        if mode not in VERIFY_MODES:
+            self.fail(path + ("mode",), "head (the commit must be signed) or tag (an annotated "
+                                        "tag naming it must be signed)", mode)
+        signers = None
+        if value.get("allowed_signers") is not None:
+            signers = self.readable_file(path + ("allowed_signers",), value["allowed_signers"],
+                                         "an allowed_signers file (git's format: `EMAIL "
+                                         "ssh-ed25519 AAAA...` per line)")
+            if signers is not None:
+                self.allowed_signers_file(path + ("allowed_signers",), signers)
+        keys: list[str] = []
+        raw_keys = value.get("gpg_keys")
+        if raw_keys is not None:
+            if isinstance(raw_keys, str):
+                raw_keys = [raw_keys]
+            if not isinstance(raw_keys, list) or not raw_keys:
+                self.fail(path + ("gpg_keys",), "a list of OpenPGP public key files "
+                                                "(gpg --armor --export KEYID > key.asc)", raw_keys)
+                raw_keys = []
+            for index, raw_key in enumerate(raw_keys):
+                key_path = path + ("gpg_keys", str(index))
+                key = self.readable_file(key_path, raw_key, "an OpenPGP public key file "
+                                                            "(gpg --armor --export KEYID > key.asc)")
+                if key is not None and self.gpg_key_file(key_path, key):
+                    keys.append(key)
+        if "allowed_signers" not in value and "gpg_keys" not in value:
+            self.report.add(path, "give allowed_signers (SSH keys) or gpg_keys (OpenPGP keys) "
+                                  "or both: the keys whose signatures deploy")
+        tools = ["git"] + (["ssh-keygen"] if "allowed_signers" in value else []) + (
+            ["gpg"] if "gpg_keys" in value else [])
+        for tool in tools:
+            if shutil.which(tool) is None:
+                self.report.add(path, f"verifying signatures needs the `{tool}` command, which "
+                                      f"is not on PATH: install it (Debian: apt-get install "
+                                      f"{_TOOL_PACKAGES[tool]})")
+        if len(self.report.problems) > before:
+            return None
+        return VerifyConfig(mode=str(mode), allowed_signers=signers, gpg_keys=tuple(keys))
+
+    def allowed_signers_file(self, path: _KeyPath, file: str) -> None:
+        """At least one key line (``PRINCIPALS [OPTIONS] KEYTYPE KEY``), as ssh-keygen reads it."""
+        try:
+            lines = Path(file).read_text("utf-8", "replace").splitlines()
+        except OSError as exc:
+            self.report.add(path, f"cannot read {file}: {exc.strerror or exc}")
+            return
+        keys = [line for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        bad = [n for n, line in enumerate(lines, 1) if line.strip() and not
+               line.lstrip().startswith("#") and len(line.split()) < 3]
+        if bad:
+            self.report.add(path, f"{file}:{bad[0]}: expected `PRINCIPALS [OPTIONS] KEYTYPE KEY`, "
+                                  "e.g. `alice@example.com ssh-ed25519 AAAA...` (git's "
+                                  "allowed_signers format)")
+        elif not keys:
+            self.report.add(path, f"{file} holds no key: add a line `alice@example.com "
+                                  "ssh-ed25519 AAAA...` per allowed signer")
+
+    def gpg_key_file(self, path: _KeyPath, file: str) -> bool:
+        """An OpenPGP public key: armored (``BEGIN PGP PUBLIC KEY BLOCK``) or binary; never a secret key."""
+        try:
+            with open(file, "rb") as handle:
+                head = handle.read(1 << 16)
+        except OSError as exc:
+            self.report.add(path, f"cannot read {file}: {exc.strerror or exc}")
+            return False
+        if b"PRIVATE KEY BLOCK" in head:
+            self.report.add(path, f"{file} holds a secret key; give the public key only "
+                                  "(gpg --armor --export KEYID > key.asc) and keep the secret "
+                                  "one off the server")
+            return False
+        if b"BEGIN PGP PUBLIC KEY BLOCK" not in head and not (head and head[0] & 0x80):
+            self.report.add(path, f"{file} is not an OpenPGP public key (expected the output "
+                                  "of gpg --armor --export KEYID)")
+            return False
+        return True
+
+    def credentials(self, value: Any) -> tuple[Credential, ...]:
+        """``credentials:``: a list of ``{url, ...}`` entries (README, "Private repositories")."""
+        path: _KeyPath = ("credentials",)
+        if value is None:
+            return ()
+        if not isinstance(value, list):
+            self.fail(path, "a list of entries such as - {url: https://git.example.com/team/, "
+                            "username: deploy, password: ${GIT_TOKEN}}", value)
+            return ()
+        found: list[Credential] = []
+        seen: dict[str, str] = {}
+        for index, raw in enumerate(value):
+            entry = self.credential(path + (str(index),), raw)
+            if entry is None:
+                continue
+            key = entry.url.lower()
+            if key in seen:
+                self.report.add(path + (str(index), "url"), f"the prefix {entry.url!r} is given "
+                                                            f"twice (also entry {seen[key]}); "
+                                                            "keep one")
+                continue
+            seen[key] = str(index)
+            found.append(entry)
+        return tuple(found)
+
+    def credential(self, path: _KeyPath, raw: Any) -> Credential | None:
+        example = ("{url: https://git.example.com/team/, username: deploy, password: ${GIT_TOKEN}} "
+                   "or {url: ssh://git@git.example.com/, ssh_key: /run/secrets/deploy_key, "
+                   "known_hosts: /etc/gitplug/known_hosts}")
+        if not isinstance(raw, Mapping):
+            self.fail(path, "a mapping " + example, raw)
+            return None
+        self.keys(path, raw, _CREDENTIAL_KEYS)
+        before = len(self.report.problems)
+        url = None
+        if "url" not in raw:
+            self.report.add(path + ("url",), "missing; expected the URL prefix this entry is "
+                                             "for, e.g. https://git.example.com/team/")
+        else:
+            url = self.string(path + ("url",), raw["url"], "a URL prefix such as "
+                                                           "https://git.example.com/team/")
+        scheme = ""
+        if url is not None:
+            match = _URL_SCHEME.match(url)
+            scheme = match.group(1).lower() if match else ""
+            if match is None and "@" in url.split(":", 1)[0] and ":" in url:
+                scheme = "ssh"  # scp-like git@host:team/
+            if scheme not in ("http", "https", "ssh", "git+ssh"):
+                self.fail(path + ("url",), "an https://, http://, ssh:// or user@host: URL "
+                                           "prefix", redact_url(url))
+            elif "://" in url and urlsplit(url).password is not None:
+                self.report.add(path + ("url",), "holds a password: move it to password: "
+                                                 "${VAR} and keep the URL without it")
+        http_keys = [k for k in ("username", "password") if k in raw]
+        ssh_keys = [k for k in ("ssh_key", "passphrase", "known_hosts") if k in raw]
+        if scheme in ("http", "https") and ssh_keys:
+            self.report.add(path + (ssh_keys[0],), f"{ssh_keys[0]} is for ssh:// URLs; an "
+                                                   f"{scheme}:// entry takes username and password")
+        if scheme in ("ssh", "git+ssh") and http_keys:
+            self.report.add(path + (http_keys[0],), f"{http_keys[0]} is for https:// URLs; an "
+                                                    "ssh entry takes ssh_key, passphrase and "
+                                                    "known_hosts")
+        username = password = ssh_key = passphrase = known_hosts = None
+        if scheme in ("http", "https"):
+            if "username" in raw:
+                username = self.string(path + ("username",), raw["username"], "a user name")
+            password = self.secret(path + ("password",), raw.get("password"))
+            if password is None and "password" not in raw:
+                self.report.add(path + ("password",), "missing; expected the password or token, "
+                                                      "from the environment: password: ${GIT_TOKEN}")
+            if username is None and "username" not in raw:
+                username = "git"  # forges take any user name with a token
+        elif scheme in ("ssh", "git+ssh"):
+            if "ssh_key" in raw:
+                ssh_key = self.readable_file(path + ("ssh_key",), raw["ssh_key"],
+                                             "the deploy key's private key file")
+            passphrase = self.secret(path + ("passphrase",), raw.get("passphrase"))
+            if "known_hosts" in raw:
+                known_hosts = self.readable_file(path + ("known_hosts",), raw["known_hosts"],
+                                                 "a known_hosts file holding the server's host key "
+                                                 "(ssh-keyscan -p PORT HOST, checked against the "
+                                                 "fingerprint your forge publishes)")
+            else:
+                self.report.add(path + ("known_hosts",), "missing; expected a known_hosts file "
+                                                         "with the server's host key: host keys "
+                                                         "are always checked")
+            if "ssh_key" not in raw:
+                self.report.add(path + ("ssh_key",), "missing; expected the deploy key's private "
+                                                     "key file")
+            for tool in ("ssh",):
+                if shutil.which(tool) is None:
+                    self.report.add(path, "ssh credentials need the `ssh` command: install it "
+                                          "(Debian: apt-get install openssh-client)")
+        if len(self.report.problems) > before or url is None:
+            return None
+        return Credential(url=url, username=username, password=password, ssh_key=ssh_key,
+                          passphrase=passphrase, known_hosts=known_hosts)
 
     def free_form(self, path: _KeyPath, value: Any) -> dict[Any, Any]:
         if value is None:

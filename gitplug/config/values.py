@@ -51,6 +51,48 @@ class AutoRollback:
     window: float = 60.0  #: seconds > 0
 
 
+#: ``verify.mode``: what must be signed.
+VERIFY_MODES: Final = ("head", "tag")
+
+
+@dataclass(frozen=True, kw_only=True)
+class VerifyConfig:
+    """``verify``: which signatures a deploy requires (README, "Signed commits").
+
+    ``mode`` ``head``: the deployed commit itself must be signed; ``tag``: an
+    annotated tag naming it (the ref's own tag, when the ref is a tag). A
+    signature counts when its key is in ``allowed_signers`` (SSH, git's
+    ``gpg.ssh.allowedSignersFile`` format) or among ``gpg_keys`` (OpenPGP
+    public keys). Paths are absolute; at least one of the two is given.
+    """
+
+    mode: str = "head"
+    allowed_signers: str | None = None
+    gpg_keys: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class Credential:
+    """One ``credentials:`` entry: what gitplug sends to repositories whose URL starts with ``url``.
+
+    HTTPS: ``username`` + ``password`` (a token). SSH: ``ssh_key`` (a private
+    key file), its ``passphrase`` if any, and ``known_hosts`` (host keys are
+    always checked). Secrets never appear in ``repr``.
+    """
+
+    url: str  #: the prefix as written (no password in it)
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    ssh_key: str | None = None
+    passphrase: str | None = field(default=None, repr=False)
+    known_hosts: str | None = None
+
+    @property
+    def kind(self) -> str:
+        """``https`` or ``ssh``: what the entry gives."""
+        return "ssh" if self.ssh_key or self.known_hosts else "https"
+
+
 @dataclass(frozen=True, kw_only=True)
 class PluginConfig:
     """One validated entry of ``plugins:``. ``repo`` is a URL or an absolute path."""
@@ -86,6 +128,9 @@ class PluginConfig:
     config: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}), hash=False)
     #: ``(repo, path glob)`` of the ``discover:`` entry that found it; None: listed in ``plugins:``.
     discovered_from: tuple[str, str] | None = None
+    #: Signatures a deploy requires (its own ``verify``, else the top-level
+    #: default); None: any commit deploys.
+    verify: VerifyConfig | None = None
 
     @property
     def default_prefix(self) -> str:
@@ -164,6 +209,7 @@ class DiscoverConfig:
     test_timeout: float = 120.0
     auto_rollback: AutoRollback | None = None
     config: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}), hash=False)
+    verify: VerifyConfig | None = None
 
     def plugin(self, name: str, directory: str) -> PluginConfig:
         """The plugin found in ``directory`` (which matched :attr:`path`), called ``name``."""
@@ -173,7 +219,7 @@ class DiscoverConfig:
             poll_interval=self.poll_interval, test=_with_name(self.test, name),
             test_is_default=self.test_is_default, test_timeout=self.test_timeout,
             auto_rollback=self.auto_rollback, config=_with_name(dict(self.config), name),
-            discovered_from=(self.repo, self.path),
+            discovered_from=(self.repo, self.path), verify=self.verify,
         )
 
 
@@ -212,6 +258,10 @@ class GitplugConfig:
     )
     #: The ``discover:`` entries, in file order.
     discover: tuple[DiscoverConfig, ...] = ()
+    #: ``credentials:``, in file order; the longest matching ``url`` prefix wins.
+    credentials: tuple[Credential, ...] = field(default=(), repr=False)
+    #: ``verify``: the default of every plugin that sets none.
+    verify: VerifyConfig | None = None
     #: Discovered plugins whose directory is gone: stopped, shown as removed.
     removed: Mapping[str, PluginConfig] = field(
         default_factory=lambda: MappingProxyType({}), hash=False

@@ -56,7 +56,7 @@ import threading
 import time
 import types
 import zlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -73,7 +73,10 @@ from dulwich.repo import Repo
 
 from gitplug.errors import FetchError, RefNotFound, SourceError, redact_url
 
-__all__ = ["CommitInfo", "GitSource", "ResolvedRef", "TreeEntry", "MODE_GITLINK", "MODE_LINK", "ssh_command"]
+from ..config import Credential
+from . import credentials as creds
+
+__all__ = ["CommitInfo", "GitSource", "ResolvedRef", "TagRef", "TreeEntry", "MODE_GITLINK", "MODE_LINK", "ssh_command"]
 
 logger = logging.getLogger(__name__)
 
@@ -140,6 +143,14 @@ class ResolvedRef:
 
 
 @dataclass(frozen=True, slots=True)
+class TagRef:
+    """A tag of the mirror: the object its ref names, and whether that is an annotated tag."""
+
+    sha: str
+    tag: bool  #: False: a lightweight tag (the ref names the commit: nothing signed)
+
+
+@dataclass(frozen=True, slots=True)
 class TreeEntry:
     """One non-tree entry of a commit's tree: path from the root, git mode, hex sha (bytes)."""
 
@@ -152,10 +163,16 @@ class GitSource:
     """Mirrors of plugin repositories under ``mirrors_dir``; see the module docstring."""
 
     def __init__(self, mirrors_dir: Path, *, timeout: float = 60.0,
-                 git_command: str | None | bool = True) -> None:
-        """``git_command``: True finds ``git`` on PATH; a path uses it; None/False never does."""
+                 git_command: str | None | bool = True,
+                 credentials: Callable[[], Iterable[Credential]] | None = None) -> None:
+        """``git_command``: True finds ``git`` on PATH; a path uses it; None/False never does.
+
+        ``credentials``: returns the ``credentials:`` entries, read at every
+        network use (so a reload that rotates them applies to the next fetch).
+        """
         self.mirrors_dir = Path(mirrors_dir)
         self.timeout = timeout
+        self._credentials = credentials or (lambda: ())
         if git_command is True:
             git_command = shutil.which("git")
         self.git_command: str | None = git_command or None
@@ -414,6 +431,27 @@ class GitSource:
                     found.append((name.decode(), obj.id.decode(), obj.commit_time))
         return sorted(found, key=lambda tag: tag[2], reverse=True)
 
+    def tags_naming(self, plugin: str, url: str, commit: str) -> dict[str, TagRef]:
+        """``{tag name: TagRef}`` of the mirror's tags whose commit is ``commit`` (no network)."""
+        found: dict[str, TagRef] = {}
+        with self._open_mirror(plugin, url, None) as repo:
+            for name, sha in repo.refs.as_dict(b"refs/tags").items():
+                obj = repo.object_store[sha]
+                if _peel(repo, sha).id.decode() == commit:
+                    found[name.decode()] = TagRef(sha.decode(), isinstance(obj, Tag))
+        return found
+
+    def credential_for(self, url: str) -> Credential | None:
+        """The ``credentials:`` entry used for ``url`` (longest prefix), or None."""
+        kind, _location = classify_url(url)
+        if kind not in ("http", "ssh"):
+            return None
+        return creds.match(self._credentials(), url)
+
+    def command_env(self) -> dict[str, str]:
+        """The environment gitplug runs the ``git`` command in: no user config, prompts or secrets."""
+        return self._git_env()
+
     def has_commit(self, url: str, sha: str) -> bool:
         """Whether the mirror holds commit ``sha`` (full hex). Never raises."""
         if len(sha) != 40 or not _HEX.match(sha):
@@ -568,9 +606,52 @@ class GitSource:
             yield
         except _GIT_ERRORS as exc:  # our own FetchError/RefNotFound are not among them
             at = f" (ref {ref!r})" if ref else ""
-            hint = _AUTH_HINT if _refused_access(exc) else _HINT
-            raise _error(FetchError, plugin, url, ref,
-                         f"{doing} {{url}}{at}: {self._cause(exc)}. {hint}") from exc
+            cause = self._cause(exc)
+            hint = self._credential_hint(url, exc, cause)
+            if hint is None:
+                hint = _AUTH_HINT if _refused_access(exc) else _HINT
+            else:  # the hint says what to do about credentials: not GIT_SSH_COMMAND's
+                for generic in _SSH_HINTS.values():
+                    cause = cause.replace(generic, "")
+            raise _error(FetchError, plugin, url, ref, f"{doing} {{url}}{at}: {cause}. {hint}") from exc
+
+    def _credential_hint(self, url: str, exc: BaseException, cause: str) -> str | None:
+        """What to do about refused credentials or an unknown host key, naming the entry by prefix.
+
+        None when the failure is not about credentials (the generic hints apply).
+        """
+        try:
+            kind, _location = classify_url(url)
+        except ValueError:
+            return None
+        if kind not in ("http", "ssh"):
+            return None
+        entry = self.credential_for(url)
+        if kind == "http":
+            if not _refused_access(exc) or (entry is None and urlsplit(url).password is not None):
+                return None
+            if entry is None:
+                return (f"No `credentials:` entry matches this URL, so none was sent. Add one "
+                        f"whose url is a prefix of it: - {creds.example_entry(url)}")
+            return (f"The server refused the `credentials:` entry for {entry.url} (username "
+                    f"{entry.username or 'git'}): check that its password (token) is current "
+                    "and may read the repository.")
+        refused = "Permission denied" in cause
+        unknown = "Host key verification failed" in cause
+        if entry is None:
+            if refused or unknown:
+                return (f"No `credentials:` entry matches this URL: add one whose url is a "
+                        f"prefix of it: - {creds.example_entry(url)}")
+            return None
+        if refused:
+            return (f"The server refused the deploy key of the `credentials:` entry for "
+                    f"{entry.url} ({entry.ssh_key}): add its public key to the repository's "
+                    "deploy keys" + (", and check its passphrase" if entry.passphrase else "") + ".")
+        if unknown:
+            return (f"The server's host key is not in {entry.known_hosts} (the `credentials:` "
+                    f"entry for {entry.url}); gitplug never accepts an unknown host key."
+                    + creds.unknown_host_help(url, entry, self.timeout))
+        return None
 
     def _cause(self, exc: BaseException) -> str:
         if isinstance(exc, dulwich_errors.HangupException) and exc.stderr_lines:
@@ -602,6 +683,7 @@ class GitSource:
     def _client(self, url: str, plugin: str = "") -> Iterator[tuple[Any, str]]:
         kind, location = classify_url(url)
         kwargs: dict[str, Any] = {}
+        entry: Credential | None = None
         pool = None
         if kind == "http":
             pool = dulwich_client.default_urllib3_manager(None, base_url=location,
@@ -611,11 +693,17 @@ class GitSource:
             pool.connection_pool_kw["retries"] = urllib3.Retry(
                 total=None, connect=0, read=0, status=0, other=0, redirect=5)
             kwargs["pool_manager"] = pool
+            entry = self.credential_for(url)
+            if entry is not None and entry.password is not None and urlsplit(location).password is None:
+                # dulwich sends these to the URL's own origin only, never after a redirect.
+                kwargs["username"], kwargs["password"] = entry.username or "git", entry.password
         elif kind == "ssh":
             # dulwich's client ignores GIT_SSH_COMMAND (only its porcelain
             # reads it): always hand it the command, with our options.
+            entry = self.credential_for(url)
             try:
-                kwargs["ssh_command"] = ssh_command(self.timeout)
+                kwargs["ssh_command"] = ssh_command(
+                    self.timeout, prepend=creds.ssh_options(entry) if entry is not None else ())
             except ValueError as exc:
                 raise _error(FetchError, plugin, url, None, str(exc)) from exc
         if kind == "local":
@@ -623,6 +711,8 @@ class GitSource:
             client, path = dulwich_client.LocalGitClient(), location
         else:
             client, path = get_transport_and_path(location, **kwargs)
+        if kind == "ssh" and entry is not None:
+            client.ssh_vendor = creds.CredentialSSHVendor(entry, self.mirrors_dir)
         if kind == "git":
             _give_deadline(client, self.timeout)
         try:
@@ -730,12 +820,15 @@ _SSH_HINTS = {
 }
 
 
-def ssh_command(timeout: float, environ: Mapping[str, str] | None = None) -> str:
+def ssh_command(timeout: float, environ: Mapping[str, str] | None = None, *,
+                prepend: Iterable[str] = ()) -> str:
     """The ssh command line gitplug hands dulwich, as one shell-quoted string.
 
     ``$GIT_SSH_COMMAND`` (split with :func:`shlex.split`) if set, else
     ``$GIT_SSH`` (a program, no arguments, as git reads it), else ``ssh``;
-    then ``-o BatchMode=yes`` and deadlines from ``timeout`` are appended.
+    then ``prepend`` (a ``credentials:`` entry's options: they win, as ssh
+    keeps the first value of an option), then ``-o BatchMode=yes`` and
+    deadlines from ``timeout`` are appended.
     Nothing is ever run through a shell. Raises ValueError for a
     ``GIT_SSH_COMMAND`` that cannot be split (an unclosed quote), with a message
     that says so.
@@ -752,6 +845,7 @@ def ssh_command(timeout: float, environ: Mapping[str, str] | None = None) -> str
         args = [env["GIT_SSH"].strip()]
     else:
         args = ["ssh"]
+    args += list(prepend)
     # No password or host-key prompts; give up on a silent server after about `timeout`.
     wait = max(1.0, timeout)
     args += ["-o", "BatchMode=yes", "-o", f"ConnectTimeout={wait:.0f}",

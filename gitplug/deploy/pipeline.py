@@ -1,4 +1,4 @@
-"""The deploy pipeline: fetch -> resolve -> stage -> requirements -> test -> load -> verify -> swap -> record.
+"""The deploy pipeline: fetch -> resolve -> [signature] -> stage -> requirements -> test -> load -> verify -> swap -> record.
 
 :class:`Deployer` runs one deploy at a time per plugin (a thread lock plus
 an ``fcntl`` lock file, so the CLI and a server on the same data directory
@@ -39,6 +39,7 @@ from ..errors import (
     RefNotFound,
     ReleaseModified,
     RequirementsNotMet,
+    SignatureRefused,
     StagingError,
     StateError,
     TestGateFailed,
@@ -61,6 +62,7 @@ from .gitsource import GitSource, ResolvedRef, redact_url
 from .layout import DataLayout, FileLock, PluginLock
 from .releases import Release, ReleaseStore, TestRecord
 from .requirements import check_requirements
+from .signatures import check_signature
 from .testgate import run_test_gate
 
 __all__ = ["Deployer", "Progress", "EXPLICIT_TRIGGERS"]
@@ -85,6 +87,7 @@ ROLLBACK_TRIGGERS = frozenset({"rollback", "auto-rollback"})
 _STAGE_OF_ERROR: tuple[tuple[type[BaseException], Stage], ...] = (
     (FetchError, Stage.FETCH),
     (RefNotFound, Stage.FETCH),
+    (SignatureRefused, Stage.SIGNATURE),
     (StagingError, Stage.STAGE),
     (RequirementsNotMet, Stage.REQUIREMENTS),
     (TestGateFailed, Stage.TEST),
@@ -136,7 +139,8 @@ class Deployer:
         self.store = store
         self.runtime = runtime
         self.layout = DataLayout(config.data_dir)
-        self.git = GitSource(self.layout.mirrors)
+        # Read through self.config at each fetch: a reload's rotated credentials apply at once.
+        self.git = GitSource(self.layout.mirrors, credentials=lambda: self.config.credentials)
         self.releases = ReleaseStore(self.layout.releases)
         self._locks: dict[str, PluginLock] = {}
         self._locks_guard = threading.Lock()
@@ -198,7 +202,9 @@ class Deployer:
         )
 
     def _secrets(self) -> list[str]:
-        return [s for s in (self.config.admin_token, self.config.webhook_secret) if s]
+        """Values the test gate's environment must not hold (scrubbed by value, whatever the name)."""
+        credentials = [v for c in self.config.credentials for v in (c.password, c.passphrase)]
+        return [s for s in (self.config.admin_token, self.config.webhook_secret, *credentials) if s]
 
     def _ignoring(self, name: str, state: str, message: str, *args: t.Any) -> None:
         """Log that a background trigger does nothing because of ``state``: once.
@@ -320,6 +326,9 @@ class Deployer:
                     )
                     signals.deploy_started.send(self, plugin=name, deploy=record)
                 assert record is not None
+                if plugin.verify is not None:
+                    stage = Stage.SIGNATURE
+                    record = self._check_signature(plugin, resolved, record, trigger, say)
                 stage = Stage.STAGE
                 release = self.releases.get(name, resolved.commit)
                 if release is None or release.source_path != plugin.path:  # else on disk already: say nothing
@@ -546,6 +555,33 @@ class Deployer:
         return any(
             r.commit == commit and r.result == DeployResult.SKIPPED for r in self.store.history(name, limit=20)
         )
+
+    def _check_signature(
+        self, plugin: PluginConfig, resolved: ResolvedRef, record: DeployRecord, trigger: str, say: Progress
+    ) -> DeployRecord:
+        """Refuse ``resolved`` unless it is signed as ``plugin.verify`` asks; record the signer.
+
+        A rollback keeps the verdict of the commit's first deploy (it goes
+        back to what was verified then, even if the keys changed since);
+        every other trigger checks the mirror (no network) with git.
+        """
+        assert plugin.verify is not None
+        if trigger in ROLLBACK_TRIGGERS:
+            earlier = self._signer_before(plugin.name, resolved.commit)
+            if earlier is not None:
+                say("signature", f"{resolved.commit[:12]} signed by {earlier} (as verified at its first deploy)")
+                return self.store.update_deploy(record.id, signer=earlier)
+        verdict = check_signature(self.git, plugin.name, plugin.repo, resolved, plugin.verify, timeout=self.git.timeout)
+        say("signature", str(verdict))
+        logger.info("plugin %s: %s", plugin.name, verdict)
+        return self.store.update_deploy(record.id, signer=verdict.signer)
+
+    def _signer_before(self, name: str, commit: str) -> str | None:
+        """Who signed ``commit`` when it last went live, as recorded then; None if never recorded."""
+        for earlier in self.store.history(name, limit=None):
+            if earlier.commit == commit and earlier.result == DeployResult.LIVE and earlier.signer:
+                return earlier.signer
+        return None
 
     def _check_requirements(self, plugin: PluginConfig, release: Release, say: Progress) -> None:
         """Fail the deploy unless the host has every distribution the release asks for.

@@ -131,6 +131,10 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE deploys ADD COLUMN repeats INTEGER NOT NULL DEFAULT 1",
         "ALTER TABLE deploys ADD COLUMN last_seen_at TEXT",
     ),
+    (
+        # Who signed each deployed commit (README, "Signed commits").
+        "ALTER TABLE deploys ADD COLUMN signer TEXT",
+    ),
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -144,7 +148,7 @@ _PLUGIN_COLUMNS = (
 )
 _DEPLOY_COLUMNS = (
     "id, plugin, trigger, ref, commit_sha, result, stage, error, started_at, duration_s, "
-    "log_path, host, repeats, last_seen_at"
+    "log_path, host, repeats, last_seen_at, signer"
 )
 def _plugin_from_row(row: Mapping[str, Any]) -> PluginState:
     values = dict(row)

@@ -103,6 +103,10 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE deploys ADD COLUMN repeats INTEGER NOT NULL DEFAULT 1",
         "ALTER TABLE deploys ADD COLUMN last_seen_at TEXT",
     ),
+    (
+        # Who signed each deployed commit (README, "Signed commits").
+        "ALTER TABLE deploys ADD COLUMN signer TEXT",
+    ),
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -115,7 +119,7 @@ _PLUGIN_COLUMNS = (
 )
 _DEPLOY_COLUMNS = (
     "id, plugin, trigger, ref, commit_sha, result, stage, error, started_at, duration_s, "
-    "log_path, host, repeats, last_seen_at"
+    "log_path, host, repeats, last_seen_at, signer"
 )
 
 

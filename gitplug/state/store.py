@@ -77,6 +77,7 @@ class Stage(enum.StrEnum):
     """The pipeline step where a deploy stopped (``stage`` in the README's "HTTP API")."""
 
     FETCH = "fetch"
+    SIGNATURE = "signature"  # the commit or tag lacks a valid signature by an allowed key
     STAGE = "stage"
     REQUIREMENTS = "requirements"  # the host's installed distributions vs the release's needs
     TEST = "test"
@@ -157,6 +158,10 @@ class DeployRecord:
     host: str
     repeats: int = 1
     last_seen_at: str | None = None
+    #: Who signed the deployed commit (or tag), as verified at its first
+    #: deploy: ``alice@example.com (ssh ED25519 SHA256:...)``; None when the
+    #: plugin has no ``verify`` or the deploy stopped before the check.
+    signer: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The record as ``gitplug history --json`` prints it."""
@@ -175,6 +180,7 @@ class DeployRecord:
             "host": self.host,
             "repeats": self.repeats,
             "last_seen_at": self.last_seen_at,
+            "signer": self.signer,
         }
 
 
@@ -293,7 +299,8 @@ PLUGIN_FIELDS = frozenset(
 )
 #: Fields :meth:`StateStore.update_deploy` accepts.
 DEPLOY_FIELDS = frozenset(
-    {"trigger", "ref", "commit", "result", "stage", "error", "duration_s", "log_path", "repeats", "last_seen_at"}
+    {"trigger", "ref", "commit", "result", "stage", "error", "duration_s", "log_path", "repeats", "last_seen_at",
+     "signer"}
 )
 
 

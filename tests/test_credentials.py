@@ -1,0 +1,259 @@
+"""Private repositories (README, "Private repositories"): ``credentials:`` against real servers.
+
+An HTTP git server on 127.0.0.1 that requires basic auth (dulwich's WSGI
+server behind a check of the Authorization header: 401 without credentials,
+403 with wrong ones) and a real sshd (tests/sshd.py) with its own host key.
+The credentials come from ``${VAR}``; each test then greps every log line,
+the status JSON, the test gate's environment (the gate prints it) and every
+file under ``data_dir`` (mirrors, releases, state, logs) for its secrets:
+never found.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import subprocess
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from flask import Flask
+
+from gitplug import GitPlug
+from gitplug.config import Credential
+from gitplug.deploy.credentials import match
+from gitplug.deploy.gitsource import GitSource
+from gitplug.errors import FetchError
+from gitplug.state import DeployResult
+from gitrepo import GitRepo, serve_http
+from sshd import SshServer, start_sshd
+
+PLUGIN = '''
+from gitplug import Plugin, current_plugin
+
+plugin = Plugin("hello", __name__)
+
+@plugin.route("/")
+def index():
+    from hello.version import VERSION
+    return f"{VERSION}@{current_plugin.commit[:7]}"
+'''
+
+#: The gate prints its whole environment into the deploy's test log.
+GATE = ["python", "-c", "import os; print('GATE-ENV', sorted(os.environ.items()))"]
+
+
+def write_version(repo: GitRepo, version: str) -> str:
+    repo.write("hello/__init__.py", textwrap.dedent(PLUGIN))
+    repo.write("hello/version.py", f'VERSION = "{version}"\n')
+    return repo.commit(version)
+
+
+def make_app(tmp_path: Path, repo_url: str, credentials: list[dict[str, str]]) -> tuple[Flask, GitPlug]:
+    app = Flask("host")
+    app.config["TESTING"] = True
+    app.config["GITPLUG"] = {
+        "data_dir": str(tmp_path / "data"),
+        "credentials": credentials,
+        "plugins": {"hello": {"repo": repo_url, "ref": "main", "test": GATE, "test_timeout": 60}},
+    }
+    return app, GitPlug(app)
+
+
+def served(app: Flask) -> str:
+    with app.test_client() as client:
+        response = client.get("/hello/", buffered=True)
+        return f"{response.status_code} {response.get_data(as_text=True)}"
+
+
+def assert_nowhere(secret: str, *, data_dir: Path, texts: list[str]) -> None:
+    """``secret`` is in none of ``texts`` and in no file under ``data_dir``."""
+    for text in texts:
+        assert secret not in text
+    needle = secret.encode()
+    looked = 0
+    for path in data_dir.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            looked += 1
+            assert needle not in path.read_bytes(), f"{secret[:3]}... found in {path}"
+    assert looked > 5  # state, mirror, release, logs: there was something to search
+
+
+@pytest.fixture
+def private_http(tmp_path: Path) -> Iterator[tuple[str, str, GitRepo]]:
+    """``(base URL, token, repo)``: a repository served only to ``deploy`` with the token."""
+    token = secrets.token_urlsafe(24)
+    repo = GitRepo(tmp_path / "srv" / "hello")
+    with serve_http(tmp_path / "srv", auth=("deploy", token)) as base:
+        yield base, token, repo
+
+
+def test_https_credentials_deploy_and_never_show(
+    tmp_path: Path, private_http: tuple[str, str, GitRepo], monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    base, token, repo = private_http
+    monkeypatch.setenv("GITPLUG_T_GIT_TOKEN", token)
+    caplog.set_level(logging.DEBUG)
+    v1 = write_version(repo, "v1")
+    app, gp = make_app(tmp_path, f"{base}/hello", [
+        {"url": f"{base}/", "username": "deploy", "password": "${GITPLUG_T_GIT_TOKEN}"},
+    ])
+    record = gp.deploy("hello")
+    assert record.result == DeployResult.LIVE, record
+    assert served(app) == f"200 v1@{v1[:7]}"
+    # A poll (background trigger) and a rollback fetch with the same entry.
+    v2 = write_version(repo, "v2")
+    record = gp.deployer.deploy("hello", trigger="poll")
+    assert record is not None and record.result == DeployResult.LIVE, record
+    assert served(app) == f"200 v2@{v2[:7]}"
+    assert gp.rollback("hello", v1).result == DeployResult.LIVE
+    assert served(app) == f"200 v1@{v1[:7]}"
+
+    gate_log = Path(gp.store.history("hello", limit=None)[-1].log_path).read_text()
+    assert "GATE-ENV" in gate_log and "PATH" in gate_log  # the gate did print its environment
+    assert "GITPLUG_T_GIT_TOKEN" not in gate_log
+    status = json.dumps(gp.status())
+    assert_nowhere(token, data_dir=tmp_path / "data",
+                   texts=[gate_log, status, caplog.text, repr(gp.config), repr(gp.config.credentials)])
+
+
+def test_https_auth_failures_name_the_entry_never_the_secret(
+    tmp_path: Path, private_http: tuple[str, str, GitRepo]
+) -> None:
+    base, token, repo = private_http
+    write_version(repo, "v1")
+    wrong = secrets.token_urlsafe(24)
+    url = f"{base}/hello"
+
+    def fetch(*entries: Credential) -> FetchError:
+        source = GitSource(tmp_path / f"mirrors-{secrets.token_hex(4)}", timeout=10, credentials=lambda: entries)
+        with pytest.raises(FetchError) as caught:
+            source.fetch("hello", url)
+        return caught.value
+
+    error = str(fetch(Credential(url=f"{base}/", username="deploy", password=wrong)))
+    assert "access denied (HTTP 403)" in error, error
+    assert f"The server refused the `credentials:` entry for {base}/ (username deploy)" in error
+    assert wrong not in error and token not in error
+
+    error = str(fetch(Credential(url="https://elsewhere.example/", username="deploy", password=wrong)))
+    assert "authentication required (HTTP 401)" in error, error
+    assert "No `credentials:` entry matches this URL, so none was sent" in error
+    assert f"{{url: {base}/, username: deploy, password: ${{GIT_TOKEN}}}}" in error
+    assert wrong not in error
+
+    # The longest prefix wins: the repository's own entry over its host's.
+    right = Credential(url=f"{base}/hello", username="deploy", password=token)
+    host_wide = Credential(url=f"{base}/", username="deploy", password=wrong)
+    assert match([host_wide, right], url) is right and match([right, host_wide], url) is right
+    source = GitSource(tmp_path / "mirrors", timeout=10, credentials=lambda: (host_wide, right))
+    source.fetch("hello", url)
+    assert "main" in str(source.resolve("hello", url, "main"))
+    assert token not in repr(right) and wrong not in repr(host_wide)
+
+
+def test_credentials_configuration_errors(tmp_path: Path) -> None:
+    from gitplug.config import config_from_mapping
+    from gitplug.errors import ConfigError
+
+    def problems(*entries: object) -> str:
+        with pytest.raises(ConfigError) as caught:
+            config_from_mapping({"credentials": list(entries), "plugins": {}}, base_dir=tmp_path,
+                                environ={"TOKEN": "s3cr3t-value-never-shown"})
+        assert "s3cr3t-value-never-shown" not in str(caught.value)
+        return str(caught.value)
+
+    assert "credentials.0.password: missing" in problems({"url": "https://h/team/", "username": "x"})
+    assert "credentials.0.known_hosts: missing" in problems({"url": "ssh://git@h/", "ssh_key": str(tmp_path)})
+    assert "credentials.0.url: holds a password" in problems({"url": "https://u:pw@h/", "password": "${TOKEN}"})
+    assert "ssh_key is for ssh:// URLs" in problems({"url": "https://h/", "password": "${TOKEN}", "ssh_key": "k"})
+    assert "given twice" in problems({"url": "https://h/", "password": "${TOKEN}"},
+                                     {"url": "https://h/", "password": "${TOKEN}"})
+    assert "credentials.0.url: expected an https://" in problems({"url": "ftp://h/", "password": "${TOKEN}"})
+
+
+# -- ssh -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def sshd(tmp_path: Path) -> Iterator[SshServer]:
+    with start_sshd(tmp_path / "sshd") as server:
+        yield server
+
+
+def _keygen(path: Path, passphrase: str = "") -> Path:
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", passphrase, "-C", "deploy", "-f", str(path)],
+                   check=True, timeout=30, stdin=subprocess.DEVNULL)
+    return path
+
+
+def test_ssh_credentials_key_known_hosts_and_refusals(
+    tmp_path: Path, sshd: SshServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("GIT_SSH_COMMAND", raising=False)
+    monkeypatch.delenv("GIT_SSH", raising=False)
+    repo = GitRepo(tmp_path / "hello")
+    sha = write_version(repo, "v1")
+    url = sshd.url(repo.path)
+    prefix = f"ssh://{sshd.user}@127.0.0.1:{sshd.port}/"
+    entry = Credential(url=prefix, ssh_key=str(sshd.client_key), known_hosts=str(sshd.known_hosts))
+    source = GitSource(tmp_path / "mirrors", timeout=20, credentials=lambda: (entry,))
+    source.fetch("hello", url)
+    assert source.resolve("hello", url, "main").commit == sha
+
+    # An unknown host: refused, with its fingerprint and the line to add.
+    empty = tmp_path / "empty_known_hosts"
+    empty.write_text("")
+    unknown = Credential(url=prefix, ssh_key=str(sshd.client_key), known_hosts=str(empty))
+    with pytest.raises(FetchError) as caught:
+        GitSource(tmp_path / "m2", timeout=20, credentials=lambda: (unknown,)).fetch("hello", url)
+    error = str(caught.value)
+    host_pub = sshd.host_key.with_suffix(".pub").read_text().split()
+    fingerprint = subprocess.run(["ssh-keygen", "-l", "-f", str(sshd.host_key.with_suffix(".pub"))],
+                                 capture_output=True, text=True, check=True, timeout=30).stdout.split()[1]
+    assert f"The server's host key is not in {empty}" in error, error
+    assert fingerprint in error and f"[127.0.0.1]:{sshd.port} {host_pub[0]} {host_pub[1]}" in error
+    assert "GIT_SSH_COMMAND" not in error  # the hint is about the entry
+
+    # A key the server does not know: names the entry and the key file.
+    stranger = _keygen(tmp_path / "stranger")
+    refused = Credential(url=prefix, ssh_key=str(stranger), known_hosts=str(sshd.known_hosts))
+    with pytest.raises(FetchError) as caught:
+        GitSource(tmp_path / "m3", timeout=20, credentials=lambda: (refused,)).fetch("hello", url)
+    error = str(caught.value)
+    assert "Permission denied" in error, error
+    assert f"refused the deploy key of the `credentials:` entry for {prefix} ({stranger})" in error
+
+    # No entry: says which would match.
+    with pytest.raises(FetchError) as caught:
+        GitSource(tmp_path / "m4", timeout=20, credentials=lambda: ()).fetch("hello", url)
+    assert f"No `credentials:` entry matches this URL: add one whose url is a prefix of it: - {{url: {prefix}" in str(caught.value)
+
+
+def test_ssh_key_with_a_passphrase_deploys_and_never_shows(
+    tmp_path: Path, sshd: SshServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.delenv("GIT_SSH_COMMAND", raising=False)
+    passphrase = secrets.token_urlsafe(18)
+    key = _keygen(tmp_path / "locked", passphrase)
+    authorized = tmp_path / "sshd" / "authorized_keys"
+    authorized.write_text(authorized.read_text() + key.with_suffix(".pub").read_text())
+    monkeypatch.setenv("GITPLUG_T_KEY_PASSPHRASE", passphrase)
+    caplog.set_level(logging.DEBUG)
+    repo = GitRepo(tmp_path / "hello")
+    v1 = write_version(repo, "v1")
+    app, gp = make_app(tmp_path, sshd.url(repo.path), [
+        {"url": f"ssh://{sshd.user}@127.0.0.1:{sshd.port}/", "ssh_key": str(key),
+         "passphrase": "${GITPLUG_T_KEY_PASSPHRASE}", "known_hosts": str(sshd.known_hosts)},
+    ])
+    record = gp.deploy("hello")
+    assert record.result == DeployResult.LIVE, record
+    assert served(app) == f"200 v1@{v1[:7]}"
+    gate_log = Path(record.log_path).read_text()
+    assert "GATE-ENV" in gate_log
+    assert_nowhere(passphrase, data_dir=tmp_path / "data",
+                   texts=[gate_log, json.dumps(gp.status()), caplog.text, repr(gp.config)])

@@ -1,0 +1,265 @@
+"""Signed commits (README, "Signed commits"): the ``signature`` stage, end to end.
+
+Real keys (ssh-keygen, a GPG key in a temporary GNUPGHOME), commits and tags
+signed by the ``git`` command, the whole pipeline deploying into a host app:
+a commit signed by an allowed key deploys and history names its signer; an
+unsigned one, one signed by another key and a forged one fail at
+``signature`` while the live release keeps serving; mode ``tag`` deploys a
+signed tag and refuses an unsigned or lightweight one; a rollback keeps the
+verdict of the first deploy; the configuration refuses what cannot work.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from flask import Flask
+
+from gitplug import GitPlug
+from gitplug.config import config_from_mapping
+from gitplug.errors import ConfigError
+from gitplug.state import DeployResult
+from serverproc import run_cli
+from signing import GitWorkTree, GpgKey, SshKey, require_tools
+
+PLUGIN = '''
+from gitplug import Plugin, current_plugin
+
+plugin = Plugin("hello", __name__)
+
+@plugin.route("/")
+def index():
+    from hello.version import VERSION
+    return f"{VERSION}@{current_plugin.commit[:7]}"
+'''
+
+
+@pytest.fixture(autouse=True)
+def _tools() -> None:
+    require_tools("git", "ssh-keygen")
+
+
+def write_version(repo: GitWorkTree, version: str) -> None:
+    repo.write("hello/__init__.py", PLUGIN)
+    repo.write("hello/version.py", f'VERSION = "{version}"\n')
+
+
+def make_app(tmp_path: Path, repo: GitWorkTree, verify: dict[str, object], **plugin: object) -> tuple[Flask, GitPlug]:
+    app = Flask("host")
+    app.config["TESTING"] = True
+    app.config["GITPLUG"] = {
+        "data_dir": str(tmp_path / "data"),
+        "verify": verify,
+        "plugins": {"hello": {"repo": repo.url, "ref": "main", "test": False, **plugin}},
+    }
+    return app, GitPlug(app)
+
+
+def served(app: Flask) -> str:
+    with app.test_client() as client:
+        response = client.get("/hello/", buffered=True)
+        return f"{response.status_code} {response.get_data(as_text=True)}"
+
+
+def test_ssh_signed_commits_deploy_and_others_fail_at_signature(tmp_path: Path) -> None:
+    alice = SshKey.make(tmp_path / "keys" / "alice", "alice@example.com")
+    mallory = SshKey.make(tmp_path / "keys" / "mallory", "mallory@example.com")
+    allowed = tmp_path / "allowed_signers"
+    allowed.write_text("# the release team\n" + alice.allowed_line())
+    repo = GitWorkTree.init(tmp_path / "repo")
+    write_version(repo, "v1")
+    v1 = repo.commit("v1", sign=alice)
+    app, gp = make_app(tmp_path, repo, {"mode": "head", "allowed_signers": str(allowed)})
+
+    record = gp.deploy("hello")
+    assert record.result == DeployResult.LIVE, record
+    assert served(app) == f"200 v1@{v1[:7]}"
+    assert record.signer == f"alice@example.com (ssh ED25519 {alice.fingerprint})"
+    assert gp.store.history("hello")[0].to_json()["signer"] == record.signer
+
+    write_version(repo, "v2")
+    unsigned = repo.commit("v2 unsigned")
+    record = gp.deploy("hello")
+    assert (record.result, record.stage.value) == (DeployResult.FAILED, "signature"), record
+    assert f"commit {unsigned[:12]}: not signed" in record.error
+    assert "git commit -S" in record.error and "live release keeps serving" in record.error
+    assert record.signer is None
+    assert served(app) == f"200 v1@{v1[:7]}"
+    assert gp.deployer.releases.get("hello", unsigned) is None  # refused before anything was staged
+
+    write_version(repo, "v3")
+    repo.commit("v3 by mallory", sign=mallory)
+    record = gp.deploy("hello")
+    assert (record.result, record.stage.value) == (DeployResult.FAILED, "signature"), record
+    assert f"signed with SSH key ED25519 {mallory.fingerprint}, which is not in allowed_signers" in record.error
+    assert f"add it to allowed_signers ({allowed})" in record.error
+    assert served(app) == f"200 v1@{v1[:7]}"
+
+    write_version(repo, "v4")
+    v4 = repo.commit("v4", sign=alice)
+    forged = repo.forge(v4, "v4, with a message alice never signed")
+    record = gp.deploy("hello")
+    assert (record.commit, record.result, record.stage.value) == (forged, DeployResult.FAILED, "signature"), record
+    assert "does not match the content (forged or altered)" in record.error
+    assert served(app) == f"200 v1@{v1[:7]}"
+
+    # Background triggers fail the same way and never retry a refused commit.
+    assert forged in gp.store.failed_commits("hello")
+
+    repo.git("update-ref", "refs/heads/main", v4)
+    record = gp.deploy("hello")
+    assert record.result == DeployResult.LIVE, record
+    assert served(app) == f"200 v4@{v4[:7]}"
+
+    # A rollback keeps the verdict of v1's first deploy: even with alice's key
+    # gone from allowed_signers since, v1 comes back, recorded as alice's.
+    allowed.write_text(mallory.allowed_line())
+    record = gp.rollback("hello", v1)
+    assert record.result == DeployResult.LIVE, record
+    assert record.signer == f"alice@example.com (ssh ED25519 {alice.fingerprint})"
+    assert served(app) == f"200 v1@{v1[:7]}"
+    # A fresh deploy checks again: alice is no longer allowed.
+    gp.resume("hello")
+    record = gp.store.history("hello")[0]
+    assert (record.result, record.stage.value) == (DeployResult.FAILED, "signature"), record
+    assert alice.fingerprint in record.error
+
+
+def test_gpg_signed_commits(tmp_path: Path) -> None:
+    require_tools("gpg", "gpgconf")
+    repo = GitWorkTree.init(tmp_path / "repo")
+    with GpgKey.make(tmp_path / "gpg-rel", "Release Team <release@example.com>") as release, \
+            GpgKey.make(tmp_path / "gpg-eve", "Eve <eve@example.com>") as eve:
+        write_version(repo, "v1")
+        v1 = repo.commit("v1", sign=release)
+        app, gp = make_app(tmp_path, repo, {"gpg_keys": [str(release.public_file)]})
+        record = gp.deploy("hello")
+        assert record.result == DeployResult.LIVE, record
+        assert record.signer == f"Release Team <release@example.com> (gpg {release.fingerprint})"
+        assert served(app) == f"200 v1@{v1[:7]}"
+
+        write_version(repo, "v2")
+        repo.commit("v2 by eve", sign=eve)
+        record = gp.deploy("hello")
+        assert (record.result, record.stage.value) == (DeployResult.FAILED, "signature"), record
+        assert f"signed with OpenPGP key {eve.fingerprint}, which is not among verify.gpg_keys" in record.error
+        assert served(app) == f"200 v1@{v1[:7]}"
+
+        write_version(repo, "v3")
+        v3 = repo.commit("v3", sign=release)
+        forged = repo.forge(v3, "v3 altered")
+        record = gp.deploy("hello")
+        assert (record.commit, record.stage.value) == (forged, "signature"), record
+        assert "does not match the content" in record.error and release.fingerprint in record.error
+        assert record.signer is None
+
+        # An SSH-signed commit with only gpg_keys configured: refused, and says why.
+        alice = SshKey.make(tmp_path / "keys" / "alice", "alice@example.com")
+        write_version(repo, "v4")
+        repo.commit("v4 ssh", sign=alice)
+        record = gp.deploy("hello")
+        assert record.stage.value == "signature", record
+        assert "no allowed_signers file" in record.error or alice.fingerprint in record.error
+        assert served(app) == f"200 v1@{v1[:7]}"
+
+
+def test_tag_mode_deploys_signed_tags_only(tmp_path: Path) -> None:
+    alice = SshKey.make(tmp_path / "keys" / "alice", "alice@example.com")
+    allowed = tmp_path / "allowed_signers"
+    allowed.write_text(alice.allowed_line())
+    repo = GitWorkTree.init(tmp_path / "repo")
+    write_version(repo, "v1")
+    v1 = repo.commit("v1")  # the commit itself is not signed: tag mode does not ask
+    repo.tag("v1.0", sign=alice)
+    write_version(repo, "v2")
+    v2 = repo.commit("v2")
+    repo.tag("v2.0")  # annotated, unsigned
+    write_version(repo, "v3")
+    repo.commit("v3")
+    repo.tag("v3.0", annotated=False)
+    app, gp = make_app(tmp_path, repo, {"mode": "tag", "allowed_signers": str(allowed)}, ref="v1.0")
+
+    record = gp.deploy("hello")
+    assert record.result == DeployResult.LIVE, record
+    assert record.signer == f"alice@example.com (ssh ED25519 {alice.fingerprint})"
+    assert served(app) == f"200 v1@{v1[:7]}"
+
+    record = gp.deploy("hello", ref="v2.0")
+    assert (record.result, record.stage.value) == (DeployResult.FAILED, "signature"), record
+    assert f"tag v2.0 of commit {v2[:12]}: not signed" in record.error and "git tag -s" in record.error
+    record = gp.deploy("hello", ref="v3.0")
+    assert (record.result, record.stage.value) == (DeployResult.FAILED, "signature"), record
+    assert "lightweight tag carries no signature" in record.error
+    # A branch in tag mode: the commit must be named by a signed tag.
+    record = gp.deploy("hello", ref="main")
+    assert (record.result, record.stage.value) == (DeployResult.FAILED, "signature"), record
+    assert "lightweight tag carries no signature" in record.error
+    write_version(repo, "v4")
+    v4 = repo.commit("v4")
+    record = gp.deploy("hello", ref="main")
+    assert (record.result, record.stage.value) == (DeployResult.FAILED, "signature"), record
+    assert f"no tag names commit {v4[:12]}" in record.error
+    assert served(app) == f"200 v1@{v1[:7]}"
+
+    repo.tag("v4.0", sign=alice)  # main's tip, now tagged and signed
+    record = gp.deploy("hello", ref="main")
+    assert record.result == DeployResult.LIVE, record
+    assert served(app) == f"200 v4@{v4[:7]}"
+
+
+def test_the_configuration_refuses_what_cannot_verify(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    secret_key = tmp_path / "secret.asc"
+    secret_key.write_text("-----BEGIN PGP PRIVATE KEY BLOCK-----\nxx\n")
+    bad_signers = tmp_path / "allowed_signers"
+    bad_signers.write_text("alice@example.com\n")
+
+    def problems(default: object, **plugin: object) -> str:
+        with pytest.raises(ConfigError) as caught:
+            config_from_mapping({"verify": default, "plugins": {"p": {"repo": str(tmp_path), **plugin}}},
+                                base_dir=tmp_path)
+        return str(caught.value)
+
+    assert "verify.mode: expected head" in problems({"mode": "commit", "allowed_signers": str(bad_signers)})
+    assert "allowed_signers" in problems({"mode": "head", "allowed_signers": str(bad_signers)})
+    assert "no file at" in problems({"allowed_signers": "missing"})
+    assert "holds a secret key" in problems({"gpg_keys": [str(secret_key)]})
+    assert "give allowed_signers" in problems({"mode": "head"})
+    assert "plugins.p.verify.mode" in problems(None, verify={"mode": "both"})
+    # A plugin may opt out of the default; discovered ones inherit it.
+    alice = SshKey.make(tmp_path / "alice", "alice@example.com")
+    (tmp_path / "ok_signers").write_text(alice.allowed_line())
+    config = config_from_mapping({"verify": {"allowed_signers": "ok_signers"},
+                                  "plugins": {"p": {"repo": str(tmp_path)},
+                                              "q": {"repo": str(tmp_path), "verify": False}}},
+                                 base_dir=tmp_path)
+    assert config.plugins["p"].verify is not None and config.plugins["p"].verify.mode == "head"
+    assert config.plugins["q"].verify is None
+    # Without the tools, the configuration (and so the server) is refused, saying what to install.
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    text = problems({"allowed_signers": "ok_signers", "gpg_keys": [str(tmp_path / "k.asc")]})
+    assert "needs the `ssh-keygen` command" in text and "apt-get install openssh-client" in text
+    assert "needs the `git` command" in text
+
+
+def test_check_config_names_file_and_line(tmp_path: Path) -> None:
+    alice = SshKey.make(tmp_path / "alice", "alice@example.com")
+    (tmp_path / "allowed_signers").write_text(alice.allowed_line())
+    config = tmp_path / "deploy.yaml"
+    config.write_text(
+        "plugins:\n"
+        "  hello:\n"
+        f"    repo: {tmp_path}\n"
+        "    verify:\n"
+        "      mode: tag\n"
+        "      allowed_signers: allowed_signers\n"
+    )
+    proc = run_cli("check-config", "-c", config)
+    assert proc.returncode == 0, proc.stderr
+    assert f"signed tags only: allowed_signers {tmp_path / 'allowed_signers'}" in proc.stdout
+
+    config.write_text(config.read_text().replace("allowed_signers: allowed_signers", "allowed_signers: nope"))
+    proc = run_cli("check-config", "-c", config)
+    assert proc.returncode == 2, proc.stdout
+    assert proc.stderr.startswith(f"Error: {config}:6: plugins.hello.verify.allowed_signers: no file at "), proc.stderr
+    assert "Traceback" not in proc.stderr
