@@ -231,7 +231,9 @@ def test_ssh_credentials_key_known_hosts_and_refusals(
     # No entry: says which would match.
     with pytest.raises(FetchError) as caught:
         GitSource(tmp_path / "m4", timeout=20, credentials=lambda: ()).fetch("hello", url)
-    assert f"No `credentials:` entry matches this URL: add one whose url is a prefix of it: - {{url: {prefix}" in str(caught.value)
+    assert f"add a `credentials:` entry whose url is a prefix of this URL (none matches): - {{url: {prefix}" in str(
+        caught.value
+    )
 
 
 def test_ssh_key_with_a_passphrase_deploys_and_never_shows(

@@ -87,11 +87,6 @@ class Credential:
     passphrase: str | None = field(default=None, repr=False)
     known_hosts: str | None = None
 
-    @property
-    def kind(self) -> str:
-        """``https`` or ``ssh``: what the entry gives."""
-        return "ssh" if self.ssh_key or self.known_hosts else "https"
-
 
 @dataclass(frozen=True, kw_only=True)
 class PluginConfig:

@@ -610,7 +610,8 @@ class GitSource:
             hint = self._credential_hint(url, exc, cause)
             if hint is None:
                 hint = _AUTH_HINT if _refused_access(exc) else _HINT
-            else:  # the hint says what to do about credentials: not GIT_SSH_COMMAND's
+            elif self.credential_for(url) is not None:
+                # The hint says what to do about the entry: not GIT_SSH_COMMAND's advice.
                 for generic in _SSH_HINTS.values():
                     cause = cause.replace(generic, "")
             raise _error(FetchError, plugin, url, ref, f"{doing} {{url}}{at}: {cause}. {hint}") from exc
@@ -640,8 +641,8 @@ class GitSource:
         unknown = "Host key verification failed" in cause
         if entry is None:
             if refused or unknown:
-                return (f"No `credentials:` entry matches this URL: add one whose url is a "
-                        f"prefix of it: - {creds.example_entry(url)}")
+                return (f"Or add a `credentials:` entry whose url is a prefix of this URL "
+                        f"(none matches): - {creds.example_entry(url)}")
             return None
         if refused:
             return (f"The server refused the deploy key of the `credentials:` entry for "

@@ -34,10 +34,7 @@ from ..config import VerifyConfig
 from ..errors import SignatureRefused
 from .gitsource import GitSource, ResolvedRef
 
-__all__ = ["Verdict", "check_signature", "REQUIRED_TOOLS"]
-
-#: The commands :func:`check_signature` runs, per kind of key.
-REQUIRED_TOOLS = {"ssh": ("git", "ssh-keygen"), "gpg": ("git", "gpg")}
+__all__ = ["Verdict", "check_signature"]
 
 _SSH_GOOD = re.compile(r'Good "git" signature for (?P<who>\S+) with (?P<type>\S+) key (?P<fpr>\S+)')
 _SSH_UNTRUSTED = re.compile(r'Good "git" signature with (?P<type>\S+) key (?P<fpr>\S+)')
