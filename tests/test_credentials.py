@@ -29,6 +29,7 @@ from gitplug.deploy.gitsource import GitSource
 from gitplug.errors import FetchError
 from gitplug.state import DeployResult
 from gitrepo import GitRepo, serve_http
+from serverproc import run_cli
 from sshd import SshServer, start_sshd
 
 PLUGIN = '''
@@ -52,13 +53,18 @@ def write_version(repo: GitRepo, version: str) -> str:
     return repo.commit(version)
 
 
-def make_app(tmp_path: Path, repo_url: str, credentials: list[dict[str, str]]) -> tuple[Flask, GitPlug]:
+ADMIN_TOKEN = "admin-token-of-the-credentials-tests"
+
+
+def make_app(tmp_path: Path, repo_url: str, credentials: list[dict[str, str]],
+             **more: dict[str, object]) -> tuple[Flask, GitPlug]:
     app = Flask("host")
     app.config["TESTING"] = True
     app.config["GITPLUG"] = {
         "data_dir": str(tmp_path / "data"),
+        "admin_token": ADMIN_TOKEN,
         "credentials": credentials,
-        "plugins": {"hello": {"repo": repo_url, "ref": "main", "test": GATE, "test_timeout": 60}},
+        "plugins": {"hello": {"repo": repo_url, "ref": "main", "test": GATE, "test_timeout": 60}, **more},
     }
     return app, GitPlug(app)
 
@@ -67,6 +73,27 @@ def served(app: Flask) -> str:
     with app.test_client() as client:
         response = client.get("/hello/", buffered=True)
         return f"{response.status_code} {response.get_data(as_text=True)}"
+
+
+def faces(app: Flask, gp: GitPlug) -> list[str]:
+    """What the API, the status page and each deploy's log page show, as text."""
+    shown = []
+    with app.test_client() as client:
+        bearer = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        for path in ("/_gitplug/api/plugins", "/_gitplug/api/plugins/hello",
+                     "/_gitplug/api/plugins/hello/history", "/_gitplug/metrics"):
+            response = client.get(path, headers=bearer)
+            assert response.status_code == 200, (path, response.status_code)
+            shown.append(response.get_data(as_text=True))
+        assert client.post("/_gitplug/login", data={"token": ADMIN_TOKEN}).status_code in (302, 303)
+        page = client.get("/_gitplug/")
+        assert page.status_code == 200 and "hello" in page.get_data(as_text=True)
+        shown.append(page.get_data(as_text=True))
+        for record in gp.store.history("hello", limit=None):
+            log = client.get(f"/_gitplug/plugins/hello/deploys/{record.id}/log")
+            assert log.status_code in (200, 404), log.status_code
+            shown.append(log.get_data(as_text=True))
+    return shown
 
 
 def assert_nowhere(secret: str, *, data_dir: Path, texts: list[str]) -> None:
@@ -99,9 +126,15 @@ def test_https_credentials_deploy_and_never_show(
     monkeypatch.setenv("GITPLUG_T_GIT_TOKEN", token)
     caplog.set_level(logging.DEBUG)
     v1 = write_version(repo, "v1")
+    rotated = secrets.token_urlsafe(24)  # what the server no longer takes
+    monkeypatch.setenv("GITPLUG_T_OLD_TOKEN", rotated)
+    other = GitRepo(tmp_path / "srv" / "other")
+    other.write("other/__init__.py", "from gitplug import Plugin\nplugin = Plugin('other', __name__)\n")
+    other.commit("other")
     app, gp = make_app(tmp_path, f"{base}/hello", [
         {"url": f"{base}/", "username": "deploy", "password": "${GITPLUG_T_GIT_TOKEN}"},
-    ])
+        {"url": f"{base}/other", "username": "deploy", "password": "${GITPLUG_T_OLD_TOKEN}"},
+    ], other={"repo": f"{base}/other", "test": False})
     record = gp.deploy("hello")
     assert record.result == DeployResult.LIVE, record
     assert served(app) == f"200 v1@{v1[:7]}"
@@ -116,9 +149,20 @@ def test_https_credentials_deploy_and_never_show(
     gate_log = Path(gp.store.history("hello", limit=None)[-1].log_path).read_text()
     assert "GATE-ENV" in gate_log and "PATH" in gate_log  # the gate did print its environment
     assert "GITPLUG_T_GIT_TOKEN" not in gate_log
+
+    # The longer prefix wins for "other", and its token is refused: the failure
+    # is shown everywhere, naming the entry; the token nowhere.
+    record = gp.deploy("other")
+    assert (record.result, record.stage.value) == (DeployResult.FAILED, "fetch"), record
+    assert "access denied (HTTP 403)" in record.error
+    assert f"The server refused the `credentials:` entry for {base}/other (username deploy)" in record.error
+
     status = json.dumps(gp.status())
-    assert_nowhere(token, data_dir=tmp_path / "data",
-                   texts=[gate_log, status, caplog.text, repr(gp.config), repr(gp.config.credentials)])
+    assert "refused the `credentials:` entry" in status and "HTTP 403" in status
+    for secret in (token, rotated):
+        assert_nowhere(secret, data_dir=tmp_path / "data",
+                       texts=[gate_log, status, caplog.text, repr(gp.config), repr(gp.config.credentials),
+                              *faces(app, gp)])
 
 
 def test_https_auth_failures_name_the_entry_never_the_secret(
@@ -259,3 +303,57 @@ def test_ssh_key_with_a_passphrase_deploys_and_never_shows(
     assert "GATE-ENV" in gate_log
     assert_nowhere(passphrase, data_dir=tmp_path / "data",
                    texts=[gate_log, json.dumps(gp.status()), caplog.text, repr(gp.config)])
+
+
+def test_a_wrong_passphrase_names_the_entry(tmp_path: Path, sshd: SshServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GIT_SSH_COMMAND", raising=False)
+    passphrase, wrong = secrets.token_urlsafe(18), secrets.token_urlsafe(18)
+    key = _keygen(tmp_path / "locked", passphrase)
+    authorized = tmp_path / "sshd" / "authorized_keys"
+    authorized.write_text(authorized.read_text() + key.with_suffix(".pub").read_text())
+    repo = GitRepo(tmp_path / "hello")
+    write_version(repo, "v1")
+    prefix = f"ssh://{sshd.user}@127.0.0.1:{sshd.port}/"
+    entry = Credential(url=prefix, ssh_key=str(key), passphrase=wrong, known_hosts=str(sshd.known_hosts))
+    with pytest.raises(FetchError) as caught:
+        GitSource(tmp_path / "m", timeout=20, credentials=lambda: (entry,)).fetch("hello", sshd.url(repo.path))
+    error = str(caught.value)
+    assert f"refused the deploy key of the `credentials:` entry for {prefix} ({key})" in error, error
+    assert "check its passphrase" in error
+    assert wrong not in error and passphrase not in error
+
+
+def test_check_config_names_file_and_line_and_needs_no_secret(tmp_path: Path) -> None:
+    config = tmp_path / "deploy.yaml"
+    config.write_text(
+        "credentials:\n"
+        "  - url: https://git.example.com/team/\n"
+        "    username: deploy\n"
+        "    password: ${GITPLUG_T_UNSET_TOKEN}\n"
+        "  - url: ssh://git@git.example.com/\n"
+        f"    ssh_key: {tmp_path / 'nokey'}\n"
+        "plugins: {}\n"
+    )
+    proc = run_cli("check-config", "-c", config)
+    assert proc.returncode == 2, proc.stdout
+    assert proc.stderr.startswith(f"Error: {config}:5: credentials.1.known_hosts: missing; expected a "
+                                  "known_hosts file"), proc.stderr
+    assert f"{config}:6: credentials.1.ssh_key: no file at {tmp_path / 'nokey'}" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+    # Valid but for the unset token: check-config passes, and says serve would refuse.
+    (tmp_path / "key").write_text("-----BEGIN OPENSSH PRIVATE KEY-----\n")
+    (tmp_path / "known_hosts").write_text("")
+    config.write_text(
+        "credentials:\n"
+        "  - url: https://git.example.com/team/\n"
+        "    username: deploy\n"
+        "    password: ${GITPLUG_T_UNSET_TOKEN}\n"
+        "  - url: ssh://git@git.example.com/\n"
+        f"    ssh_key: {tmp_path / 'key'}\n"
+        f"    known_hosts: {tmp_path / 'known_hosts'}\n"
+        "plugins: {}\n"
+    )
+    proc = run_cli("check-config", "-c", config)
+    assert proc.returncode == 0, proc.stderr
+    assert "GITPLUG_T_UNSET_TOKEN is not set" in proc.stderr and "serve` would refuse" in proc.stderr
