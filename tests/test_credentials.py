@@ -357,3 +357,32 @@ def test_check_config_names_file_and_line_and_needs_no_secret(tmp_path: Path) ->
     proc = run_cli("check-config", "-c", config)
     assert proc.returncode == 0, proc.stderr
     assert "GITPLUG_T_UNSET_TOKEN is not set" in proc.stderr and "serve` would refuse" in proc.stderr
+
+
+def test_a_served_server_polls_a_private_repository_and_shows_no_secret(
+    tmp_path: Path, private_http: tuple[str, str, GitRepo]
+) -> None:
+    """``gitplug serve`` (a process of its own): startup deploy and polls fetch with the entry."""
+    from serverproc import Server, clean_env, cli_json, expected, wait_for, write_config
+    from serverproc import write_version as write_plugin
+
+    base, token, repo = private_http
+    v1 = write_plugin(repo, "hello", "v1")
+    config = write_config(
+        tmp_path / "deploy.yaml", {"hello": {"repo": f"{base}/hello", "poll_interval": 1}},
+        credentials=[{"url": f"{base}/", "username": "deploy", "password": "${GITPLUG_T_SERVE_TOKEN}"}],
+    )
+    assert token not in config.read_text()
+    env = clean_env(GITPLUG_T_SERVE_TOKEN=token)
+    with Server(config, env=env) as server:
+        wait_for(lambda: server.get("/hello/") == expected("hello", "v1", v1), timeout=60, what="v1 served")
+        v2 = write_plugin(repo, "hello", "v2")
+        wait_for(lambda: server.get("/hello/") == expected("hello", "v2", v2), timeout=60, what="a poll deploying v2")
+        status = cli_json("status", "-c", config, env=env)
+        history = cli_json("history", "hello", "-c", config, env=env)
+        assert [r["trigger"] for r in history][:1] == ["poll"], history
+        log = server.log()
+    assert "fetching" in log  # the log is the server's, with its fetches
+    for text in (log, json.dumps(status), json.dumps(history)):
+        assert token not in text
+    assert_nowhere(token, data_dir=tmp_path / "data", texts=[])

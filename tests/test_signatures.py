@@ -263,3 +263,28 @@ def test_check_config_names_file_and_line(tmp_path: Path) -> None:
     assert proc.returncode == 2, proc.stdout
     assert proc.stderr.startswith(f"Error: {config}:6: plugins.hello.verify.allowed_signers: no file at "), proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_serve_refuses_to_start_without_the_tools_verify_needs(tmp_path: Path) -> None:
+    """gpg missing from PATH (git and ssh-keygen there): `gitplug serve` exits, saying what to install."""
+    import shutil
+    import subprocess
+    import sys
+
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    for tool in ("git", "ssh-keygen"):
+        (tools / tool).symlink_to(shutil.which(tool) or tool)
+    key = tmp_path / "release.asc"
+    key.write_text("-----BEGIN PGP PUBLIC KEY BLOCK-----\n\nxx\n-----END PGP PUBLIC KEY BLOCK-----\n")
+    config = tmp_path / "deploy.yaml"
+    config.write_text(f"verify:\n  gpg_keys: [{key}]\nplugins:\n  hello:\n    repo: {tmp_path}\n")
+    proc = subprocess.run(
+        [sys.executable, "-c", "from gitplug.cli import main; main()", "serve", "-c", str(config), "--port", "0"],
+        env={"PATH": str(tools), "HOME": str(tmp_path), "LC_ALL": "C.UTF-8"}, capture_output=True, text=True,
+        timeout=120, check=False,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert (f"{config}:2: verify.gpg_keys: verifying signatures needs the `gpg` command, which is not on PATH: install "
+            "it (Debian: apt-get install gnupg)") in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -803,11 +803,13 @@ class _Checker:
         if "allowed_signers" not in value and "gpg_keys" not in value:
             self.report.add(path, "give allowed_signers (SSH keys) or gpg_keys (OpenPGP keys) "
                                   "or both: the keys whose signatures deploy")
-        tools = ["git"] + (["ssh-keygen"] if "allowed_signers" in value else []) + (
-            ["gpg"] if "gpg_keys" in value else [])
-        for tool in tools:
+        # Each missing tool is reported at the key that needs it.
+        tools = [("git", path)] + ([("ssh-keygen", path + ("allowed_signers",))]
+                                   if "allowed_signers" in value else []) + (
+            [("gpg", path + ("gpg_keys",))] if "gpg_keys" in value else [])
+        for tool, where in tools:
             if shutil.which(tool) is None:
-                self.report.add(path, f"verifying signatures needs the `{tool}` command, which "
+                self.report.add(where, f"verifying signatures needs the `{tool}` command, which "
                                       f"is not on PATH: install it (Debian: apt-get install "
                                       f"{_TOOL_PACKAGES[tool]})")
         if len(self.report.problems) > before:
