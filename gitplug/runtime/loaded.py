@@ -15,7 +15,9 @@ host application.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
+import threading
 import typing as t
 import weakref
 from collections import defaultdict
@@ -134,9 +136,23 @@ class LoadedRelease:
         #: True once the release is no longer live anywhere new.
         self.retired = False
         self.unloaded = False
-        #: Requests served and failed (5xx or unhandled), for metrics and auto-rollback.
-        self.requests = 0
+        #: Every ``next()`` is one request served (pinning calls it without a
+        #: lock: ``next`` on an ``itertools.count`` is one atomic step) or one
+        #: read of :attr:`requests`, which subtracts its own reads.
+        self.served = itertools.count()
+        self._served_reads = 0
+        self._served_lock = threading.Lock()
+        #: Requests failed (5xx or unhandled), counted under the runtime's lock
+        #: (rare), for metrics and auto-rollback.
         self.errors = 0
+
+    @property
+    def requests(self) -> int:
+        """Requests this release has served (answered or failed), in this process."""
+        with self._served_lock:
+            value = next(self.served) - self._served_reads
+            self._served_reads += 1
+        return value
 
     @property
     def commit(self) -> str | None:

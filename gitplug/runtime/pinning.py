@@ -1,11 +1,47 @@
 """The WSGI side of request pinning.
 
-:class:`PinRequests` wraps the host's ``wsgi_app``: on arrival a request
-takes the runtime's live snapshot (one locked counter increment) and keeps
-it until the server closes the response, streaming included. Plugin
-requests also count their 5xx answers per release, for metrics and
-automatic rollback. A request under a plugin's prefix that a host route
-answers is a host request (host routes win).
+:class:`PinRequests` wraps the host's ``wsgi_app``. On arrival a request
+reads the runtime's live snapshot once and asks :meth:`Runtime.route
+<gitplug.runtime.swap.Runtime.route>` (the one place a request picks its
+release) which release serves it. A request that can run plugin code (a
+plugin request, or any request while a live plugin has app-wide code) is
+*pinned*: the snapshot keeps its releases loaded until the request ends.
+Plugin requests also count, per release, the requests served and the 5xx
+answers, for metrics and automatic rollback. A request under a plugin's
+prefix that a host route answers is a host request (host routes win).
+
+Pinning without a lock
+----------------------
+
+A pin is one ``append`` to the snapshot's ``pins`` deque, an unpin one
+``pop``: each is a single atomic operation, so the common path takes no lock.
+What needs care is a swap racing a new request. The swap (under the
+runtime's lock) first marks the old snapshot ``superseded``, then closes it
+if ``len(pins) == 0``. A request first appends its pin, then reads
+``superseded``. Operations of Python threads are serialised by the
+interpreter (the GIL), so one of the two orders holds:
+
+* the request read ``superseded`` as False: the swap set it later, so it
+  also read ``len(pins)`` later, saw the pin and did not close the snapshot;
+* the request read True: it takes the lock (the slow path) and either finds
+  the snapshot still open (its pin counts: whoever closes the snapshot later
+  sees it) or closed, and then drops that pin and pins the live snapshot,
+  under the lock, which no swap can supersede meanwhile.
+
+Unpinning is the mirror image: ``pop``, then, only if the snapshot is
+superseded, the lock and a check whether it is now idle.
+
+When a request ends
+-------------------
+
+When the response is plain bytes (a Flask response whose body is a list and
+that has no ``call_on_close`` callbacks), no plugin code runs after the
+application returns, so the pin is dropped right then and the server gets the
+application's own iterable. Anything else (streamed bodies, files, close
+callbacks, responses of other classes) is wrapped, and the request ends when
+the server closes the response, or when the wrapper is collected.
+:func:`install_response_check` is what tells the two apart, inside Flask's
+``process_response``.
 """
 
 from __future__ import annotations
@@ -13,7 +49,10 @@ from __future__ import annotations
 import typing as t
 from collections.abc import Iterable, Iterator
 
-from .environ import ENVIRON_RELEASE, ENVIRON_SNAPSHOT
+from flask import Flask
+from flask.globals import _cv_request
+
+from .environ import ENVIRON_COUNTED, ENVIRON_FLAT, ENVIRON_RELEASE, ENVIRON_SNAPSHOT
 
 if t.TYPE_CHECKING:
     import threading
@@ -21,7 +60,7 @@ if t.TYPE_CHECKING:
     from .loaded import LoadedRelease
     from .snapshot import Snapshot
 
-__all__ = ["PinRequests"]
+__all__ = ["PinRequests", "install_response_check"]
 
 _StartResponse = t.Callable[..., t.Any]
 
@@ -31,88 +70,127 @@ class Runtime(t.Protocol):
 
     snapshot: Snapshot
     _lock: threading.Lock
-    host_shadowed: frozenset[str]
 
-    def host_claims(self, release: LoadedRelease, environ: dict[str, t.Any]) -> bool: ...
+    def route(self, snapshot: Snapshot, environ: dict[str, t.Any]) -> LoadedRelease | None: ...
 
-    def _leave(self, snapshot: Snapshot) -> None: ...
+    def _leave_superseded(self, snapshot: Snapshot) -> None: ...
 
     def _count_error(self, release: LoadedRelease) -> None: ...
 
 
 class PinRequests:
-    """WSGI middleware: pin each request to the live snapshot until it ends."""
+    """WSGI middleware: pin each request that can run plugin code to the live snapshot."""
 
     def __init__(self, wsgi_app: t.Callable[..., Iterable[bytes]], runtime: Runtime) -> None:
         self.wsgi_app = wsgi_app
         self.runtime = runtime
 
     def __call__(self, environ: dict[str, t.Any], start_response: _StartResponse) -> Iterable[bytes]:
-        runtime = self.runtime
         # This runs on every request of the host: keep it inline and short.
+        runtime = self.runtime
         snapshot = runtime.snapshot
-        if not snapshot.host_visible and (
-            not snapshot.releases or snapshot.release_for_path(environ.get("PATH_INFO") or "/") is None
-        ):
+        release = runtime.route(snapshot, environ) if snapshot.releases else None
+        if release is None and not snapshot.host_visible:
             # A host request while no plugin has app-wide code: no plugin code
-            # can run in it, so it needs no in-flight count, only the snapshot
-            # (host templates may build plugin URLs; a release's URL map stays
+            # can run in it, so it needs no pin, only the snapshot (host
+            # templates may build plugin URLs; a release's URL map stays
             # usable after it is unloaded).
             environ[ENVIRON_SNAPSHOT] = snapshot
             return self.wsgi_app(environ, start_response)
-        with runtime._lock:
-            snapshot = runtime.snapshot
-            snapshot.inflight += 1
-            release = snapshot.release_for_path(environ.get("PATH_INFO") or "/") if snapshot.releases else None
-            if release is not None:
-                # One set lookup; the host's rules are matched only under a
-                # prefix the host has routes under (rare, and then small).
-                if release.prefix in runtime.host_shadowed and runtime.host_claims(release, environ):
-                    release = None
-                else:
-                    release.requests += 1
+        snapshot.pins.append(None)
+        if snapshot.superseded:
+            snapshot, release = self._pin_slow(snapshot, release, environ)
         environ[ENVIRON_SNAPSHOT] = snapshot
         if release is not None:
             environ[ENVIRON_RELEASE] = release
-            start_response = _ErrorCounting(start_response, runtime, release)
+            next(release.served)
         try:
             result = self.wsgi_app(environ, start_response)
         except BaseException:
-            runtime._leave(snapshot)
+            self.leave(snapshot)
             raise
-        return _Finish(result, runtime, snapshot)
+        if environ.get(ENVIRON_FLAT):
+            # Plain bytes: nothing of the release runs after this point.
+            self.leave(snapshot)
+            return result
+        return _Finish(result, self, snapshot)
+
+    def _pin_slow(
+        self, snapshot: Snapshot, release: LoadedRelease | None, environ: dict[str, t.Any]
+    ) -> tuple[Snapshot, LoadedRelease | None]:
+        """The pin landed on a superseded snapshot: keep it if still open, else pin the live one."""
+        runtime = self.runtime
+        with runtime._lock:
+            if not snapshot.closed:
+                return snapshot, release
+            snapshot.pins.pop()
+            snapshot = runtime.snapshot
+            snapshot.pins.append(None)
+        return snapshot, runtime.route(snapshot, environ) if snapshot.releases else None
+
+    def leave(self, snapshot: Snapshot) -> None:
+        """Unpin one request; a superseded snapshot is closed once idle."""
+        snapshot.pins.pop()
+        if snapshot.superseded:
+            self.runtime._leave_superseded(snapshot)
 
 
-class _ErrorCounting:
-    """A ``start_response`` that counts 5xx answers (and so unhandled errors) per release."""
+def install_response_check(app: Flask, runtime: Runtime) -> None:
+    """Wrap ``app.process_response``: mark plain-bytes responses, count plugin 5xx.
 
-    __slots__ = ("start_response", "runtime", "release")
+    Runs for every response Flask finalises, error responses included. A
+    request's last response decides; until one is checked the request counts
+    as streaming (the safe side). A release's failed request is counted once,
+    also when an ``after_request`` hook raises on the error response itself
+    (Flask then sends that response as it is).
+    """
+    host_process_response = app.process_response
+    response_class = app.response_class
 
-    def __init__(self, start_response: _StartResponse, runtime: Runtime, release: LoadedRelease) -> None:
-        self.start_response = start_response
-        self.runtime = runtime
-        self.release = release
+    def process_response(response: t.Any) -> t.Any:
+        ctx = _cv_request.get(None)
+        if ctx is None:
+            return host_process_response(response)
+        environ = ctx.request.environ
+        environ[ENVIRON_FLAT] = False
+        try:
+            response = host_process_response(response)
+        except BaseException:
+            if response.status_code >= 500:
+                _count_error_once(runtime, environ)
+            raise
+        if response.status_code >= 500:
+            _count_error_once(runtime, environ)
+        # Only the host's response class is trusted to send a list as it is:
+        # another class (a plugin's own) may run its code when it is sent.
+        # ``_on_close`` holds the callbacks ``call_on_close`` registered.
+        elif type(response) is response_class and response.is_sequence and not response._on_close:
+            environ[ENVIRON_FLAT] = True
+        return response
 
-    def __call__(self, status: str, headers: t.Any, exc_info: t.Any = None) -> t.Any:
-        if status[:1] == "5":
-            self.runtime._count_error(self.release)
-        return self.start_response(status, headers, exc_info)
+    app.process_response = process_response  # type: ignore[method-assign]
+
+
+def _count_error_once(runtime: Runtime, environ: dict[str, t.Any]) -> None:
+    release = environ.get(ENVIRON_RELEASE)
+    if release is not None and not environ.get(ENVIRON_COUNTED):
+        environ[ENVIRON_COUNTED] = True
+        runtime._count_error(release)
 
 
 class _Finish:
-    """Wraps a WSGI response; the request ends when the server closes it.
+    """Wraps a WSGI response that may run plugin code; the request ends when the server closes it.
 
     Iteration goes straight to the wrapped iterable (no per-chunk cost). A
-    server that drops the response without calling ``close()`` (Werkzeug's
-    dev server on a client reset) still ends the request: ``__del__`` runs
-    when the wrapper is collected.
+    server that drops the response without calling ``close()`` still ends
+    the request: ``__del__`` runs when the wrapper is collected.
     """
 
-    __slots__ = ("_result", "_runtime", "_snapshot", "_done")
+    __slots__ = ("_result", "_pins", "_snapshot", "_done")
 
-    def __init__(self, result: Iterable[bytes], runtime: Runtime, snapshot: Snapshot) -> None:
+    def __init__(self, result: Iterable[bytes], pins: PinRequests, snapshot: Snapshot) -> None:
         self._result = result
-        self._runtime = runtime
+        self._pins = pins
         self._snapshot = snapshot
         self._done = False
 
@@ -128,7 +206,7 @@ class _Finish:
             if close is not None:
                 close()
         finally:
-            self._runtime._leave(self._snapshot)
+            self._pins.leave(self._snapshot)
 
     def __del__(self) -> None:
         if not self._done:

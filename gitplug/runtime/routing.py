@@ -24,6 +24,9 @@ from werkzeug.routing import Map, MapAdapter, Rule
 from ..prefixes import under_prefix
 from .snapshot import Snapshot
 
+if t.TYPE_CHECKING:
+    from .loaded import LoadedRelease
+
 __all__ = ["SnapshotAdapter", "claims_map", "host_claims", "host_rules_under", "install_snapshot_map"]
 
 
@@ -85,26 +88,45 @@ def host_claims(claims: Map, host_adapter: MapAdapter) -> bool:
 
 
 class SnapshotAdapter(MapAdapter):
-    """Matches on one map, builds URLs for host and every plugin."""
+    """Matches on one map (the host's or a release's), builds URLs for host and every plugin.
 
-    def __init__(self, map: Map, host_adapter: MapAdapter, snapshot: Snapshot) -> None:
-        super().__init__(map, *_binding(host_adapter))
-        self._host_adapter = host_adapter
-        self._snapshot = snapshot
-        self._others: dict[str, MapAdapter] = {}
+    Made per request by :meth:`adopt` from the host's adapter, which Flask
+    already bound to the request: no second adapter is built unless the
+    request builds a URL of another map (a host URL from a plugin request,
+    a plugin URL from the host or another plugin), and then one per map.
+    """
+
+    _snapshot: Snapshot
+    #: The host's map, for building host URLs when this adapter matches on a release's.
+    _host_map: Map
+    #: ``{map id: adapter}`` for the other maps this request built URLs from; None until one is needed.
+    _others: dict[int, MapAdapter] | None
 
     @classmethod
-    def adopt(cls, adapter: MapAdapter, snapshot: Snapshot) -> SnapshotAdapter:
+    def adopt(cls, adapter: MapAdapter, snapshot: Snapshot, release: LoadedRelease | None = None) -> SnapshotAdapter:
         """Turn the host's own adapter into one that also builds plugin URLs.
 
-        Cheaper than a new adapter: it is already bound to this request.
+        With ``release``, it matches on that release's map instead of the
+        host's. Cheaper than a new adapter: it is already bound to this request.
         """
         adapter.__class__ = cls
         adopted = t.cast(SnapshotAdapter, adapter)
-        adopted._host_adapter = adapter
         adopted._snapshot = snapshot
-        adopted._others = {}
+        adopted._host_map = adapter.map
+        adopted._others = None
+        if release is not None:
+            adopted.map = release.url_map
         return adopted
+
+    def _adapter_for(self, map: Map) -> MapAdapter:
+        """A plain adapter for ``map``, bound like this one (made once per request and map)."""
+        others = self._others
+        if others is None:
+            others = self._others = {}
+        adapter = others.get(id(map))
+        if adapter is None:
+            adapter = others[id(map)] = _adapter_like(map, self)
+        return adapter
 
     def build(
         self,
@@ -115,21 +137,16 @@ class SnapshotAdapter(MapAdapter):
         append_unknown: bool = True,
         url_scheme: str | None = None,
     ) -> str:
-        adapter: MapAdapter = self._host_adapter
+        target = self._host_map
         if isinstance(endpoint, str):
             release = self._snapshot.release_for_scope(endpoint)
             if release is not None and endpoint in release.endpoints:
-                if release.url_map is self.map:
-                    adapter = self
-                else:
-                    adapter = self._others.get(release.name) or self._others.setdefault(
-                        release.name, _adapter_like(release.url_map, self._host_adapter)
-                    )
-        if adapter is self:
+                target = release.url_map
+        if target is self.map:
             return MapAdapter.build(
                 self, endpoint, values, method, force_external, append_unknown, url_scheme
             )
-        return adapter.build(endpoint, values, method, force_external, append_unknown, url_scheme)
+        return self._adapter_for(target).build(endpoint, values, method, force_external, append_unknown, url_scheme)
 
 
 class _SnapshotAwareMap:

@@ -11,6 +11,7 @@ can only ever see one complete snapshot.
 from __future__ import annotations
 
 import typing as t
+from collections import deque
 from collections.abc import Mapping
 
 if t.TYPE_CHECKING:
@@ -36,7 +37,7 @@ class Snapshot:
         "view_functions",
         "templates",
         "host_visible",
-        "inflight",
+        "pins",
         "superseded",
         "closed",
     )
@@ -83,10 +84,20 @@ class Snapshot:
         #: True when plugin code can run in a host request of this snapshot
         #: (app-wide hooks, error handlers, template filters/globals/tests).
         self.host_visible = bool(self.app_wide or self.app_error_handlers or self.templates)
-        # Guarded by the runtime's lock:
-        self.inflight = 0
+        #: One entry per request in flight on this snapshot. A request pins
+        #: with ``append`` and unpins with ``pop``, without the runtime's lock:
+        #: both are single atomic operations (a deque's appends and pops are
+        #: thread-safe), and only the length is ever read
+        #: (:mod:`gitplug.runtime.pinning` says why that is enough).
+        self.pins: deque[None] = deque()
+        # Set under the runtime's lock; read without it by pinning:
         self.superseded = False
         self.closed = False
+
+    @property
+    def inflight(self) -> int:
+        """Requests in flight on this snapshot (host requests with no plugin code not counted)."""
+        return len(self.pins)
 
     def release_for_path(self, path: str) -> LoadedRelease | None:
         """The release whose ``url_prefix`` owns ``path`` (longest prefix wins).

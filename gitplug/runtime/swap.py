@@ -3,7 +3,7 @@
 :class:`Runtime` is installed once on a host application. From then on:
 
 * every request is pinned, on arrival, to the current :class:`Snapshot`
-  (WSGI middleware, one locked counter increment);
+  (WSGI middleware, no lock on the common path: :mod:`gitplug.runtime.pinning`);
 * Flask's URL adapter, view lookup, hook registries, error handlers and
   template lookups answer from that snapshot (:mod:`gitplug.runtime.routing`,
   :mod:`gitplug.runtime.hooks`, :mod:`gitplug.runtime.templating`);
@@ -41,7 +41,7 @@ from .environ import ENVIRON_RELEASE, ENVIRON_SNAPSHOT
 from .hooks import LayeredErrorHandlers, LayeredHooks, LayeredViews
 from .loaded import HOOK_REGISTRIES, LoadedRelease, ReleaseSpec, build_release
 from .loader import fault_location
-from .pinning import PinRequests
+from .pinning import PinRequests, install_response_check
 from .routing import SnapshotAdapter, claims_map, host_claims, host_rules_under, install_snapshot_map
 from .snapshot import Snapshot
 from .templating import (
@@ -117,28 +117,44 @@ class Runtime:
                 # A request that did not come through the WSGI entry point
                 # (app.test_request_context()): pin it, without counting.
                 snapshot = environ[ENVIRON_SNAPSHOT] = self.snapshot
-                found = snapshot.release_for_path(environ.get("PATH_INFO") or "/")
-                if found is not None and not (found.prefix in self.host_shadowed and self.host_claims(found, environ)):
+                found = self.route(snapshot, environ) if snapshot.releases else None
+                if found is not None:
                     environ[ENVIRON_RELEASE] = found
             if not snapshot.releases:
                 return host_adapter
-            release = environ.get(ENVIRON_RELEASE)
-            if release is None:
-                return SnapshotAdapter.adopt(host_adapter, snapshot)
-            return SnapshotAdapter(release.url_map, host_adapter, snapshot)
+            # One adapter per request: the host's own, bound to this request,
+            # matching on the release's map when a plugin serves the request.
+            return SnapshotAdapter.adopt(host_adapter, snapshot, environ.get(ENVIRON_RELEASE))
 
         app.create_url_adapter = create_url_adapter  # type: ignore[method-assign]
         install_routing_environment(app.jinja_env)
         install_template_layers(app.jinja_env, self)
         install_snapshot_map(app.url_map, self)
+        install_response_check(app, self)
         app.wsgi_app = PinRequests(app.wsgi_app, self)  # type: ignore[method-assign]
 
     # -- request accounting ------------------------------------------------
 
-    def _leave(self, snapshot: Snapshot) -> None:
+    def route(self, snapshot: Snapshot, environ: dict[str, t.Any]) -> LoadedRelease | None:
+        """The release of ``snapshot`` that serves this request, or None for the host.
+
+        The one place a request picks its release (pinning asks it once per
+        request, again only if its snapshot was closed under it): the release
+        owning the path's prefix, unless a host route under that prefix
+        answers (host routes win). Needs no lock: it reads the immutable
+        ``snapshot`` and :attr:`host_shadowed`, one reference.
+        """
+        release = snapshot.release_for_path(environ.get("PATH_INFO") or "/")
+        if release is not None and release.prefix in self.host_shadowed and self.host_claims(release, environ):
+            # One set lookup; the host's rules are matched only under a prefix
+            # the host has routes under (rare, and then small).
+            return None
+        return release
+
+    def _leave_superseded(self, snapshot: Snapshot) -> None:
+        """A request left a superseded snapshot: close it if that was the last one."""
         with self._lock:
-            snapshot.inflight -= 1
-            done = self._close_if_idle(snapshot) if snapshot.superseded else ()
+            done = self._close_if_idle(snapshot)
         self._schedule_unload(done)
 
     def _count_error(self, release: LoadedRelease) -> None:
@@ -223,7 +239,7 @@ class Runtime:
             request = self.app.request_class(environ, populate_request=False, shallow=True)
             host_adapter = self._host_create_url_adapter(request)
         except Exception:  # noqa: BLE001 - e.g. a Host header TRUSTED_HOSTS refuses
-            # Called with the runtime's lock held and the request counted: never
+            # Called while a request is routed, before Flask handles it: never
             # raise here. The request's own URL matching answers the error.
             return False
         return host_adapter is not None and host_claims(claims, host_adapter)
