@@ -1,17 +1,19 @@
 """Where the time goes: cProfile of the paths behind the bench's figures.
 
     python -m bench.profiling plugin       [--requests 20000] [--top 25]
+    python -m bench.profiling page         [--requests 20000]
     python -m bench.profiling host_native  [--requests 20000]
     python -m bench.profiling scale        [--requests 20000]
     python -m bench.profiling swap         [--requests 40]    # swaps
     python -m bench.profiling rollback     [--requests 40]    # rollbacks
 
-``plugin``, ``host_native`` and ``scale`` serve the same view
+``plugin``, ``page``, ``host_native`` and ``scale`` serve the same view
 (:data:`bench.fixtures.VIEW_SOURCE`) ``--requests`` times through the measured
 path and its baseline, in alternating chunks, and print per function the
 difference in own time per request (µs), with the calls per request on each
 side: a plugin route / a native blueprint in the gitplug host, each against a
-native blueprint in a plain Flask app (``overhead_ratio``); requests
+native blueprint in a plain Flask app (``overhead_ratio``; ``page`` is the
+templated page of ``detail.page_ratio_p50``); requests
 round-robin over 100 plugins against one plugin (``scale_100_ratio``).
 
 ``swap`` profiles ``Runtime.swap`` of the example plugin plus the old
@@ -135,7 +137,7 @@ def cumulative(profiler: cProfile.Profile, operations: int, top: int) -> str:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.profiling", description=__doc__.split("\n\n")[0])
-    parser.add_argument("case", choices=("plugin", "host_native", "scale", "swap", "rollback"))
+    parser.add_argument("case", choices=("plugin", "page", "host_native", "scale", "swap", "rollback"))
     parser.add_argument("--requests", type=int, default=None,
                         help="requests per case (default 20000), or swaps/rollbacks (default 40)")
     parser.add_argument("--top", type=int, default=25)
@@ -215,11 +217,12 @@ def _overhead(tmp: Path, which: str, requests: int) -> tuple[str, list[dict[_Key
     gp = GitPlug(host)
     release = write_synthetic_plugin(tmp / "plug-r1", "plug")
     gp.runtime.swap(ReleaseSpec(name="plug", path=release, release_id="bench-plug-r1", url_prefix="/plug"))
-    path = "/plug/item/7" if which == "plugin" else "/native/item/7"
+    path = {"plugin": "/plug/item/7", "page": "/plug/page"}.get(which, "/native/item/7")
+    native = "/native/page" if which == "page" else "/native/item/7"
     try:
         return (
-            f"case {which} ({path}) vs native blueprint in a plain Flask app",
-            profile_cases([(plain.wsgi_app, ["/native/item/7"]), (host.wsgi_app, [path])], requests),
+            f"case {which} ({path}) vs native blueprint in a plain Flask app ({native})",
+            profile_cases([(plain.wsgi_app, [native]), (host.wsgi_app, [path])], requests),
         )
     finally:
         gp.shutdown()

@@ -132,7 +132,12 @@ class LayeredViews(dict):  # type: ignore[type-arg]
         self._runtime = runtime
 
     def __missing__(self, endpoint: str) -> t.Any:
-        view = request_snapshot(self._runtime).view_functions.get(endpoint)
+        # request_snapshot(), inline: every plugin request dispatches through here.
+        ctx = _cv_request.get(None)
+        snapshot = ctx.request.environ.get(ENVIRON_SNAPSHOT) if ctx is not None else None
+        if snapshot is None:
+            snapshot = self._runtime.snapshot
+        view = snapshot.view_functions.get(endpoint)
         if view is not None:
             return view
         raise KeyError(endpoint)

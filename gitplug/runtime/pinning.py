@@ -101,6 +101,8 @@ class PinRequests:
         if snapshot.superseded:
             snapshot, release = self._pin_slow(snapshot, release, environ)
         environ[ENVIRON_SNAPSHOT] = snapshot
+        # Pinned, and streaming until process_response finds plain bytes.
+        environ[ENVIRON_FLAT] = False
         if release is not None:
             environ[ENVIRON_RELEASE] = release
             next(release.served)
@@ -138,9 +140,9 @@ class PinRequests:
 def install_response_check(app: Flask, runtime: Runtime) -> None:
     """Wrap ``app.process_response``: mark plain-bytes responses, count plugin 5xx.
 
-    Runs for every response Flask finalises, error responses included. A
-    request's last response decides; until one is checked the request counts
-    as streaming (the safe side). A release's failed request is counted once,
+    Runs for every response Flask finalises, error responses included; does
+    something only for pinned requests. A request's last response decides;
+    until one is checked the request counts as streaming (the safe side). A release's failed request is counted once,
     also when an ``after_request`` hook raises on the error response itself
     (Flask then sends that response as it is).
     """
@@ -149,9 +151,9 @@ def install_response_check(app: Flask, runtime: Runtime) -> None:
 
     def process_response(response: t.Any) -> t.Any:
         ctx = _cv_request.get(None)
-        if ctx is None:
+        if ctx is None or ENVIRON_FLAT not in (environ := ctx.request.environ):
+            # Not pinned: nothing to decide when the request ends, nothing to count.
             return host_process_response(response)
-        environ = ctx.request.environ
         environ[ENVIRON_FLAT] = False
         try:
             response = host_process_response(response)

@@ -97,10 +97,12 @@ class SnapshotAdapter(MapAdapter):
     """
 
     _snapshot: Snapshot
-    #: The host's map, for building host URLs when this adapter matches on a release's.
-    _host_map: Map
+    # Class-level defaults, so adopting a host request's adapter stores one
+    # attribute besides the class: every instance attribute is paid per request.
+    #: The host's map when this adapter matches on a release's; None: ``self.map`` is the host's.
+    _host_map: Map | None = None
     #: ``{map id: adapter}`` for the other maps this request built URLs from; None until one is needed.
-    _others: dict[int, MapAdapter] | None
+    _others: dict[int, MapAdapter] | None = None
 
     @classmethod
     def adopt(cls, adapter: MapAdapter, snapshot: Snapshot, release: LoadedRelease | None = None) -> SnapshotAdapter:
@@ -112,9 +114,8 @@ class SnapshotAdapter(MapAdapter):
         adapter.__class__ = cls
         adopted = t.cast(SnapshotAdapter, adapter)
         adopted._snapshot = snapshot
-        adopted._host_map = adapter.map
-        adopted._others = None
         if release is not None:
+            adopted._host_map = adapter.map
             adopted.map = release.url_map
         return adopted
 
@@ -137,7 +138,7 @@ class SnapshotAdapter(MapAdapter):
         append_unknown: bool = True,
         url_scheme: str | None = None,
     ) -> str:
-        target = self._host_map
+        target = self.map if self._host_map is None else self._host_map
         if isinstance(endpoint, str):
             release = self._snapshot.release_for_scope(endpoint)
             if release is not None and endpoint in release.endpoints:

@@ -28,8 +28,9 @@ class Snapshot:
     __slots__ = (
         "releases",
         "generation",
-        "_by_prefix",
+        "by_prefix",
         "_prefix_depths",
+        "one_segment",
         "app_wide",
         "app_error_handlers",
         "hooks",
@@ -46,9 +47,13 @@ class Snapshot:
         #: ``{plugin name: release}``; never mutated after construction.
         self.releases: dict[str, LoadedRelease] = dict(releases)
         self.generation = generation
-        self._by_prefix = {r.prefix: r for r in self.releases.values()}
+        #: ``{prefix: release}``, e.g. ``{"/hello": ...}``.
+        self.by_prefix = {r.prefix: r for r in self.releases.values()}
         #: Segment counts of the prefixes, deepest first ("/a/b" -> 2).
-        self._prefix_depths = sorted({p.count("/") for p in self._by_prefix}, reverse=True)
+        self._prefix_depths = sorted({p.count("/") for p in self.by_prefix}, reverse=True)
+        #: True when every prefix is one segment ("/hello"): then the first
+        #: segment of a path is the only key to look up.
+        self.one_segment = self._prefix_depths == _ONE_SEGMENT
         #: App-wide hooks of all live releases, per registry, in mount order.
         self.app_wide: dict[str, list[t.Any]] = {}
         for release in self.releases.values():
@@ -105,10 +110,10 @@ class Snapshot:
         Cost is one dict lookup per distinct prefix depth, independent of the
         number of plugins.
         """
-        if not self._by_prefix:
+        if not self.by_prefix:
             return None
-        by_prefix = self._by_prefix
-        if self._prefix_depths == _ONE_SEGMENT:
+        by_prefix = self.by_prefix
+        if self.one_segment:
             # The common case: every prefix is one segment ("/hello").
             end = path.find("/", 1)
             return by_prefix.get(path if end < 0 else path[:end])

@@ -144,7 +144,13 @@ class Runtime:
         answers (host routes win). Needs no lock: it reads the immutable
         ``snapshot`` and :attr:`host_shadowed`, one reference.
         """
-        release = snapshot.release_for_path(environ.get("PATH_INFO") or "/")
+        path = environ.get("PATH_INFO") or "/"
+        if snapshot.one_segment:
+            # Snapshot.release_for_path's common case, inline: every request asks.
+            end = path.find("/", 1)
+            release = snapshot.by_prefix.get(path if end < 0 else path[:end])
+        else:
+            release = snapshot.release_for_path(path)
         if release is not None and release.prefix in self.host_shadowed and self.host_claims(release, environ):
             # One set lookup; the host's rules are matched only under a prefix
             # the host has routes under (rare, and then small).
