@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from . import fleet, inprocess, live, underload
+from . import fleet, inprocess, live, memory, underload
 from .figures import Figure, FigureSpec, guarded, render_table
 from .fixtures import REPO_ROOT
 from .site import LivePlan
@@ -54,27 +54,32 @@ class Plan:
     live: LivePlan
     #: Deploys of ``fleet_convergence_s_p99`` (3 hosts on PostgreSQL).
     fleet_samples: int
+    #: ``release_rss_mib``: fresh processes per kind, and extra releases loaded in each.
+    memory_runs: int = 1
+    memory_releases: int = 10
 
 
 QUICK = Plan(
     mode="quick", overhead_rounds=20, overhead_per_round=200, scale_plugins=100, scale_rounds=15,
     scale_per_round=200, swap_samples=40, rss_warmup=50, rss_cycles=200, rss_window=25,
     leak_timer_cycles=0,
-    live=LivePlan(hup_samples=4, webhook_samples=3, load_pairs=4),
-    fleet_samples=5,
+    # 10 HUP rounds (about 0.5 s each): enough for a 95 % interval of the median.
+    live=LivePlan(hup_samples=10, webhook_samples=3, load_pairs=4),
+    fleet_samples=5, memory_runs=1, memory_releases=10,
 )
 FULL = Plan(
     mode="full", overhead_rounds=60, overhead_per_round=500, scale_plugins=100, scale_rounds=40,
     scale_per_round=500, swap_samples=300, rss_warmup=100, rss_cycles=1000, rss_window=100,
     leak_timer_cycles=200,
-    live=LivePlan(hup_samples=6, webhook_samples=10, load_pairs=20),
-    fleet_samples=20,
+    live=LivePlan(hup_samples=20, webhook_samples=10, load_pairs=20),
+    fleet_samples=20, memory_runs=3, memory_releases=20,
 )
 
 #: Every figure, in the order of the table: ``(key, title, unit, target)``.
 FIGURES = (
     inprocess.OVERHEAD, inprocess.SWAP_P50, inprocess.SWAP_P99, live.RESTART, live.WEBHOOK,
     underload.THROUGHPUT, underload.CONVERGENCE, fleet.FLEET, inprocess.RSS, inprocess.SCALE,
+    memory.RELEASE_RSS,
 )
 KEYS = tuple(spec[0] for spec in FIGURES)
 
@@ -112,6 +117,8 @@ def run(plan: Plan, *, only: set[str], workdir: Path) -> tuple[dict[str, Figure]
         samples=plan.swap_samples), only))
     add(_step([inprocess.RSS], lambda: inprocess.measure_rss(
         warmup=plan.rss_warmup, cycles=plan.rss_cycles, window=plan.rss_window), only))
+    add(_step([memory.RELEASE_RSS], lambda: memory.measure_release_rss(
+        runs=plan.memory_runs, releases=plan.memory_releases, plugins=plan.scale_plugins), only))
     add(_step([live.RESTART], lambda: [live.measure_restart(plan.live, workdir)], only))
     add(_step([live.WEBHOOK, underload.THROUGHPUT, underload.CONVERGENCE],
               lambda: live.measure_served(plan.live, workdir), only))

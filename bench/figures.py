@@ -27,6 +27,7 @@ __all__ = [
     "FigureSpec",
     "spread",
     "quantile",
+    "median_ci",
     "figure",
     "unmeasured",
     "guarded",
@@ -97,6 +98,26 @@ def quantile(samples: Sequence[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * frac
 
 
+def median_ci(samples: Sequence[float], level: float = 0.95) -> tuple[float, float] | None:
+    """A distribution-free confidence interval of the median: two order statistics.
+
+    The widest ``(x_k, x_n-k+1)`` whose coverage (binomial, p = 1/2) is at
+    least ``level``; None when there are too few samples for it (fewer than 6
+    at 95 %). Nothing is assumed about the samples' distribution, which on
+    a shared machine has long tails.
+    """
+    n = len(samples)
+    ordered = sorted(samples)
+    best = None
+    for k in range(1, n // 2 + 1):
+        # P(x_k <= median <= x_{n-k+1}) = 1 - 2 * P(Binomial(n, 1/2) < k)
+        below = sum(math.comb(n, i) for i in range(k)) / 2**n
+        if 1 - 2 * below < level:
+            break
+        best = (ordered[k - 1], ordered[n - k])
+    return best
+
+
 def spread(samples: Sequence[float]) -> Spread:
     """Summarise ``samples`` (at least one)."""
     return Spread(
@@ -120,7 +141,8 @@ class Figure:
     key: str
     title: str
     unit: str
-    target: Target
+    #: None for a figure that is reported, not judged.
+    target: Target | None
     value: float | None = None
     n: int = 0
     p10: float | None = None
@@ -129,10 +151,23 @@ class Figure:
     note: str | None = None
     error: str | None = None
     detail: Mapping[str, t.Any] = field(default_factory=dict)
+    #: 95 % confidence interval of ``value`` when it is a median of samples (:func:`median_ci`).
+    ci95: tuple[float, float] | None = None
 
     @property
     def met(self) -> bool | None:
-        return self.target.met(self.value)
+        return self.target.met(self.value) if self.target is not None else None
+
+    @property
+    def settled(self) -> bool | None:
+        """Whether noise could not flip :attr:`met`: both ends of :attr:`ci95` agree with it.
+
+        None without a verdict or without an interval (too few samples, or a
+        value that is not a median).
+        """
+        if self.target is None or self.met is None or self.ci95 is None:
+            return None
+        return self.target.met(self.ci95[0]) == self.met == self.target.met(self.ci95[1])
 
     def to_json(self) -> dict[str, t.Any]:
         return {
@@ -141,8 +176,10 @@ class Figure:
             "n": self.n,
             "p10": _num(self.p10),
             "p90": _num(self.p90),
-            "target": str(self.target),
+            "target": None if self.target is None else str(self.target),
             "met": self.met,
+            "ci95": None if self.ci95 is None else [_num(self.ci95[0]), _num(self.ci95[1])],
+            "settled": self.settled,
             "baseline": self.baseline,
             "note": self.note,
             "error": self.error,
@@ -151,7 +188,7 @@ class Figure:
 
 
 #: ``(key, title, unit, target)``: what a figure is, before it is measured.
-FigureSpec = tuple[str, str, str, Target]
+FigureSpec = tuple[str, str, str, Target | None]
 
 
 def figure(spec: FigureSpec, **kwargs: t.Any) -> Figure:
@@ -160,7 +197,7 @@ def figure(spec: FigureSpec, **kwargs: t.Any) -> Figure:
     return Figure(key=key, title=title, unit=unit, target=target, **kwargs)
 
 
-def unmeasured(key: str, title: str, unit: str, target: Target, why: str, **extra: t.Any) -> Figure:
+def unmeasured(key: str, title: str, unit: str, target: Target | None, why: str, **extra: t.Any) -> Figure:
     """A figure that could not be measured, saying why."""
     return Figure(key=key, title=title, unit=unit, target=target, error=why, **extra)
 
@@ -220,12 +257,14 @@ def render_table(figures: Sequence[Figure], meta: Mapping[str, t.Any]) -> str:
     rows = [header]
     for fig in figures:
         met = {True: "yes", False: "NO", None: "-"}[fig.met]
+        if fig.settled is False:
+            met = "~" + met  # the median's 95 % interval straddles the target
         rows.append(
             (
                 fig.key,
                 _fmt(fig.value, fig.unit) if fig.error is None else "n/a",
                 fig.unit,
-                str(fig.target),
+                "-" if fig.target is None else str(fig.target),
                 met,
                 str(fig.n),
                 _fmt(fig.p10, fig.unit),
@@ -245,6 +284,10 @@ def render_table(figures: Sequence[Figure], meta: Mapping[str, t.Any]) -> str:
             lines.append("  ".join("-" * w for w in widths))
     notes = [(fig.key, fig.baseline, fig.note, fig.error) for fig in figures]
     lines.append("")
+    if any(fig.settled is False for fig in figures):
+        lines.append("~: the median's 95 % confidence interval straddles the target: noise can flip"
+                     " this verdict; a full run (more samples) decides")
+        lines.append("")
     for key, baseline, note, error in notes:
         if error:
             lines.append(f"{key}: NOT MEASURED: {error}")

@@ -35,7 +35,7 @@ from gitplug import GitPlug
 from gitplug.runtime.loaded import ReleaseSpec
 from gitplug.runtime.swap import Runtime
 
-from .figures import Figure, FigureSpec, Target, Unmeasurable, figure, spread
+from .figures import Figure, FigureSpec, Target, Unmeasurable, figure, median_ci, spread
 from .fixtures import environ_for, native_blueprint, stage_example, write_synthetic_plugin, wsgi_call
 
 __all__ = [
@@ -93,7 +93,7 @@ def _ratio_figure(spec: FigureSpec, medians: Mapping[str, list[float]], num: str
     s = spread(ratios)
     detail = {f"{name}_us_p50": statistics.median(values) for name, values in medians.items()}
     detail.update(kwargs.pop("detail", {}))
-    return figure(spec, value=s.p50, n=s.n, p10=s.p10, p90=s.p90, detail=detail, **kwargs)
+    return figure(spec, value=s.p50, n=s.n, p10=s.p10, p90=s.p90, ci95=median_ci(ratios), detail=detail, **kwargs)
 
 
 # --------------------------------------------------------------------------- per request

@@ -18,7 +18,7 @@ import logging
 import time
 from pathlib import Path
 
-from .figures import Figure, FigureSpec, Target, Unmeasurable, figure, spread
+from .figures import Figure, FigureSpec, Target, Unmeasurable, figure, median_ci, spread
 from .fixtures import commit_version
 from .server import Gunicorn, read_events, wait_for
 from .site import LivePlan, Site, served
@@ -106,13 +106,19 @@ def measure_restart(plan: LivePlan, workdir: Path) -> Figure:
             rollbacks.append(max(loads[pid] for pid in server.worker_pids() if pid in loads) - wall0)
     ratios = [h / r for h, r in zip(hups, rollbacks)]
     s = spread(ratios)
+    # The spread of the estimate, not only of the samples: with the 95 %
+    # interval of the median on one side of the target, noise cannot flip
+    # the verdict (Figure.settled; the table marks it "~" otherwise).
+    ci95 = median_ci(ratios)
     return figure(
-        RESTART, value=s.p50, n=s.n, p10=s.p10, p90=s.p90,
+        RESTART, value=s.p50, n=s.n, p10=s.p10, p90=s.p90, ci95=ci95,
         baseline=f"a plain Flask app's gunicorn -w {plan.workers} SIGHUP until every worker serves the new code",
         note=(f"per round: HUP until every new worker is up / gitplug rollback from disk (API, gunicorn -w "
               f"{plan.workers}) until every worker serves it"),
         detail={"hup_all_workers_s": hups, "rollback_all_workers_s": rollbacks,
-                "hup_s_p50": spread(hups).p50, "rollback_s_p50": spread(rollbacks).p50},
+                "hup_s_p50": spread(hups).p50, "rollback_s_p50": spread(rollbacks).p50,
+                "ratio_of_medians": spread(hups).p50 / spread(rollbacks).p50,
+                "ratio_min": s.min, "ratio_max": s.max},
     )
 
 

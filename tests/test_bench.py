@@ -19,7 +19,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import pytest
 
-from bench.figures import Figure, Target, Unmeasurable, guarded, quantile, render_table, spread
+from bench.figures import Figure, Target, Unmeasurable, guarded, median_ci, quantile, render_table, spread
 from bench.fixtures import REPO_ROOT
 from bench.loadgen import run_load
 
@@ -47,10 +47,36 @@ def test_figure_json_shape_and_infinity() -> None:
     fig = Figure(key="convergence_s_p99", title="t", unit="s", target=Target("<", 0.5),
                  value=math.inf, n=3, p10=0.1, p90=math.inf, detail={"samples": [0.1, math.inf]})
     data = fig.to_json()
-    assert set(data) == {"value", "unit", "n", "p10", "p90", "target", "met", "baseline", "note", "error", "detail"}
+    assert set(data) == {"value", "unit", "n", "p10", "p90", "target", "met", "ci95", "settled", "baseline",
+                         "note", "error", "detail"}
     assert data["value"] == "inf" and data["met"] is False
     assert data["detail"] == {"samples": [0.1, "inf"]}
     json.dumps(data)  # strict JSON: no Infinity
+
+
+def test_median_interval_is_two_order_statistics_with_95_percent_coverage() -> None:
+    # n = 10: x_2 .. x_9 covers 1 - 2 * P(B(10, 1/2) < 2) = 97.9 %; x_3 .. x_8 only 89 %.
+    assert median_ci([10, 1, 9, 2, 8, 3, 7, 4, 6, 5]) == (2, 9)
+    assert median_ci(list(range(1, 21))) == (6, 15)  # n = 20: 95.9 %
+    assert median_ci([1, 2, 3, 4, 5]) is None  # at best 93.8 %: no 95 % interval from 5 samples
+    assert median_ci([1, 2, 3, 4, 5, 6]) == (1, 6)  # 96.9 %
+
+
+def test_a_verdict_is_settled_only_when_the_whole_interval_agrees() -> None:
+    def fig(ci: tuple[float, float] | None, value: float = 1.6) -> Figure:
+        return Figure(key="restart_ratio", title="t", unit="ratio", target=Target(">=", 20), value=value,
+                      n=10, p10=1.2, p90=1.8, ci95=ci)
+
+    assert fig((1.3, 1.8)).settled is True  # missed, whatever the noise
+    assert fig((18.0, 23.0), value=21.0).settled is False  # met, but noise could flip it
+    assert fig(None).settled is None
+    table = render_table([fig((18.0, 23.0), value=21.0), fig((1.3, 1.8))], {"mode": "quick"})
+    # Columns: figure, value, unit, target (">=", "20"), met.
+    assert [line.split()[5] for line in table.splitlines() if line.startswith("restart_ratio")] == ["~yes", "NO"]
+    assert "straddles the target" in table
+    unjudged = Figure(key="release_rss_mib", title="t", unit="MiB", target=None, value=0.2, n=1)
+    assert (unjudged.met, unjudged.settled, unjudged.to_json()["target"]) == (None, None, None)
+    assert "release_rss_mib  0.200  MiB   -" in render_table([unjudged], {"mode": "quick"})
 
 
 def test_guarded_says_why_a_figure_is_missing() -> None:
