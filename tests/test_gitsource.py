@@ -10,8 +10,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
-from dulwich.objects import Commit, Tree
+from dulwich.objects import Blob, Commit, Tree
 
+from gitplug.deploy import gitsource
 from gitplug.deploy.gitsource import (
     CommitInfo,
     GitSource,
@@ -21,7 +22,7 @@ from gitplug.deploy.gitsource import (
     normalise_url,
     redact_url,
 )
-from gitplug.errors import FetchError, RefNotFound, SourceError
+from gitplug.errors import FetchError, RefNotFound, SourceError, StagingError
 from gitrepo import MODE_EXEC, MODE_FILE, MODE_GITLINK, MODE_LINK, GitRepo, serve_http
 
 T0 = 1_700_000_000
@@ -370,6 +371,67 @@ def test_iter_tree_reports_gitlinks_and_duplicates_verbatim(origin: GitRepo,
     assert (b"vendor/lib", MODE_GITLINK) in paths
     assert (b"a", MODE_LINK) in paths and (b"a/b", MODE_FILE) in paths
     assert (b"../up", MODE_FILE) in paths
+
+
+def _nested_commit(origin: GitRepo, depth: int) -> tuple[str, bytes]:
+    """A commit holding ``ok.txt`` and ``d/d/.../bottom.txt`` (``depth`` directories),
+    built bottom up (the repository helper recurses per level); returns (sha, deep path)."""
+    with origin.open() as repo:
+        blob = Blob.from_string(b"y")
+        repo.object_store.add_object(blob)
+        tree = Tree()
+        tree.add(b"bottom.txt", MODE_FILE, blob.id)
+        repo.object_store.add_object(tree)
+        for _ in range(depth):
+            parent = Tree()
+            parent.add(b"d", 0o040000, tree.id)
+            repo.object_store.add_object(parent)
+            tree = parent
+        tree.add(b"ok.txt", MODE_FILE, blob.id)
+        repo.object_store.add_object(tree)
+        commit = Commit()
+        commit.tree, commit.parents = tree.id, [repo.refs[b"HEAD"]]
+        commit.author = commit.committer = b"Ada <ada@example.com>"
+        commit.author_time = commit.commit_time = T0
+        commit.author_timezone = commit.commit_timezone = 0
+        commit.message = b"nested\n"
+        repo.object_store.add_object(commit)
+        repo.refs[b"refs/heads/nested"] = commit.id
+    return commit.id.decode(), b"d/" * depth + b"bottom.txt"
+
+
+def test_a_deep_nesting_is_refused_without_exhausting_the_stack(origin: GitRepo,
+                                                                  source: GitSource) -> None:
+    sha, _deep = _nested_commit(origin, gitsource.MAX_TREE_DEPTH + 50)
+    source.fetch("hello", origin.url)
+    with pytest.raises(StagingError, match=(
+            rf"plugin 'hello': refusing to stage commit {sha}: directory '(d/){{{gitsource.MAX_TREE_DEPTH}}}'"
+            rf" is nested more than {gitsource.MAX_TREE_DEPTH} levels deep\. Flatten it")):
+        list(source.iter_tree(origin.url, sha, plugin="hello"))
+    # Just under the limit walks to the bottom, in tree order.
+    sha, deep = _nested_commit(origin, gitsource.MAX_TREE_DEPTH - 1)
+    source.fetch("hello", origin.url)
+    assert [e.path for e in source.iter_tree(origin.url, sha)] == [deep, b"ok.txt"]
+
+
+def test_a_huge_directory_listing_is_refused_from_its_header(origin: GitRepo, source: GitSource,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    files = {f"many/{'n' * 60}{i:03}.txt".encode(): (MODE_FILE, b"x") for i in range(200)}
+    sha = origin.commit_tree_raw({b"top.txt": (MODE_FILE, b"t"), **files}, "a long listing")
+    source.fetch("hello", origin.url)
+    assert len(list(source.iter_tree(origin.url, sha))) == 201  # under the real limit
+    read: list[bytes] = []
+    real_raw = gitsource._raw
+    monkeypatch.setattr(gitsource, "_raw", lambda repo, sha, kind: read.append(sha) or real_raw(repo, sha, kind))
+    monkeypatch.setattr(gitsource, "MAX_TREE_OBJECT", 4096)  # the listing of many/ is ~15 KiB
+    with pytest.raises(StagingError, match=(
+            rf"refusing to stage commit {sha}: the listing of 'many/' \(tree [0-9a-f]{{40}}\) is \d+ bytes,"
+            r" over the limit of 0 MiB for one directory\. Split that directory")) as refused:
+        list(source.iter_tree(origin.url, sha, plugin="hello"))
+    many = re.search(r"\(tree ([0-9a-f]{40})\)", str(refused.value)).group(1)  # type: ignore[union-attr]
+    assert many.encode() not in read, "the refused listing was inflated"
+    with pytest.raises(StagingError, match="the listing of 'many/'"):
+        source.entries(origin.url, sha, "many", plugin="hello")
 
 
 # -- URLs --------------------------------------------------------------------

@@ -71,7 +71,7 @@ from dulwich.objects import Commit, Tag, parse_tree
 from dulwich.refs import check_ref_format
 from dulwich.repo import Repo
 
-from gitplug.errors import FetchError, RefNotFound, SourceError, redact_url
+from gitplug.errors import FetchError, RefNotFound, SourceError, StagingError, redact_url
 
 from ..config import Credential
 from . import credentials as creds
@@ -79,6 +79,14 @@ from . import credentials as creds
 __all__ = ["CommitInfo", "GitSource", "ResolvedRef", "TagRef", "TreeEntry", "MODE_GITLINK", "MODE_LINK", "ssh_command"]
 
 logger = logging.getLogger(__name__)
+
+#: One tree object (one directory's listing) is parsed whole. Past this size, about
+#: 200,000 entries with long names, it is refused from its header, before inflating:
+#: a push of a few KiB can hold a tree that inflates to gigabytes.
+MAX_TREE_OBJECT = 64 * 1024 * 1024
+#: Directories nested deeper are refused (the deepest path a kernel opens is ~2,000
+#: one-letter directories; git itself stops at core.maxTreeDepth, 2048 or 4096).
+MAX_TREE_DEPTH = 1024
 
 MODE_TREE = 0o040000
 MODE_LINK = 0o120000
@@ -320,7 +328,7 @@ class GitSource:
         """
         with self._open_mirror(plugin, url, sha) as repo:
             root = tree.encode() if tree else self._get_commit(repo, plugin, url, sha).tree
-            yield from self._walk(repo, b"", root)
+            yield from self._walk(repo, root, plugin=plugin, commit=sha)
 
     def subtree(self, url: str, sha: str, path: str, *, plugin: str = "") -> str | None:
         """The tree id of directory ``path`` (``a/b``, no ``.``/``..``) in commit ``sha``.
@@ -331,12 +339,15 @@ class GitSource:
         """
         with self._open_mirror(plugin, url, sha) as repo:
             tree = self._get_commit(repo, plugin, url, sha).tree
+            walked = b""
             for part in path.split("/"):
-                found = [(mode, child) for name, mode, child in parse_tree(_raw(repo, tree, 2), 20)
+                listing = self._tree_raw(repo, tree, walked, plugin, sha)
+                found = [(mode, child) for name, mode, child in parse_tree(listing, 20)
                          if name == os.fsencode(part)]
                 if len(found) != 1 or found[0][0] != MODE_TREE:
                     return None
                 tree = found[0][1]
+                walked += os.fsencode(part) + b"/"
             return tree.decode()
 
     def entries(self, url: str, sha: str, path: str, *, plugin: str = "") -> dict[str, tuple[int, str]]:
@@ -349,22 +360,50 @@ class GitSource:
             root = tree.encode() if tree else self._get_commit(repo, plugin, url, sha).tree
             if path and tree is None:
                 return {}
-            return {os.fsdecode(name): (mode, child.decode())
-                    for name, mode, child in parse_tree(_raw(repo, root, 2), 20)}
+            listing = self._tree_raw(repo, root, os.fsencode(path + "/") if path else b"", plugin, sha)
+            return {os.fsdecode(name): (mode, child.decode()) for name, mode, child in parse_tree(listing, 20)}
 
     def directories(self, url: str, sha: str, path: str, *, plugin: str = "") -> list[str]:
         """The names of the directories directly inside ``path`` ("" for the root)."""
         return [name for name, (mode, _id) in self.entries(url, sha, path, plugin=plugin).items()
                 if mode == MODE_TREE]
 
-    def _walk(self, repo: Repo, prefix: bytes, tree_sha: bytes) -> Iterator[TreeEntry]:
+    def _walk(self, repo: Repo, root: bytes, *, plugin: str, commit: str) -> Iterator[TreeEntry]:
+        """Depth first, in tree order, with an explicit stack: a hostile nesting cannot
+        exhaust Python's recursion, and each tree object is sized from its header
+        before it is inflated (it is parsed whole)."""
         # Errors surface through _open_mirror's wrapper as FetchError.
         # parse_tree keeps duplicate names; Tree.iteritems() would merge them.
-        for name, mode, child in parse_tree(_raw(repo, tree_sha, 2), 20):
-            if mode == MODE_TREE:
-                yield from self._walk(repo, prefix + name + b"/", child)
-            else:
+        stack = [(b"", iter(parse_tree(self._tree_raw(repo, root, b"", plugin, commit), 20)))]
+        while stack:
+            prefix, listing = stack[-1]
+            entry = next(listing, None)
+            if entry is None:
+                stack.pop()
+                continue
+            name, mode, child = entry
+            if mode != MODE_TREE:
                 yield TreeEntry(prefix + name, mode, child)
+                continue
+            path = prefix + name + b"/"
+            if len(stack) >= MAX_TREE_DEPTH:
+                raise StagingError(
+                    f"plugin {plugin!r}: refusing to stage commit {commit}: directory "
+                    f"{os.fsdecode(path)!r} is nested more than {MAX_TREE_DEPTH} levels deep. Flatten "
+                    "it in the plugin's repository and push again.", plugin=plugin, commit=commit)
+            stack.append((path, iter(parse_tree(self._tree_raw(repo, child, path, plugin, commit), 20))))
+
+    @staticmethod
+    def _tree_raw(repo: Repo, tree: bytes, path: bytes, plugin: str, commit: str) -> bytes:
+        size = _object_size(repo, tree, 2)
+        if size > MAX_TREE_OBJECT:
+            where = repr(os.fsdecode(path)) if path else "the root directory"
+            raise StagingError(
+                f"plugin {plugin!r}: refusing to stage commit {commit}: the listing of {where} "
+                f"(tree {tree.decode()}) is {size} bytes, over the limit of {MAX_TREE_OBJECT >> 20} "
+                "MiB for one directory. Split that directory into several in the plugin's "
+                "repository and push again.", plugin=plugin, commit=commit)
+        return _raw(repo, tree, 2)
 
     def read_blob(self, url: str, blob_sha: bytes, *, plugin: str = "") -> bytes:
         """The contents of blob ``blob_sha`` (hex, as in :class:`TreeEntry`).
