@@ -46,6 +46,7 @@ the server closes the response, or when the wrapper is collected.
 
 from __future__ import annotations
 
+import threading
 import typing as t
 from collections.abc import Iterable, Iterator
 
@@ -55,8 +56,6 @@ from flask.globals import _cv_request
 from .environ import ENVIRON_COUNTED, ENVIRON_FLAT, ENVIRON_RELEASE, ENVIRON_SNAPSHOT
 
 if t.TYPE_CHECKING:
-    import threading
-
     from .loaded import LoadedRelease
     from .snapshot import Snapshot
 
@@ -185,7 +184,8 @@ class _Finish:
 
     Iteration goes straight to the wrapped iterable (no per-chunk cost). A
     server that drops the response without calling ``close()`` still ends
-    the request: ``__del__`` runs when the wrapper is collected.
+    the request: ``__del__`` ends it (on a thread of its own) when the
+    wrapper is collected.
     """
 
     __slots__ = ("_result", "_pins", "_snapshot", "_done")
@@ -212,4 +212,8 @@ class _Finish:
 
     def __del__(self) -> None:
         if not self._done:
-            self.close()
+            # The collector runs this wherever it strikes, also on a thread
+            # that holds the runtime's (non-reentrant) lock, as in a publish,
+            # and unpinning a superseded snapshot takes that lock: end the
+            # request from a thread of its own, which waits for it.
+            threading.Thread(target=self.close, name="gitplug-leave", daemon=True).start()
