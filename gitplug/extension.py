@@ -79,6 +79,9 @@ class GitPlug:
         config = with_discovered(file_config)[0] if file_config is not None else None
         code_cache = CodeCache(config.data_dir / "cache") if config is not None else None
         runtime = Runtime(app, code_cache=code_cache)
+        if config is not None:
+            # No plugin (root, or a prefix with converters) may receive gitplug's own URLs.
+            runtime.reserve(config.api_prefix)
         state = _AppState(runtime, config)
         app.extensions[EXTENSION_KEY] = state
         self._app = app

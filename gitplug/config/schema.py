@@ -28,7 +28,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ..errors import ConfigError, redact_url
-from ..prefixes import mount_key, prefix_problem, prefixes_overlap, under_prefix
+from ..prefixes import PrefixPattern, mount_key, prefix_problem, prefixes_overlap, under_prefix
 from .values import (
     DEFAULT_PUSH_MAX_SIZE,
     DEFAULT_TEST_COMMAND,
@@ -117,6 +117,10 @@ def _bool_value(value: Any) -> bool | None:
 
 
 def _api_prefix_problem(prefix: str) -> str | None:
+    if prefix == "/":
+        return "'/' is the site root, which stays the host application's"
+    if "<" in prefix or ">" in prefix:
+        return "no '<' or '>': gitplug's API prefix is a literal path"
     problem = prefix_problem(prefix)
     if problem is None and prefix.endswith("/"):
         return "remove the trailing '/'"
@@ -968,7 +972,9 @@ class _Checker:
         seen: list[tuple[str, str]] = []
         for name, prefix in self.prefixes.items():
             path = ("plugins", name, "url_prefix")
-            if prefixes_overlap(api_prefix, prefix):
+            # A prefix with converters (or the root) never owns a path under
+            # api_prefix at run time; a literal one would lose all of them.
+            if not PrefixPattern(prefix).kept_out_of(api_prefix):
                 self.report.add(path, f"url_prefix {prefix!r} of plugin "
                                       f"{name!r} clashes with api_prefix {api_prefix!r} "
                                       "(gitplug's own API); choose another url_prefix or "
@@ -976,8 +982,11 @@ class _Checker:
             for other_name, a in seen:
                 b = prefix
                 if prefixes_overlap(a, b):
-                    how = "is the same as" if a == b else ("is inside" if under_prefix(b, a)
-                                                           else "contains")
+                    if "<" in a + b and a != b:
+                        how = "could match the same URLs as"
+                    else:
+                        how = "is the same as" if a == b else ("is inside" if under_prefix(b, a)
+                                                               else "contains")
                     self.report.add(path, f"url_prefix {b!r} of plugin {name!r} {how} "
                                           f"url_prefix {a!r} of plugin {other_name!r}; give "
                                           "each plugin a prefix that does not nest in another")

@@ -681,6 +681,7 @@ class Deployer:
             app.config["TESTING"] = True
             # The same code cache as the servers: verifying here warms it for them.
             self._verify_runtime = Runtime(app, leak_grace_s=0, code_cache=CodeCache(self.layout.root / "cache"))
+            self._verify_runtime.reserve(self.config.api_prefix)
         return self._verify_runtime
 
     def _prune(self, name: str) -> None:

@@ -32,13 +32,13 @@ from flask.templating import _default_template_ctx_processor
 from werkzeug.routing import Map
 
 from ..errors import MountError, PluginLoadError
-from ..prefixes import invalid_prefix_message, mount_key
+from ..prefixes import PrefixConverterError, PrefixPattern, invalid_prefix_message, mount_key
 from .codecache import CodeCache
 from .loader import ReleaseNamespace, import_release, purge_namespace, release_relative
 from .plugin import PlainStaticRule, Plugin, PluginContext, _active_release
 from .templating import TEMPLATE_KINDS, ReleaseTemplateDict, host_registers
 
-__all__ = ["ReleaseSpec", "LoadedRelease", "build_release", "mount_prefix", "HOOK_REGISTRIES"]
+__all__ = ["ReleaseSpec", "LoadedRelease", "build_release", "mount_prefix", "prefix_pattern", "HOOK_REGISTRIES"]
 
 logger = logging.getLogger(__name__)
 
@@ -75,9 +75,14 @@ class ReleaseSpec:
 
 def mount_prefix(spec: ReleaseSpec, plugin: Plugin) -> str:
     """Where a release is mounted: the configuration's (or ``load_directory``'s)
-    ``url_prefix``, else the one ``Plugin(..., url_prefix=...)`` declares, else
-    ``/<name>`` (README, "Writing a plugin": mounting)."""
-    return spec.url_prefix or plugin.url_prefix or f"/{spec.name}"
+    ``url_prefix``, else the one ``Plugin(..., url_prefix=...)`` declares (``""``
+    is the site root, as in Flask), else ``/<name>`` (README, "Writing a plugin":
+    mounting)."""
+    if spec.url_prefix:
+        return spec.url_prefix
+    if plugin.url_prefix == "":
+        return "/"  # as in Flask, a blueprint's own empty prefix is the site root
+    return plugin.url_prefix or f"/{spec.name}"
 
 
 class LoadedRelease:
@@ -97,6 +102,9 @@ class LoadedRelease:
         self.url_prefix = mount_prefix(spec, plugin)
         #: The same without a trailing ``/``: what routing and clash checks compare.
         self.prefix = mount_key(self.url_prefix)
+        #: The prefix parsed with the host's converters (set by :func:`build_release`
+        #: once the prefix is known to be valid): which paths the release owns.
+        self.pattern: PrefixPattern
         self.namespace = namespace
         self.plugin: Plugin | None = plugin
         self.context = PluginContext(
@@ -235,6 +243,19 @@ def _wrap_app_wide(release: LoadedRelease, func: t.Callable[..., t.Any]) -> t.Ca
     return app_wide_hook
 
 
+def prefix_pattern(host: Flask, name: str, url_prefix: str) -> PrefixPattern:
+    """``url_prefix`` (valid) parsed with the host's converters; :class:`MountError` if it
+    names one the host lacks or one that spans segments."""
+    try:
+        return PrefixPattern(url_prefix, host.url_map)
+    except PrefixConverterError as exc:
+        raise MountError(
+            f"plugin {name!r}: url_prefix {url_prefix!r} is not a valid URL prefix ({exc})."
+            " Use a converter the host has, within one segment, such as '/<lang_code>/shop'"
+            " (README, \"Writing a plugin\": mounting)."
+        ) from None
+
+
 def build_release(host: Flask, spec: ReleaseSpec, *, code_cache: CodeCache | None = None) -> LoadedRelease:
     """Import and register a release; nothing touches the live host.
 
@@ -254,6 +275,7 @@ def build_release(host: Flask, spec: ReleaseSpec, *, code_cache: CodeCache | Non
         if invalid is not None:
             # A prefix from Plugin(url_prefix=...): checked like a configured one.
             raise MountError(invalid)
+        release.pattern = prefix_pattern(host, spec.name, release.url_prefix)
         _register(host, release, plugin, namespace)
         _compile_templates(host, release, code_cache)
     except (PluginLoadError, MountError):

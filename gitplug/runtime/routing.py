@@ -21,7 +21,7 @@ import typing as t
 from werkzeug.exceptions import HTTPException, NotFound
 from werkzeug.routing import Map, MapAdapter, Rule
 
-from ..prefixes import under_prefix
+from ..prefixes import PrefixPattern
 from .snapshot import Snapshot
 
 if t.TYPE_CHECKING:
@@ -48,13 +48,15 @@ def _adapter_like(map: Map, base: MapAdapter) -> MapAdapter:
     return MapAdapter(map, *_binding(base))
 
 
-def host_rules_under(rules: t.Iterable[Rule], prefix: str) -> list[Rule]:
+def host_rules_under(rules: t.Iterable[Rule], prefix: PrefixPattern) -> list[Rule]:
     """The rules among ``rules`` that can answer a URL under ``prefix``.
 
-    A build-only rule never matches a request (it only builds URLs that
-    something else serves), so it never takes a URL from a plugin.
+    A rule is under a prefix by its literal path (``/de/shop/x`` under
+    ``/<lang_code>/shop``); under the root every rule is. A build-only rule
+    never matches a request (it only builds URLs that something else
+    serves), so it never takes a URL from a plugin.
     """
-    return [rule for rule in rules if not rule.build_only and under_prefix(rule.rule, prefix)]
+    return [rule for rule in rules if not rule.build_only and prefix.holds_rule(rule.rule)]
 
 
 def claims_map(host_map: Map, rules: t.Iterable[Rule]) -> Map:

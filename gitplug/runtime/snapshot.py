@@ -31,6 +31,10 @@ class Snapshot:
         "by_prefix",
         "_prefix_depths",
         "one_segment",
+        "_fallback",
+        "_variable",
+        "_root",
+        "_reserved",
         "app_wide",
         "app_error_handlers",
         "hooks",
@@ -43,17 +47,34 @@ class Snapshot:
         "closed",
     )
 
-    def __init__(self, releases: Mapping[str, LoadedRelease], generation: int) -> None:
+    def __init__(
+        self, releases: Mapping[str, LoadedRelease], generation: int, reserved: tuple[str, ...] = ()
+    ) -> None:
         #: ``{plugin name: release}``; never mutated after construction.
         self.releases: dict[str, LoadedRelease] = dict(releases)
         self.generation = generation
-        #: ``{prefix: release}``, e.g. ``{"/hello": ...}``.
-        self.by_prefix = {r.prefix: r for r in self.releases.values()}
-        #: Segment counts of the prefixes, deepest first ("/a/b" -> 2).
+        # Literal prefixes are found by dict lookups; prefixes with converters
+        # and the root plugin are asked only when no literal prefix owns a
+        # path (the runtime refuses prefixes that could own the same path, so
+        # the order cannot change the answer, only the cost).
+        #: ``{literal prefix: release}``, e.g. ``{"/hello": ...}``.
+        self.by_prefix = {
+            r.prefix: r for r in self.releases.values() if not (r.pattern.variable or r.pattern.root)
+        }
+        #: Segment counts of the literal prefixes, deepest first ("/a/b" -> 2).
         self._prefix_depths = sorted({p.count("/") for p in self.by_prefix}, reverse=True)
-        #: True when every prefix is one segment ("/hello"): then the first
-        #: segment of a path is the only key to look up.
-        self.one_segment = self._prefix_depths == _ONE_SEGMENT
+        #: ``(match, release)`` of prefixes with converters (``/<lang_code>/shop``).
+        self._variable = tuple(
+            (r.pattern.regex.match, r) for r in self.releases.values() if r.pattern.regex is not None
+        )
+        #: The root plugin (``url_prefix: /``), if one is live.
+        self._root = next((r for r in self.releases.values() if r.pattern.root), None)
+        #: Prefixes no root or converter prefix may own (gitplug's ``api_prefix``).
+        self._reserved = reserved
+        self._fallback = bool(self._variable) or self._root is not None
+        #: True when every prefix is literal and one segment ("/hello"): then
+        #: the first segment of a path is the only key to look up.
+        self.one_segment = self._prefix_depths == _ONE_SEGMENT and not self._fallback
         #: App-wide hooks of all live releases, per registry, in mount order.
         self.app_wide: dict[str, list[t.Any]] = {}
         for release in self.releases.values():
@@ -105,14 +126,16 @@ class Snapshot:
         return len(self.pins)
 
     def release_for_path(self, path: str) -> LoadedRelease | None:
-        """The release whose ``url_prefix`` owns ``path`` (longest prefix wins).
+        """The release whose ``url_prefix`` owns ``path``.
 
-        Cost is one dict lookup per distinct prefix depth, independent of the
-        number of plugins.
+        Literal prefixes first: one dict lookup per distinct prefix depth,
+        independent of the number of plugins, and nothing more on a hit.
+        Only a path no literal prefix owns is matched against prefixes with
+        converters, then given to the root plugin.
         """
-        if not self.by_prefix:
-            return None
         by_prefix = self.by_prefix
+        if not by_prefix:
+            return self._fallback_for_path(path) if self._fallback else None
         if self.one_segment:
             # The common case: every prefix is one segment ("/hello").
             end = path.find("/", 1)
@@ -128,7 +151,21 @@ class Snapshot:
             release = by_prefix.get(candidate)
             if release is not None and (end >= 0 or candidate.count("/") == depth):
                 return release
-        return None
+        return self._fallback_for_path(path) if self._fallback else None
+
+    def _fallback_for_path(self, path: str) -> LoadedRelease | None:
+        """The owner of a path no literal prefix owns: a prefix with converters, else the root.
+
+        Never under a reserved prefix (gitplug's ``api_prefix``: its URLs, and
+        the status page cookie scoped to them, are never a plugin's).
+        """
+        for reserved in self._reserved:
+            if path == reserved or path.startswith(reserved + "/"):
+                return None
+        for match, release in self._variable:
+            if match(path) is not None:
+                return release
+        return self._root
 
     def release_for_scope(self, scope: str) -> LoadedRelease | None:
         """The release owning a blueprint scope or endpoint (``hello.x``)."""

@@ -35,11 +35,11 @@ from werkzeug.routing import Map, MapAdapter, Rule
 
 from .. import signals
 from ..errors import HealthCheckFailed, MountError, OnLoadFailed, PluginLoadError
-from ..prefixes import invalid_prefix_message, mount_key, prefixes_overlap
+from ..prefixes import PrefixPattern, invalid_prefix_message
 from .codecache import CodeCache
 from .environ import ENVIRON_RELEASE, ENVIRON_SNAPSHOT
 from .hooks import LayeredErrorHandlers, LayeredHooks, LayeredViews
-from .loaded import HOOK_REGISTRIES, LoadedRelease, ReleaseSpec, build_release
+from .loaded import HOOK_REGISTRIES, LoadedRelease, ReleaseSpec, build_release, prefix_pattern
 from .loader import fault_location
 from .pinning import PinRequests, install_response_check
 from .routing import SnapshotAdapter, claims_map, host_claims, host_rules_under, install_snapshot_map
@@ -86,6 +86,10 @@ class Runtime:
         #: by the host map's ``add``; ``_claims`` holds their private maps.
         self._host_under: dict[str, list[Rule]] = {}
         self._claims: dict[str, Map] = {}
+        #: ``{live prefix: its pattern}``, for rules the host adds later.
+        self._patterns: dict[str, PrefixPattern] = {}
+        #: Prefixes no plugin may share (gitplug's own ``api_prefix``): see :meth:`reserve`.
+        self.reserved_prefixes: tuple[str, ...] = ()
         self._install()
 
     # -- installation ------------------------------------------------------
@@ -210,6 +214,16 @@ class Runtime:
 
     # -- loading and swapping ----------------------------------------------
 
+    def reserve(self, prefix: str) -> None:
+        """Keep every plugin out of ``prefix`` (gitplug's ``api_prefix``).
+
+        A literal prefix overlapping it is refused; the root plugin and
+        prefixes with converters never own a path under it. gitplug's status
+        page cookie is scoped to that path, and no plugin may receive it.
+        """
+        if prefix not in self.reserved_prefixes:
+            self.reserved_prefixes = (*self.reserved_prefixes, prefix)
+
     def check_mount(self, name: str, url_prefix: str) -> None:
         """Refuse an invalid prefix, a name the host's blueprints use, or a prefix another plugin has.
 
@@ -220,13 +234,13 @@ class Runtime:
         invalid = invalid_prefix_message(name, url_prefix)
         if invalid is not None:
             raise MountError(invalid)
-        url_prefix = mount_key(url_prefix)
+        pattern = prefix_pattern(self.app, name, url_prefix)
         if name in self.app.blueprints:
             raise MountError(
                 f"plugin {name!r}: the host application already has a blueprint named"
                 f" {name!r}. Rename the plugin in the configuration."
             )
-        clash = _prefix_clash(name, url_prefix, self.snapshot.releases.values())
+        clash = _prefix_clash(name, pattern, self.snapshot.releases.values(), self.reserved_prefixes)
         if clash is not None:
             raise MountError(clash)
 
@@ -261,12 +275,14 @@ class Runtime:
 
     def _track_prefixes(self, snapshot: Snapshot) -> None:
         """Follow the live prefixes of ``snapshot``: scan the host's rules for new ones. Lock held."""
-        live = {release.prefix for release in snapshot.releases.values()}
-        for prefix in set(self._host_under) - live:
+        live = {release.prefix: release.pattern for release in snapshot.releases.values()}
+        for prefix in set(self._host_under) - set(live):
             self._set_host_under(prefix, [])
             del self._host_under[prefix]
-        for prefix in live - set(self._host_under):
-            self._set_host_under(prefix, host_rules_under(self.app.url_map.iter_rules(), prefix))
+            del self._patterns[prefix]
+        for prefix in set(live) - set(self._host_under):
+            self._patterns[prefix] = live[prefix]
+            self._set_host_under(prefix, host_rules_under(self.app.url_map.iter_rules(), live[prefix]))
 
     def host_rules_added(self, rules: list[Rule]) -> None:
         """Called by the host's map for rules added after gitplug was installed.
@@ -279,12 +295,14 @@ class Runtime:
         found: list[tuple[str, Rule]] = []
         with self._lock:
             for prefix, current in list(self._host_under.items()):
-                new = host_rules_under(rules, prefix)
+                new = host_rules_under(rules, self._patterns[prefix])
                 if new:
                     self._set_host_under(prefix, current + new)
                     found.extend((prefix, rule) for rule in new)
             owners = {release.prefix: release.name for release in self.snapshot.releases.values()}
         for prefix, rule in found:
+            if self._patterns[prefix].root:
+                continue
             logger.warning(
                 "plugin %s: the host added route %r (endpoint %r) under url_prefix %r; the host's"
                 " route answers it from now on (host routes win)",
@@ -368,7 +386,7 @@ class Runtime:
     def _clash(self, release: LoadedRelease, others: t.Iterable[LoadedRelease]) -> str | None:
         """Why ``release`` cannot be live beside ``others``, or None."""
         others = list(others)
-        clash = _prefix_clash(release.name, release.prefix, others)
+        clash = _prefix_clash(release.name, release.pattern, others, self.reserved_prefixes)
         if clash is not None:
             return clash
         for other in others:
@@ -405,13 +423,14 @@ class Runtime:
                 if release is not None:
                     releases[name] = release
                     release.retired = False
-                new_snapshot = Snapshot(releases, next(self._generations))
+                new_snapshot = Snapshot(releases, next(self._generations), self.reserved_prefixes)
                 for live in new_snapshot.releases.values():
                     live.snapshot_refs += 1
                 self._open_snapshots.add(new_snapshot)
                 self._sync_registries()
                 self._track_prefixes(new_snapshot)
-                if release is not None:
+                if release is not None and not release.pattern.root:
+                    # The root serves only what the host does not: no overlap to report.
                     overlapped = list(self._host_under.get(release.prefix, ()))
                 if old is not None and old is not release:
                     old.retired = True
@@ -602,13 +621,35 @@ class Runtime:
             self._reaper.join(timeout=5)
 
 
-def _prefix_clash(name: str, prefix: str, others: t.Iterable[LoadedRelease]) -> str | None:
-    """Why plugin ``name`` cannot take ``prefix`` beside ``others``, or None."""
+def _prefix_clash(
+    name: str, pattern: PrefixPattern, others: t.Iterable[LoadedRelease], reserved: t.Iterable[str] = ()
+) -> str | None:
+    """Why plugin ``name`` cannot take ``pattern`` beside ``others``, or None.
+
+    Two prefixes clash when some path could lie under both (equal, nested, or
+    converters that could match the same segment); the root clashes only
+    with another root. A literal prefix must not overlap a reserved prefix
+    (gitplug's ``api_prefix``); the root and prefixes with converters never
+    own a path under one (see :class:`~gitplug.runtime.snapshot.Snapshot`).
+    """
+    prefix = pattern.key
     for other in others:
-        if other.name != name and prefixes_overlap(other.prefix, prefix):
+        if other.name != name and other.pattern.could_overlap(pattern):
+            if pattern.root:
+                return (
+                    f"plugin {name!r}: url_prefix '/' (the site root) is already taken by plugin"
+                    f" {other.name!r}; one plugin per host may serve the site root. Give one of"
+                    " them another prefix."
+                )
             return (
                 f"plugin {name!r}: url_prefix {prefix!r} overlaps plugin {other.name!r} at"
-                f" {other.prefix!r}. Give each plugin its own prefix."
+                f" {other.prefix!r} (some URL could lie under both). Give each plugin its own prefix."
+            )
+    for taken in reserved:
+        if not pattern.kept_out_of(taken):
+            return (
+                f"plugin {name!r}: url_prefix {prefix!r} overlaps {taken!r}, gitplug's own"
+                " api_prefix. Give the plugin another prefix, or set api_prefix elsewhere."
             )
     return None
 
