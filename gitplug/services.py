@@ -16,14 +16,18 @@ process) runs :class:`HostServices`:
   few seconds of the controller's death.
 
 In a fleet (``state: postgresql://...``; README, "Running a fleet") each host
-has its own data directory and controller, and the controllers compete for
-one fleet-wide lease (:meth:`~gitplug.state.StateStore.acquire_lease`): its
-holder, the *leader*, polls and runs every deploy (requests from any host
-reach it through the store); every other controller *follows*: when the
-store's live commit changes it fetches that commit into its own mirror,
-stages it, checks its tree and swaps it (no test run), and reports what its
-host serves in the host heartbeat. Changes are heard through the store's
-change feed (``LISTEN``/``NOTIFY``), with a slow poll as the backstop.
+has its own data directory and controller, and the controllers share out
+one lease per plugin (and per ``discover`` entry;
+:meth:`~gitplug.state.StateStore.acquire_lease`), each host taking at most
+its fair share of the plugins and handing one to a host that has fewer: a
+plugin's holder, its *leader*, polls it and runs its deploys (requests
+from any host reach it through the store), so two plugins may deploy on
+two hosts at once; when it dies another host takes the lease within
+seconds. Every other controller *follows* the plugin: when the store's
+live commit changes it fetches that commit into its own mirror, stages it,
+checks its tree and swaps it (no test run), and reports what its host
+serves in the host heartbeat. Changes are heard through the store's change
+feed (``LISTEN``/``NOTIFY``), with a slow poll as the backstop.
 
 The store may be unreachable at any time: every background call is guarded,
 the trouble is logged once, this process keeps serving what it serves, and
@@ -35,11 +39,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import threading
 import time
 import typing as t
 import uuid
+import zlib
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -53,6 +59,7 @@ from .deploy.triggers import PollScheduler, Trigger, TriggerQueue
 from .errors import GitplugError, StateError, UnknownPlugin
 from .runtime.swap import Runtime
 from .state import (
+    HOST_LOST_AFTER_S,
     DeployRecord,
     DeployResult,
     HostInfo,
@@ -84,8 +91,10 @@ class HostServices:
     #: Seconds between reads of the change counter when the store announces
     #: changes (the backstop for a lost notification).
     backstop_interval = 2.0
-    #: The name of the fleet-wide lease that makes a controller the leader.
-    lease_name = "leader"
+    #: Prefix of the per-plugin leases: ``poll:<plugin>``, ``poll:discover:<index>``.
+    lease_prefix = "poll:"
+    #: Seconds a host keeps a lease it took before it may hand it to a host with fewer.
+    rebalance_after_s = 5.0
 
     def __init__(
         self,
@@ -111,7 +120,9 @@ class HostServices:
         self._controller_lock = FileLock(self.layout.lock_file("controller"))
         self.is_controller = False
         self.host_id = config.host
-        self._lease: Lease | None = None
+        #: The leases this process holds, by unit (a plugin, or ``discover:<index>``).
+        self._leases: dict[str, Lease] = {}
+        self._lease_taken: dict[str, float] = {}
         #: Commits this process could not serve, per plugin, and why (not retried).
         self._refused: dict[str, tuple[str, str]] = {}
         self._store_down = False
@@ -140,8 +151,17 @@ class HostServices:
 
     @property
     def is_leader(self) -> bool:
-        """This process runs the deploys: it controls its host and holds the fleet's lease."""
-        return self.is_controller and self._lease is not None
+        """This process leads some plugin: it controls its host and holds a plugin's lease."""
+        return self.is_controller and bool(self._leases)
+
+    def holds(self, unit: str) -> bool:
+        """This process polls and deploys ``unit`` (a plugin, or ``discover:<index>``).
+
+        On one host (a SQLite store) its controller does so for every plugin.
+        """
+        if not self.is_controller:
+            return False
+        return unit in self._leases or not self._fleet
 
     def restore(self) -> None:
         """Serve every plugin's last live release from disk; no network but the store.
@@ -268,7 +288,8 @@ class HostServices:
         self._pushed_stats = {}
         self._seen_counter = -1
         self._converge_lock = threading.Lock()
-        self._lease = None
+        self._leases = {}
+        self._lease_taken = {}
         self._refused = {}
         self._beat_now = threading.Event()
 
@@ -280,7 +301,7 @@ class HostServices:
         self._threads = []
         self.scheduler.shutdown()
         self.queue.shutdown(wait=False)
-        self._drop_lease()
+        self._drop_leases()
         if self.is_controller:
             self._controller_lock.release()
             self.is_controller = False
@@ -459,7 +480,8 @@ class HostServices:
                 live = self.runtime.live(name)
                 refused = self._refused.get(name)
                 plugins[name] = HostPlugin(
-                    live.commit if live is not None else None, refused[1] if refused else None
+                    live.commit if live is not None else None, refused[1] if refused else None,
+                    leads=self.holds(name),
                 )
             self.store.host_heartbeat(HostInfo(self.host_id, now, plugins, leader=self.is_leader))
 
@@ -492,7 +514,9 @@ class HostServices:
                     self._elect()
                     if self.is_leader:
                         self._take_requests()
-                        self.auto_rollback.check(self.config)
+                        self.auto_rollback.check(
+                            self.config, only={n for n in self.config.plugins if self.holds(n)}
+                        )
                     self._store_ok()
                 except StateError as exc:
                     self._store_trouble(exc)
@@ -507,31 +531,102 @@ class HostServices:
             else:
                 self._stop.wait(self.election_interval)
 
-    def _elect(self) -> None:
-        """Keep, lose or take the fleet's lease (always granted on one machine's store)."""
-        if self._lease is not None:
-            if self._lease.alive():
-                return
-            self._drop_lease()
-            logger.warning("gitplug: host %s lost the fleet lease; another host will deploy", self.host_id)
-        lease = self.store.acquire_lease(self.lease_name)
-        if lease is None:
-            return
-        self._lease = lease
-        if self._fleet:
-            logger.info("gitplug: host %s leads the fleet: it polls and runs the deploys", self.host_id)
-        try:
-            self._become_leader()
-        except BaseException:
-            self._drop_lease()
-            raise
+    def _units(self) -> list[str]:
+        """What leases are for: every plugin, and every ``discover`` entry."""
+        return [*self.config.plugins, *(f"{_DISCOVER}{i}" for i in range(len(self.file_config.discover)))]
 
-    def _drop_lease(self) -> None:
-        lease, self._lease = self._lease, None
+    def _preference(self, unit: str) -> int:
+        # Each host ranks the plugins differently, so hosts starting together
+        # go for different plugins first.
+        return zlib.crc32(f"{self.host_id}/{unit}".encode())
+
+    def _held_plugins(self) -> list[str]:
+        return [unit for unit in self._leases if not unit.startswith(_DISCOVER)]
+
+    def _share(self, plugins: int) -> tuple[int, bool]:
+        """``(plugins this host may lead, whether a live host leads fewer than that)``.
+
+        The share is the plugins divided by the live hosts, rounded up, so
+        the hosts' shares together cover every plugin; a dead host counts
+        until it is ``lost`` (10 s), which bounds a takeover.
+        """
+        if not self._fleet:
+            return plugins, False
+        now = time.time()
+        others = [
+            host for host in self.store.hosts()
+            if host.host_id != self.host_id and now - host.heartbeat_at <= HOST_LOST_AFTER_S
+        ]
+        share = math.ceil(plugins / (len(others) + 1))
+        short = any(sum(1 for p in host.plugins.values() if p.leads) < share for host in others)
+        return share, short
+
+    def _elect(self) -> None:
+        """Keep, lose, take or hand over leases (always granted on one machine's store)."""
+        units = self._units()
+        changed = False
+        for unit, lease in list(self._leases.items()):
+            if unit in units and lease.alive():
+                continue
+            self._release(unit)
+            changed = True
+            if unit in units:
+                logger.warning("gitplug: host %s lost the lease of %s; another host will deploy it",
+                               self.host_id, unit)
+        share, short = self._share(sum(1 for unit in units if not unit.startswith(_DISCOVER)))
+        handed: str | None = None
+        held = self._held_plugins()
+        if short and len(held) > share:
+            now = time.monotonic()
+            settled = [u for u in held if now - self._lease_taken.get(u, now) >= self.rebalance_after_s]
+            if settled:
+                # The plugin this host ranks last goes to a host that has fewer than its share.
+                handed = max(settled, key=self._preference)
+                self._release(handed)
+                changed = True
+                logger.info("gitplug: host %s hands plugin %s to a host that leads fewer", self.host_id, handed)
+        for unit in sorted(units, key=self._preference):
+            if unit in self._leases or unit == handed:
+                continue
+            if not unit.startswith(_DISCOVER) and len(self._held_plugins()) >= share:
+                continue
+            lease = self.store.acquire_lease(self.lease_prefix + unit)
+            if lease is None:
+                continue
+            self._leases[unit] = lease
+            self._lease_taken[unit] = time.monotonic()
+            changed = True
+            if self._fleet:
+                logger.info("gitplug: host %s leads %s: it polls it and runs its deploys", self.host_id, unit)
+            try:
+                self._become_holder(unit)
+            except BaseException:
+                self._release(unit)
+                raise
+        if changed:
+            self._schedule()
+            self._beat_now.set()
+
+    def _release(self, unit: str) -> None:
+        lease = self._leases.pop(unit, None)
+        self._lease_taken.pop(unit, None)
         if lease is not None:
             lease.release()
-            self.scheduler.set_plugins({})
-            self._beat_now.set()
+
+    def _drop_leases(self) -> None:
+        for unit in list(self._leases):
+            self._release(unit)
+        self.scheduler.set_plugins({})
+        self._beat_now.set()
+
+    def _schedule(self) -> None:
+        """Poll what this process leads."""
+        intervals = {u: i for u, i in self._poll_intervals(self.config).items() if u in self._leases}
+        # The first polls come a second from now: they finish what the
+        # previous holder was deploying (an interrupted commit is retried).
+        self.scheduler.set_plugins(intervals)
+        if intervals:
+            self.scheduler.start()
 
     def _become_controller(self) -> None:
         try:
@@ -545,35 +640,30 @@ class HostServices:
         except StateError as exc:
             self._store_trouble(exc)
 
-    def _become_leader(self) -> None:
-        """Close the deploys the previous leader left running, then poll."""
-        for name in self.config.plugins:
-            lock = self.deployer.lock_for(name)
-            if not lock.acquire(blocking=False):
-                continue  # a CLI deploy is running here: its record is not interrupted
-            try:
-                for record in self.store.history(name, limit=10):
-                    if record.result != DeployResult.RUNNING:
-                        continue
-                    if record.host != self.host_id and record.trigger == "cli":
-                        continue  # a command line on another host runs it, not a leader
+    def _become_holder(self, unit: str) -> None:
+        """Close the deploys of ``unit`` that a dead process left running."""
+        if unit.startswith(_DISCOVER) or unit not in self.config.plugins:
+            return
+        lock = self.deployer.lock_for(unit)
+        # Not to be had: a deploy of it runs (a command line, or in a fleet
+        # any process of any host): its record is not interrupted.
+        if not lock.acquire(blocking=False):
+            return
+        try:
+            for record in self.store.history(unit, limit=10):
+                if record.result == DeployResult.RUNNING:
                     self.store.finish_deploy(
-                        record.id,
-                        result=DeployResult.INTERRUPTED,
-                        error="the process died during the deploy",
+                        record.id, result=DeployResult.INTERRUPTED, error="the process died during the deploy",
                     )
-            finally:
-                lock.release()
-        # The first polls come a second from now: they finish what the
-        # previous leader was deploying (an interrupted commit is retried).
-        self.scheduler.set_plugins(self._poll_intervals(self.config))
-        self.scheduler.start()
+        finally:
+            lock.release()
 
     def _take_requests(self) -> None:
         take = getattr(self.store, "take_deploy_requests", None)
         if take is None:
             return
-        for request in take():
+        # In a fleet, only the requests of what this host leads; the rest wait for their leader.
+        for request in take(list(self._leases) if self._fleet else None):
             self.queue.submit(Trigger(request.plugin, request.trigger, request.ref))
 
     def _run_trigger(self, trigger: Trigger) -> DeployRecord | None:
@@ -597,13 +687,13 @@ class HostServices:
     def trigger(
         self, plugin: str, kind: str, ref: str | None = None, *, at: float | None = None
     ) -> Future[DeployRecord | None] | None:
-        """Queue a deploy here if this process leads, else via the store (to the leader).
+        """Queue a deploy here if this process leads the plugin, else via the store (to its leader).
 
         ``at`` (``time.monotonic()``) is when its cause was known, e.g. when a
         webhook arrived: the plugins of one repository it triggers then share
         one fetch (:meth:`~gitplug.deploy.pipeline.Deployer.fetch`).
         """
-        if self.is_leader or self._started_pid is None:
+        if self.holds(plugin) or self._started_pid is None:
             if at is None:
                 return self.queue.submit(Trigger(plugin, kind, ref))
             return self.queue.submit(Trigger(plugin, kind, ref, at=at))
@@ -638,13 +728,20 @@ class HostServices:
 
     def _after_fetch(self, url: str, started: float) -> None:
         """A plugin's deploy fetched ``url``: scan the discover entries of that repository."""
-        if not self.is_leader and self._started_pid is not None:
+        if not self.is_controller and self._started_pid is not None:
             return
         mirror = self.deployer.git.mirror_path(url)
         for index, entry in enumerate(self.file_config.discover):
             if self.deployer.git.mirror_path(entry.repo) == mirror:
-                # at=started: the scan uses that fetch instead of fetching again.
-                self.queue.submit(Trigger(f"{_DISCOVER}{index}", "discover", at=started))
+                unit = f"{_DISCOVER}{index}"
+                if self.holds(unit) or self._started_pid is None:
+                    # at=started: the scan uses that fetch instead of fetching again.
+                    self.queue.submit(Trigger(unit, "discover", at=started))
+                    continue
+                try:  # another host leads the scan: it fetches for itself
+                    self.store.request_deploy(unit, trigger="discover")
+                except StateError as exc:
+                    self._store_trouble(exc)
 
     def discover(self, index: int, *, fresh_after: float | None = None) -> list[str]:
         """Scan ``discover[index]`` (fetching its repository) and apply what changed.
@@ -717,9 +814,10 @@ class HostServices:
         self.file_config = new_file
         new, _problems = with_discovered(new_file)
         diff = self._adopt(new, "config")
-        if rescan and (self.is_leader or self._started_pid is None):
+        if rescan:
             for index in range(len(new_file.discover)):
-                self.queue.submit(Trigger(f"{_DISCOVER}{index}", "discover"))
+                if self.holds(f"{_DISCOVER}{index}") or self._started_pid is None:
+                    self.queue.submit(Trigger(f"{_DISCOVER}{index}", "discover"))
         return diff
 
     def _adopt(self, new: GitplugConfig, kind: str) -> ConfigDiff:
@@ -755,8 +853,9 @@ class HostServices:
                 or before.config != after.config or before.entry != after.entry
             ):
                 self.deployer.load_from_disk(name, live.commit)
-        if self.is_leader or self._started_pid is None:
-            for name in (*diff.added, *diff.changed):
+        for name in (*diff.added, *diff.changed):
+            # In a fleet, a plugin added here is deployed by whichever host takes its lease.
+            if self.holds(name) or self._started_pid is None:
                 self.queue.submit(Trigger(name, kind))
         return diff
 
@@ -770,7 +869,7 @@ class HostServices:
         the controller through the store, so only one process per host
         fetches, stages and tests; the record is read back from the store.
         """
-        if self.is_leader or self._started_pid is None:
+        if self.holds(plugin) or self._started_pid is None:
             return self.queue.submit(Trigger(plugin, kind, ref)).result(timeout=timeout)
         last = self.store.last_deploy(plugin)
         after = last.id if last is not None else 0
@@ -793,7 +892,7 @@ class HostServices:
         for callback in self.on_config:
             callback(config)
         self._ensure_hosted()
-        if self.is_leader:
-            self.scheduler.set_plugins(self._poll_intervals(config))
+        if self.is_controller:
+            self._schedule()
         self._converge_guarded(force=True)
 

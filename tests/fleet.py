@@ -32,7 +32,10 @@ TOKEN = "fleet-admin-token"
 GATE = ["python", "-m", "pytest", "-q", "-p", "no:cacheprovider"]
 
 
-def write_host_config(path: Path, host_id: str, repo_url: str, *, gate: bool = True) -> Path:
+def write_host_config(
+    path: Path, host_id: str, repo_url: str, *, gate: bool = True, more: t.Mapping[str, str] | None = None
+) -> Path:
+    """A host's deploy.yaml: plugin ``hello`` from ``repo_url``, and ``more`` ({name: repo url})."""
     data = {
         "data_dir": "data",
         "host_id": host_id,
@@ -42,6 +45,10 @@ def write_host_config(path: Path, host_id: str, repo_url: str, *, gate: bool = T
         "webhook": {"secret": "${GITPLUG_WEBHOOK_SECRET}"},
         "plugins": {
             "hello": {"repo": repo_url, "ref": "main", "test": GATE if gate else False, "test_timeout": 60},
+            **{
+                name: {"repo": url, "ref": "main", "test": GATE if gate else False, "test_timeout": 60}
+                for name, url in (more or {}).items()
+            },
         },
     }
     path.write_text(yaml.safe_dump(data, sort_keys=False))
@@ -52,12 +59,13 @@ class Host:
     """One host of the fleet: a server process (or gunicorn) on its own port and data_dir."""
 
     def __init__(
-        self, root: Path, host_id: str, state_url: str, repo_url: str, *, workers: int = 0, gate: bool = True
+        self, root: Path, host_id: str, state_url: str, repo_url: str, *, workers: int = 0, gate: bool = True,
+        more: t.Mapping[str, str] | None = None,
     ) -> None:
         self.host_id = host_id
         self.dir = root / host_id
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.config = write_host_config(self.dir / "deploy.yaml", host_id, repo_url, gate=gate)
+        self.config = write_host_config(self.dir / "deploy.yaml", host_id, repo_url, gate=gate, more=more)
         self.workers = workers  # 0: `gitplug serve`, else gunicorn -w workers
         self.state_url = state_url
         self.port = free_port()
@@ -131,8 +139,8 @@ class Host:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def answer(self) -> str:
-        return get(self.base + "/hello/")
+    def answer(self, plugin: str = "hello") -> str:
+        return get(f"{self.base}/{plugin}/")
 
     def serves(self, sha: str, *, tries: int = 1) -> bool:
         """Whether every one of ``tries`` answers is the release of ``sha``
@@ -148,8 +156,8 @@ class Host:
         )
         return status, json.loads(text) if text else None
 
-    def status(self) -> dict[str, t.Any]:
-        status, data = self.api("GET", "/plugins/hello")
+    def status(self, plugin: str = "hello") -> dict[str, t.Any]:
+        status, data = self.api("GET", f"/plugins/{plugin}")
         assert status == 200, data
         return t.cast(dict[str, t.Any], data)
 
@@ -198,10 +206,10 @@ def _gunicorn_isolation() -> list[str]:
     return ["--no-control-socket"] if any(s.name == "control_socket_disable" for s in KNOWN_SETTINGS) else []
 
 
-def leader_of(host: Host) -> str | None:
-    """The id of the host the fleet's status (as ``host`` sees it) marks as leader."""
+def leader_of(host: Host, plugin: str = "hello") -> str | None:
+    """The id of the host that leads ``plugin``, as ``host``'s status shows it."""
     try:
-        hosts = host.status()["hosts"]
+        hosts = host.status(plugin)["hosts"]
     except (OSError, AssertionError, ValueError):
         return None
     leaders = [h for h, entry in hosts.items() if entry.get("leader") and entry["state"] != "lost"]

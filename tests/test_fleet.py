@@ -40,8 +40,11 @@ class Fleet:
         self.repo = GitRepo(root / "hello-repo")
         self.hosts: list[Host] = []
 
-    def host(self, host_id: str, *, workers: int = 0, state_url: str | None = None) -> Host:
-        host = Host(self.root, host_id, state_url or self.db_url, self.repo.url, workers=workers)
+    def host(
+        self, host_id: str, *, workers: int = 0, state_url: str | None = None,
+        more: t.Mapping[str, str] | None = None,
+    ) -> Host:
+        host = Host(self.root, host_id, state_url or self.db_url, self.repo.url, workers=workers, more=more)
         self.hosts.append(host)
         return host
 
@@ -317,6 +320,52 @@ def parse_started(record: dict[str, t.Any]) -> float:
     from gitplug.state import parse_iso
 
     return parse_iso(record["started_at"]).timestamp()
+
+
+SLEEPY_GATE_TEST = """\
+import time
+
+
+def test_takes_a_while():
+    time.sleep(3)
+"""
+
+
+def test_two_plugins_deploy_on_two_hosts_at_once(fleet: Fleet) -> None:
+    world = GitRepo(fleet.root / "world-repo")
+    v1 = {"hello": write_version(fleet.repo, "hello", "v1", gate_test=True),
+          "world": write_version(world, "world", "v1", gate_test=True)}
+    more = {"world": world.url}
+    a = fleet.host("web-1", more=more).start()
+    b = fleet.host("web-2", more=more).start()
+    for name in ("hello", "world"):
+        wait_for(lambda name=name: all(v1[name][:12] in h.answer(name) for h in (a, b)),  # type: ignore[misc]
+                 timeout=CONVERGE_S, what=f"{name} v1 on both hosts")
+    # One lease per plugin, shared out: each host leads one of the two.
+    wait_for(
+        lambda: {leader_of(a, "hello"), leader_of(a, "world")} == {"web-1", "web-2"},
+        timeout=CONVERGE_S, what="each host leading one plugin",
+    )
+
+    # A push to each: the two test runs (3 s each) happen at once, each on its plugin's leader.
+    for repo in (fleet.repo, world):
+        repo.write("tests/test_slow.py", SLEEPY_GATE_TEST)
+    v2 = {"hello": write_version(fleet.repo, "hello", "v2", gate_test=True),
+          "world": write_version(world, "world", "v2", gate_test=True)}
+    assert a.hook(fleet.repo.url, v2["hello"])[0] == 202
+    assert a.hook(world.url, v2["world"])[0] == 202
+    for name in ("hello", "world"):
+        wait_for(lambda name=name: all(v2[name][:12] in h.answer(name) for h in (a, b)),  # type: ignore[misc]
+                 timeout=CONVERGE_S, what=f"{name} v2 on both hosts")
+    records = {}
+    for name in ("hello", "world"):
+        history = a.api("GET", f"/plugins/{name}/history")[1]
+        records[name] = next(r for r in history if r["commit"] == v2[name] and r["result"] == "live")
+    hello, world_record = records["hello"], records["world"]
+    assert hello["host"] != world_record["host"], records
+    assert parse_started(hello) < _finished_at(world_record), records  # the two runs overlapped
+    assert parse_started(world_record) < _finished_at(hello), records
+    assert len(a.test_logs()) + len(b.test_logs()) == 2  # hello's runs; each tested once (v1, v2)
 
 
 def test_a_killed_leader_is_replaced_and_no_host_serves_a_half_deploy(fleet: Fleet) -> None:

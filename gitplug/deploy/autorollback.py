@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from ..config import GitplugConfig
@@ -42,19 +43,22 @@ class AutoRollbackWatch:
         #: looked at the store since some moment (a test, a debugger) waits for it to grow.
         self.checks = 0
 
-    def check(self, config: GitplugConfig) -> list[DeployRecord]:
-        """Roll back every release that breached its error budget; return the records."""
+    def check(self, config: GitplugConfig, *, only: Collection[str] | None = None) -> list[DeployRecord]:
+        """Roll back every release that breached its error budget; return the records.
+
+        ``only``: judge these plugins alone (in a fleet, the ones this host leads).
+        """
         try:
-            return self._check(config)
+            return self._check(config, only)
         finally:
             self.checks += 1
 
-    def _check(self, config: GitplugConfig) -> list[DeployRecord]:
+    def _check(self, config: GitplugConfig, only: Collection[str] | None) -> list[DeployRecord]:
         done: list[DeployRecord] = []
         now = time.monotonic()
         for name, plugin in config.plugins.items():
             policy = plugin.auto_rollback
-            if policy is None:
+            if policy is None or (only is not None and name not in only):
                 self._watched.pop(name, None)
                 continue
             state = self.store.get_plugin(name)

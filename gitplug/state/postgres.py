@@ -30,7 +30,7 @@ import os
 import threading
 import time
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any
 
@@ -563,12 +563,17 @@ class PostgresStateStore:
         assert row is not None
         return int(row["id"])
 
-    def take_deploy_requests(self) -> list[DeployRequest]:
-        if not self._read("read deploy requests", "SELECT 1 FROM deploy_requests LIMIT 1"):
+    def take_deploy_requests(self, plugins: Collection[str] | None = None) -> list[DeployRequest]:
+        names = None if plugins is None else sorted(plugins)
+        if names == []:
+            return []
+        where = "" if names is None else " WHERE plugin = ANY(%s)"
+        params: tuple[Any, ...] = () if names is None else (names,)
+        if not self._read("read deploy requests", f"SELECT 1 FROM deploy_requests{where} LIMIT 1", params):
             return []
         with self._write("take deploy requests") as conn:
             rows = conn.execute(
-                "DELETE FROM deploy_requests RETURNING id, plugin, trigger, ref, requested_at"
+                f"DELETE FROM deploy_requests{where} RETURNING id, plugin, trigger, ref, requested_at", params
             ).fetchall()
         rows.sort(key=lambda row: row["id"])
         return [DeployRequest(**{**row, "id": int(row["id"])}) for row in rows]
@@ -622,7 +627,7 @@ class PostgresStateStore:
         return int(rows[0]["r"]), int(rows[0]["e"])
 
     def host_heartbeat(self, host: HostInfo) -> None:
-        plugins = {name: [p.live_commit, p.error] for name, p in host.plugins.items()}
+        plugins = {name: [p.live_commit, p.error, p.leads] for name, p in host.plugins.items()}
         with self._write(f"record the heartbeat of host {host.host_id!r}") as conn:
             conn.execute(
                 "INSERT INTO hosts (host_id, heartbeat_at, plugins, leader) VALUES (%s, %s, %s, %s) "

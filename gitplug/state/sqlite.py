@@ -14,7 +14,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -152,7 +152,7 @@ def _hint(exc: sqlite3.Error) -> str:
 
 
 def _host_from_row(host_id: str, heartbeat_at: float, plugins: str, leader: Any) -> HostInfo:
-    """A :class:`HostInfo` from its stored columns (``plugins``: JSON ``{name: [commit, error]}``)."""
+    """A :class:`HostInfo` from its stored columns (``plugins``: JSON ``{name: [commit, error, leads]}``)."""
     return HostInfo(
         host_id=host_id,
         heartbeat_at=float(heartbeat_at),
@@ -537,15 +537,20 @@ class SQLiteStateStore:
             )
             return int(cursor.lastrowid or 0)
 
-    def take_deploy_requests(self) -> list[DeployRequest]:
+    def take_deploy_requests(self, plugins: Collection[str] | None = None) -> list[DeployRequest]:
+        names = None if plugins is None else sorted(plugins)
+        if names == []:
+            return []
+        where = "" if names is None else f" WHERE plugin IN ({', '.join('?' * len(names))})"
+        params = () if names is None else tuple(names)
         # A cheap read first: the controller calls this several times a second.
-        if not self._read("read deploy requests", "SELECT 1 FROM deploy_requests LIMIT 1"):
+        if not self._read("read deploy requests", f"SELECT 1 FROM deploy_requests{where} LIMIT 1", params):
             return []
         with self._write("take deploy requests") as conn:
             rows = conn.execute(
-                "SELECT id, plugin, trigger, ref, requested_at FROM deploy_requests ORDER BY id"
+                f"SELECT id, plugin, trigger, ref, requested_at FROM deploy_requests{where} ORDER BY id", params
             ).fetchall()
-            conn.execute("DELETE FROM deploy_requests WHERE id <= ?", (rows[-1]["id"],) if rows else (0,))
+            conn.executemany("DELETE FROM deploy_requests WHERE id = ?", [(row["id"],) for row in rows])
         return [DeployRequest(**dict(row)) for row in rows]
 
     def heartbeat(self, worker: WorkerInfo) -> None:
@@ -594,7 +599,7 @@ class SQLiteStateStore:
         return int(rows[0][0]), int(rows[0][1])
 
     def host_heartbeat(self, host: HostInfo) -> None:
-        plugins = {name: [p.live_commit, p.error] for name, p in host.plugins.items()}
+        plugins = {name: [p.live_commit, p.error, p.leads] for name, p in host.plugins.items()}
         with self._write(f"record the heartbeat of host {host.host_id!r}") as conn:
             conn.execute(
                 "INSERT OR REPLACE INTO hosts (host_id, heartbeat_at, plugins, leader) VALUES (?, ?, ?, ?)",

@@ -23,7 +23,7 @@ import enum
 import logging
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Protocol
@@ -215,6 +215,8 @@ class HostPlugin:
 
     live_commit: str | None
     error: str | None = None  #: why the host does not serve the fleet's release, if so
+    #: The host holds the plugin's lease: it polls the plugin and runs its pipeline.
+    leads: bool = False
 
 
 @dataclass(frozen=True)
@@ -228,7 +230,7 @@ class HostInfo:
     host_id: str
     heartbeat_at: float
     plugins: dict[str, HostPlugin]
-    leader: bool = False  #: it held the fleet lease when it beat
+    leader: bool = False  #: it held a lease (of some plugin) when it beat
 
 
 class Lease(Protocol):
@@ -287,7 +289,7 @@ def host_status(
             "heartbeat_at": datetime.fromtimestamp(host.heartbeat_at, timezone.utc)
             .isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             "error": error,
-            "leader": host.leader,
+            "leader": bool(entry is not None and entry.leads),
         }
     return out
 
@@ -431,8 +433,12 @@ class StateStore(Protocol):
     def request_deploy(self, plugin: str, *, trigger: str, ref: str | None = None) -> int:
         """Queue a deploy for the controller process; returns the request id."""
 
-    def take_deploy_requests(self) -> list[DeployRequest]:
-        """Remove and return every queued request, oldest first (controller only)."""
+    def take_deploy_requests(self, plugins: Collection[str] | None = None) -> list[DeployRequest]:
+        """Remove and return the queued requests, oldest first (controller only).
+
+        ``plugins``: only the requests of these (the ones whose lease the
+        caller holds); None: every request.
+        """
 
     def heartbeat(self, worker: WorkerInfo) -> None:
         """Record (replace) the worker's latest heartbeat."""
