@@ -33,9 +33,10 @@ GATE = ["python", "-m", "pytest", "-q", "-p", "no:cacheprovider"]
 
 
 def write_host_config(
-    path: Path, host_id: str, repo_url: str, *, gate: bool = True, more: t.Mapping[str, str] | None = None
+    path: Path, host_id: str, repo_url: str, *, gate: bool = True, more: t.Mapping[str, str] | None = None,
+    settings: t.Mapping[str, t.Any] | None = None,
 ) -> Path:
-    """A host's deploy.yaml: plugin ``hello`` from ``repo_url``, and ``more`` ({name: repo url})."""
+    """A host's deploy.yaml: plugin ``hello`` from ``repo_url`` (plus ``settings``), and ``more`` ({name: url})."""
     data = {
         "data_dir": "data",
         "host_id": host_id,
@@ -44,7 +45,8 @@ def write_host_config(
         "admin_token": "${GITPLUG_ADMIN_TOKEN}",
         "webhook": {"secret": "${GITPLUG_WEBHOOK_SECRET}"},
         "plugins": {
-            "hello": {"repo": repo_url, "ref": "main", "test": GATE if gate else False, "test_timeout": 60},
+            "hello": {"repo": repo_url, "ref": "main", "test": GATE if gate else False, "test_timeout": 60,
+                      **(settings or {})},
             **{
                 name: {"repo": url, "ref": "main", "test": GATE if gate else False, "test_timeout": 60}
                 for name, url in (more or {}).items()
@@ -60,12 +62,12 @@ class Host:
 
     def __init__(
         self, root: Path, host_id: str, state_url: str, repo_url: str, *, workers: int = 0, gate: bool = True,
-        more: t.Mapping[str, str] | None = None,
+        more: t.Mapping[str, str] | None = None, settings: t.Mapping[str, t.Any] | None = None,
     ) -> None:
         self.host_id = host_id
         self.dir = root / host_id
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.config = write_host_config(self.dir / "deploy.yaml", host_id, repo_url, gate=gate, more=more)
+        self.config = write_host_config(self.dir / "deploy.yaml", host_id, repo_url, gate=gate, more=more, settings=settings)
         self.workers = workers  # 0: `gitplug serve`, else gunicorn -w workers
         self.state_url = state_url
         self.port = free_port()

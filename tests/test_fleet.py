@@ -7,6 +7,7 @@ Every wait polls the hosts' answers with a deadline; no fixed sleeps.
 
 from __future__ import annotations
 
+import re
 import threading
 import typing as t
 from collections.abc import Iterator
@@ -42,9 +43,10 @@ class Fleet:
 
     def host(
         self, host_id: str, *, workers: int = 0, state_url: str | None = None,
-        more: t.Mapping[str, str] | None = None,
+        more: t.Mapping[str, str] | None = None, settings: t.Mapping[str, t.Any] | None = None,
     ) -> Host:
-        host = Host(self.root, host_id, state_url or self.db_url, self.repo.url, workers=workers, more=more)
+        host = Host(self.root, host_id, state_url or self.db_url, self.repo.url, workers=workers, more=more,
+                    settings=settings)
         self.hosts.append(host)
         return host
 
@@ -82,14 +84,16 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
                 print(f"---- {host.host_id} ----\n{host.log()[-6000:]}")
 
 
-def start_fleet(fleet: Fleet, *, b_url: str | None = None) -> tuple[Host, Host, Host, str]:
+def start_fleet(
+    fleet: Fleet, *, b_url: str | None = None, settings: t.Mapping[str, t.Any] | None = None
+) -> tuple[Host, Host, Host, str]:
     """web-1 (serve) leads; web-2 (serve) and web-3 (gunicorn, 2 workers) follow. v1 is live."""
     v1 = write_version(fleet.repo, "hello", "v1", gate_test=True)
     fleet.repo.tag("v1")
-    a = fleet.host("web-1").start()
+    a = fleet.host("web-1", settings=settings).start()
     wait_for(lambda: leader_of(a) == "web-1", timeout=CONVERGE_S, what="web-1 leading the fleet")
-    b = fleet.host("web-2", state_url=b_url).start()
-    c = fleet.host("web-3", workers=2).start()
+    b = fleet.host("web-2", state_url=b_url, settings=settings).start()
+    c = fleet.host("web-3", workers=2, settings=settings).start()
     fleet.wait_all_serve(v1, "the first poll")
     return a, b, c, v1
 
@@ -99,7 +103,11 @@ def test_one_deploy_reaches_every_host(fleet: Fleet) -> None:
     assert fleet.test_runs() == 1  # the leader tested v1; the others did not
 
     # Status on any host shows every host (once each has beaten), live on v1, web-1 leading.
-    wait_for(lambda: len(c.status()["hosts"]) == 3, timeout=CONVERGE_S, what="three hosts in the status")
+    # (A host's beat says what it serves every 2 s: the first may predate its first swap.)
+    wait_for(
+        lambda: [e["state"] for e in c.status()["hosts"].values()] == ["live"] * 3,
+        timeout=CONVERGE_S, what="three hosts live in the status",
+    )
     hosts = c.status()["hosts"]
     assert set(hosts) == {"web-1", "web-2", "web-3"}
     assert {h: e["state"] for h, e in hosts.items()} == dict.fromkeys(hosts, "live")
@@ -366,6 +374,52 @@ def test_two_plugins_deploy_on_two_hosts_at_once(fleet: Fleet) -> None:
     assert parse_started(hello) < _finished_at(world_record), records  # the two runs overlapped
     assert parse_started(world_record) < _finished_at(hello), records
     assert len(a.test_logs()) + len(b.test_logs()) == 2  # hello's runs; each tested once (v1, v2)
+
+
+ERRING_PLUGIN = """\
+from gitplug import Plugin, current_plugin
+
+plugin = Plugin("hello", __name__)
+
+
+@plugin.route("/")
+def index():
+    return "hello v2 " + current_plugin.commit[:12]
+
+
+@plugin.route("/work")
+def work():
+    return "v2 cannot work", 500
+"""
+
+
+def test_auto_rollback_counts_the_requests_of_every_host(fleet: Fleet) -> None:
+    # 20 requests judge a release; each follower gets 12 of them: no host alone
+    # reaches 20, the fleet does. The leader (web-1) gets none.
+    policy = {"max_error_rate": 0.2, "min_requests": 20, "window": 120}
+    a, b, c, v1 = start_fleet(fleet, settings={"auto_rollback": policy})
+    fleet.repo.write("hello/__init__.py", ERRING_PLUGIN)
+    v2 = fleet.repo.commit("hello v2: /work answers 500")
+    status, body = b.hook(fleet.repo.url, v2)
+    assert status == 202, body
+    # Waited for through the status (the plugin's own URLs would count as requests).
+    wait_for(
+        lambda: {e["live_commit"] for e in a.status()["hosts"].values()} == {v2}
+        and {e["state"] for e in a.status()["hosts"].values()} == {"live"},
+        timeout=CONVERGE_S, what="every host on v2",
+    )
+    codes = [request("GET", f"{host.base}/hello/work")[0] for host in (b, c) for _ in range(12)]
+    assert codes == [500] * 24
+    wait_for(
+        lambda: any(r["trigger"] == "auto-rollback" and r["result"] != "running"
+                    for r in a.api("GET", "/plugins/hello/history")[1]),
+        timeout=CONVERGE_S, what="the fleet's auto-rollback",
+    )
+    record = next(r for r in a.api("GET", "/plugins/hello/history")[1] if r["trigger"] == "auto-rollback")
+    assert record["result"] == "live" and record["commit"] == v1, record
+    assert re.search(r"error rate 100% \((2[0-4]) of \1 requests\)", record["error"]), record["error"]
+    fleet.wait_all_serve(v1, "the auto-rollback")
+    assert all(h.status()["pin"] == v1 for h in (a, b, c))
 
 
 def test_a_killed_leader_is_replaced_and_no_host_serves_a_half_deploy(fleet: Fleet) -> None:

@@ -533,6 +533,14 @@ def test_deploy_requests_are_taken_once_in_order(store: StateStore, backend: Bac
         (first + 1, "world", "api", "v2"),
     ]
     assert store.take_deploy_requests() == []
+    # A leader takes the requests of the plugins it leads; the others wait for theirs.
+    other.request_deploy("hello", trigger="webhook")
+    last = other.request_deploy("world", trigger="webhook")
+    assert store.take_deploy_requests([]) == []
+    assert [(r.plugin, r.trigger) for r in store.take_deploy_requests(["hello", "gone"])] == [("hello", "webhook")]
+    assert store.take_deploy_requests(["hello"]) == []
+    assert [r.id for r in store.take_deploy_requests(["world"])] == [last]
+    assert store.take_deploy_requests() == []
     other.close()
 
 
@@ -554,7 +562,8 @@ def test_hosts_are_kept_and_replaced(store: StateStore) -> None:
     assert store.hosts() == []
     counter = store.change_counter()
     now = time.time()
-    web1 = HostInfo("web-1", now, {"hello": HostPlugin("a" * 40)}, leader=True)
+    web1 = HostInfo("web-1", now, {"hello": HostPlugin("a" * 40, leads=True), "world": HostPlugin(None)},
+                    leader=True)
     web2 = HostInfo("web-2", now - 3600, {"hello": HostPlugin("b" * 40, "did not load")})
     store.heartbeat(WorkerInfo("web-1:1", "web-1", 1, {}, now))
     store.host_heartbeat(web2)
@@ -708,8 +717,8 @@ def test_host_status_says_live_diverged_or_lost(store: StateStore) -> None:
     now = time.time()
     state = store.update_plugin("hello", live_commit="a" * 40, state="live")
     hosts = [
-        HostInfo("web-1", now, {"hello": HostPlugin("a" * 40)}, leader=True),
-        HostInfo("web-2", now, {"hello": HostPlugin("b" * 40, "did not load")}),
+        HostInfo("web-1", now, {"hello": HostPlugin("a" * 40, leads=True)}, leader=True),
+        HostInfo("web-2", now, {"hello": HostPlugin("b" * 40, "did not load")}, leader=True),  # leads another
         HostInfo("web-3", now, {"hello": HostPlugin("b" * 40)}),
         HostInfo("web-4", now - HOST_LOST_AFTER_S - 1, {"hello": HostPlugin("a" * 40)}),
         HostInfo("web-5", now, {}),  # beats, but does not serve the plugin
@@ -719,6 +728,7 @@ def test_host_status_says_live_diverged_or_lost(store: StateStore) -> None:
         "web-1": "live", "web-2": "diverged", "web-3": "diverged", "web-4": "lost", "web-5": "diverged",
     }
     assert shown["web-2"]["error"] == "did not load" and shown["web-1"]["leader"] is True
+    assert [h for h, e in shown.items() if e["leader"]] == ["web-1"]  # the plugin's leader only
     assert ISO.match(shown["web-1"]["heartbeat_at"])
     stopped = store.update_plugin("hello", state="stopped")
     assert host_status("hello", stopped, hosts[4:], now=now)["web-5"]["state"] == "live"  # nothing, as wanted

@@ -1,9 +1,10 @@
 """Automatic rollback of a newly live release that errors (README, "Guarantees": auto-rollback).
 
-Run by the controller. For each plugin with ``auto_rollback``, a release
-that went live is watched for ``window`` seconds: once its first
-``min_requests`` requests (summed over every worker of the host, from the
-counts workers write with their heartbeats) are in, an error rate (5xx and
+Run by the controller (in a fleet, by the plugin's leader). For each plugin
+with ``auto_rollback``, a release that went live is watched for ``window``
+seconds: once its first ``min_requests`` requests (summed over every worker
+of the host, or of every host of a fleet, from the counts workers write to
+the store with their heartbeats) are in, an error rate (5xx and
 unhandled exceptions) above ``max_error_rate`` swaps the previous release
 back, pins it, and records the deploy with trigger ``auto-rollback`` and
 the observed rate. A release judged once is not judged again.
