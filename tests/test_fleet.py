@@ -402,11 +402,10 @@ def test_auto_rollback_counts_the_requests_of_every_host(fleet: Fleet) -> None:
     v2 = fleet.repo.commit("hello v2: /work answers 500")
     status, body = b.hook(fleet.repo.url, v2)
     assert status == 202, body
-    # Waited for through the status (the plugin's own URLs would count as requests).
+    # Waited for through every worker's heartbeat (the plugin's own URLs would count as requests).
     wait_for(
-        lambda: {e["live_commit"] for e in a.status()["hosts"].values()} == {v2}
-        and {e["state"] for e in a.status()["hosts"].values()} == {"live"},
-        timeout=CONVERGE_S, what="every host on v2",
+        lambda: list(a.status()["workers"].values()) == [v2] * 4,
+        timeout=CONVERGE_S, what="every worker of every host on v2",
     )
     codes = [request("GET", f"{host.base}/hello/work")[0] for host in (b, c) for _ in range(12)]
     assert codes == [500] * 24
