@@ -36,7 +36,7 @@ from ..prefixes import PrefixConverterError, PrefixPattern, invalid_prefix_messa
 from .codecache import CodeCache
 from .loader import ReleaseNamespace, import_release, purge_namespace, release_relative
 from .plugin import PlainStaticRule, Plugin, PluginContext, _active_release
-from .templating import TEMPLATE_KINDS, ReleaseTemplateDict, host_registers
+from .templating import TEMPLATE_KINDS, ReleaseTemplateDict, host_registers, plain_environment
 
 __all__ = ["ReleaseSpec", "LoadedRelease", "build_release", "mount_prefix", "prefix_pattern", "HOOK_REGISTRIES"]
 
@@ -372,7 +372,7 @@ def _compile_templates(host: Flask, release: LoadedRelease, code_cache: CodeCach
     loader = jinja2.ChoiceLoader([*release.template_loaders, host_env.loader])  # type: ignore[list-item]
     bytecode_cache = code_cache.jinja() if code_cache is not None else None
     env = host_env.overlay(loader=loader, cache_size=400, bytecode_cache=bytecode_cache)
-    env.__dict__["_gitplug_routing"] = False
+    plain_environment(env)
     # The release's own app-wide filters/globals/tests first, then the host's
     # (a live view: the host may still add entries). Jinja checks filter names
     # at compile time, so the release's own must be visible here already.

@@ -112,7 +112,10 @@ class PinRequests:
             raise
         if environ.get(ENVIRON_FLAT):
             # Plain bytes: nothing of the release runs after this point.
-            self.leave(snapshot)
+            # (leave(), inline: the common path.)
+            snapshot.pins.pop()
+            if snapshot.superseded:
+                runtime._leave_superseded(snapshot)
             return result
         return _Finish(result, self, snapshot)
 
@@ -163,9 +166,10 @@ def install_response_check(app: Flask, runtime: Runtime) -> None:
         if response.status_code >= 500:
             _count_error_once(runtime, environ)
         # Only the host's response class is trusted to send a list as it is:
-        # another class (a plugin's own) may run its code when it is sent.
+        # another class (a plugin's own) may run its code when it is sent. A
+        # body Flask built (str, bytes, JSON) is a list; anything else streams.
         # ``_on_close`` holds the callbacks ``call_on_close`` registered.
-        elif type(response) is response_class and response.is_sequence and not response._on_close:
+        elif type(response) is response_class and type(response.response) is list and not response._on_close:
             environ[ENVIRON_FLAT] = True
         return response
 

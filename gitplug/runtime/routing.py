@@ -114,12 +114,11 @@ class SnapshotAdapter(MapAdapter):
         host's. Cheaper than a new adapter: it is already bound to this request.
         """
         adapter.__class__ = cls
-        adopted = t.cast(SnapshotAdapter, adapter)
-        adopted._snapshot = snapshot
+        adapter._snapshot = snapshot  # type: ignore[attr-defined]
         if release is not None:
-            adopted._host_map = adapter.map
-            adopted.map = release.url_map
-        return adopted
+            adapter._host_map = adapter.map  # type: ignore[attr-defined]
+            adapter.map = release.url_map
+        return adapter  # type: ignore[return-value]
 
     def _adapter_for(self, map: Map) -> MapAdapter:
         """A plain adapter for ``map``, bound like this one (made once per request and map)."""

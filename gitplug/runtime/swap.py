@@ -131,8 +131,7 @@ class Runtime:
             return SnapshotAdapter.adopt(host_adapter, snapshot, environ.get(ENVIRON_RELEASE))
 
         app.create_url_adapter = create_url_adapter  # type: ignore[method-assign]
-        install_routing_environment(app.jinja_env)
-        install_template_layers(app.jinja_env, self)
+        install_template_layers(install_routing_environment(app), self)
         install_snapshot_map(app.url_map, self)
         install_response_check(app, self)
         app.wsgi_app = PinRequests(app.wsgi_app, self)  # type: ignore[method-assign]

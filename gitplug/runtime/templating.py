@@ -31,6 +31,7 @@ from .plugin import _active_release
 __all__ = [
     "install_routing_environment",
     "install_template_layers",
+    "plain_environment",
     "LayeredTemplateDict",
     "ReleaseTemplateDict",
     "TEMPLATE_KINDS",
@@ -39,18 +40,17 @@ __all__ = [
 
 
 def _release_env(env: jinja2.Environment) -> jinja2.Environment | None:
-    if not env.__dict__.get("_gitplug_routing", False):
-        return None
+    # Only the host's environment routes (a release's is of the plain class).
     active = _active_release.get()
     if active is not None:
-        return t.cast("jinja2.Environment | None", active.jinja_env)
+        return active.jinja_env  # type: ignore[no-any-return]
     ctx = _cv_request.get(None)
     if ctx is None:
         return None
     release = ctx.request.environ.get(ENVIRON_RELEASE)
     if release is None:
         return None
-    return t.cast("jinja2.Environment | None", release.jinja_env)
+    return release.jinja_env  # type: ignore[no-any-return]
 
 
 class _RoutingMixin:
@@ -85,7 +85,7 @@ class _RoutingMixin:
     def list_templates(self, extensions: t.Any = None, filter_func: t.Any = None) -> list[str]:
         """The host's templates and those of every live plugin (as for blueprints)."""
         names: list[str] = super().list_templates(extensions, filter_func)  # type: ignore[misc]
-        runtime = self.__dict__.get("_gitplug_runtime")  # type: ignore[attr-defined]
+        runtime = getattr(self, "_gitplug_runtime", None)
         if runtime is None:
             return names
         ctx = _cv_request.get(None)
@@ -112,17 +112,43 @@ class _RoutingMixin:
 _routing_classes: dict[type, type] = {}
 
 
-def install_routing_environment(env: jinja2.Environment) -> None:
-    """Turn the host's environment into a routing one, in place."""
-    if isinstance(env, _RoutingMixin):
-        return
-    cls = type(env)
+def _routing_class(cls: type) -> type:
     routing = _routing_classes.get(cls)
     if routing is None:
         routing = type(f"Gitplug{cls.__name__}", (_RoutingMixin, cls), {})
         _routing_classes[cls] = routing
-    env.__class__ = routing
-    env.__dict__["_gitplug_routing"] = True
+    return routing
+
+
+def install_routing_environment(app: t.Any) -> jinja2.Environment:
+    """Give ``app`` a routing Jinja environment; return it.
+
+    If Flask has not created the environment yet, it creates one of the
+    routing class. Otherwise the existing one becomes one, in place (by
+    ``__class__`` assignment, so every reference to it stays valid). The
+    first way is faster to render with: on CPython an object whose class
+    was reassigned, or whose ``__dict__`` was touched, keeps its attributes
+    in a plain dict, and Jinja reads the environment's attributes many times
+    per render. Nothing here touches ``__dict__`` for the same reason.
+    """
+    if "jinja_env" not in app.__dict__:  # Flask's cached_property has not run yet
+        base = app.jinja_environment
+        if not issubclass(base, _RoutingMixin):
+            app.jinja_environment = _routing_class(base)
+    env: jinja2.Environment = app.jinja_env
+    if not isinstance(env, _RoutingMixin):
+        env.__class__ = _routing_class(type(env))
+    return env
+
+
+def plain_environment(env: jinja2.Environment) -> None:
+    """Make ``env`` (an overlay of the host's routing environment) an ordinary one.
+
+    A release's environment answers its own lookups: routing them again
+    would only cost calls.
+    """
+    if isinstance(env, _RoutingMixin):
+        env.__class__ = next(c for c in type(env).__mro__[1:] if c is not _RoutingMixin and not issubclass(c, _RoutingMixin))
 
 
 class _MergedView(dict):  # type: ignore[type-arg]
@@ -292,7 +318,7 @@ def host_registers(registry: t.Mapping[str, t.Any], kind: str, name: str) -> boo
 
 def install_template_layers(env: jinja2.Environment, runtime: t.Any) -> None:
     """Layer the live plugins' app-wide filters/globals/tests into ``env``."""
-    env.__dict__["_gitplug_runtime"] = runtime  # for list_templates
+    env._gitplug_runtime = runtime  # type: ignore[attr-defined]  # for list_templates
     for kind in TEMPLATE_KINDS:
         current = getattr(env, kind)
         if not isinstance(current, LayeredTemplateDict):
