@@ -151,45 +151,42 @@ class SnapshotAdapter(MapAdapter):
         return self._adapter_for(target).build(endpoint, values, method, force_external, append_unknown, url_scheme)
 
 
-class _SnapshotAwareMap:
-    """Mixed into the host's ``Map``: endpoint queries also see live plugins.
+def install_snapshot_map(url_map: Map, runtime: t.Any) -> None:
+    """Make the host's map answer endpoint queries for plugin endpoints too.
 
     Flask's documented URL-defaults pattern asks
     ``app.url_map.is_endpoint_expecting(endpoint, "lang_code")``; for a
     plugin endpoint the answer comes from the request's snapshot. Rules the
     host adds after gitplug is installed are reported to the runtime, so a
     host route added under a live plugin's prefix answers at once.
-    """
 
-    def add(self, rulefactory: t.Any) -> None:
+    Both are instance attributes, not a subclass: on CPython, assigning an
+    object's ``__class__`` moves its attributes into a plain dict, and every
+    request matches against this map (it reads them on each match).
+    """
+    if getattr(url_map, "_gitplug_runtime", None) is not None:
+        return
+    host_add = url_map.add
+    host_expecting = url_map.is_endpoint_expecting
+
+    def add(rulefactory: t.Any) -> None:
         # A factory makes its rules anew on every get_rules(): take them once,
         # add each (a Rule's own get_rules yields itself), report exactly those.
-        rules = list(rulefactory.get_rules(self))
+        rules = list(rulefactory.get_rules(url_map))
         for rule in rules:
-            super().add(rule)  # type: ignore[misc]
-        self._gitplug_runtime.host_rules_added(rules)  # type: ignore[attr-defined]
+            host_add(rule)
+        runtime.host_rules_added(rules)
 
-    def is_endpoint_expecting(self, endpoint: t.Any, *arguments: str) -> bool:
-        self.update()  # type: ignore[attr-defined]
-        if endpoint not in self._rules_by_endpoint:  # type: ignore[attr-defined]
+    def is_endpoint_expecting(endpoint: t.Any, *arguments: str) -> bool:
+        url_map.update()
+        if endpoint not in url_map._rules_by_endpoint:
             from .hooks import request_snapshot
 
-            release = request_snapshot(self._gitplug_runtime).release_for_scope(str(endpoint))  # type: ignore[attr-defined]
+            release = request_snapshot(runtime).release_for_scope(str(endpoint))
             if release is not None and endpoint in release.endpoints:
                 return release.url_map.is_endpoint_expecting(endpoint, *arguments)
-        return super().is_endpoint_expecting(endpoint, *arguments)  # type: ignore[misc]
+        return host_expecting(endpoint, *arguments)
 
-
-_map_classes: dict[type, type] = {}
-
-
-def install_snapshot_map(url_map: Map, runtime: t.Any) -> None:
-    """Make the host's map answer endpoint queries for plugin endpoints too."""
-    if isinstance(url_map, _SnapshotAwareMap):
-        return
-    cls = type(url_map)
-    routing = _map_classes.get(cls)
-    if routing is None:
-        routing = _map_classes[cls] = type(f"Gitplug{cls.__name__}", (_SnapshotAwareMap, cls), {})
-    url_map.__class__ = routing
+    url_map.add = add  # type: ignore[method-assign]
+    url_map.is_endpoint_expecting = is_endpoint_expecting  # type: ignore[method-assign]
     url_map._gitplug_runtime = runtime  # type: ignore[attr-defined]
