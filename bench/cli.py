@@ -202,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m bench",
         description="gitplug's figures against their baselines (see bench/README.md).",
     )
-    parser.add_argument("--quick", action="store_true", help="fewer rounds, shorter runs (< 60 s on 2 cores)")
+    parser.add_argument("--quick", action="store_true", help="fewer rounds, shorter runs (about 70 s on 2 cores)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     parser.add_argument("--only", default="", help=f"comma-separated keys to measure (default all): {', '.join(KEYS)}")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (servers' logs, repositories)")

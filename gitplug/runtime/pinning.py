@@ -144,9 +144,11 @@ def install_response_check(app: Flask, runtime: Runtime) -> None:
 
     Runs for every response Flask finalises, error responses included; does
     something only for pinned requests. A request's last response decides;
-    until one is checked the request counts as streaming (the safe side). A release's failed request is counted once,
-    also when an ``after_request`` hook raises on the error response itself
-    (Flask then sends that response as it is).
+    until one is checked the request counts as streaming (the safe side). A
+    release's failed request is counted once, also when an ``after_request``
+    hook raises on the error response itself (Flask then sends that response
+    as it is). Error responses are always treated as streaming: rare, and
+    then the cost does not matter.
     """
     host_process_response = app.process_response
     response_class = app.response_class
