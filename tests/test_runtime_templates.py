@@ -497,3 +497,52 @@ def test_a_release_configured_under_another_name_is_refused(
     assert (info.value.plugin, info.value.declared) == ("beta", "alpha")
     assert gp.live_release("beta") is None and gp.live_release("alpha") is live
     assert app.test_client().get("/beta/", buffered=True).status_code == 404
+
+
+def test_an_app_wide_filter_renders_its_own_templates_on_a_host_request(
+    tmp_path: Path, make_gp: Callable[[Flask], GitPlug]
+) -> None:
+    """A blueprint's filter finds the app's templates and every blueprint's; a plugin's
+    filter (the plugin's own object) finds the host's, then its own release's."""
+    host_root = write_files(tmp_path / "host", {"templates/shared.html": "HOST-SHARED\n"})
+    app = Flask("badge_host", root_path=str(host_root))
+
+    @app.route("/")
+    def home() -> str:
+        from flask import render_template_string
+
+        return render_template_string("{{ 'x'|badge }} {{ 'y'|badge('shared.html') }}")
+
+    @app.route("/missing")
+    def missing() -> str:
+        return render_template("badge.html")  # the plugin's: not the host's to find
+
+    gp = make_gp(app)
+    gp.load_directory("badges", write_files(tmp_path / "plugin", {
+        "badges/__init__.py": """
+            from flask import render_template
+            from gitplug import Plugin
+
+            plugin = Plugin("badges", __name__)
+
+            @plugin.app_template_filter("badge")
+            def badge(value, template="badge.html"):
+                return render_template(template, value=value).strip()
+
+            @plugin.route("/")
+            def index():
+                return render_template("shared.html").strip() + " " + badge("z")
+        """,
+        "badges/templates/badge.html": "[badge {{ value }}]\n",
+        "badges/templates/shared.html": "PLUGIN-SHARED\n",
+    }))
+    client = app.test_client()
+    assert client.get("/").get_data(as_text=True) == "[badge x] HOST-SHARED"
+    # In the plugin's own request its release's templates come first, as before.
+    assert client.get("/badges/").get_data(as_text=True) == "PLUGIN-SHARED [badge z]"
+    # Host code alone still finds only the host's templates.
+    app.testing = False
+    assert client.get("/missing").status_code == 500
+    gp.stop("badges")
+    assert gp.runtime.wait_idle()
+    assert client.get("/").status_code == 500  # the filter went with the plugin

@@ -152,23 +152,31 @@ _active_release: contextvars.ContextVar[t.Any] = contextvars.ContextVar(
 )
 
 
-def _find_current_plugin() -> PluginContext:
-    active = _active_release.get()
-    if active is not None:
-        return t.cast(PluginContext, active.context)
-    # The nearest caller defined in a release (a view, or an app-wide filter
-    # or global that the host's template calls): its module holds the
-    # release's sentinel. A few frames up at most; only when asked.
-    frame: types.FrameType | None = sys._getframe(1)
+def calling_release(depth: int = 1) -> t.Any:
+    """The release (a ``LoadedRelease``) of the nearest caller defined in one, or None.
+
+    A view, or an app-wide filter, test or global that the host's template
+    calls: its module holds the release's sentinel. Walks the stack from
+    ``depth`` frames above the function that calls this one (0: that
+    function itself), so ask only when needed.
+    """
+    frame: types.FrameType | None = sys._getframe(depth + 1)
     while frame is not None:
         sentinel = frame.f_globals.get("__gitplug_release__")
         if sentinel is not None:
             ref = getattr(sentinel, "release", None)
-            release = ref() if ref is not None else None
-            if release is not None:
-                return t.cast(PluginContext, release.context)
-            break
+            return ref() if ref is not None else None
         frame = frame.f_back
+    return None
+
+
+def _find_current_plugin() -> PluginContext:
+    active = _active_release.get()
+    if active is not None:
+        return t.cast(PluginContext, active.context)
+    release = calling_release(1)
+    if release is not None:
+        return t.cast(PluginContext, release.context)
     ctx = _cv_request.get(None)
     if ctx is not None:
         release = ctx.request.environ.get(ENVIRON_RELEASE)

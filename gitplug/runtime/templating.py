@@ -9,7 +9,10 @@ searches the release's templates first, then the host's, and a template
 cache of its own. Jinja caches templates by ``(loader, name)``, so two
 plugins' ``index.html`` can never be confused, and ``extends``/``include``
 stay inside the release because a template resolves them through its own
-environment.
+environment. An app-wide filter, test or global (the plugin's own object,
+unwrapped) that renders while the host renders finds the host's templates,
+then its own release's: the lookup falls back to the release of the calling
+code only once the host's lookup failed, so host renders pay nothing.
 
 App-wide template filters, globals and tests of plugins are layered into the
 host environment's dicts per request, from the request's snapshot, exactly
@@ -26,7 +29,7 @@ import jinja2.defaults
 from flask.globals import _cv_request
 
 from .environ import ENVIRON_RELEASE, ENVIRON_SNAPSHOT
-from .plugin import _active_release
+from .plugin import _active_release, calling_release
 
 __all__ = [
     "install_routing_environment",
@@ -53,6 +56,19 @@ def _release_env(env: jinja2.Environment) -> jinja2.Environment | None:
     return release.jinja_env  # type: ignore[no-any-return]
 
 
+def _calling_release_env() -> jinja2.Environment | None:
+    """The environment of the release whose code asked the host's for a template it lacks.
+
+    An app-wide filter, test or global is the plugin's own object, called
+    by the host's templates on host requests too: like a blueprint's filter,
+    which finds the app's templates and every blueprint's, it finds the
+    host's templates and then its own release's. Asked only after the host's
+    lookup failed, so host renders pay nothing for it.
+    """
+    release = calling_release(1)  # from the mixin's method up: its caller may be the plugin
+    return None if release is None else release.jinja_env  # type: ignore[no-any-return]
+
+
 class _RoutingMixin:
     """Sends template lookups of plugin requests to the release's environment."""
 
@@ -60,13 +76,25 @@ class _RoutingMixin:
         env = _release_env(self)  # type: ignore[arg-type]
         if env is not None:
             return env.get_template(name, parent, globals)
-        return super().get_template(name, parent, globals)  # type: ignore[misc]
+        try:
+            return super().get_template(name, parent, globals)  # type: ignore[misc]
+        except jinja2.TemplateNotFound:
+            env = _calling_release_env()
+            if env is None:
+                raise
+            return env.get_template(name, parent, globals)
 
     def select_template(self, names: t.Any, parent: t.Any = None, globals: t.Any = None) -> t.Any:
         env = _release_env(self)  # type: ignore[arg-type]
         if env is not None:
             return env.select_template(names, parent, globals)
-        return super().select_template(names, parent, globals)  # type: ignore[misc]
+        try:
+            return super().select_template(names, parent, globals)  # type: ignore[misc]
+        except jinja2.TemplateNotFound:
+            env = _calling_release_env()
+            if env is None:
+                raise
+            return env.select_template(names, parent, globals)
 
     def get_or_select_template(
         self, template_name_or_list: t.Any, parent: t.Any = None, globals: t.Any = None
@@ -74,7 +102,13 @@ class _RoutingMixin:
         env = _release_env(self)  # type: ignore[arg-type]
         if env is not None:
             return env.get_or_select_template(template_name_or_list, parent, globals)
-        return super().get_or_select_template(template_name_or_list, parent, globals)  # type: ignore[misc]
+        try:
+            return super().get_or_select_template(template_name_or_list, parent, globals)  # type: ignore[misc]
+        except jinja2.TemplateNotFound:
+            env = _calling_release_env()
+            if env is None:
+                raise
+            return env.get_or_select_template(template_name_or_list, parent, globals)
 
     def from_string(self, source: t.Any, globals: t.Any = None, template_class: t.Any = None) -> t.Any:
         env = _release_env(self)  # type: ignore[arg-type]
