@@ -16,7 +16,7 @@ import logging
 import secrets
 import subprocess
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -56,8 +56,10 @@ def write_version(repo: GitRepo, version: str) -> str:
 ADMIN_TOKEN = "admin-token-of-the-credentials-tests"
 
 
-def make_app(tmp_path: Path, repo_url: str, credentials: list[dict[str, str]],
-             **more: dict[str, object]) -> tuple[Flask, GitPlug]:
+def make_app(
+    make_gp: Callable[[Flask], GitPlug], tmp_path: Path, repo_url: str, credentials: list[dict[str, str]],
+    **more: dict[str, object],
+) -> tuple[Flask, GitPlug]:
     app = Flask("host")
     app.config["TESTING"] = True
     app.config["GITPLUG"] = {
@@ -66,7 +68,7 @@ def make_app(tmp_path: Path, repo_url: str, credentials: list[dict[str, str]],
         "credentials": credentials,
         "plugins": {"hello": {"repo": repo_url, "ref": "main", "test": GATE, "test_timeout": 60}, **more},
     }
-    return app, GitPlug(app)
+    return app, make_gp(app)
 
 
 def served(app: Flask) -> str:
@@ -118,7 +120,7 @@ def private_http(tmp_path: Path) -> Iterator[tuple[str, str, GitRepo]]:
         yield base, token, repo
 
 
-def test_https_credentials_deploy_and_never_show(
+def test_https_credentials_deploy_and_never_show(make_gp: Callable[[Flask], GitPlug],
     tmp_path: Path, private_http: tuple[str, str, GitRepo], monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -131,7 +133,7 @@ def test_https_credentials_deploy_and_never_show(
     other = GitRepo(tmp_path / "srv" / "other")
     other.write("other/__init__.py", "from gitplug import Plugin\nplugin = Plugin('other', __name__)\n")
     other.commit("other")
-    app, gp = make_app(tmp_path, f"{base}/hello", [
+    app, gp = make_app(make_gp, tmp_path, f"{base}/hello", [
         {"url": f"{base}/", "username": "deploy", "password": "${GITPLUG_T_GIT_TOKEN}"},
         {"url": f"{base}/other", "username": "deploy", "password": "${GITPLUG_T_OLD_TOKEN}"},
     ], other={"repo": f"{base}/other", "test": False})
@@ -280,7 +282,7 @@ def test_ssh_credentials_key_known_hosts_and_refusals(
     )
 
 
-def test_ssh_key_with_a_passphrase_deploys_and_never_shows(
+def test_ssh_key_with_a_passphrase_deploys_and_never_shows(make_gp: Callable[[Flask], GitPlug],
     tmp_path: Path, sshd: SshServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.delenv("GIT_SSH_COMMAND", raising=False)
@@ -292,7 +294,7 @@ def test_ssh_key_with_a_passphrase_deploys_and_never_shows(
     caplog.set_level(logging.DEBUG)
     repo = GitRepo(tmp_path / "hello")
     v1 = write_version(repo, "v1")
-    app, gp = make_app(tmp_path, sshd.url(repo.path), [
+    app, gp = make_app(make_gp, tmp_path, sshd.url(repo.path), [
         {"url": f"ssh://{sshd.user}@127.0.0.1:{sshd.port}/", "ssh_key": str(key),
          "passphrase": "${GITPLUG_T_KEY_PASSPHRASE}", "known_hosts": str(sshd.known_hosts)},
     ])

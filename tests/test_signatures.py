@@ -11,6 +11,7 @@ verdict of the first deploy; the configuration refuses what cannot work.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -45,7 +46,9 @@ def write_version(repo: GitWorkTree, version: str) -> None:
     repo.write("hello/version.py", f'VERSION = "{version}"\n')
 
 
-def make_app(tmp_path: Path, repo: GitWorkTree, verify: dict[str, object], **plugin: object) -> tuple[Flask, GitPlug]:
+def make_app(
+    make_gp: Callable[[Flask], GitPlug], tmp_path: Path, repo: GitWorkTree, verify: dict[str, object], **plugin: object
+) -> tuple[Flask, GitPlug]:
     app = Flask("host")
     app.config["TESTING"] = True
     app.config["GITPLUG"] = {
@@ -53,7 +56,7 @@ def make_app(tmp_path: Path, repo: GitWorkTree, verify: dict[str, object], **plu
         "verify": verify,
         "plugins": {"hello": {"repo": repo.url, "ref": "main", "test": False, **plugin}},
     }
-    return app, GitPlug(app)
+    return app, make_gp(app)
 
 
 def served(app: Flask) -> str:
@@ -62,7 +65,9 @@ def served(app: Flask) -> str:
         return f"{response.status_code} {response.get_data(as_text=True)}"
 
 
-def test_ssh_signed_commits_deploy_and_others_fail_at_signature(tmp_path: Path) -> None:
+def test_ssh_signed_commits_deploy_and_others_fail_at_signature(
+    make_gp: Callable[[Flask], GitPlug], tmp_path: Path
+) -> None:
     alice = SshKey.make(tmp_path / "keys" / "alice", "alice@example.com")
     mallory = SshKey.make(tmp_path / "keys" / "mallory", "mallory@example.com")
     allowed = tmp_path / "allowed_signers"
@@ -70,7 +75,7 @@ def test_ssh_signed_commits_deploy_and_others_fail_at_signature(tmp_path: Path) 
     repo = GitWorkTree.init(tmp_path / "repo")
     write_version(repo, "v1")
     v1 = repo.commit("v1", sign=alice)
-    app, gp = make_app(tmp_path, repo, {"mode": "head", "allowed_signers": str(allowed)})
+    app, gp = make_app(make_gp, tmp_path, repo, {"mode": "head", "allowed_signers": str(allowed)})
 
     record = gp.deploy("hello")
     assert record.result == DeployResult.LIVE, record
@@ -126,14 +131,14 @@ def test_ssh_signed_commits_deploy_and_others_fail_at_signature(tmp_path: Path) 
     assert alice.fingerprint in record.error
 
 
-def test_gpg_signed_commits(tmp_path: Path) -> None:
+def test_gpg_signed_commits(make_gp: Callable[[Flask], GitPlug], tmp_path: Path) -> None:
     require_tools("gpg", "gpgconf")
     repo = GitWorkTree.init(tmp_path / "repo")
     with GpgKey.make(tmp_path / "gpg-rel", "Release Team <release@example.com>") as release, \
             GpgKey.make(tmp_path / "gpg-eve", "Eve <eve@example.com>") as eve:
         write_version(repo, "v1")
         v1 = repo.commit("v1", sign=release)
-        app, gp = make_app(tmp_path, repo, {"gpg_keys": [str(release.public_file)]})
+        app, gp = make_app(make_gp, tmp_path, repo, {"gpg_keys": [str(release.public_file)]})
         record = gp.deploy("hello")
         assert record.result == DeployResult.LIVE, record
         assert record.signer == f"Release Team <release@example.com> (gpg {release.fingerprint})"
@@ -164,7 +169,7 @@ def test_gpg_signed_commits(tmp_path: Path) -> None:
         assert served(app) == f"200 v1@{v1[:7]}"
 
 
-def test_tag_mode_deploys_signed_tags_only(tmp_path: Path) -> None:
+def test_tag_mode_deploys_signed_tags_only(make_gp: Callable[[Flask], GitPlug], tmp_path: Path) -> None:
     alice = SshKey.make(tmp_path / "keys" / "alice", "alice@example.com")
     allowed = tmp_path / "allowed_signers"
     allowed.write_text(alice.allowed_line())
@@ -178,7 +183,7 @@ def test_tag_mode_deploys_signed_tags_only(tmp_path: Path) -> None:
     write_version(repo, "v3")
     repo.commit("v3")
     repo.tag("v3.0", annotated=False)
-    app, gp = make_app(tmp_path, repo, {"mode": "tag", "allowed_signers": str(allowed)}, ref="v1.0")
+    app, gp = make_app(make_gp, tmp_path, repo, {"mode": "tag", "allowed_signers": str(allowed)}, ref="v1.0")
 
     record = gp.deploy("hello")
     assert record.result == DeployResult.LIVE, record

@@ -26,7 +26,7 @@ import subprocess
 import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from dulwich.client import SSHVendor, StrangeHostname, SubprocessWrapper
 from dulwich.protocol import DEFAULT_GIT_PROTOCOL_VERSION_FETCH
@@ -40,6 +40,69 @@ Credentials = Callable[[], Iterable[Credential]]
 
 _ASKPASS = "#!/bin/sh\n# gitplug: hands ssh the deploy key's passphrase from its own environment\n" \
            "printf '%s\\n' \"$GITPLUG_SSH_PASSPHRASE\"\n"
+
+
+#: The environment ``git fetch`` over HTTP keeps from the server's: proxies and
+#: certificate authorities, as dulwich and curl read them.
+HTTP_ENV_PASSED = frozenset({
+    "http_proxy", "https_proxy", "all_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY",
+    "ALL_PROXY", "NO_PROXY", "GIT_SSL_CAINFO", "GIT_SSL_CAPATH", "SSL_CERT_FILE",
+    "SSL_CERT_DIR", "CURL_CA_BUNDLE",
+})
+
+#: Answers git's two prompts for exactly the expected origin, from its own
+#: environment (never a file, never an argument); anything else gets nothing.
+_GIT_ASKPASS = """#!/bin/sh
+# gitplug: answers git's HTTP credential prompts for one origin from git's environment
+if [ "$1" = "$GITPLUG_ASK_USERNAME" ]; then printf '%s\\n' "$GITPLUG_GIT_USERNAME"
+elif [ "$1" = "$GITPLUG_ASK_PASSWORD" ]; then printf '%s\\n' "$GITPLUG_GIT_PASSWORD"
+else exit 1
+fi
+"""
+
+
+def _helper(directory: Path, name: str, text: str) -> Path:
+    """The executable helper script ``name`` under ``directory``, written once, atomically."""
+    helper = directory / name
+    if not helper.exists() or helper.read_text() != text:
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = helper.with_name(f"{name}.{os.getpid()}.{threading.get_ident()}")
+        tmp.write_text(text)
+        tmp.chmod(0o700)
+        os.replace(tmp, helper)
+    return helper
+
+
+def http_askpass_env(location: str, entry: Credential | None, helper_dir: Path) -> tuple[str, dict[str, str]]:
+    """``(URL without any password, environment for git)`` for fetching ``location`` over HTTP.
+
+    The password in the URL itself wins, else ``entry``'s; git asks for them
+    through the askpass helper only when the server says 401, and the helper
+    answers only the prompts naming the URL's own origin (not a host a
+    redirect leads to).
+    """
+    parts = urlsplit(location)
+    username, password = parts.username, parts.password
+    if password is None and entry is not None and entry.password is not None:
+        username, password = entry.username or "git", entry.password
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port is not None else host
+    bare = urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    if password is None:
+        if parts.username:  # a user without a password: keep it, git asks nothing more
+            bare = urlunsplit((parts.scheme, f"{quote(unquote(parts.username), safe='')}@{netloc}",
+                               parts.path, parts.query, parts.fragment))
+        return bare, {}
+    user = unquote(username or "git")
+    origin = f"{parts.scheme}://{netloc}"
+    helper = _helper(helper_dir, ".gitplug-git-askpass", _GIT_ASKPASS)
+    return bare, {
+        "GIT_ASKPASS": str(helper),
+        "GITPLUG_ASK_USERNAME": f"Username for '{origin}': ",
+        "GITPLUG_ASK_PASSWORD": f"Password for '{parts.scheme}://{quote(user, safe='')}@{netloc}': ",
+        "GITPLUG_GIT_USERNAME": user,
+        "GITPLUG_GIT_PASSWORD": unquote(password),
+    }
 
 
 def _key(url: str) -> str:
@@ -127,13 +190,7 @@ class CredentialSSHVendor(SSHVendor):
         env = {"PATH": os.environ.get("PATH", os.defpath), "LC_ALL": "C",
                "HOME": str(self.helper_dir)}
         if self.entry.passphrase:
-            helper = self.helper_dir / ".gitplug-askpass"
-            if not helper.exists():
-                self.helper_dir.mkdir(parents=True, exist_ok=True)
-                tmp = helper.with_name(f".askpass.{os.getpid()}.{threading.get_ident()}")
-                tmp.write_text(_ASKPASS)
-                tmp.chmod(0o700)
-                os.replace(tmp, helper)
+            helper = _helper(self.helper_dir, ".gitplug-askpass", _ASKPASS)
             env.update(SSH_ASKPASS=str(helper), SSH_ASKPASS_REQUIRE="force", DISPLAY=":0",
                        GITPLUG_SSH_PASSPHRASE=self.entry.passphrase)
         return env

@@ -243,10 +243,11 @@ class GitSource:
                 logger.info("plugin %s: fetching %s", plugin, redact_url(url))
 
                 kind, location = classify_url(url)
-                if kind == "local" and self.git_command and not extra:
-                    # dulwich inflates every object of a local fetch in memory. (A
-                    # ``want`` comes from the push remote, bounded by push_max_size.)
-                    self._git_fetch(plugin, url, location, repo)
+                if kind in ("local", "http") and self.git_command and not extra:
+                    # dulwich inflates every object it fetches in memory (a 600 MiB
+                    # blob costs twice that); git streams it into a pack. (A ``want``
+                    # comes from the push remote, bounded by push_max_size.)
+                    self._git_fetch(plugin, url, location, repo, kind)
                     repo.object_store._update_pack_cache()  # see the new pack
                     fetched = {k: v for k, v in repo.get_refs().items()
                                if k.startswith(_GIT_FETCH_NS)}
@@ -517,16 +518,33 @@ class GitSource:
             self.mirrors_dir), "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": str(config),
             "GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "", "SSH_ASKPASS": ""}
 
-    def _git_fetch(self, plugin: str, url: str, location: str, repo: Repo) -> None:
-        """``git fetch`` every branch and tag of the local repository ``location``."""
+    def _git_fetch(self, plugin: str, url: str, location: str, repo: Repo,
+                   kind: str = "local") -> None:
+        """``git fetch`` every branch and tag of ``location`` (a local path or an http(s) URL).
+
+        HTTP: no password ever in the arguments (``ps`` shows them): the URL's
+        own, else the ``credentials:`` entry's, reach git through the askpass
+        helper (:func:`credentials.http_askpass_env`), for the URL's origin
+        only; a transfer that stalls for ``timeout`` seconds is given up
+        (``http.lowSpeedTime``); the whole fetch has a deadline.
+        """
         assert self.git_command
-        deadline = max(self.timeout, 1.0) * 10  # a local copy of a big repository is slow
-        argv = [self.git_command, "--git-dir", str(repo.path), "fetch", "--quiet",
+        deadline = max(self.timeout, 1.0) * 10  # a copy of a big repository is slow
+        env = self._git_env()
+        options: list[str] = []
+        if kind == "http":
+            location, asked = creds.http_askpass_env(location, self.credential_for(url),
+                                                     self.mirrors_dir)
+            env.update(asked)
+            env.update({k: v for k, v in os.environ.items() if k in creds.HTTP_ENV_PASSED})
+            options = ["-c", "http.lowSpeedLimit=1",
+                       "-c", f"http.lowSpeedTime={max(1, round(self.timeout))}"]
+        argv = [self.git_command, *options, "--git-dir", str(repo.path), "fetch", "--quiet",
                 "--no-tags", "--no-write-fetch-head", "--no-auto-gc", "--", location,
                 f"+refs/heads/*:{_GIT_FETCH_NS.decode()}heads/*",
                 f"+refs/tags/*:{_GIT_FETCH_NS.decode()}tags/*"]
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, env=self._git_env(),
+                                stderr=subprocess.PIPE, env=env,
                                 start_new_session=True, close_fds=True)
         try:
             _, err = proc.communicate(timeout=deadline)
