@@ -199,6 +199,10 @@ def test_https_auth_failures_name_the_entry_never_the_secret(
     source = GitSource(tmp_path / "mirrors", timeout=10, credentials=lambda: (host_wide, right))
     source.fetch("hello", url)
     assert "main" in str(source.resolve("hello", url, "main"))
+    # The objects came through `git fetch`, its credentials through the askpass
+    # helper, which reads git's environment: the token is in no file.
+    helper = tmp_path / "mirrors" / ".gitplug-git-askpass"
+    assert helper.is_file() and token not in helper.read_text()
     assert token not in repr(right) and wrong not in repr(host_wide)
 
 

@@ -24,9 +24,11 @@ wins over gitplug's default. See :func:`ssh_command`.
 
 Bounded memory: dulwich inflates whole objects in memory (a local fetch of a
 600 MiB blob costs about twice that, a loose object over 512 MiB fails in
-zlib). Where the ``git`` command is installed, local repositories are
-fetched with ``git fetch`` (a child process with a deadline, an argument
-list and a scrubbed environment), and blobs are sized with ``git cat-file
+zlib). Where the ``git`` command is installed, local and HTTP(S)
+repositories are fetched with ``git fetch`` (a child process with a
+deadline, an argument list and a scrubbed environment; over HTTP a stall
+deadline too, and credentials through an askpass helper, never in the
+arguments), after dulwich listed the refs, and blobs are sized with ``git cat-file
 --batch-check`` and streamed with ``git cat-file --batch``, so the server
 never holds a whole blob. Without ``git``, sizes come from the object
 headers (loose objects: the first inflated bytes; packs: the entry header
