@@ -24,13 +24,12 @@ its password redacted.
 
 from __future__ import annotations
 
-import json
+import functools
 import logging
 import os
 import threading
-import time
 import zlib
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any
 
@@ -39,25 +38,8 @@ import psycopg.errors
 from psycopg.rows import dict_row
 
 from ..errors import StateError
-from .store import (
-    DEPLOY_FIELDS,
-    INTERRUPTED_ERROR,
-    PLUGIN_FIELDS,
-    DeployRecord,
-    DeployRequest,
-    DeployResult,
-    HostInfo,
-    HostPlugin,
-    PluginState,
-    PluginStateValue,
-    Stage,
-    WorkerInfo,
-    default_host,
-    final_result,
-    now_iso,
-    redact_url,
-    seconds_since,
-)
+from .sqlbase import SQLStateStore
+from .store import redact_url
 
 __all__ = ["PostgresStateStore", "SCHEMA_VERSION", "redact_url"]
 
@@ -142,27 +124,10 @@ SCHEMA_VERSION = len(_MIGRATIONS)
 #: child (closing would end the parent's session on the shared socket).
 _FORK_ORPHANS: list[psycopg.Connection[Any]] = []
 
-_PLUGIN_COLUMNS = (
-    "name, ref, pin, live_commit, previous_commit, state, desired_commit, last_error, updated_at, "
-    "live_tree, url_prefix"
-)
-_DEPLOY_COLUMNS = (
-    "id, plugin, trigger, ref, commit_sha, result, stage, error, started_at, duration_s, "
-    "log_path, host, repeats, last_seen_at, signer"
-)
-def _plugin_from_row(row: Mapping[str, Any]) -> PluginState:
-    values = dict(row)
-    values["state"] = PluginStateValue(values["state"])
-    return PluginState(**values)
-
-
-def _deploy_from_row(row: Mapping[str, Any]) -> DeployRecord:
-    values = dict(row)
-    values["commit"] = values.pop("commit_sha")
-    values["id"] = int(values["id"])
-    values["result"] = DeployResult(values["result"])
-    values["stage"] = None if values["stage"] is None else Stage(values["stage"])
-    return DeployRecord(**values)
+@functools.lru_cache(maxsize=256)
+def _placeholders(sql: str) -> str:
+    """The shared SQL's ``?`` as psycopg's ``%s`` (that SQL has no literal ``?`` or ``%``)."""
+    return sql.replace("?", "%s")
 
 
 def _lock_key(name: str) -> int:
@@ -187,7 +152,7 @@ def _hint(exc: BaseException) -> str:
     return ""
 
 
-class PostgresStateStore:
+class PostgresStateStore(SQLStateStore):
     """:class:`StateStore` in a PostgreSQL database shared by the hosts of a fleet.
 
     Safe across threads (each operation borrows a connection), processes (a forked
@@ -299,7 +264,7 @@ class PostgresStateStore:
     def _read(self, action: str, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
         with self._borrow(action) as conn:
             try:
-                return conn.execute(sql, params).fetchall()
+                return conn.execute(self._sql(sql), params).fetchall()
             except psycopg.Error as exc:
                 raise self._error(action, exc) from exc
 
@@ -332,323 +297,23 @@ class PostgresStateStore:
             raise self._error(action, exc) from exc
         self._migrated = True
 
-    @staticmethod
-    def _bump(conn: psycopg.Connection[Any]) -> None:
+    # -- the shared SQL's hooks (see SQLStateStore) ----------------------------------
+
+    _NO_LIMIT = None  # LIMIT NULL: no limit
+
+    def _sql(self, sql: str) -> str:
+        return _placeholders(sql)
+
+    def _exec_many(self, conn: psycopg.Connection[Any], sql: str, rows: list[Sequence[Any]]) -> None:
+        with conn.cursor() as cursor:
+            cursor.executemany(self._sql(sql), rows)
+
+    def _bump(self, conn: psycopg.Connection[Any]) -> None:
         conn.execute("UPDATE counters SET value = value + 1 WHERE name = 'plugins'")
         conn.execute("SELECT pg_notify(%s, 'plugins')", (CHANNEL,))
 
-    def _deploy_row(self, conn: psycopg.Connection[Any], deploy_id: int) -> dict[str, Any]:
-        row = conn.execute(f"SELECT {_DEPLOY_COLUMNS} FROM deploys WHERE id = %s", (deploy_id,)).fetchone()
-        if row is None:
-            raise StateError(f"state database {self.where}: no deploy with id {deploy_id}")
-        return row
-
-    # -- plugins ---------------------------------------------------------------
-
-    def get_plugin(self, name: str) -> PluginState | None:
-        rows = self._read(
-            f"read plugin {name!r}", f"SELECT {_PLUGIN_COLUMNS} FROM plugins WHERE name = %s", (name,)
-        )
-        return _plugin_from_row(rows[0]) if rows else None
-
-    def list_plugins(self) -> list[PluginState]:
-        rows = self._read("list plugins", f"SELECT {_PLUGIN_COLUMNS} FROM plugins ORDER BY name")
-        return [_plugin_from_row(row) for row in rows]
-
-    def update_plugin(self, name: str, **fields: Any) -> PluginState:
-        unknown = sorted(set(fields) - PLUGIN_FIELDS)
-        if unknown:
-            raise TypeError(
-                f"update_plugin() got unknown fields {unknown}; "
-                f"expected some of {sorted(PLUGIN_FIELDS)}"
-            )
-        if "state" in fields:
-            fields["state"] = PluginStateValue(fields["state"]).value
-        with self._write(f"update plugin {name!r}") as conn:
-            row = self._update_plugin_in(conn, name, fields)
-        return _plugin_from_row(row)
-
-    def _update_plugin_in(self, conn: psycopg.Connection[Any], name: str, fields: dict[str, Any]) -> dict[str, Any]:
-        if "state" in fields:
-            fields["state"] = PluginStateValue(fields["state"]).value
-        now = now_iso()
-        # Column names come from PLUGIN_FIELDS only, never from the caller.
-        assignments = "".join(f"{column} = %s, " for column in fields)
-        conn.execute(
-            "INSERT INTO plugins (name, state, updated_at) VALUES (%s, %s, %s) ON CONFLICT (name) DO NOTHING",
-            (name, PluginStateValue.PENDING.value, now),
-        )
-        row = conn.execute(
-            f"UPDATE plugins SET {assignments}updated_at = %s WHERE name = %s RETURNING {_PLUGIN_COLUMNS}",
-            (*fields.values(), now, name),
-        ).fetchone()
-        self._bump(conn)
-        assert row is not None
-        return row
-
-    def delete_plugin(self, name: str) -> None:
-        with self._write(f"delete plugin {name!r}") as conn:
-            if conn.execute("DELETE FROM plugins WHERE name = %s", (name,)).rowcount:
-                self._bump(conn)
-
-    def change_counter(self) -> int:
-        rows = self._read("read the change counter", "SELECT value FROM counters WHERE name = 'plugins'")
-        return int(rows[0]["value"])
-
-    # -- deploys -----------------------------------------------------------------
-
-    def start_deploy(
-        self,
-        plugin: str,
-        *,
-        trigger: str,
-        ref: str | None,
-        commit: str | None = None,
-        host: str | None = None,
-    ) -> DeployRecord:
-        with self._write(f"record a deploy of {plugin!r}") as conn:
-            row = conn.execute(
-                "INSERT INTO deploys (plugin, trigger, ref, commit_sha, result, started_at, host) "
-                f"VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING {_DEPLOY_COLUMNS}",
-                (plugin, trigger, ref, commit, DeployResult.RUNNING.value, now_iso(), host or default_host()),
-            ).fetchone()
-        assert row is not None
-        return _deploy_from_row(row)
-
-    def finish_deploy(
-        self,
-        deploy_id: int,
-        *,
-        result: DeployResult,
-        stage: Stage | None = None,
-        error: str | None = None,
-        commit: str | None = None,
-        duration_s: float | None = None,
-        log_path: str | None = None,
-        plugin_update: Mapping[str, Any] | None = None,
-    ) -> DeployRecord:
-        result = final_result(deploy_id, result, plugin_update)
-        with self._write(f"finish deploy {deploy_id}") as conn:
-            row = self._deploy_row(conn, deploy_id)
-            if plugin_update:
-                self._update_plugin_in(conn, row["plugin"], dict(plugin_update))
-            if duration_s is None:
-                duration_s = seconds_since(row["started_at"])
-            row = conn.execute(
-                "UPDATE deploys SET result = %s, stage = %s, error = %s, duration_s = %s, "
-                "commit_sha = COALESCE(%s, commit_sha), log_path = COALESCE(%s, log_path) "
-                f"WHERE id = %s RETURNING {_DEPLOY_COLUMNS}",
-                (result.value, None if stage is None else Stage(stage).value, error,
-                 duration_s, commit, log_path, deploy_id),
-            ).fetchone()
-        assert row is not None
-        return _deploy_from_row(row)
-
-    def update_deploy(self, deploy_id: int, **fields: Any) -> DeployRecord:
-        unknown = sorted(set(fields) - DEPLOY_FIELDS)
-        if unknown:
-            raise TypeError(
-                f"update_deploy() got unknown fields {unknown}; "
-                f"expected some of {sorted(DEPLOY_FIELDS)}"
-            )
-        if fields.get("result") is not None:
-            fields["result"] = DeployResult(fields["result"]).value
-        if fields.get("stage") is not None:
-            fields["stage"] = Stage(fields["stage"]).value
-        columns = {"commit_sha" if key == "commit" else key: value for key, value in fields.items()}
-        with self._write(f"update deploy {deploy_id}") as conn:
-            self._deploy_row(conn, deploy_id)
-            if columns:
-                assignments = ", ".join(f"{column} = %s" for column in columns)
-                conn.execute(f"UPDATE deploys SET {assignments} WHERE id = %s", (*columns.values(), deploy_id))
-            row = self._deploy_row(conn, deploy_id)
-        return _deploy_from_row(row)
-
-    def get_deploy(self, deploy_id: int) -> DeployRecord | None:
-        rows = self._read(
-            f"read deploy {deploy_id}", f"SELECT {_DEPLOY_COLUMNS} FROM deploys WHERE id = %s", (deploy_id,)
-        )
-        return _deploy_from_row(rows[0]) if rows else None
-
-    def history(self, plugin: str, *, limit: int | None = 50) -> list[DeployRecord]:
-        rows = self._read(
-            f"read the history of {plugin!r}",
-            f"SELECT {_DEPLOY_COLUMNS} FROM deploys WHERE plugin = %s ORDER BY id DESC LIMIT %s",
-            (plugin, None if limit is None else max(limit, 0)),
-        )
-        return [_deploy_from_row(row) for row in rows]
-
-    def deploy_counts(self) -> dict[tuple[str, str], int]:
-        rows = self._read(
-            "count deploys", "SELECT plugin, result, COUNT(*) AS n FROM deploys GROUP BY plugin, result"
-        )
-        return {(row["plugin"], row["result"]): int(row["n"]) for row in rows}
-
-    def last_deploy(self, plugin: str) -> DeployRecord | None:
-        records = self.history(plugin, limit=1)
-        return records[0] if records else None
-
-    def mark_running_interrupted(self, host: str | None = None) -> list[DeployRecord]:
-        with self._write("mark interrupted deploys") as conn:
-            rows = conn.execute(
-                "UPDATE deploys SET result = %s, error = %s WHERE result = 'running' AND host = %s "
-                f"RETURNING {_DEPLOY_COLUMNS}",
-                (DeployResult.INTERRUPTED.value, INTERRUPTED_ERROR, host or default_host()),
-            ).fetchall()
-        rows.sort(key=lambda row: row["id"])
-        for row in rows:
-            logger.warning(
-                "deploy %d of plugin %s (commit %s) was interrupted: %s",
-                row["id"], row["plugin"], row["commit_sha"], INTERRUPTED_ERROR,
-            )
-        return [_deploy_from_row(row) for row in rows]
-
-    def failed_commits(self, plugin: str) -> set[str]:
-        rows = self._read(
-            f"read the failed commits of {plugin!r}",
-            """SELECT d.commit_sha FROM deploys AS d
-               WHERE d.plugin = %s AND d.result = 'failed' AND d.commit_sha IS NOT NULL
-                 AND NOT EXISTS (
-                     SELECT 1 FROM deploys AS later
-                     WHERE later.plugin = d.plugin AND later.commit_sha = d.commit_sha
-                       AND later.id > d.id AND later.result IN ('live', 'failed'))""",
-            (plugin,),
-        )
-        return {row["commit_sha"] for row in rows}
-
-    # -- webhooks, requests, workers, hosts -------------------------------------
-
-    def remember_delivery(self, delivery_id: str, *, ttl_s: float = 7 * 86400) -> bool:
-        now = time.time()
-        with self._write(f"remember webhook delivery {delivery_id!r}") as conn:
-            conn.execute("DELETE FROM deliveries WHERE expires_at <= %s", (now,))
-            # A concurrent insert of the same id waits for the first one's
-            # commit and then does nothing: exactly one caller gets True.
-            cursor = conn.execute(
-                "INSERT INTO deliveries (id, expires_at) VALUES (%s, %s) ON CONFLICT (id) DO NOTHING",
-                (delivery_id, now + ttl_s),
-            )
-            return cursor.rowcount == 1
-
-    # Revoked logins share the deliveries table (an id with an expiry), under
-    # a prefix no delivery id has, as in the SQLite store.
-    _LOGIN_PREFIX = "gitplug-logout:"
-
-    def revoke_login(self, login_id: str, *, until: float) -> None:
-        with self._write("revoke a status page login") as conn:
-            conn.execute("DELETE FROM deliveries WHERE expires_at <= %s", (time.time(),))
-            conn.execute(
-                "INSERT INTO deliveries (id, expires_at) VALUES (%s, %s) "
-                "ON CONFLICT (id) DO UPDATE SET expires_at = EXCLUDED.expires_at",
-                (self._LOGIN_PREFIX + login_id, until),
-            )
-
-    def login_revoked(self, login_id: str) -> bool:
-        return bool(
-            self._read(
-                "read revoked logins",
-                "SELECT 1 FROM deliveries WHERE id = %s AND expires_at > %s",
-                (self._LOGIN_PREFIX + login_id, time.time()),
-            )
-        )
-
-    def request_deploy(self, plugin: str, *, trigger: str, ref: str | None = None) -> int:
-        with self._write(f"queue a deploy request for {plugin!r}") as conn:
-            row = conn.execute(
-                "INSERT INTO deploy_requests (plugin, trigger, ref, requested_at) "
-                "VALUES (%s, %s, %s, %s) RETURNING id",
-                (plugin, trigger, ref, now_iso()),
-            ).fetchone()
-            conn.execute("SELECT pg_notify(%s, 'requests')", (CHANNEL,))
-        assert row is not None
-        return int(row["id"])
-
-    def take_deploy_requests(self, plugins: Collection[str] | None = None) -> list[DeployRequest]:
-        names = None if plugins is None else sorted(plugins)
-        if names == []:
-            return []
-        where = "" if names is None else " WHERE plugin = ANY(%s)"
-        params: tuple[Any, ...] = () if names is None else (names,)
-        if not self._read("read deploy requests", f"SELECT 1 FROM deploy_requests{where} LIMIT 1", params):
-            return []
-        with self._write("take deploy requests") as conn:
-            rows = conn.execute(
-                f"DELETE FROM deploy_requests{where} RETURNING id, plugin, trigger, ref, requested_at", params
-            ).fetchall()
-        rows.sort(key=lambda row: row["id"])
-        return [DeployRequest(**{**row, "id": int(row["id"])}) for row in rows]
-
-    def heartbeat(self, worker: WorkerInfo) -> None:
-        with self._write(f"record the heartbeat of worker {worker.worker_id!r}") as conn:
-            conn.execute(
-                "INSERT INTO workers (worker_id, host, pid, plugin_commits, heartbeat_at) "
-                "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (worker_id) DO UPDATE SET host = EXCLUDED.host, "
-                "pid = EXCLUDED.pid, plugin_commits = EXCLUDED.plugin_commits, "
-                "heartbeat_at = EXCLUDED.heartbeat_at",
-                (worker.worker_id, worker.host, worker.pid,
-                 json.dumps(worker.plugin_commits, sort_keys=True), worker.heartbeat_at),
-            )
-
-    def workers(self, *, max_age_s: float = 10.0) -> list[WorkerInfo]:
-        with self._write("list workers") as conn:
-            conn.execute("DELETE FROM workers WHERE heartbeat_at < %s", (time.time() - max_age_s,))
-            rows = conn.execute(
-                "SELECT worker_id, host, pid, plugin_commits, heartbeat_at FROM workers ORDER BY worker_id"
-            ).fetchall()
-        return [
-            WorkerInfo(row["worker_id"], row["host"], int(row["pid"]), json.loads(row["plugin_commits"]),
-                       float(row["heartbeat_at"]))
-            for row in rows
-        ]
-
-    def remove_worker(self, worker_id: str) -> None:
-        with self._write(f"remove worker {worker_id!r}") as conn:
-            conn.execute("DELETE FROM workers WHERE worker_id = %s", (worker_id,))
-
-    def record_release_stats(self, worker_id: str, stats: Mapping[tuple[str, str], tuple[int, int]]) -> None:
-        if not stats:
-            return
-        now = time.time()
-        with self._write(f"record request counts of worker {worker_id!r}") as conn, conn.cursor() as cursor:
-            cursor.executemany(
-                "INSERT INTO release_stats (worker_id, plugin, commit_sha, requests, errors, updated_at) "
-                "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (worker_id, plugin, commit_sha) DO UPDATE "
-                "SET requests = EXCLUDED.requests, errors = EXCLUDED.errors, updated_at = EXCLUDED.updated_at",
-                [(worker_id, p, c, r, e, now) for (p, c), (r, e) in stats.items()],
-            )
-
-    def release_stats(self, plugin: str, commit: str) -> tuple[int, int]:
-        rows = self._read(
-            f"read request counts of {plugin!r} {commit}",
-            "SELECT COALESCE(SUM(requests), 0) AS r, COALESCE(SUM(errors), 0) AS e FROM release_stats "
-            "WHERE plugin = %s AND commit_sha = %s",
-            (plugin, commit),
-        )
-        return int(rows[0]["r"]), int(rows[0]["e"])
-
-    def host_heartbeat(self, host: HostInfo) -> None:
-        plugins = {name: [p.live_commit, p.error, p.leads] for name, p in host.plugins.items()}
-        with self._write(f"record the heartbeat of host {host.host_id!r}") as conn:
-            conn.execute(
-                "INSERT INTO hosts (host_id, heartbeat_at, plugins, leader) VALUES (%s, %s, %s, %s) "
-                "ON CONFLICT (host_id) DO UPDATE SET heartbeat_at = EXCLUDED.heartbeat_at, "
-                "plugins = EXCLUDED.plugins, leader = EXCLUDED.leader",
-                (host.host_id, host.heartbeat_at, json.dumps(plugins, sort_keys=True), host.leader),
-            )
-
-    def hosts(self) -> list[HostInfo]:
-        rows = self._read(
-            "list hosts", "SELECT host_id, heartbeat_at, plugins, leader FROM hosts ORDER BY host_id"
-        )
-        return [
-            HostInfo(
-                host_id=row["host_id"],
-                heartbeat_at=float(row["heartbeat_at"]),
-                plugins={name: HostPlugin(*pair) for name, pair in json.loads(row["plugins"]).items()},
-                leader=bool(row["leader"]),
-            )
-            for row in rows
-        ]
+    def _requested(self, conn: psycopg.Connection[Any]) -> None:
+        conn.execute("SELECT pg_notify(%s, 'requests')", (CHANNEL,))
 
     # -- leases and notifications -------------------------------------------------
 
