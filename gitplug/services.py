@@ -95,6 +95,8 @@ class HostServices:
     lease_prefix = "poll:"
     #: Seconds a host keeps a lease it took before it may hand it to a host with fewer.
     rebalance_after_s = 5.0
+    #: A plugin another live host leads is tried every this many elections (about seconds).
+    retry_led_every = 4
 
     def __init__(
         self,
@@ -123,6 +125,7 @@ class HostServices:
         #: The leases this process holds, by unit (a plugin, or ``discover:<index>``).
         self._leases: dict[str, Lease] = {}
         self._lease_taken: dict[str, float] = {}
+        self._elections = 0
         #: Commits this process could not serve, per plugin, and why (not retried).
         self._refused: dict[str, tuple[str, str]] = {}
         self._store_down = False
@@ -543,15 +546,15 @@ class HostServices:
     def _held_plugins(self) -> list[str]:
         return [unit for unit in self._leases if not unit.startswith(_DISCOVER)]
 
-    def _share(self, plugins: int) -> tuple[int, bool]:
-        """``(plugins this host may lead, whether a live host leads fewer than that)``.
+    def _share(self, plugins: int) -> tuple[int, bool, set[str]]:
+        """``(plugins this host may lead, whether a live host leads fewer, plugins led elsewhere)``.
 
         The share is the plugins divided by the live hosts, rounded up, so
         the hosts' shares together cover every plugin; a dead host counts
         until it is ``lost`` (10 s), which bounds a takeover.
         """
         if not self._fleet:
-            return plugins, False
+            return plugins, False, set()
         now = time.time()
         others = [
             host for host in self.store.hosts()
@@ -559,7 +562,8 @@ class HostServices:
         ]
         share = math.ceil(plugins / (len(others) + 1))
         short = any(sum(1 for p in host.plugins.values() if p.leads) < share for host in others)
-        return share, short
+        led = {name for host in others for name, p in host.plugins.items() if p.leads}
+        return share, short, led
 
     def _elect(self) -> None:
         """Keep, lose, take or hand over leases (always granted on one machine's store)."""
@@ -573,7 +577,8 @@ class HostServices:
             if unit in units:
                 logger.warning("gitplug: host %s lost the lease of %s; another host will deploy it",
                                self.host_id, unit)
-        share, short = self._share(sum(1 for unit in units if not unit.startswith(_DISCOVER)))
+        share, short, led_elsewhere = self._share(sum(1 for unit in units if not unit.startswith(_DISCOVER)))
+        self._elections += 1
         handed: str | None = None
         held = self._held_plugins()
         if short and len(held) > share:
@@ -589,6 +594,10 @@ class HostServices:
             if unit in self._leases or unit == handed:
                 continue
             if not unit.startswith(_DISCOVER) and len(self._held_plugins()) >= share:
+                continue
+            if unit in led_elsewhere and self._elections % self.retry_led_every:
+                # A live host said it leads it: asked now and then (its death
+                # frees the lease at once), not a connection every second.
                 continue
             lease = self.store.acquire_lease(self.lease_prefix + unit)
             if lease is None:
