@@ -27,6 +27,7 @@ from gitplug import GitPlug, signals
 from gitplug.runtime.loaded import LoadedRelease
 from gitplug.runtime.snapshot import Snapshot
 from pluginfactory import write_files
+from serverproc import wait_for
 
 PLUGIN = """
     from flask import Response, stream_with_context
@@ -282,3 +283,51 @@ def test_a_failing_after_request_hook_counts_one_error_per_request(
         assert status.startswith("500")
     assert (release.requests, release.errors) == (3, 3)
     assert gp.runtime.snapshot.inflight == 0
+
+
+def test_pins_under_threads_while_swapping_leave_nothing_held(
+    tmp_path: Path, app: Flask, make_gp: Callable[[Flask], GitPlug], unloads: list[str]
+) -> None:
+    """Lock-free pins racing 40 swaps: no request sees an unloaded release, none stays pinned."""
+    gp = make_gp(app)
+    dirs = [_plugin(tmp_path / f"r{i}", f"R{i}") for i in range(41)]
+    first = gp.load_directory("pinny", dirs[0])
+    stop = threading.Event()
+    problems: list[str] = []
+    served: list[bytes] = []
+
+    def client(path: str) -> None:
+        while not stop.is_set():
+            try:
+                status, result = _call(app, path)
+                body = _finish(result)
+            except Exception as exc:  # noqa: BLE001 - recorded and asserted below
+                problems.append(f"{path}: {type(exc).__name__}: {exc}")
+                return
+            if not status.startswith("200"):
+                problems.append(f"{path}: {status}")
+                return
+            served.append(body)
+
+    clients = [threading.Thread(target=client, args=(path,)) for path in ["/pinny/", "/pinny/stream"] * 3]
+    for thread in clients:
+        thread.start()
+    try:
+        released = [first]
+        for path in dirs[1:]:
+            before = len(served)
+            released.append(gp.load_directory("pinny", path))
+            # Requests reach each release before the next swap.
+            wait_for(lambda n=before + 5: problems or len(served) >= n, timeout=30, what="requests after a swap")
+    finally:
+        stop.set()
+        for thread in clients:
+            thread.join(timeout=30)
+    assert not problems, problems[:3]
+    assert gp.runtime.wait_idle()
+    # Every release but the live one was unloaded, exactly once, and nothing is pinned.
+    assert sorted(unloads) == sorted(r.release_id for r in released[:-1])
+    assert all(r.unloaded for r in released[:-1]) and not released[-1].unloaded
+    assert gp.runtime.snapshot.inflight == 0
+    labels = {body.split(b"-")[0] for body in served if b"-" in body}
+    assert len(labels) > 5, f"the streaming clients saw too few releases: {sorted(labels)}"
