@@ -186,6 +186,10 @@ class CredentialSSHVendor(SSHVendor):
         self.entry = entry
         self.helper_dir = helper_dir
 
+    def environment(self) -> dict[str, str]:
+        """The environment ssh runs in for this entry (also under ``git fetch``)."""
+        return self._env()
+
     def _env(self) -> dict[str, str]:
         env = {"PATH": os.environ.get("PATH", os.defpath), "LC_ALL": "C",
                "HOME": str(self.helper_dir)}

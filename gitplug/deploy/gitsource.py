@@ -24,11 +24,12 @@ wins over gitplug's default. See :func:`ssh_command`.
 
 Bounded memory: dulwich inflates whole objects in memory (a local fetch of a
 600 MiB blob costs about twice that, a loose object over 512 MiB fails in
-zlib). Where the ``git`` command is installed, local and HTTP(S)
-repositories are fetched with ``git fetch`` (a child process with a
-deadline, an argument list and a scrubbed environment; over HTTP a stall
-deadline too, and credentials through an askpass helper, never in the
-arguments), after dulwich listed the refs, and blobs are sized with ``git cat-file
+zlib). Where the ``git`` command is installed, local, HTTP(S) and (with a
+``credentials:`` entry) SSH repositories are fetched with ``git fetch`` (a
+child process with a deadline, an argument list and a scrubbed
+environment; over HTTP a stall deadline too, and credentials through an
+askpass helper, never in the arguments), after dulwich listed the refs,
+and blobs are sized with ``git cat-file
 --batch-check`` and streamed with ``git cat-file --batch``, so the server
 never holds a whole blob. Without ``git``, sizes come from the object
 headers (loose objects: the first inflated bytes; packs: the entry header
@@ -245,7 +246,9 @@ class GitSource:
                 logger.info("plugin %s: fetching %s", plugin, redact_url(url))
 
                 kind, location = classify_url(url)
-                if kind in ("local", "http") and self.git_command and not extra:
+                via_git = kind in ("local", "http") or (
+                    kind == "ssh" and self.credential_for(url) is not None)
+                if via_git and self.git_command and not extra:
                     # dulwich inflates every object it fetches in memory (a 600 MiB
                     # blob costs twice that); git streams it into a pack. (A ``want``
                     # comes from the push remote, bounded by push_max_size.)
@@ -522,7 +525,7 @@ class GitSource:
 
     def _git_fetch(self, plugin: str, url: str, location: str, repo: Repo,
                    kind: str = "local") -> None:
-        """``git fetch`` every branch and tag of ``location`` (a local path or an http(s) URL).
+        """``git fetch`` every branch and tag of ``location`` (a path, an http(s) or ssh URL).
 
         HTTP: no password ever in the arguments (``ps`` shows them): the URL's
         own, else the ``credentials:`` entry's, reach git through the askpass
@@ -541,6 +544,17 @@ class GitSource:
             env.update({k: v for k, v in os.environ.items() if k in creds.HTTP_ENV_PASSED})
             options = ["-c", "http.lowSpeedLimit=1",
                        "-c", f"http.lowSpeedTime={max(1, round(self.timeout))}"]
+        elif kind == "ssh":
+            # Only with a `credentials:` entry, whose ssh runs in a scrubbed
+            # environment anyway (without one, ssh keeps the server's HOME and
+            # agent, as dulwich runs it). git runs GIT_SSH_COMMAND through sh:
+            # ssh_command's string is shell-quoted for that.
+            entry = self.credential_for(url)
+            assert entry is not None
+            vendor = creds.CredentialSSHVendor(entry, self.mirrors_dir)
+            env.update(vendor.environment())
+            env["GIT_SSH_COMMAND"] = ssh_command(self.timeout, prepend=creds.ssh_options(entry))
+            env["GIT_SSH_VARIANT"] = "ssh"
         argv = [self.git_command, *options, "--git-dir", str(repo.path), "fetch", "--quiet",
                 "--no-tags", "--no-write-fetch-head", "--no-auto-gc", "--", location,
                 f"+refs/heads/*:{_GIT_FETCH_NS.decode()}heads/*",
