@@ -837,6 +837,128 @@ def test_nested_blueprints_inside_a_plugin(tmp_path: Path, make_gp: MakeGP) -> N
     assert client.get("/parent/child/b").text == "child"
 
 
+def test_nested_callback_order_with_two_hooks_per_scope_and_teardowns_in_reverse(
+    tmp_path: Path, make_gp: MakeGP
+) -> None:
+    """Flask: the rest of test_nested_callback_order. Before-request hooks run app,
+    parent, child, each scope's in registration order; teardowns run child,
+    parent, app, each scope's in reverse (so each pops what its twin pushed);
+    the innermost context processor wins."""
+    from flask import g
+
+    app = _host()
+    torn: list[tuple[str, str]] = []
+    for n in (1, 2):
+        def app_before(tag: str = f"app_{n}") -> None:
+            g.setdefault("seen", []).append(tag)
+
+        def app_teardown(error: BaseException | None = None, tag: str = f"app_{n}") -> None:
+            torn.append((tag, g.seen.pop()))
+
+        app.before_request(app_before)
+        app.teardown_request(app_teardown)
+
+    @app.context_processor
+    def app_ctx() -> dict[str, str]:
+        return {"key": "app"}
+
+    gp = make_gp(app)
+    src = _plugin(tmp_path, """
+        from flask import Blueprint, render_template_string
+
+        plugin = Plugin("parent", __name__)
+        child = Blueprint("child", __name__)
+        TORN = []
+
+        for scope, bp in (("parent", plugin), ("child", child)):
+            for n in (1, 2):
+                def before(tag=f"{scope}_{n}"):
+                    g.setdefault("seen", []).append(tag)
+
+                def teardown(error=None, tag=f"{scope}_{n}"):
+                    TORN.append((tag, g.seen.pop()))
+
+                bp.before_request(before)
+                bp.teardown_request(teardown)
+
+        @plugin.context_processor
+        def parent_ctx():
+            return {"key": "parent"}
+
+        @child.context_processor
+        def child_ctx():
+            return {"key": "child"}
+
+        @child.route("/a")
+        def a():
+            return ", ".join(g.seen)
+
+        @child.route("/b")
+        def b():
+            return render_template_string("{{ key }}")
+
+        @child.route("/torn")
+        def torn():
+            seen, TORN[:] = repr(TORN), []
+            return seen
+
+        plugin.register_blueprint(child)
+    """)
+    gp.load_directory("parent", src)
+    client = app.test_client()
+    assert client.get("/parent/a").text == "app_1, app_2, parent_1, parent_2, child_1, child_2"
+    assert client.get("/parent/b").text == "child"
+    torn.clear()
+    client.get("/parent/torn")  # empties the plugin's record; its own teardowns are next
+    assert client.get("/parent/torn").text == repr(
+        [("child_2", "child_2"), ("child_1", "child_1"), ("parent_2", "parent_2"), ("parent_1", "parent_1")]
+    )
+    # The host's teardowns ran last on every request, each popping its own tag.
+    assert torn == [("app_2", "app_2"), ("app_1", "app_1")] * 2
+
+
+def test_endpoint_decorator_gives_a_host_rule_its_view(
+    tmp_path: Path, make_gp: MakeGP, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Flask: test_endpoint_decorator. ``Blueprint.endpoint("bar")`` gives the view of
+    the app-level endpoint ``bar`` (a host rule without a view), not a URL under
+    the prefix; it goes with the plugin. A host endpoint that has a view keeps
+    it (the host wins on names, README "Differences from a blueprint"), and two
+    plugins giving one endpoint's view are refused."""
+    from werkzeug.routing import Rule
+
+    from gitplug import MountError
+
+    app = _host()
+    app.url_map.add(Rule("/foo", endpoint="bar"))
+    app.add_url_rule("/mine", endpoint="mine", view_func=lambda: "host mine")
+    gp = make_gp(app)
+    source = """
+        plugin = Plugin("{name}", __name__)
+
+        @plugin.endpoint("bar")
+        def foobar():
+            return request.endpoint + " from " + current_plugin.name
+
+        @plugin.endpoint("mine")
+        def take_over():
+            return "plugin mine"
+    """
+    caplog.set_level("WARNING", logger="gitplug")
+    gp.load_directory("bp", _plugin(tmp_path, source.format(name="bp"), package="bp"), url_prefix="/bp_prefix")
+    assert "app-wide names the host already uses are ignored (the host's win): view of endpoint 'mine'" in caplog.text
+    with pytest.raises(MountError) as info:
+        gp.load_directory("other", _plugin(tmp_path / "o", source.format(name="other"), package="other"))
+    assert "the view of endpoint(s) 'bar', 'mine' (Blueprint.endpoint) is already given by plugin 'bp'" in str(info.value)
+    client = app.test_client()
+    assert client.get("/foo").text == "bar from bp"
+    assert client.get("/bp_prefix/bar").status_code == 404
+    assert client.get("/mine").text == "host mine"
+    gp.stop("bp")
+    assert gp.runtime.wait_idle()
+    assert "bar" not in app.view_functions  # the host's rule has no view again
+
+
 @pytest.mark.parametrize(
     ("parent_init", "child_init", "parent_registration", "child_registration"),
     [

@@ -377,3 +377,40 @@ def test_a_root_plugin_and_a_converter_prefix_deploy_from_git(deployed_host: tup
     assert client.get("/about").text == "host about"
     prefixes = {entry["name"]: entry["url_prefix"] for entry in gp.status()["plugins"]}
     assert prefixes == {"blog": "/", "shop": "/<lang_code>/shop"}
+
+
+def test_a_flaskr_like_app_keeps_its_blog_at_the_root_across_a_swap(tmp_path: Path, make_gp: MakeGP) -> None:
+    """Flask's tutorial app as a user would port it: ``auth`` at ``/auth``, the blog at
+    ``/``; the session and flashed messages survive a swap of the root plugin."""
+    app = Flask("flaskr_host")
+    app.config.update(TESTING=True, SECRET_KEY="flaskr")
+    gp = make_gp(app)
+    gp.load_directory("auth", _plugin(tmp_path, "auth", """
+        from flask import flash, redirect, session
+
+        plugin = Plugin("auth", __name__, url_prefix="/auth")
+
+        @plugin.route("/login", methods=["POST"])
+        def login():
+            session["user"] = request.form["username"]
+            flash("welcome " + session["user"])
+            return redirect(url_for("blog.index"))
+    """))
+    blog = """
+        from flask import get_flashed_messages, session
+
+        plugin = Plugin("blog", __name__, url_prefix="/")
+
+        @plugin.route("/")
+        def index():
+            flashed = "; ".join(get_flashed_messages())
+            return f"{VERSION} {session.get('user', 'anonymous')} [{flashed}]"
+    """
+    gp.load_directory("blog", _plugin(tmp_path / "v1", "blog", 'VERSION = "v1"\n' + textwrap.dedent(blog)))
+    client = app.test_client()
+    response = client.post("/auth/login", data={"username": "ada"})
+    assert response.status_code == 302 and response.headers["Location"] == "/"
+    gp.load_directory("blog", _plugin(tmp_path / "v2", "blog", 'VERSION = "v2"\n' + textwrap.dedent(blog)))
+    assert client.get("/").text == "v2 ada [welcome ada]"
+    assert client.get("/").text == "v2 ada []"
+    assert client.get("/auth/nothing").status_code == 404  # the auth plugin's, not the root's

@@ -401,6 +401,14 @@ class Runtime:
                         f" {', '.join(sorted(shared))!r} is already registered by plugin"
                         f" {other.name!r}. Rename it in one of the plugins."
                     )
+            shared = set(_app_endpoints(release)) & set(_app_endpoints(other))
+            if shared:
+                return (
+                    f"plugin {release.name!r}: the view of endpoint(s)"
+                    f" {', '.join(repr(e) for e in sorted(shared))} (Blueprint.endpoint) is already"
+                    f" given by plugin {other.name!r}."
+                    " Keep it in one of the plugins."
+                )
         return None
 
     def publish(self, name: str, release: LoadedRelease | None) -> LoadedRelease | None:
@@ -453,7 +461,7 @@ class Runtime:
         shadowed = self._shadowed_template_names(release)
         if shadowed:
             logger.warning(
-                "plugin %s: app-wide template names the host already uses are ignored (the host's win): %s",
+                "plugin %s: app-wide names the host already uses are ignored (the host's win): %s",
                 name,
                 ", ".join(shadowed),
             )
@@ -472,6 +480,11 @@ class Runtime:
             for kind in TEMPLATE_KINDS
             for name in release.template_registrations.get(kind, ())
             if dict.__contains__(getattr(env, kind), name)
+        ] + [
+            # Blueprint.endpoint("x") for an endpoint the host has a view of.
+            f"view of endpoint {endpoint!r}"
+            for endpoint in _app_endpoints(release)
+            if dict.__contains__(self.app.view_functions, endpoint)
         ]
 
     def swap(self, spec: ReleaseSpec) -> LoadedRelease:
@@ -651,6 +664,12 @@ def _prefix_clash(
                 " api_prefix. Give the plugin another prefix, or set api_prefix elsewhere."
             )
     return None
+
+
+def _app_endpoints(release: LoadedRelease) -> list[str]:
+    """Endpoints outside the release's own scope whose view it gives (``Blueprint.endpoint``)."""
+    own = release.name + "."
+    return [endpoint for endpoint in release.view_functions if not endpoint.startswith(own)]
 
 
 def _location(exc: BaseException, release: LoadedRelease) -> dict[str, t.Any]:
