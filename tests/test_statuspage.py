@@ -59,7 +59,7 @@ class Site:
     client: FlaskClient
 
 
-def make_site(tmp_path: Path, *, token: str | None = TOKEN) -> Site:
+def make_site(tmp_path: Path, *, token: str | None = TOKEN, **settings: str) -> Site:
     repo = GitRepo(tmp_path / "repo")
     v1 = write_version(repo, "v1")
     repo.tag("v1", annotated=True, message="first release")
@@ -73,6 +73,7 @@ def make_site(tmp_path: Path, *, token: str | None = TOKEN) -> Site:
             "repo": repo.url,
             "ref": "main",
             "test": [sys.executable, "-c", "print('<b>gate ok</b>')"],
+            **settings,
         }},
     }
     gp = GitPlug(app)
@@ -388,6 +389,22 @@ def test_log_page_escapes_and_caps(site: Site) -> None:
     store.finish_deploy(other.id, result=DeployResult.FAILED, log_path=str(outside))
     html = client.get(f"{PAGE}plugins/hello/deploys/{other.id}/log").get_data(as_text=True)
     assert "SECRET" not in html and "outside the data directory" in html
+
+
+@pytest.mark.parametrize(("url_prefix", "shown"), [
+    ("/", '<a class="mount" href="/">/ '),  # never "//": a link to another host
+    ("/<lang_code>/hello", '<span class="mount">/&lt;lang_code&gt;/hello</span>'),  # no one URL to link
+    ("/hi/", '<a class="mount" href="/hi/">/hi/ '),
+])
+def test_the_mount_point_links_where_the_plugin_answers(tmp_path: Path, url_prefix: str, shown: str) -> None:
+    made = make_site(tmp_path, url_prefix=url_prefix)
+    try:
+        login(made.client)
+        page = made.client.get(PAGE).get_data(as_text=True)
+        assert shown in page, re.findall(r'.{0,40}class="mount".{0,60}', page)
+        assert 'href="//' not in page
+    finally:
+        made.gp.shutdown()
 
 
 def test_security_headers_and_stylesheet(site: Site) -> None:
