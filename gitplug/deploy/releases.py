@@ -31,23 +31,36 @@ import os
 import re
 import secrets
 import shutil
+import stat
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from gitplug.deploy.gitsource import MODE_GITLINK, MODE_LINK, GitSource, TreeEntry, redact_url
+from gitplug.deploy.gitsource import (
+    CHUNK,
+    MODE_GITLINK,
+    MODE_LINK,
+    GitSource,
+    TreeEntry,
+    redact_url,
+)
 from gitplug.errors import FetchError, StagingError, UnsafeTree
-from gitplug.runtime.manifest import MANIFEST_NAME, make_manifest
+from gitplug.runtime.manifest import MANIFEST_NAME, git_blob_id, manifest_of, read_ledger
 
-__all__ = ["Release", "ReleaseStore", "TestRecord", "MiB"]
+__all__ = ["Release", "ReleaseStore", "TestRecord", "MiB", "OBJECTS_DIR", "LEDGER_NAME"]
 
 logger = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
 METADATA_DIR = ".gitplug"
 _FORMAT = 2  # 2: with manifest.json
+#: The plugin's object store, beside its releases: ``releases/<plugin>/.objects/``.
+OBJECTS_DIR = ".objects"
+#: In the object store: ``{inode: [blob id, ctime_ns]}`` of the objects known intact.
+LEDGER_NAME = "ledger.json"
+_OBJECT = re.compile(r"^[0-9a-f]{40}([0-9a-f]{24})?(\.x)?$")
 _SHA = re.compile(r"^[0-9a-f]{40}([0-9a-f]{24})?$")
 _PLUGIN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 #: Code points HFS+ ignores in names, so ".g\u200cit" would be ".git" there.
@@ -186,14 +199,6 @@ class ReleaseStore:
                     plugin=plugin, commit=commit)
             tree = found
 
-        def too_large(what: str, limit: int, at: str, size: int, total: int) -> StagingError:
-            return StagingError(
-                f"plugin {plugin!r}: commit {commit} is too large to stage: {what} size limit "
-                f"of {limit} bytes exceeded at {at!r} ({size} bytes, {total} in total). Remove "
-                "large files from the repository (releases hold code, templates and small "
-                "assets), or raise `limits:` in deploy.yaml (README \"Configuration\").",
-                plugin=plugin, commit=commit)
-
         entries: list[TreeEntry] = []
         for entry in source.iter_tree(url, commit, plugin=plugin, tree=tree):
             entries.append(entry)
@@ -203,25 +208,78 @@ class ReleaseStore:
                     "(limits.max_files); nothing was written. Remove generated or vendored "
                     "files from the repository, or raise `limits: {max_files: N}` in "
                     "deploy.yaml (README \"Configuration\").", plugin=plugin, commit=commit)
+        checked = _check_paths(plugin, commit, entries)
+        # The plugin's lock keeps a concurrent stager or pruner out until the
+        # object store's ledger says what this staging left behind.
+        with self._disk_errors(plugin, commit, final.parent), self._objects(plugin) as objects:
+            assert objects is not None  # waited for the lock
+            release = self.get(plugin, commit)  # staged meanwhile by another stager?
+            if release is None:
+                release = self._stage_locked(plugin, source, url, commit, ref, checked, objects,
+                                             info=info, tree=tree, path=path,
+                                             max_file_bytes=max_file_bytes,
+                                             max_total_bytes=max_total_bytes)
+        if release is None:
+            raise StagingError(f"plugin {plugin!r}: release {commit} vanished from {final} "
+                               "right after staging. Is another process pruning it?",
+                               plugin=plugin, commit=commit)
+        return release
+
+    def _stage_locked(self, plugin: str, source: GitSource, url: str, commit: str, ref: str,
+                      checked: dict[str, TreeEntry], objects: _Objects, *,
+                      info: Any, tree: str, path: str | None, max_file_bytes: int,
+                      max_total_bytes: int) -> Release | None:
+        """The body of :meth:`stage`, holding the plugin's lock and object store."""
+        final = self.path_for(plugin, commit)
         sizes: dict[bytes, int] = {}
 
         def sizes_of(shas: builtins.list[bytes]) -> dict[bytes, int]:
+            # An intact object's size is its blob's: git is asked only for the rest.
+            for entry in checked.values():
+                if entry.mode != MODE_LINK and entry.sha not in sizes:
+                    found = objects.check(entry.sha, bool(entry.mode & 0o111))
+                    if found is not None:
+                        sizes[entry.sha] = found.st_size
+            missing = [sha for sha in shas if sha not in sizes]
             with _source_errors(plugin, commit):
-                sizes.update(source.blob_sizes(url, shas, plugin=plugin))
+                sizes.update(source.blob_sizes(url, missing, plugin=plugin))
             return sizes
 
         with _source_errors(plugin, commit):
-            plan = _plan(plugin, commit, entries, sizes_of,
+            plan = _plan(plugin, commit, checked, sizes_of,
                          lambda sha: source.read_blob(url, sha, plugin=plugin))
+
+        def too_large(what: str, limit: int, at: str, size: int, total: int) -> StagingError:
+            return StagingError(
+                f"plugin {plugin!r}: commit {commit} is too large to stage: {what} size limit "
+                f"of {limit} bytes exceeded at {at!r} ({size} bytes, {total} in total). Remove "
+                "large files from the repository (releases hold code, templates and small "
+                "assets), or raise `limits:` in deploy.yaml (README \"Configuration\").",
+                plugin=plugin, commit=commit)
+
         total = 0
-        files = [(parts, entry) for parts, entry, link in plan if link is None]
-        for parts, entry in files:
-            size = sizes[entry.sha]
+        files = [(rel, entry.sha, bool(entry.mode & 0o111)) for rel, entry, link in plan
+                 if link is None]
+        links = {rel: link for rel, _entry, link in plan if link is not None}
+        for rel, sha, _x in files:
+            size = sizes[sha]
             total += size
             if size > max_file_bytes:
-                raise too_large("file", max_file_bytes, "/".join(parts), size, total)
+                raise too_large("file", max_file_bytes, rel, size, total)
             if total > max_total_bytes:
-                raise too_large("release", max_total_bytes, "/".join(parts), size, total)
+                raise too_large("release", max_total_bytes, rel, size, total)
+        # Each (blob, mode) is written once: linked from the store if it holds
+        # it intact, else streamed from git into its first path; every other
+        # path of it is a hard link (README "Data directory and state").
+        origins: dict[tuple[bytes, bool], str] = {}
+        stream: builtins.list[bytes] = []
+        for _rel, sha, executable in files:
+            key = (sha, executable)
+            if key not in origins:
+                intact = objects.check(sha, executable) is not None
+                origins[key] = objects.path(sha, executable) if intact else ""
+                if not intact:
+                    stream.append(sha)
         meta = {
             "format": _FORMAT, "plugin": plugin, "commit": commit, "ref": ref,
             "url": redact_url(url), "tree": info.tree, "path": path, "subtree": tree,
@@ -230,51 +288,75 @@ class ReleaseStore:
             "staged_at": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
             "files": len(plan), "bytes": total,
         }
-        with self._disk_errors(plugin, commit, final.parent), self._temp_dir(final) as tmp, \
-                contextlib.ExitStack() as stack:
-            blobs = stack.enter_context(contextlib.closing(source.stream_blobs(
-                url, [entry.sha for _, entry in files], plugin=plugin,
-                max_size=max_file_bytes)))
-            made: set[Path] = {tmp}
-            with _source_errors(plugin, commit):
-                for (parts, entry), chunks in zip(files, blobs, strict=True):
-                    target = tmp.joinpath(*parts)
-                    _make_parents(target.parent, made)
-                    if sizes[entry.sha] < _LFS_POINTER_MAX:  # small: whole, to tell a pointer
-                        chunks = [b"".join(chunks)]
-                        _refuse_lfs_pointer(plugin, commit, parts, chunks[0])
-                    written = _write_file(target, chunks, executable=bool(entry.mode & 0o111))
-                    if written != sizes[entry.sha]:
-                        raise StagingError(
-                            f"plugin {plugin!r}: blob {entry.sha.decode()} of {commit} at "
-                            f"{'/'.join(parts)!r} holds {written} bytes, not the "
-                            f"{sizes[entry.sha]} its header says. Delete the mirror "
-                            f"{source.mirror_path(url)} so it is fetched afresh.",
-                            plugin=plugin, commit=commit)
-            # Symlinks last: no file is ever written while a link exists in the tree.
-            for parts, _entry, link in plan:
-                if link is not None:
-                    _make_parents(tmp.joinpath(*parts).parent, made)
-                    os.symlink(link, tmp.joinpath(*parts))
-            (tmp / METADATA_DIR).mkdir()
-            blob_ids = {"/".join(parts): entry.sha.decode() for parts, entry, _ in plan}
-            _write_file(tmp / METADATA_DIR / MANIFEST_NAME,
-                        [json.dumps(make_manifest(tmp, blob_ids)).encode()], executable=False)
-            _write_file(tmp / METADATA_DIR / "release.json",
-                        [json.dumps(meta, indent=2).encode()], executable=False)
-            # Read-only from here: only .gitplug/ (the test verdict) stays writable.
-            for directory in sorted(made, key=lambda p: len(p.parts), reverse=True):
-                os.chmod(directory, 0o555)
-            _sync_tree(tmp)
-            published = self._publish(plugin, commit, tmp, final)
+        written: dict[tuple[bytes, bool], str] = {}
+        copies: builtins.list[str] = []  # files that could not be linked (EMLINK)
+        try:
+            with self._temp_dir(final) as tmp, contextlib.ExitStack() as stack:
+                root = str(tmp)
+                parents = {rel.rpartition("/")[0] for rel in checked}
+                made: set[str] = {root}
+                for directory in sorted(parents):
+                    if directory:
+                        _make_parents(f"{root}/{directory}", made)
+                blobs = stack.enter_context(contextlib.closing(source.stream_blobs(
+                    url, stream, plugin=plugin, max_size=max_file_bytes)))
+                objects.stale = True  # links and unlinks move the objects' ctimes from here
+                with _source_errors(plugin, commit):
+                    for rel, sha, executable in files:
+                        target = f"{root}/{rel}"
+                        origin = origins[(sha, executable)]
+                        if origin:
+                            if not _link(origin, target):  # at the link limit: a copy
+                                with open(origin, "rb") as handle:
+                                    _write_file(target, iter(lambda h=handle: h.read(CHUNK), b""),
+                                                executable=executable)
+                                copies.append(rel)
+                            continue
+                        chunks: Iterable[bytes] = next(blobs)
+                        if sizes[sha] < _LFS_POINTER_MAX:  # small: whole, to tell a pointer
+                            chunks = [b"".join(chunks)]
+                            _refuse_lfs_pointer(plugin, commit, rel, chunks[0])
+                        size = _write_file(target, chunks, executable=executable)
+                        if size != sizes[sha]:
+                            raise StagingError(
+                                f"plugin {plugin!r}: blob {sha.decode()} of {commit} at {rel!r} "
+                                f"holds {size} bytes, not the {sizes[sha]} its header says. "
+                                f"Delete the mirror {source.mirror_path(url)} so it is fetched "
+                                "afresh.", plugin=plugin, commit=commit)
+                        origins[(sha, executable)] = written[(sha, executable)] = target
+                # Symlinks last: no file is ever written while a link exists in the tree.
+                for rel, link in links.items():
+                    os.symlink(link, f"{root}/{rel}")
+                # Only now, the whole tree checked, do its new blobs join the store.
+                for (sha, executable), origin in written.items():
+                    objects.add(sha, executable, origin)
+                # The ctime every inode has after the last link to it: the manifest's.
+                current = objects.renew()
+                stats: dict[str, tuple[os.stat_result, str]] = {}
+                for rel, sha, executable in files:
+                    stats[rel] = (current.get((sha, executable)) or os.lstat(f"{root}/{rel}"),
+                                  sha.decode())
+                for rel in copies:
+                    stats[rel] = (os.lstat(f"{root}/{rel}"), stats[rel][1])
+                os.mkdir(f"{root}/{METADATA_DIR}")
+                manifest = manifest_of(stats, links, ledger=f"../{OBJECTS_DIR}/{LEDGER_NAME}")
+                _write_file(tmp / METADATA_DIR / MANIFEST_NAME,
+                            [json.dumps(manifest, separators=(",", ":")).encode()],
+                            executable=False)
+                _write_file(tmp / METADATA_DIR / "release.json",
+                            [json.dumps(meta, indent=2).encode()], executable=False)
+                # Read-only from here: only .gitplug/ (the test verdict) stays writable.
+                for directory in sorted(made, key=lambda d: d.count("/"), reverse=True):
+                    os.chmod(directory, 0o555)
+                _sync_tree(tmp)
+                published = self._publish(plugin, commit, tmp, final)
+        except BaseException:
+            objects.stale = True  # the temp dir's links are gone again
+            raise
         if published:
-            logger.info("plugin %s: staged release %s (%s) at %s", plugin, commit, ref, final)
-        release = self.get(plugin, commit)
-        if release is None:
-            raise StagingError(f"plugin {plugin!r}: release {commit} vanished from {final} "
-                               "right after staging. Is another process pruning it?",
-                               plugin=plugin, commit=commit)
-        return release
+            logger.info("plugin %s: staged release %s (%s) at %s: %d files, %d blobs written, "
+                        "the rest linked", plugin, commit, ref, final, len(files), len(written))
+        return self.get(plugin, commit)
 
     def record_test_result(self, plugin: str, commit: str, record: TestRecord) -> Release:
         """Store the test gate's verdict in the release (atomic replace); return the release."""
@@ -304,22 +386,22 @@ class ReleaseStore:
         """
         if keep < 0:
             raise ValueError(f"keep must be >= 0, got {keep}")
-        protected, removed = set(protect), []
-        for release in self.list(plugin)[keep:]:
-            if release.commit in protected:
-                continue
-            with self._disk_errors(plugin, release.commit, release.path.parent):
-                _remove_tree(release.path)
+        protected = set(protect)
+        doomed = [r for r in self.list(plugin)[keep:] if r.commit not in protected]
+        if not doomed:
+            return []
+        with self._disk_errors(plugin, doomed[0].commit, doomed[0].path.parent):
+            self._remove_releases(plugin, [release.path for release in doomed])
+        for release in doomed:
             logger.info("plugin %s: pruned release %s", plugin, release.commit)
-            removed.append(release.commit)
-        return removed
+        return [release.commit for release in doomed]
 
     def remove(self, plugin: str, commit: str) -> bool:
         """Delete the release of ``commit`` (renamed away first); False if there was none."""
         path = self.path_for(plugin, commit)
         if not path.exists():
             return False
-        _remove_tree(path)
+        self._remove_releases(plugin, [path])
         logger.warning("plugin %s: removed release %s", plugin, commit)
         return True
 
@@ -333,22 +415,28 @@ class ReleaseStore:
         if not self.releases_dir.is_dir():
             return removed
         for plugin_dir in sorted(self.releases_dir.iterdir()):
-            if plugin_dir.is_symlink() or not plugin_dir.is_dir():
+            if plugin_dir.is_symlink() or not plugin_dir.is_dir() \
+                    or not _PLUGIN.match(plugin_dir.name):
                 continue
-            for child in sorted(plugin_dir.iterdir()):
-                if child.name.startswith(".tmp-"):  # a temp dir, or its lock file
-                    tmp = child.with_name(child.name.removesuffix(".lock"))
-                    lock = tmp.with_name(tmp.name + ".lock")
-                    with _try_lock(lock) as free:
-                        if free and tmp.is_dir():
-                            _remove_tree(tmp)
-                            removed.append(tmp)
-                        if free:
-                            lock.unlink(missing_ok=True)
-                elif _SHA.match(child.name) and _PLUGIN.match(plugin_dir.name) \
-                        and self.get(plugin_dir.name, child.name) is None:
-                    _remove_tree(child)
-                    removed.append(child)
+            # A stager or pruner at work holds the plugin's lock: it cleans up after itself.
+            with self._objects(plugin_dir.name, wait=False) as objects:
+                if objects is None:
+                    continue
+                objects.vouch_all()
+                for child in sorted(plugin_dir.iterdir()):
+                    if child.name.startswith(".tmp-"):  # a temp dir, or its lock file
+                        tmp = child.with_name(child.name.removesuffix(".lock"))
+                        lock = tmp.with_name(tmp.name + ".lock")
+                        with _try_lock(lock) as free:
+                            if free and tmp.is_dir():
+                                _remove_tree(tmp)
+                                removed.append(tmp)
+                            if free:
+                                lock.unlink(missing_ok=True)
+                    elif _SHA.match(child.name) and self.get(plugin_dir.name, child.name) is None:
+                        _remove_tree(child)
+                        removed.append(child)
+                objects.collect()
         for path in removed:
             logger.warning("removed incomplete release directory %s", path)
         return removed
@@ -372,25 +460,67 @@ class ReleaseStore:
                 lock.unlink(missing_ok=True)
 
     def _publish(self, plugin: str, commit: str, tmp: Path, final: Path) -> bool:
-        """Rename ``tmp`` to ``final``; False if a concurrent stager got there first."""
-        with _locked_dir(final.parent):  # so two stagers never both clear a squatter
-            for _attempt in range(3):
-                try:
-                    os.rename(tmp, final)
-                    _fsync_dir(final.parent)
-                    return True
-                except OSError as exc:
-                    if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
-                        raise
-                if self.get(plugin, commit) is not None:
-                    logger.debug("plugin %s: release %s staged concurrently", plugin, commit)
-                    return False
-                # A directory without metadata squats the final name: clear it.
-                logger.warning("plugin %s: replacing incomplete release dir %s", plugin, final)
-                with contextlib.suppress(FileNotFoundError):
-                    _remove_tree(final)
+        """Rename ``tmp`` to ``final``; False if a concurrent stager got there first.
+
+        The caller holds the plugin's lock (:meth:`_objects`), so two stagers
+        never both clear a squatter.
+        """
+        for _attempt in range(3):
+            try:
+                os.rename(tmp, final)
+                _fsync_dir(final.parent)
+                return True
+            except OSError as exc:
+                if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+            if self.get(plugin, commit) is not None:
+                logger.debug("plugin %s: release %s staged concurrently", plugin, commit)
+                return False
+            # A directory without metadata squats the final name: clear it.
+            logger.warning("plugin %s: replacing incomplete release dir %s", plugin, final)
+            with contextlib.suppress(FileNotFoundError):
+                _remove_tree(final)
         raise StagingError(f"plugin {plugin!r}: could not move the release of {commit} into "
                            f"{final}. Remove that directory.", plugin=plugin, commit=commit)
+
+    @contextlib.contextmanager
+    def _objects(self, plugin: str, *, wait: bool = True) -> Iterator[_Objects | None]:
+        """Hold ``plugin``'s lock (a ``flock`` on its releases directory) and its object store.
+
+        Staging, pruning and removing take it, so none of them sees another's
+        half-done links. ``wait=False`` yields None at once if someone holds it.
+        On the way out the store's ledger is brought up to date.
+        """
+        plugin_dir = self.path_for(plugin, "0" * 40).parent
+        plugin_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(plugin_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield None
+                return
+            objects = _Objects(plugin_dir / OBJECTS_DIR)
+            try:
+                yield objects
+            finally:
+                objects.close()
+        finally:
+            os.close(fd)
+
+    def _remove_releases(self, plugin: str, paths: Iterable[Path]) -> None:
+        """Remove release trees, then the objects no release links any more.
+
+        Unlinking a release's file moves the ``ctime`` of the object it
+        shares: the objects the ledger vouched for before are vouched for
+        after, so the other releases still verify without hashing.
+        """
+        with self._objects(plugin) as objects:
+            assert objects is not None
+            objects.vouch_all()
+            for path in paths:
+                _remove_tree(path)
+            objects.collect()
 
     @contextlib.contextmanager
     def _disk_errors(self, plugin: str, commit: str, directory: Path) -> Iterator[None]:
@@ -417,28 +547,28 @@ def _read_test_record(path: Path) -> TestRecord | None:
         return None
 
 
-def _plan(plugin: str, commit: str, entries: Iterable[TreeEntry],
-          sizes_of: Callable[[builtins.list[bytes]], dict[bytes, int]],
-          read_link: Callable[[bytes], bytes],
-          ) -> builtins.list[tuple[tuple[str, ...], TreeEntry, str | None]]:
-    """Validate every path of the tree; return sorted (components, entry, link target).
+def _unsafe(plugin: str, commit: str, path: str, why: str) -> UnsafeTree:
+    return UnsafeTree(
+        f"plugin {plugin!r}: refusing to stage commit {commit}: tree entry {path!r} "
+        f"{why}. Remove it from the repository and push a new commit.",
+        plugin=plugin, commit=commit, path=path)
 
-    Paths are checked before any blob is sized or read: a malformed tree
-    (duplicate names) may lack the blobs of its shadowed entries. Then every
-    blob is sized (``sizes_of``, from object headers) and only symlink
-    targets within the size a link may have are read.
+
+def _check_paths(plugin: str, commit: str, entries: Iterable[TreeEntry],
+                 ) -> dict[str, TreeEntry]:
+    """Validate every path of the tree; return ``{path: entry}`` in tree order.
+
+    Runs before any blob is sized or read: a malformed tree (duplicate
+    names) may lack the blobs of its shadowed entries.
     """
 
     def unsafe(path: str, why: str) -> UnsafeTree:
-        return UnsafeTree(
-            f"plugin {plugin!r}: refusing to stage commit {commit}: tree entry {path!r} "
-            f"{why}. Remove it from the repository and push a new commit.",
-            plugin=plugin, commit=commit, path=path)
+        return _unsafe(plugin, commit, path, why)
 
-    plan: dict[tuple[str, ...], TreeEntry] = {}
+    plan: dict[str, TreeEntry] = {}
     for entry in entries:
         path = os.fsdecode(entry.path)
-        parts = tuple(path.split("/"))
+        parts = path.split("/")
         if entry.mode == MODE_GITLINK:
             raise unsafe(path, "is a submodule; submodules cannot be staged")
         if entry.mode != MODE_LINK and entry.mode & 0o170000 != 0o100000:
@@ -450,36 +580,64 @@ def _plan(plugin: str, commit: str, entries: Iterable[TreeEntry],
         if "." in parts or ".." in parts:
             raise unsafe(path, "has a '.' or '..' component and could write outside the release")
         # As git does: what Windows/macOS would read as ".git" is ".git" (CVE-2014-9390).
-        if any(_fold(part) in (".git", "git~1") for part in parts):
-            raise unsafe(path, "has a .git component")
-        if _fold(parts[0]) == METADATA_DIR:
-            raise unsafe(path, f"is inside {METADATA_DIR}/, which is reserved for gitplug")
-        if parts in plan:
+        # Only a name holding "git" can fold to one (ASCII; others are folded anyway).
+        if not path.isascii() or "git" in path.lower():
+            if any(_fold(part) in (".git", "git~1") for part in parts):
+                raise unsafe(path, "has a .git component")
+            if _fold(parts[0]) == METADATA_DIR:
+                raise unsafe(path, f"is inside {METADATA_DIR}/, which is reserved for gitplug")
+        if path in plan:
             raise unsafe(path, "appears twice in the tree")
-        plan[parts] = entry
-    for parts in plan:
-        for i in range(1, len(parts)):
-            above = plan.get(parts[:i])
-            if above is not None:
-                kind = "symlink" if above.mode == MODE_LINK else "file"
-                raise unsafe("/".join(parts),
-                             f"would be written through the {kind} {'/'.join(parts[:i])!r}")
+        plan[path] = entry
+    # Every directory the tree needs, each found once; then none may be an entry.
+    directories: set[str] = set()
+    for path in plan:
+        directory = path.rpartition("/")[0]
+        while directory and directory not in directories:
+            directories.add(directory)
+            directory = directory.rpartition("/")[0]
+    if not directories.isdisjoint(plan):
+        for path in plan:
+            parts = path.split("/")
+            for i in range(1, len(parts)):
+                above = plan.get("/".join(parts[:i]))
+                if above is not None:
+                    kind = "symlink" if above.mode == MODE_LINK else "file"
+                    raise unsafe(path,
+                                 f"would be written through the {kind} {'/'.join(parts[:i])!r}")
+    return plan
+
+
+def _plan(plugin: str, commit: str, plan: dict[str, TreeEntry],
+          sizes_of: Callable[[builtins.list[bytes]], dict[bytes, int]],
+          read_link: Callable[[bytes], bytes],
+          ) -> builtins.list[tuple[str, TreeEntry, str | None]]:
+    """Size the checked tree; return sorted (path, entry, link target).
+
+    Every blob is sized (``sizes_of``, from the object store or the object
+    headers) and only symlink targets within the size a link may have are
+    read; a link that leaves the release is refused.
+    """
+
+    def unsafe(path: str, why: str) -> UnsafeTree:
+        return _unsafe(plugin, commit, path, why)
+
     sizes = sizes_of([entry.sha for entry in plan.values()])
     targets: dict[tuple[str, ...], str] = {}
-    for parts, entry in plan.items():
-        path = "/".join(parts)
+    for path, entry in plan.items():
         if entry.mode == MODE_LINK:
             if not 0 < sizes[entry.sha] <= _MAX_LINK:
                 raise unsafe(path, "is a symlink with an empty or invalid target")
             raw = read_link(entry.sha)
             if not raw or b"\0" in raw or len(raw) > _MAX_LINK:
                 raise unsafe(path, "is a symlink with an empty or invalid target")
-            targets[parts] = os.fsdecode(raw)
+            targets[tuple(path.split("/"))] = os.fsdecode(raw)
     for parts, target in targets.items():
         problem = _link_escapes(parts, target, targets)
         if problem:
             raise unsafe("/".join(parts), f"is a symlink to {target!r}, which {problem}")
-    return [(parts, entry, targets.get(parts)) for parts, entry in sorted(plan.items())]
+    links = {"/".join(parts): target for parts, target in targets.items()}
+    return [(path, entry, links.get(path)) for path, entry in sorted(plan.items())]
 
 
 #: The first line of a Git LFS pointer file: git-lfs's spec v1, and "hawser", its name before 1.0.
@@ -489,7 +647,7 @@ _LFS_VERSIONS = (b"version https://git-lfs.github.com/spec/v1\n",
 _LFS_POINTER_MAX = 1024
 
 
-def _refuse_lfs_pointer(plugin: str, commit: str, parts: tuple[str, ...], data: bytes) -> None:
+def _refuse_lfs_pointer(plugin: str, commit: str, path: str, data: bytes) -> None:
     """Raise StagingError if ``data`` is a Git LFS pointer rather than the file it stands for.
 
     gitplug fetches git objects only, never LFS objects: a path that
@@ -503,7 +661,6 @@ def _refuse_lfs_pointer(plugin: str, commit: str, parts: tuple[str, ...], data: 
         return
     if b"\noid sha256:" not in data:
         return
-    path = "/".join(parts)
     raise StagingError(
         f"plugin {plugin!r}: commit {commit} holds {path!r} as a Git LFS pointer, and gitplug "
         "does not fetch LFS objects, so it would serve the pointer text instead of the file. "
@@ -573,14 +730,175 @@ def _write_file(path: Path, chunks: Iterable[bytes], *, executable: bool,
     return written
 
 
-def _make_parents(directory: Path, made: set[Path]) -> None:
+def _make_parents(directory: str, made: set[str]) -> None:
     """``mkdir -p`` that remembers what exists, so a big tree costs one mkdir per directory."""
     if directory in made:
         return
-    _make_parents(directory.parent, made)
+    _make_parents(os.path.dirname(directory), made)
     with contextlib.suppress(FileExistsError):
         os.mkdir(directory, 0o755)
     made.add(directory)
+
+
+def _link(source: str, target: str) -> bool:
+    """Hard-link ``source`` (never through a symlink) as ``target``.
+
+    False if ``source`` already has as many links as the file system allows
+    (65,000 on ext4: an empty ``__init__.py`` shared by many releases).
+    """
+    try:
+        os.link(source, target, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno == errno.EMLINK:
+            return False
+        raise
+    return True
+
+
+class _Objects:
+    """One plugin's object store: ``releases/<plugin>/.objects/``, used under the plugin's lock.
+
+    One read-only file per blob and mode (``<blob id>``, 0o444, or
+    ``<blob id>.x``, 0o555) that the plugin's releases hard-link, so a
+    release writes only the blobs no earlier release had. Sharing inodes
+    means a write to one link is a write to all, so nothing is linked on
+    trust: an object is used only if the ledger (:data:`LEDGER_NAME`) vouches
+    for its inode and ``ctime`` (no write, chmod or rename since it was last
+    known to hold its blob), else it is hashed, and one that does not hash
+    to its name is replaced, never linked again (the releases that hold it
+    fail their manifest check). Linking and unlinking move an inode's
+    ``ctime`` too: :meth:`renew` records the ``ctime`` every object vouched
+    for in this session has after them, and :meth:`close` writes the ledger.
+
+    Writes that race a session are out of reach of any check short of
+    hashing every file, as for releases themselves (README "Security
+    model"): the test gate's containment keeps tests from writing here.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._dir = str(directory)
+        self.ledger = read_ledger(directory / LEDGER_NAME)
+        self._loaded = dict(self.ledger)
+        self._checked: dict[tuple[bytes, bool], os.stat_result | None] = {}
+        #: object name -> (blob id, executable): intact; its ledger entry is renewed.
+        self._vouched: dict[str, tuple[str, bool]] = {}
+        #: True while links were made or removed since the last :meth:`renew`.
+        self.stale = False
+
+    @staticmethod
+    def name(sha: bytes, executable: bool) -> str:
+        return sha.decode() + (".x" if executable else "")
+
+    def path(self, sha: bytes, executable: bool) -> str:
+        return f"{self._dir}/{self.name(sha, executable)}"
+
+    def check(self, sha: bytes, executable: bool) -> os.stat_result | None:
+        """The ``lstat`` of the intact object of ``sha`` in that mode, or None (absent or bad)."""
+        key = (sha, executable)
+        if key not in self._checked:
+            self._checked[key] = self._check(sha, executable)
+        return self._checked[key]
+
+    def _check(self, sha: bytes, executable: bool) -> os.stat_result | None:
+        name, blob = self.name(sha, executable), sha.decode()
+        path = f"{self._dir}/{name}"
+        try:
+            info = os.lstat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        intact = stat.S_ISREG(info.st_mode) and \
+            stat.S_IMODE(info.st_mode) == (0o555 if executable else 0o444)
+        if intact and self.ledger.get(str(info.st_ino)) != [blob, info.st_ctime_ns]:
+            # Not as the ledger left it (a crash, a copied data_dir, or a write): hash it.
+            intact = git_blob_id(path) == blob
+        if not intact:
+            logger.warning("object store %s: %s was modified on disk; it is replaced, and no "
+                           "new release links it (README \"Security model\")", self._dir, name)
+            self.ledger.pop(str(info.st_ino), None)
+            return None
+        self._vouched[name] = (blob, executable)
+        return info
+
+    def add(self, sha: bytes, executable: bool, source: str) -> None:
+        """Make the file ``source`` (just written from git) the object of ``sha``.
+
+        Replaces a modified object atomically: releases linking it keep theirs.
+        """
+        os.makedirs(self._dir, mode=0o755, exist_ok=True)
+        name = self.name(sha, executable)
+        tmp = f"{self._dir}/.new-{name}-{secrets.token_hex(4)}"
+        os.link(source, tmp, follow_symlinks=False)
+        os.replace(tmp, f"{self._dir}/{name}")
+        self._vouched[name] = (sha.decode(), executable)
+        self.stale = True
+
+    def renew(self) -> dict[tuple[bytes, bool], os.stat_result]:
+        """Record in the ledger each vouched object's ``ctime`` now; return their ``lstat``."""
+        found: dict[tuple[bytes, bool], os.stat_result] = {}
+        for name, (blob, executable) in self._vouched.items():
+            try:
+                info = os.lstat(f"{self._dir}/{name}")
+            except FileNotFoundError:
+                continue
+            self.ledger[str(info.st_ino)] = [blob, info.st_ctime_ns]
+            found[(blob.encode(), executable)] = info
+        self.stale = False
+        return found
+
+    def _scan(self) -> Iterator[tuple[os.DirEntry[str], os.stat_result]]:
+        try:
+            with os.scandir(self._dir) as scan:
+                for item in scan:
+                    if _OBJECT.match(item.name):
+                        yield item, item.stat(follow_symlinks=False)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+
+    def vouch_all(self) -> None:
+        """Vouch for every object the ledger vouches for (before unlinking releases)."""
+        for item, info in self._scan():
+            blob = item.name.removesuffix(".x")
+            if self.ledger.get(str(info.st_ino)) == [blob, info.st_ctime_ns]:
+                self._vouched[item.name] = (blob, item.name.endswith(".x"))
+        self.stale = True
+
+    def collect(self) -> None:
+        """Delete the objects no release links (the store's is their only link).
+
+        The ledger keeps only the inodes still in the store.
+        """
+        live: set[str] = set()
+        for item, info in self._scan():
+            if info.st_nlink <= 1:
+                os.unlink(item.path)
+                self._vouched.pop(item.name, None)
+            else:
+                live.add(str(info.st_ino))
+        self.ledger = {ino: entry for ino, entry in self.ledger.items() if ino in live}
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            for item in os.scandir(self._dir):
+                if item.name.startswith((".new-", ".ledger-")):  # left by a crash
+                    os.unlink(item.path)
+        self.stale = True
+
+    def close(self) -> None:
+        """Renew what links moved since, and write the ledger if it changed."""
+        if self.stale:
+            self.renew()
+        if self.ledger == self._loaded or not os.path.isdir(self._dir):
+            return
+        tmp = f"{self._dir}/.ledger-{secrets.token_hex(4)}"
+        try:
+            # No fsync: a ledger lost in a crash costs hashing, never safety.
+            _write_file(tmp, [json.dumps({"format": 1, "inodes": self.ledger},
+                                         separators=(",", ":")).encode()], executable=False)
+            os.replace(tmp, f"{self._dir}/{LEDGER_NAME}")
+        except OSError as exc:
+            logger.warning("object store %s: could not write its ledger (%s); shared files "
+                           "will be hashed when checked", self._dir, exc)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 _LIBC: Any = None
