@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from gitplug.deploy.gitsource import GitSource
-from gitplug.deploy.releases import OBJECTS_DIR, Release, ReleaseStore, TestRecord
+from gitplug.deploy.releases import LEDGER_NAME, Release, ReleaseStore, TestRecord
 from gitplug.errors import FetchError, RefNotFound, StagingError, UnsafeTree
 from gitrepo import MODE_EXEC, MODE_FILE, MODE_GITLINK, MODE_LINK, GitRepo
 
@@ -51,9 +51,9 @@ def _stage(store: ReleaseStore, source: GitSource, repo: GitRepo, commit: str,
 
 
 def _leftovers(store: ReleaseStore) -> list[str]:
-    """What is under the plugin's releases directory, but its object store."""
+    """What is under the plugin's releases directory, but the ledger of shared files."""
     plugin_dir = store.releases_dir / "hello"
-    return sorted(p.name for p in plugin_dir.iterdir() if p.name != OBJECTS_DIR) \
+    return sorted(p.name for p in plugin_dir.iterdir() if p.name != LEDGER_NAME) \
         if plugin_dir.exists() else []
 
 
@@ -386,3 +386,215 @@ def test_stage_limits_are_checked_before_anything_is_read(
     assert _leftovers(store) == []
     release = _stage(store, source, origin, commit, max_files=37)  # exactly at the limit
     assert release.path.joinpath("data", "f29.txt").read_text() == "29\n"
+
+
+# -- reusing the files of earlier releases (hard links) ---------------------------
+
+
+def _files(root: Path) -> dict[str, tuple[bytes, int, int]]:
+    """``{path: (content, mode, inode)}`` of every file of a release but its metadata."""
+    found = {}
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if rel.startswith(".gitplug") or path.is_symlink() or path.is_dir():
+            continue
+        info = path.lstat()
+        found[rel] = (path.read_bytes(), stat.S_IMODE(info.st_mode), info.st_ino)
+    return found
+
+
+@pytest.fixture()
+def no_hashing(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record every file the manifest check hashes (it should trust the ledger instead)."""
+    from gitplug.runtime import manifest
+
+    hashed: list[str] = []
+    real = manifest.git_blob_id
+
+    def spy(path: str | Path) -> str:
+        hashed.append(str(path))
+        return real(path)
+
+    monkeypatch.setattr(manifest, "git_blob_id", spy)
+    return hashed
+
+
+def _overwrite(path: Path, content: bytes) -> None:
+    """Write into a read-only file of a release as a careless root (or its owner) would."""
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if os.geteuid() != 0:
+        path.chmod(0o644)
+    with open(path, "r+b") as handle:  # in place: the inode every link shares
+        handle.write(content)
+        handle.truncate()
+    path.chmod(mode)
+
+
+def test_a_later_release_links_unchanged_files_and_changes_nothing_earlier(
+        origin: GitRepo, source: GitSource, store: ReleaseStore, no_hashing: list[str]) -> None:
+    from gitplug.runtime.manifest import verify_release
+
+    first = _stage(store, source, origin, origin.head or "")
+    before = _files(first.path)
+    origin.write("hello/__init__.py", "plugin = 'hello, again'\n")
+    origin.write("hello/new.py", "x = 1\n")
+    origin.write("copy_of_run.sh", "#!/bin/sh\necho run\n", executable=True)
+    origin.write("not_executable.sh", "#!/bin/sh\necho run\n")  # same blob, other mode
+    origin.remove("hello/static/app.js")
+    second = _stage(store, source, origin, origin.commit("second"))
+    files = _files(second.path)
+    # Unchanged files are the same inodes; changed and new ones are files of their own.
+    for rel in ("hello/templates/index.html", "tests/test_hello.py", "bin/run.sh"):
+        assert files[rel][2] == before[rel][2], rel
+    assert files["hello/__init__.py"][2] != before["hello/__init__.py"][2]
+    assert files["hello/__init__.py"][0] == b"plugin = 'hello, again'\n"
+    # One blob in one mode is one inode, within a release too; another mode is another file.
+    assert files["copy_of_run.sh"][2] == files["bin/run.sh"][2]
+    assert files["not_executable.sh"][1:] != files["bin/run.sh"][1:]
+    assert files["not_executable.sh"][1] == 0o444 and files["bin/run.sh"][1] == 0o555
+    assert "hello/static/app.js" not in files
+    # The earlier release is exactly as it was: same contents, modes and inodes.
+    assert _files(first.path) == before
+    # Both verify, and without hashing a file: the ledger vouches for the shared
+    # inodes whose ctime the later links moved.
+    verify_release(first.path, plugin="hello", release_id=first.commit)
+    verify_release(second.path, plugin="hello", release_id=second.commit)
+    assert no_hashing == []
+    ledger = json.loads((store.releases_dir / "hello" / LEDGER_NAME).read_text())
+    shared = ledger["inodes"][str(files["bin/run.sh"][2])]
+    assert shared[0] == _blob_id(b"#!/bin/sh\necho run\n")
+    assert shared[2:] == ["x", f"{second.commit}/bin/run.sh"]  # the newest holder
+
+
+def _blob_id(content: bytes) -> str:
+    from hashlib import sha1
+
+    return sha1(b"blob %d\0" % len(content) + content).hexdigest()  # noqa: S324 - git's id
+
+
+def test_a_file_changed_in_one_release_is_refused_in_all_and_never_linked_again(
+        origin: GitRepo, source: GitSource, store: ReleaseStore) -> None:
+    from gitplug.errors import ReleaseModified
+    from gitplug.runtime.manifest import verify_release
+
+    first = _stage(store, source, origin, origin.head or "")
+    origin.write("hello/__init__.py", "plugin = 'second'\n")
+    second = _stage(store, source, origin, origin.commit("second"))
+    shared = first.path / "hello" / "templates" / "index.html"
+    assert shared.stat().st_ino == (second.path / "hello/templates/index.html").stat().st_ino
+    # Same size, new content, written in place through one release: both share it.
+    _overwrite(shared, b"<p>{{ PWNED!!! }}</p>\n")
+    assert len(b"<p>{{ PWNED!!! }}</p>\n") == len(b"<p>{{ greeting }}</p>\n")
+    for release in (first, second):
+        with pytest.raises(ReleaseModified, match=r"'hello/templates/index\.html' was modified"):
+            verify_release(release.path, plugin="hello", release_id=release.commit)
+    # A later release does not link it: it gets the commit's content in a file of its own.
+    origin.write("hello/__init__.py", "plugin = 'third'\n")
+    third = _stage(store, source, origin, origin.commit("third"))
+    fresh = third.path / "hello" / "templates" / "index.html"
+    assert fresh.read_bytes() == b"<p>{{ greeting }}</p>\n"
+    assert fresh.stat().st_ino != shared.stat().st_ino
+    verify_release(third.path, plugin="hello", release_id=third.commit)
+    # ...and the one after links that good copy again, not the modified one.
+    origin.write("hello/__init__.py", "plugin = 'fourth'\n")
+    fourth = _stage(store, source, origin, origin.commit("fourth"))
+    assert (fourth.path / "hello/templates/index.html").stat().st_ino == fresh.stat().st_ino
+    with pytest.raises(ReleaseModified):
+        verify_release(first.path, plugin="hello", release_id=first.commit)
+
+
+def test_a_chmod_back_and_forth_costs_a_hash_not_the_release(
+        origin: GitRepo, source: GitSource, store: ReleaseStore, no_hashing: list[str]) -> None:
+    from gitplug.runtime.manifest import verify_release
+
+    first = _stage(store, source, origin, origin.head or "")
+    script = first.path / "bin" / "run.sh"
+    script.chmod(0o755)
+    script.chmod(0o555)  # content and mode as staged; its ctime moved
+    verify_release(first.path, plugin="hello", release_id=first.commit)
+    assert no_hashing == [str(script)]
+    origin.write("hello/__init__.py", "plugin = 'second'\n")
+    second = _stage(store, source, origin, origin.commit("second"))
+    # Hashed once more by the stager, found intact, linked, and vouched for again.
+    assert (second.path / "bin/run.sh").stat().st_ino == script.stat().st_ino
+    no_hashing.clear()
+    verify_release(first.path, plugin="hello", release_id=first.commit)
+    verify_release(second.path, plugin="hello", release_id=second.commit)
+    assert no_hashing == []
+
+
+def test_without_a_ledger_files_are_hashed_then_linked(
+        origin: GitRepo, source: GitSource, store: ReleaseStore, no_hashing: list[str]) -> None:
+    from gitplug.runtime.manifest import verify_release
+
+    first = _stage(store, source, origin, origin.head or "")
+    ledger = store.releases_dir / "hello" / LEDGER_NAME
+    assert ledger.is_file()
+    ledger.unlink()  # a crash before it was written, or a data_dir copied without it
+    origin.write("hello/__init__.py", "plugin = 'second'\n")
+    second = _stage(store, source, origin, origin.commit("second"))
+    assert ledger.is_file()
+    index = "hello/templates/index.html"
+    assert (second.path / index).stat().st_ino == (first.path / index).stat().st_ino
+    no_hashing.clear()
+    verify_release(first.path, plugin="hello", release_id=first.commit)
+    assert no_hashing == []
+    ledger.write_text("{not json")  # damaged: costs hashing, never safety
+    verify_release(first.path, plugin="hello", release_id=first.commit)
+    assert no_hashing  # the shared files were hashed, and matched
+
+
+def test_pruning_keeps_the_files_of_the_releases_kept(
+        origin: GitRepo, source: GitSource, store: ReleaseStore, no_hashing: list[str]) -> None:
+    from gitplug.runtime.manifest import verify_release
+
+    commits = [origin.head or ""]
+    for n in range(3):
+        origin.write("hello/__init__.py", f"plugin = {n}\n")
+        commits.append(origin.commit(f"change {n}"))
+    releases = [_stage(store, source, origin, commit) for commit in commits]
+    kept = releases[-1]
+    before = _files(kept.path)
+    assert store.prune("hello", keep=1, protect=[]) == commits[-2::-1]
+    assert _files(kept.path) == before
+    verify_release(kept.path, plugin="hello", release_id=kept.commit)
+    assert no_hashing == []
+    # Removing the newest: the ledger finds the files in the release that is left.
+    origin.write("hello/__init__.py", "plugin = 'after'\n")
+    after = _stage(store, source, origin, origin.commit("after"))
+    assert store.remove("hello", after.commit)
+    origin.write("hello/__init__.py", "plugin = 'last'\n")
+    last = _stage(store, source, origin, origin.commit("last"))
+    index = "hello/templates/index.html"
+    assert (last.path / index).stat().st_ino == before[index][2]
+    ledger = json.loads((store.releases_dir / "hello" / LEDGER_NAME).read_text())
+    in_last = {str(info[2]) for info in _files(last.path).values()}
+    for ino, entry in ledger["inodes"].items():  # each where a release still holds it
+        assert (store.releases_dir / "hello" / entry[3]).stat().st_ino == int(ino)
+        assert entry[3].startswith(last.commit if ino in in_last else kept.commit)
+    no_hashing.clear()
+    verify_release(kept.path, plugin="hello", release_id=kept.commit)
+    assert no_hashing == []
+    store.prune("hello", keep=0, protect=[])
+    assert _leftovers(store) == []
+    assert json.loads((store.releases_dir / "hello" / LEDGER_NAME).read_text())["inodes"] == {}
+
+
+def test_a_ledger_cannot_point_outside_the_releases(
+        origin: GitRepo, source: GitSource, store: ReleaseStore, tmp_path: Path) -> None:
+    first = _stage(store, source, origin, origin.head or "")
+    ledger_path = store.releases_dir / "hello" / LEDGER_NAME
+    ledger = json.loads(ledger_path.read_text())
+    outside = tmp_path / "outside.html"
+    outside.write_bytes(b"<p>{{ greeting }}</p>\n")  # the blob's content, elsewhere
+    outside.chmod(0o444)
+    info = outside.stat()
+    blob = _blob_id(b"<p>{{ greeting }}</p>\n")
+    ledger["inodes"] = {str(info.st_ino): [blob, info.st_ctime_ns, "f", "../../outside.html"]}
+    ledger_path.write_text(json.dumps(ledger))
+    origin.write("hello/__init__.py", "plugin = 'second'\n")
+    second = _stage(store, source, origin, origin.commit("second"))
+    index = second.path / "hello" / "templates" / "index.html"
+    assert index.stat().st_ino not in (info.st_ino, (first.path / "hello/templates/index.html")
+                                       .stat().st_ino)
+    assert outside.stat().st_nlink == 1

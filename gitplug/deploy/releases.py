@@ -49,18 +49,15 @@ from gitplug.deploy.gitsource import (
 from gitplug.errors import FetchError, StagingError, UnsafeTree
 from gitplug.runtime.manifest import MANIFEST_NAME, git_blob_id, manifest_of, read_ledger
 
-__all__ = ["Release", "ReleaseStore", "TestRecord", "MiB", "OBJECTS_DIR", "LEDGER_NAME"]
+__all__ = ["Release", "ReleaseStore", "TestRecord", "MiB", "LEDGER_NAME"]
 
 logger = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
 METADATA_DIR = ".gitplug"
 _FORMAT = 2  # 2: with manifest.json
-#: The plugin's object store, beside its releases: ``releases/<plugin>/.objects/``.
-OBJECTS_DIR = ".objects"
-#: In the object store: ``{inode: [blob id, ctime_ns]}`` of the objects known intact.
-LEDGER_NAME = "ledger.json"
-_OBJECT = re.compile(r"^[0-9a-f]{40}([0-9a-f]{24})?(\.x)?$")
+#: Beside a plugin's releases: the files they share (:class:`_Shared`).
+LEDGER_NAME = ".ledger.json"
 _SHA = re.compile(r"^[0-9a-f]{40}([0-9a-f]{24})?$")
 _PLUGIN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 #: Code points HFS+ ignores in names, so ".g\u200cit" would be ".git" there.
@@ -210,12 +207,12 @@ class ReleaseStore:
                     "deploy.yaml (README \"Configuration\").", plugin=plugin, commit=commit)
         checked = _check_paths(plugin, commit, entries)
         # The plugin's lock keeps a concurrent stager or pruner out until the
-        # object store's ledger says what this staging left behind.
-        with self._disk_errors(plugin, commit, final.parent), self._objects(plugin) as objects:
-            assert objects is not None  # waited for the lock
+        # ledger of shared files says what this staging left behind.
+        with self._disk_errors(plugin, commit, final.parent), self._shared(plugin) as shared:
+            assert shared is not None  # waited for the lock
             release = self.get(plugin, commit)  # staged meanwhile by another stager?
             if release is None:
-                release = self._stage_locked(plugin, source, url, commit, ref, checked, objects,
+                release = self._stage_locked(plugin, source, url, commit, ref, checked, shared,
                                              info=info, tree=tree, path=path,
                                              max_file_bytes=max_file_bytes,
                                              max_total_bytes=max_total_bytes)
@@ -226,20 +223,20 @@ class ReleaseStore:
         return release
 
     def _stage_locked(self, plugin: str, source: GitSource, url: str, commit: str, ref: str,
-                      checked: dict[str, TreeEntry], objects: _Objects, *,
+                      checked: dict[str, TreeEntry], shared: _Shared, *,
                       info: Any, tree: str, path: str | None, max_file_bytes: int,
                       max_total_bytes: int) -> Release | None:
-        """The body of :meth:`stage`, holding the plugin's lock and object store."""
+        """The body of :meth:`stage`, holding the plugin's lock and its ledger."""
         final = self.path_for(plugin, commit)
         sizes: dict[bytes, int] = {}
 
         def sizes_of(shas: builtins.list[bytes]) -> dict[bytes, int]:
-            # An intact object's size is its blob's: git is asked only for the rest.
+            # An intact earlier file's size is its blob's: git is asked only for the rest.
             for entry in checked.values():
                 if entry.mode != MODE_LINK and entry.sha not in sizes:
-                    found = objects.check(entry.sha, bool(entry.mode & 0o111))
+                    found = shared.check(entry.sha, bool(entry.mode & 0o111))
                     if found is not None:
-                        sizes[entry.sha] = found.st_size
+                        sizes[entry.sha] = found[1].st_size
             missing = [sha for sha in shas if sha not in sizes]
             with _source_errors(plugin, commit):
                 sizes.update(source.blob_sizes(url, missing, plugin=plugin))
@@ -268,17 +265,17 @@ class ReleaseStore:
                 raise too_large("file", max_file_bytes, rel, size, total)
             if total > max_total_bytes:
                 raise too_large("release", max_total_bytes, rel, size, total)
-        # Each (blob, mode) is written once: linked from the store if it holds
-        # it intact, else streamed from git into its first path; every other
-        # path of it is a hard link (README "Data directory and state").
+        # Each (blob, mode) is written once: linked from an earlier release if
+        # one holds it intact, else streamed from git into its first path;
+        # every other path of it is a hard link (README "Data directory and state").
         origins: dict[tuple[bytes, bool], str] = {}
         stream: builtins.list[bytes] = []
         for _rel, sha, executable in files:
             key = (sha, executable)
             if key not in origins:
-                intact = objects.check(sha, executable) is not None
-                origins[key] = objects.path(sha, executable) if intact else ""
-                if not intact:
+                found = shared.check(sha, executable)
+                origins[key] = found[0] if found is not None else ""
+                if found is None:
                     stream.append(sha)
         meta = {
             "format": _FORMAT, "plugin": plugin, "commit": commit, "ref": ref,
@@ -288,62 +285,61 @@ class ReleaseStore:
             "staged_at": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
             "files": len(plan), "bytes": total,
         }
+        #: (blob, mode) -> the path in this release of its first file, for those written here.
         written: dict[tuple[bytes, bool], str] = {}
-        copies: builtins.list[str] = []  # files that could not be linked (EMLINK)
+        mixed: set[tuple[bytes, bool]] = set()
         try:
             with self._temp_dir(final) as tmp, contextlib.ExitStack() as stack:
                 root = str(tmp)
-                parents = {rel.rpartition("/")[0] for rel in checked}
                 made: set[str] = {root}
-                for directory in sorted(parents):
+                for directory in sorted({rel.rpartition("/")[0] for rel in checked}):
                     if directory:
                         _make_parents(f"{root}/{directory}", made)
                 blobs = stack.enter_context(contextlib.closing(source.stream_blobs(
                     url, stream, plugin=plugin, max_size=max_file_bytes)))
-                objects.stale = True  # links and unlinks move the objects' ctimes from here
+                shared.stale = True  # links and unlinks move the shared inodes' ctimes
                 with _source_errors(plugin, commit):
                     for rel, sha, executable in files:
+                        key = (sha, executable)
                         target = f"{root}/{rel}"
-                        origin = origins[(sha, executable)]
-                        if origin:
-                            if not _link(origin, target):  # at the link limit: a copy
-                                with open(origin, "rb") as handle:
-                                    _write_file(target, iter(lambda h=handle: h.read(CHUNK), b""),
-                                                executable=executable)
-                                copies.append(rel)
+                        origin = origins[key]
+                        if origin and _link(origin, target):
                             continue
-                        chunks: Iterable[bytes] = next(blobs)
-                        if sizes[sha] < _LFS_POINTER_MAX:  # small: whole, to tell a pointer
-                            chunks = [b"".join(chunks)]
-                            _refuse_lfs_pointer(plugin, commit, rel, chunks[0])
-                        size = _write_file(target, chunks, executable=executable)
-                        if size != sizes[sha]:
-                            raise StagingError(
-                                f"plugin {plugin!r}: blob {sha.decode()} of {commit} at {rel!r} "
-                                f"holds {size} bytes, not the {sizes[sha]} its header says. "
-                                f"Delete the mirror {source.mirror_path(url)} so it is fetched "
-                                "afresh.", plugin=plugin, commit=commit)
-                        origins[(sha, executable)] = written[(sha, executable)] = target
+                        if origin:  # at the file system's link limit: a new first copy
+                            mixed.add(key)  # earlier paths of it hold the full inode
+                            with open(origin, "rb") as handle:
+                                _write_file(target, iter(lambda h=handle: h.read(CHUNK), b""),
+                                            executable=executable)
+                        else:
+                            chunks: Iterable[bytes] = next(blobs)
+                            if sizes[sha] < _LFS_POINTER_MAX:  # small: whole, to tell a pointer
+                                chunks = [b"".join(chunks)]
+                                _refuse_lfs_pointer(plugin, commit, rel, chunks[0])
+                            size = _write_file(target, chunks, executable=executable)
+                            if size != sizes[sha]:
+                                raise StagingError(
+                                    f"plugin {plugin!r}: blob {sha.decode()} of {commit} at "
+                                    f"{rel!r} holds {size} bytes, not the {sizes[sha]} its "
+                                    f"header says. Delete the mirror {source.mirror_path(url)} "
+                                    "so it is fetched afresh.", plugin=plugin, commit=commit)
+                        origins[key] = target
+                        written[key] = rel
                 # Symlinks last: no file is ever written while a link exists in the tree.
                 for rel, link in links.items():
                     os.symlink(link, f"{root}/{rel}")
-                # Only now, the whole tree checked, do its new blobs join the store.
-                for (sha, executable), origin in written.items():
-                    objects.add(sha, executable, origin)
-                # The ctime every inode has after the last link to it: the manifest's.
-                current = objects.renew()
-                stats: dict[str, tuple[os.stat_result, str]] = {}
-                for rel, sha, executable in files:
-                    stats[rel] = (current.get((sha, executable)) or os.lstat(f"{root}/{rel}"),
-                                  sha.decode())
-                for rel in copies:
-                    stats[rel] = (os.lstat(f"{root}/{rel}"), stats[rel][1])
+                # The ctime each inode has after the last link to it: the manifest's.
+                current = shared.renew()
+                for key, rel in written.items():
+                    current[key] = os.lstat(f"{root}/{rel}")
+                stats = {rel: (current[(sha, executable)] if (sha, executable) not in mixed
+                               else os.lstat(f"{root}/{rel}"), sha.decode())
+                         for rel, sha, executable in files}
                 os.mkdir(f"{root}/{METADATA_DIR}")
-                manifest = manifest_of(stats, links, ledger=f"../{OBJECTS_DIR}/{LEDGER_NAME}")
-                _write_file(tmp / METADATA_DIR / MANIFEST_NAME,
+                manifest = manifest_of(stats, links, ledger=f"../{LEDGER_NAME}")
+                _write_file(f"{root}/{METADATA_DIR}/{MANIFEST_NAME}",
                             [json.dumps(manifest, separators=(",", ":")).encode()],
                             executable=False)
-                _write_file(tmp / METADATA_DIR / "release.json",
+                _write_file(f"{root}/{METADATA_DIR}/release.json",
                             [json.dumps(meta, indent=2).encode()], executable=False)
                 # Read-only from here: only .gitplug/ (the test verdict) stays writable.
                 for directory in sorted(made, key=lambda d: d.count("/"), reverse=True):
@@ -351,9 +347,14 @@ class ReleaseStore:
                 _sync_tree(tmp)
                 published = self._publish(plugin, commit, tmp, final)
         except BaseException:
-            objects.stale = True  # the temp dir's links are gone again
+            shared.stale = True  # the temp dir's links are gone again
             raise
         if published:
+            # Later stagings link from this release: it is the newest holder of each blob.
+            first = {key: rel for rel, sha, executable in reversed(files)
+                     for key in [(sha, executable)]}
+            for key, info in current.items():
+                shared.record(key, f"{commit}/{first[key]}", info)
             logger.info("plugin %s: staged release %s (%s) at %s: %d files, %d blobs written, "
                         "the rest linked", plugin, commit, ref, final, len(files), len(written))
         return self.get(plugin, commit)
@@ -419,10 +420,10 @@ class ReleaseStore:
                     or not _PLUGIN.match(plugin_dir.name):
                 continue
             # A stager or pruner at work holds the plugin's lock: it cleans up after itself.
-            with self._objects(plugin_dir.name, wait=False) as objects:
-                if objects is None:
+            with self._shared(plugin_dir.name, wait=False) as shared:
+                if shared is None:
                     continue
-                objects.vouch_all()
+                shared.vouch_all()
                 for child in sorted(plugin_dir.iterdir()):
                     if child.name.startswith(".tmp-"):  # a temp dir, or its lock file
                         tmp = child.with_name(child.name.removesuffix(".lock"))
@@ -436,7 +437,7 @@ class ReleaseStore:
                     elif _SHA.match(child.name) and self.get(plugin_dir.name, child.name) is None:
                         _remove_tree(child)
                         removed.append(child)
-                objects.collect()
+                shared.forget_missing()
         for path in removed:
             logger.warning("removed incomplete release directory %s", path)
         return removed
@@ -484,12 +485,12 @@ class ReleaseStore:
                            f"{final}. Remove that directory.", plugin=plugin, commit=commit)
 
     @contextlib.contextmanager
-    def _objects(self, plugin: str, *, wait: bool = True) -> Iterator[_Objects | None]:
-        """Hold ``plugin``'s lock (a ``flock`` on its releases directory) and its object store.
+    def _shared(self, plugin: str, *, wait: bool = True) -> Iterator[_Shared | None]:
+        """Hold ``plugin``'s lock (a ``flock`` on its releases directory) and its ledger.
 
         Staging, pruning and removing take it, so none of them sees another's
         half-done links. ``wait=False`` yields None at once if someone holds it.
-        On the way out the store's ledger is brought up to date.
+        On the way out the ledger is brought up to date.
         """
         plugin_dir = self.path_for(plugin, "0" * 40).parent
         plugin_dir.mkdir(parents=True, exist_ok=True)
@@ -500,27 +501,27 @@ class ReleaseStore:
             except BlockingIOError:
                 yield None
                 return
-            objects = _Objects(plugin_dir / OBJECTS_DIR)
+            shared = _Shared(plugin_dir)
             try:
-                yield objects
+                yield shared
             finally:
-                objects.close()
+                shared.close()
         finally:
             os.close(fd)
 
     def _remove_releases(self, plugin: str, paths: Iterable[Path]) -> None:
-        """Remove release trees, then the objects no release links any more.
+        """Remove release trees; the files they shared stay in the other releases.
 
-        Unlinking a release's file moves the ``ctime`` of the object it
-        shares: the objects the ledger vouched for before are vouched for
-        after, so the other releases still verify without hashing.
+        Unlinking a shared file moves its inode's ``ctime``: what the ledger
+        vouched for before is vouched for after (found in another release),
+        so the other releases still verify without hashing.
         """
-        with self._objects(plugin) as objects:
-            assert objects is not None
-            objects.vouch_all()
+        with self._shared(plugin) as shared:
+            assert shared is not None
+            shared.vouch_all()
             for path in paths:
                 _remove_tree(path)
-            objects.collect()
+            shared.forget_missing()
 
     @contextlib.contextmanager
     def _disk_errors(self, plugin: str, commit: str, directory: Path) -> Iterator[None]:
@@ -755,138 +756,184 @@ def _link(source: str, target: str) -> bool:
     return True
 
 
-class _Objects:
-    """One plugin's object store: ``releases/<plugin>/.objects/``, used under the plugin's lock.
+class _Shared:
+    """The files one plugin's releases share, used under the plugin's lock.
 
-    One read-only file per blob and mode (``<blob id>``, 0o444, or
-    ``<blob id>.x``, 0o555) that the plugin's releases hard-link, so a
-    release writes only the blobs no earlier release had. Sharing inodes
-    means a write to one link is a write to all, so nothing is linked on
-    trust: an object is used only if the ledger (:data:`LEDGER_NAME`) vouches
-    for its inode and ``ctime`` (no write, chmod or rename since it was last
-    known to hold its blob), else it is hashed, and one that does not hash
-    to its name is replaced, never linked again (the releases that hold it
-    fail their manifest check). Linking and unlinking move an inode's
-    ``ctime`` too: :meth:`renew` records the ``ctime`` every object vouched
-    for in this session has after them, and :meth:`close` writes the ledger.
+    A release links every file whose blob (in the same mode) an earlier
+    release of the plugin holds intact, and writes only the others. The
+    ledger, ``releases/<plugin>/.ledger.json``, maps each shared inode to
+    ``[blob id, ctime_ns, kind, path]``: the blob it holds, the ``ctime`` it
+    had when last known to hold it, ``f`` or ``x``, and where to find it
+    (``<commit>/<path>``, in the newest release holding it).
+
+    Sharing inodes means a write to one link is a write to all, so nothing
+    is linked on trust: a file is linked only if its inode and ``ctime`` are
+    the ledger's (no write, chmod or rename since), else it is hashed, and
+    one that does not hash to its blob is never linked again (every release
+    holding it fails its manifest check). Linking and unlinking move an
+    inode's ``ctime`` too: :meth:`renew` records the ``ctime`` each file
+    vouched for in this session has after them, and the manifest check
+    (:func:`gitplug.runtime.manifest.verify_release`) trusts the ledger's.
 
     Writes that race a session are out of reach of any check short of
     hashing every file, as for releases themselves (README "Security
     model"): the test gate's containment keeps tests from writing here.
     """
 
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self._dir = str(directory)
-        self.ledger = read_ledger(directory / LEDGER_NAME)
-        self._loaded = dict(self.ledger)
-        self._checked: dict[tuple[bytes, bool], os.stat_result | None] = {}
-        #: object name -> (blob id, executable): intact; its ledger entry is renewed.
-        self._vouched: dict[str, tuple[str, bool]] = {}
+    def __init__(self, plugin_dir: Path) -> None:
+        self._dir = str(plugin_dir)
+        self.ledger = read_ledger(plugin_dir / LEDGER_NAME)
+        self._loaded = {ino: list(entry) for ino, entry in self.ledger.items()}
+        #: (blob, executable) -> inode, the newest entry of each
+        self._by_key: dict[tuple[bytes, bool], str] = {}
+        if not self.ledger:
+            self._seed()
+        for ino, entry in self.ledger.items():
+            with contextlib.suppress(ValueError, TypeError, AttributeError):
+                blob, _ctime, kind, _path = entry
+                self._by_key[(blob.encode(), kind == "x")] = ino
+        self._checked: dict[tuple[bytes, bool], tuple[str, os.stat_result] | None] = {}
+        #: inode -> its entry: intact; its ctime is renewed
+        self._vouched: dict[str, builtins.list[Any]] = {}
         #: True while links were made or removed since the last :meth:`renew`.
         self.stale = False
 
-    @staticmethod
-    def name(sha: bytes, executable: bool) -> str:
-        return sha.decode() + (".x" if executable else "")
+    def _seed(self) -> None:
+        """No ledger (lost in a crash, releases staged before there was one): read manifests.
 
-    def path(self, sha: bytes, executable: bool) -> str:
-        return f"{self._dir}/{self.name(sha, executable)}"
+        Their files are candidates with an unknown ``ctime``, so each is
+        hashed before it is linked, once; the ledger then vouches for it.
+        """
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            for release in sorted(os.listdir(self._dir)):
+                if not _SHA.match(release):
+                    continue
+                try:
+                    with open(f"{self._dir}/{release}/{METADATA_DIR}/{MANIFEST_NAME}",
+                              "rb") as handle:
+                        entries = json.loads(handle.read())["entries"]
+                    for rel, (kind, _size, blob, ino, _ctime) in entries.items():
+                        if kind in ("f", "x"):
+                            self.ledger.setdefault(str(ino), [blob, -1, kind, f"{release}/{rel}"])
+                except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                    continue
 
-    def check(self, sha: bytes, executable: bool) -> os.stat_result | None:
-        """The ``lstat`` of the intact object of ``sha`` in that mode, or None (absent or bad)."""
+    def check(self, sha: bytes, executable: bool) -> tuple[str, os.stat_result] | None:
+        """``(path, lstat)`` of an intact earlier file of ``sha`` in that mode, or None."""
         key = (sha, executable)
         if key not in self._checked:
-            self._checked[key] = self._check(sha, executable)
+            self._checked[key] = self._check(key)
         return self._checked[key]
 
-    def _check(self, sha: bytes, executable: bool) -> os.stat_result | None:
-        name, blob = self.name(sha, executable), sha.decode()
-        path = f"{self._dir}/{name}"
+    def _check(self, key: tuple[bytes, bool]) -> tuple[str, os.stat_result] | None:
+        ino = self._by_key.get(key)
+        if ino is None:
+            return None
+        entry = self.ledger[ino]
+        blob, ctime, _kind, rel = entry
+        parts = str(rel).split("/")
+        if not _SHA.match(parts[0]) or len(parts) < 2 or {"", ".", ".."} & set(parts):
+            del self.ledger[ino]  # not a path inside a release: never followed
+            return None
+        path = f"{self._dir}/{rel}"
         try:
             info = os.lstat(path)
         except (FileNotFoundError, NotADirectoryError):
+            info = None
+        if info is None or str(info.st_ino) != ino:
+            # Its release is gone (or was replaced): another release may still hold it.
             return None
         intact = stat.S_ISREG(info.st_mode) and \
-            stat.S_IMODE(info.st_mode) == (0o555 if executable else 0o444)
-        if intact and self.ledger.get(str(info.st_ino)) != [blob, info.st_ctime_ns]:
-            # Not as the ledger left it (a crash, a copied data_dir, or a write): hash it.
+            stat.S_IMODE(info.st_mode) == (0o555 if key[1] else 0o444)
+        if intact and info.st_ctime_ns != ctime:
+            # Changed since the ledger saw it (a crash, a copied data_dir, a write): hash it.
             intact = git_blob_id(path) == blob
         if not intact:
-            logger.warning("object store %s: %s was modified on disk; it is replaced, and no "
-                           "new release links it (README \"Security model\")", self._dir, name)
-            self.ledger.pop(str(info.st_ino), None)
+            logger.warning("plugin releases %s: %s was modified on disk; no new release links "
+                           "it, and the releases holding it fail their manifest check (README "
+                           "\"Security model\")", self._dir, rel)
+            del self.ledger[ino]
             return None
-        self._vouched[name] = (blob, executable)
-        return info
+        self._vouched[ino] = entry
+        return path, info
 
-    def add(self, sha: bytes, executable: bool, source: str) -> None:
-        """Make the file ``source`` (just written from git) the object of ``sha``.
-
-        Replaces a modified object atomically: releases linking it keep theirs.
-        """
-        os.makedirs(self._dir, mode=0o755, exist_ok=True)
-        name = self.name(sha, executable)
-        tmp = f"{self._dir}/.new-{name}-{secrets.token_hex(4)}"
-        os.link(source, tmp, follow_symlinks=False)
-        os.replace(tmp, f"{self._dir}/{name}")
-        self._vouched[name] = (sha.decode(), executable)
-        self.stale = True
+    def record(self, key: tuple[bytes, bool], rel: str, info: os.stat_result) -> None:
+        """Note that ``rel`` (``<commit>/<path>``, ``lstat`` ``info``) holds ``key``'s blob."""
+        ino = str(info.st_ino)
+        entry = [key[0].decode(), info.st_ctime_ns, "x" if key[1] else "f", rel]
+        self.ledger[ino] = self._vouched[ino] = entry
+        self._by_key[key] = ino
 
     def renew(self) -> dict[tuple[bytes, bool], os.stat_result]:
-        """Record in the ledger each vouched object's ``ctime`` now; return their ``lstat``."""
+        """Record the ``ctime`` each vouched file has now; return their ``lstat`` by key."""
         found: dict[tuple[bytes, bool], os.stat_result] = {}
-        for name, (blob, executable) in self._vouched.items():
+        for ino, entry in list(self._vouched.items()):
             try:
-                info = os.lstat(f"{self._dir}/{name}")
-            except FileNotFoundError:
+                info = os.lstat(f"{self._dir}/{entry[3]}")
+            except (FileNotFoundError, NotADirectoryError):
                 continue
-            self.ledger[str(info.st_ino)] = [blob, info.st_ctime_ns]
-            found[(blob.encode(), executable)] = info
+            if str(info.st_ino) != ino:
+                continue
+            entry[1] = info.st_ctime_ns
+            self.ledger[ino] = entry
+            found[(entry[0].encode(), entry[2] == "x")] = info
         self.stale = False
         return found
 
-    def _scan(self) -> Iterator[tuple[os.DirEntry[str], os.stat_result]]:
-        try:
-            with os.scandir(self._dir) as scan:
-                for item in scan:
-                    if _OBJECT.match(item.name):
-                        yield item, item.stat(follow_symlinks=False)
-        except (FileNotFoundError, NotADirectoryError):
-            return
-
     def vouch_all(self) -> None:
-        """Vouch for every object the ledger vouches for (before unlinking releases)."""
-        for item, info in self._scan():
-            blob = item.name.removesuffix(".x")
-            if self.ledger.get(str(info.st_ino)) == [blob, info.st_ctime_ns]:
-                self._vouched[item.name] = (blob, item.name.endswith(".x"))
+        """Vouch for every file the ledger vouches for (before unlinking releases)."""
+        for ino, entry in self.ledger.items():
+            try:
+                info = os.lstat(f"{self._dir}/{entry[3]}")
+            except (OSError, TypeError, IndexError):
+                continue
+            if str(info.st_ino) == ino and info.st_ctime_ns == entry[1]:
+                self._vouched[ino] = entry
         self.stale = True
 
-    def collect(self) -> None:
-        """Delete the objects no release links (the store's is their only link).
+    def forget_missing(self) -> None:
+        """After releases were removed: point entries at a release still holding the file.
 
-        The ledger keeps only the inodes still in the store.
+        Another release's manifest says where it holds each inode; an inode
+        no release holds any more leaves the ledger.
         """
-        live: set[str] = set()
-        for item, info in self._scan():
-            if info.st_nlink <= 1:
-                os.unlink(item.path)
-                self._vouched.pop(item.name, None)
-            else:
-                live.add(str(info.st_ino))
-        self.ledger = {ino: entry for ino, entry in self.ledger.items() if ino in live}
-        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-            for item in os.scandir(self._dir):
-                if item.name.startswith((".new-", ".ledger-")):  # left by a crash
-                    os.unlink(item.path)
+        lost = {}
+        for ino, entry in self.ledger.items():
+            try:
+                info = os.lstat(f"{self._dir}/{entry[3]}")
+                if str(info.st_ino) == ino:
+                    continue
+            except (OSError, TypeError, IndexError):
+                pass
+            lost[ino] = entry
+        if lost:
+            found: dict[str, str] = {}
+            with contextlib.suppress(FileNotFoundError):
+                for release in sorted(os.listdir(self._dir)):
+                    if not _SHA.match(release):
+                        continue
+                    try:
+                        with open(f"{self._dir}/{release}/{METADATA_DIR}/{MANIFEST_NAME}",
+                                  "rb") as handle:
+                            entries = json.loads(handle.read())["entries"]
+                    except (OSError, ValueError, KeyError, TypeError):
+                        continue
+                    for rel, item in entries.items():
+                        if isinstance(item, list) and len(item) == 5 and str(item[3]) in lost:
+                            found.setdefault(str(item[3]), f"{release}/{rel}")
+            for ino, entry in lost.items():
+                if ino in found:
+                    entry[3] = found[ino]
+                else:
+                    del self.ledger[ino]
+                    self._vouched.pop(ino, None)
         self.stale = True
 
     def close(self) -> None:
         """Renew what links moved since, and write the ledger if it changed."""
         if self.stale:
             self.renew()
-        if self.ledger == self._loaded or not os.path.isdir(self._dir):
+        if self.ledger == self._loaded:
             return
         tmp = f"{self._dir}/.ledger-{secrets.token_hex(4)}"
         try:
@@ -895,8 +942,8 @@ class _Objects:
                                          separators=(",", ":")).encode()], executable=False)
             os.replace(tmp, f"{self._dir}/{LEDGER_NAME}")
         except OSError as exc:
-            logger.warning("object store %s: could not write its ledger (%s); shared files "
-                           "will be hashed when checked", self._dir, exc)
+            logger.warning("plugin releases %s: could not write the ledger (%s); shared "
+                           "files will be hashed when checked", self._dir, exc)
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
 

@@ -82,7 +82,7 @@ def _walk(root: Path) -> t.Iterator[tuple[str, os.stat_result]]:
 
 
 def read_ledger(path: str | Path) -> dict[str, list[t.Any]]:
-    """The ledger at ``path``: ``{str(inode): [blob id, ctime_ns]}``; empty if absent or damaged.
+    """The ledger at ``path``: ``{str(inode): [blob id, ctime_ns, ...]}``; empty if absent or damaged.
 
     A damaged or missing ledger costs time (files are hashed), never safety.
     """
@@ -193,7 +193,8 @@ def verify_release(root: Path, *, plugin: str, release_id: str) -> None:
                 # Shared with a later release, which moved its ctime by linking it.
                 if ledger is None:
                     ledger = read_ledger(root / ledger_path)
-                if ledger.get(str(ino)) == [ident, info.st_ctime_ns]:
+                shared = ledger.get(str(ino))
+                if isinstance(shared, list) and shared[:2] == [ident, info.st_ctime_ns]:
                     continue
             if git_blob_id(root / rel) != ident:
                 raise refuse(f"{rel!r} was modified")
