@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from . import fleet, inprocess, live, memory, underload
+from . import fleet, inprocess, live, memory, staging, underload
 from .figures import Figure, FigureSpec, guarded, render_table
 from .fixtures import REPO_ROOT
 from .site import LivePlan
@@ -57,6 +57,8 @@ class Plan:
     #: ``release_rss_mib``: fresh processes per kind, and extra releases loaded in each.
     memory_runs: int = 1
     memory_releases: int = 10
+    #: Rounds of ``stage_full_ratio`` and ``stage_incr_s`` (5,000 files each).
+    staging_rounds: int = 5
 
 
 QUICK = Plan(
@@ -65,14 +67,14 @@ QUICK = Plan(
     leak_timer_cycles=0,
     # 10 HUP rounds (about 0.5 s each): enough for a 95 % interval of the median.
     live=LivePlan(hup_samples=10, webhook_samples=3, load_pairs=4),
-    fleet_samples=5, memory_runs=1, memory_releases=10,
+    fleet_samples=5, memory_runs=1, memory_releases=10, staging_rounds=3,
 )
 FULL = Plan(
     mode="full", overhead_rounds=60, overhead_per_round=500, scale_plugins=100, scale_rounds=40,
     scale_per_round=500, swap_samples=300, rss_warmup=100, rss_cycles=1000, rss_window=100,
     leak_timer_cycles=200,
     live=LivePlan(hup_samples=20, webhook_samples=10, load_pairs=20),
-    fleet_samples=20, memory_runs=3, memory_releases=20,
+    fleet_samples=20, memory_runs=3, memory_releases=20, staging_rounds=9,
 )
 
 #: Every figure, in the order of the table: ``(key, title, unit, target)``.
@@ -80,6 +82,7 @@ FIGURES = (
     inprocess.OVERHEAD, inprocess.SWAP_P50, inprocess.SWAP_P99, live.RESTART, live.WEBHOOK,
     underload.THROUGHPUT, underload.CONVERGENCE, fleet.FLEET, inprocess.RSS, inprocess.SCALE,
     memory.RELEASE_RSS,
+    staging.STAGE_FULL, staging.STAGE_INCR, staging.PUSH_LIVE,
 )
 KEYS = tuple(spec[0] for spec in FIGURES)
 
@@ -123,6 +126,9 @@ def run(plan: Plan, *, only: set[str], workdir: Path) -> tuple[dict[str, Figure]
     add(_step([live.WEBHOOK, underload.THROUGHPUT, underload.CONVERGENCE],
               lambda: live.measure_served(plan.live, workdir), only))
     add(_step([fleet.FLEET], lambda: [fleet.measure_fleet(workdir, samples=plan.fleet_samples)], only))
+    add(_step([staging.STAGE_FULL, staging.STAGE_INCR], lambda: staging.measure_staging(
+        workdir, rounds=plan.staging_rounds), only))
+    add(_step([staging.PUSH_LIVE], lambda: [staging.measure_push_to_live(plan.live, workdir)], only))
     if plan.leak_timer_cycles and "rss_growth_mib_1000" in figures and figures["rss_growth_mib_1000"].error is None:
         # Last: the timers it starts fire 30 s later, in this process.
         _say(f"measuring the shipped leak-report timer over {plan.leak_timer_cycles} reloads")
