@@ -20,6 +20,8 @@ that changed on disk. Layout::
 from __future__ import annotations
 
 import builtins
+import collections
+import concurrent.futures
 import contextlib
 import ctypes
 import ctypes.util
@@ -298,32 +300,63 @@ class ReleaseStore:
                 blobs = stack.enter_context(contextlib.closing(source.stream_blobs(
                     url, stream, plugin=plugin, max_size=max_file_bytes)))
                 shared.stale = True  # links and unlinks move the shared inodes' ctimes
-                with _source_errors(plugin, commit):
-                    for rel, sha, executable in files:
-                        key = (sha, executable)
-                        target = f"{root}/{rel}"
-                        origin = origins[key]
-                        if origin and _link(origin, target):
-                            continue
-                        if origin:  # at the file system's link limit: a new first copy
-                            mixed.add(key)  # earlier paths of it hold the full inode
-                            with open(origin, "rb") as handle:
-                                _write_file(target, iter(lambda h=handle: h.read(CHUNK), b""),
-                                            executable=executable)
-                        else:
+                with concurrent.futures.ThreadPoolExecutor(
+                        _WORKERS, thread_name_prefix="gitplug-stage") as pool:
+                    # 1. The first path of each blob no earlier release holds, from git.
+                    #    Small files are written by the pool while git streams the next
+                    #    ones (creating files is most of the time, and it waits on the
+                    #    file system, not the CPU); at most three batches are in memory.
+                    batches: collections.deque[concurrent.futures.Future[Any]] = \
+                        collections.deque()
+                    batch: builtins.list[tuple[str, bytes, bool]] = []
+                    batch_bytes = 0
+
+                    def flush() -> None:
+                        nonlocal batch, batch_bytes
+                        if batch:
+                            while len(batches) >= 2:
+                                batches.popleft().result()
+                            batches.append(pool.submit(_write_batch, batch))
+                            batch, batch_bytes = [], 0
+
+                    with _source_errors(plugin, commit):
+                        for rel, sha, executable in files:
+                            key = (sha, executable)
+                            if origins[key] or key in written:
+                                continue
+                            target = f"{root}/{rel}"
                             chunks: Iterable[bytes] = next(blobs)
-                            if sizes[sha] < _LFS_POINTER_MAX:  # small: whole, to tell a pointer
-                                chunks = [b"".join(chunks)]
-                                _refuse_lfs_pointer(plugin, commit, rel, chunks[0])
-                            size = _write_file(target, chunks, executable=executable)
+                            if sizes[sha] < _SMALL:  # whole, to tell a pointer; by the pool
+                                data = b"".join(chunks)
+                                _refuse_lfs_pointer(plugin, commit, rel, data)
+                                size = len(data)
+                                batch.append((target, data, executable))
+                                batch_bytes += size
+                                if batch_bytes >= _BATCH_BYTES or len(batch) >= _BATCH_FILES:
+                                    flush()
+                            else:
+                                size = _write_file(target, chunks, executable=executable)
                             if size != sizes[sha]:
                                 raise StagingError(
                                     f"plugin {plugin!r}: blob {sha.decode()} of {commit} at "
                                     f"{rel!r} holds {size} bytes, not the {sizes[sha]} its "
                                     f"header says. Delete the mirror {source.mirror_path(url)} "
                                     "so it is fetched afresh.", plugin=plugin, commit=commit)
-                        origins[key] = target
-                        written[key] = rel
+                            written[key] = rel
+                        flush()
+                        for future in batches:
+                            future.result()
+                    for key, rel in written.items():
+                        origins[key] = f"{root}/{rel}"
+                    # 2. Every other path: a hard link, made by the pool in slices.
+                    todo = [(origins[(sha, executable)], f"{root}/{rel}", executable)
+                            for rel, sha, executable in files
+                            if written.get((sha, executable)) != rel]
+                    slices = [todo[i:i + _BATCH_FILES] for i in range(0, len(todo), _BATCH_FILES)]
+                    for copied in pool.map(_link_batch, slices):
+                        for target in copied:  # at the file system's link limit: copies
+                            rel = target[len(root) + 1:]
+                            mixed.add(next((sha, x) for r, sha, x in files if r == rel))
                 # Symlinks last: no file is ever written while a link exists in the tree.
                 for rel, link in links.items():
                     os.symlink(link, f"{root}/{rel}")
@@ -739,6 +772,34 @@ def _make_parents(directory: str, made: set[str]) -> None:
     with contextlib.suppress(FileExistsError):
         os.mkdir(directory, 0o755)
     made.add(directory)
+
+
+#: Threads that create a release's files: file creation waits on the file system.
+_WORKERS = 4
+#: Blobs under this size are read whole and written by the pool.
+_SMALL = 1024 * 1024
+_BATCH_BYTES = 16 * MiB
+_BATCH_FILES = 256
+
+
+def _write_batch(batch: builtins.list[tuple[str, bytes, bool]]) -> None:
+    for target, data, executable in batch:
+        _write_file(target, [data], executable=executable)
+
+
+def _link_batch(batch: builtins.list[tuple[str, str, bool]]) -> builtins.list[str]:
+    """Link each ``(origin, target)``; copy where the origin is at the link limit.
+
+    Returns the targets that are copies.
+    """
+    copied = []
+    for origin, target, executable in batch:
+        if not _link(origin, target):
+            with open(origin, "rb") as handle:
+                _write_file(target, iter(lambda h=handle: h.read(CHUNK), b""),
+                            executable=executable)
+            copied.append(target)
+    return copied
 
 
 def _link(source: str, target: str) -> bool:
