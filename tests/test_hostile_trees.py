@@ -408,6 +408,70 @@ def test_a_failing_test_of_one_plugin_cannot_backdoor_another(
         assert "differs from what was staged" in again.log()
 
 
+EDIT_SHARED = """\
+import pathlib
+
+def test_edit_a_shared_file():
+    # As root, read-only bits do not stop it; the file is a hard link every
+    # release of the plugin shares, so this writes into all of them at once.
+    for release in pathlib.Path({releases!r}).glob("good/*"):
+        shared = release / "good" / "shared.txt"
+        if not release.name.startswith(".") and shared.exists():
+            with open(shared, "r+b") as handle:
+                handle.write(b"dirty\\n")
+            break
+    assert False
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="writing a read-only file in place needs root")
+def test_a_write_to_a_shared_file_is_refused_everywhere_and_never_linked_again(
+        tmp_path: Path, site_factory: t.Callable[..., Site]) -> None:
+    good = GitRepo(tmp_path / "good-repo")
+    good.write("good/shared.txt", "clean\n")
+    good_v1 = write_version(good, "good", "v1")
+    evil = GitRepo(tmp_path / "evil-repo")
+    evil_v1 = write_version(evil, "evil", "v1", gate_test=True)
+    site = site_factory({
+        "good": {"repo": str(good.path)},
+        "evil": {"repo": str(evil.path), "test": "python -m pytest -q -p no:cacheprovider"},
+    })
+    wait_serving(site, "good", good_v1)
+    wait_serving(site, "evil", evil_v1)
+    good_v2 = write_version(good, "good", "v2")
+    assert site.deploy("good")["result"] == "live"
+    releases = site.data / "releases" / "good"
+    shared_v1 = releases / good_v1 / "good" / "shared.txt"
+    shared_v2 = releases / good_v2 / "good" / "shared.txt"
+    assert shared_v1.stat().st_ino == shared_v2.stat().st_ino  # linked, not written again
+    # A failing test of another plugin writes the shared file in place.
+    write_version(evil, "evil", "v2")
+    evil.write("tests/test_evil.py", EDIT_SHARED.format(releases=str(site.data / "releases")))
+    evil.commit("a failing test that writes a file good's releases share")
+    record = site.deploy("evil")
+    assert record["result"] == "failed" and record["stage"] == "test", record
+    assert shared_v2.read_bytes() == b"dirty\n"  # in both releases: one inode
+    # The next release of good does not link it: the commit's content, a file of its own.
+    good_v3 = write_version(good, "good", "v3")
+    assert site.deploy("good")["result"] == "live"
+    wait_serving(site, "good", good_v3)
+    shared_v3 = releases / good_v3 / "good" / "shared.txt"
+    assert shared_v3.read_bytes() == b"clean\n"
+    assert shared_v3.stat().st_ino != shared_v1.stat().st_ino
+    # Rolling back to either earlier release: refused at load, v3 keeps serving.
+    for commit in (good_v2, good_v1):
+        status, record = site.api("POST", "/api/plugins/good/rollback", {"ref": commit})
+        assert record["result"] == "failed" and record["stage"] == "load", (status, record)
+        assert re.search(rf"release {commit[:12]} at .* differs from what was staged: "
+                         r"'good/shared\.txt' was modified", record["error"]), record["error"]
+        assert good_v3[:12] in served(site, "good")
+    # Asked again, each is staged afresh from the mirror, clean, and served.
+    status, record = site.api("POST", "/api/plugins/good/rollback", {"ref": good_v1})
+    assert record["result"] == "live", (status, record)
+    wait_serving(site, "good", good_v1)
+    assert shared_v1.read_bytes() == b"clean\n"
+
+
 # --------------------------------------------------------------------------- the test gate
 
 LEAKER = """\
