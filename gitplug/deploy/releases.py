@@ -10,11 +10,19 @@ never from inflating a blob, and blobs are streamed to disk in chunks.
 Files are read-only (0o444, 0o555 if executable), directories 0o555 except
 ``.gitplug/`` (the test verdict is written there later); a manifest of every
 entry (git blob id, size, inode and ctime) lets the loader refuse a release
-that changed on disk. Layout::
+that changed on disk.
+
+Incremental: only blobs no earlier release of the plugin holds are written
+(small ones by a few threads while git streams the next); every other file
+is a hard link of an earlier release's, used only once the ledger
+(:class:`_Shared`) vouches that it is intact (README "Data directory and
+state"). Staging, pruning and removing take the plugin's lock, a ``flock`` on
+``releases/<plugin>/``. Layout::
 
     releases/hello/.tmp-<sha>-<rand>(.lock)  being staged; the stager holds the lock
     releases/hello/<sha>/                    a complete release
     releases/hello/<sha>/.gitplug/           release.json (metadata), manifest.json, test.json
+    releases/hello/.ledger.json              the shared inodes: blob, known-good ctime, holder
 """
 
 from __future__ import annotations
@@ -1096,17 +1104,6 @@ def _source_errors(plugin: str, commit: str) -> Iterator[None]:
         cause = str(exc).removeprefix(f"plugin {plugin!r}: ")
         raise StagingError(f"plugin {plugin!r}: could not stage {commit}: {cause}",
                            plugin=plugin, commit=commit) from exc
-
-
-@contextlib.contextmanager
-def _locked_dir(directory: Path) -> Iterator[None]:
-    """Hold an exclusive flock on ``directory`` itself (no lock file to leave behind)."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 @contextlib.contextmanager
