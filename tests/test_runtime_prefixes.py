@@ -297,8 +297,17 @@ def test_a_host_route_added_later_wins_over_the_root_plugin(tmp_path: Path, make
     with app.test_request_context("/create"):
         assert gp.runtime.snapshot.release_for_path("/create") is gp.live_release("blog")
     app.add_url_rule("/create", endpoint="host_create", view_func=lambda: "host create")
+    for i in range(50):  # a host adding its routes after gitplug restored a root plugin
+        app.add_url_rule(f"/later/{i}", endpoint=f"later{i}", view_func=lambda: "host later")
+    # Every rule is under the root: its private map is built once, on first use,
+    # not once per rule added (which made startup quadratic in the host's routes).
+    assert "/" not in gp.runtime._claims
     client = app.test_client()
     assert client.get("/create").text == "host create"
+    assert client.get("/later/49").text == "host later"
+    rules, claims = gp.runtime._claims["/"]
+    assert client.get("/later/3").text == "host later"
+    assert gp.runtime._claims["/"][1] is claims  # reused while the host adds nothing
     assert client.get("/").text == "blog index /create"
 
 

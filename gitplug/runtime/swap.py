@@ -85,7 +85,7 @@ class Runtime:
         #: ``{live prefix: host rules under it}``, kept current by publish and
         #: by the host map's ``add``; ``_claims`` holds their private maps.
         self._host_under: dict[str, list[Rule]] = {}
-        self._claims: dict[str, Map] = {}
+        self._claims: dict[str, tuple[list[Rule], Map]] = {}
         #: ``{live prefix: its pattern}``, for rules the host adds later.
         self._patterns: dict[str, PrefixPattern] = {}
         #: Prefixes no plugin may share (gitplug's own ``api_prefix``): see :meth:`reserve`.
@@ -251,7 +251,7 @@ class Runtime:
         Only asked for prefixes in :attr:`host_shadowed`, so plugin requests
         under a prefix the host has no route under pay one set lookup.
         """
-        claims = self._claims.get(release.prefix)
+        claims = self._claims_for(release.prefix)
         if claims is None:
             return False
         try:
@@ -263,14 +263,30 @@ class Runtime:
             return False
         return host_adapter is not None and host_claims(claims, host_adapter)
 
+    def _claims_for(self, prefix: str) -> Map | None:
+        """The private map of the host rules under ``prefix``, built on first use.
+
+        Built lazily, not on every rule the host adds: a host that adds its
+        routes after gitplug restored a root plugin (every rule is under the
+        root) would otherwise rebuild a map of all its rules per rule added.
+        No lock: two requests may both build it; the map is kept only while
+        it is of the current rule list (the list is replaced, never mutated).
+        """
+        rules = self._host_under.get(prefix)
+        if not rules:
+            return None
+        cached = self._claims.get(prefix)
+        if cached is not None and cached[0] is rules:
+            return cached[1]
+        claims = claims_map(self.app.url_map, rules)
+        self._claims[prefix] = (rules, claims)
+        return claims
+
     def _set_host_under(self, prefix: str, rules: list[Rule]) -> None:
-        """Record the host rules under a live prefix and rebuild its private map. Lock held."""
+        """Record the host rules under a live prefix (its private map is rebuilt on use). Lock held."""
         self._host_under[prefix] = rules
-        if rules:
-            self._claims[prefix] = claims_map(self.app.url_map, rules)
-        else:
-            self._claims.pop(prefix, None)
-        self.host_shadowed = frozenset(self._claims)
+        self._claims.pop(prefix, None)
+        self.host_shadowed = frozenset(p for p, under in self._host_under.items() if under)
 
     def _track_prefixes(self, snapshot: Snapshot) -> None:
         """Follow the live prefixes of ``snapshot``: scan the host's rules for new ones. Lock held."""
