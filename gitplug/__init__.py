@@ -11,6 +11,7 @@ import typing as t
 
 from . import signals
 from .errors import (
+    CanaryFailed,
     ConfigError,
     EntryPointError,
     FetchError,
@@ -59,6 +60,7 @@ __all__ = [
     "EntryPointError",
     "OnLoadFailed",
     "HealthCheckFailed",
+    "CanaryFailed",
     "MountError",
 ]
 

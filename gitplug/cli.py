@@ -175,10 +175,28 @@ def _report(record: DeployRecord | None, as_json: bool) -> None:
             fg="red",
             err=True,
         )
+    elif record.result == DeployResult.RUNNING and record.stage is not None and record.stage.value == "canary":
+        figures = record.canary_figures or {}
+        click.echo(
+            f"deploy {record.id} of {record.plugin}: canary ({_short(record.commit)} serves"
+            f" {figures.get('percent', 0):g}% of the clients); it is promoted or rolled back by itself,"
+            f" or now by `gitplug promote {record.plugin}` / `gitplug abort {record.plugin}`"
+        )
     else:
         click.echo(f"deploy {record.id} of {record.plugin}: {record.result.value} ({_short(record.commit)})")
     if record.result == DeployResult.FAILED:
         sys.exit(1)
+
+
+def _figures_line(figures: dict[str, t.Any] | None) -> str:
+    """``canary 10%: 4 errors / 40 requests; live: 0 / 360`` of a deploy's canary figures."""
+    if not figures:
+        return ""
+    canary, stable = figures.get("canary") or {}, figures.get("stable") or {}
+    return (
+        f"canary {figures.get('percent', 0):g}%: {canary.get('errors', 0)} errors / {canary.get('requests', 0)}"
+        f" requests; live {_short(stable.get('commit'))}: {stable.get('errors', 0)} / {stable.get('requests', 0)}"
+    )
 
 
 def _configure_logging(verbose: int) -> None:
@@ -271,6 +289,14 @@ def status(config_path: Path | None, as_json: bool) -> None:
                 f"    host {host_id}{lead}: {host['state']}  {_short(host['live_commit'])}"
                 f"  beat {host['heartbeat_at']}{error}"
             )
+        canary = p.get("canary")
+        if canary:
+            click.echo(
+                f"    canary {_short(canary['commit'])} serves {canary['percent']:g}% beside"
+                f" {_short(canary['stable_commit'])} (deploy #{canary['deploy_id']}):"
+                f" {canary['canary']['errors']} errors / {canary['canary']['requests']} requests;"
+                f" live {canary['stable']['errors']} / {canary['stable']['requests']}"
+            )
         for worker, commit in sorted(p["workers"].items()):
             click.echo(f"    worker {worker}: {_short(commit)}")
         last = p["last_deploy"]
@@ -314,6 +340,11 @@ def history(plugin: str, limit: int, config_path: Path | None, as_json: bool) ->
             f"{r.id:>5}  {r.started_at:<26} {r.trigger:<13} {(r.ref or '-')[:12]:<12} {_short(r.commit):<12}"
             f" {r.result.value:<11} {(r.stage.value if r.stage else '-'):<12} {duration}{repeats}{signed}"
         )
+        figures = r.canary_figures
+        if figures:
+            click.echo(f"{'':>7}{_figures_line(figures)}")
+            if figures.get("decision"):
+                click.echo(f"{'':>7}{figures['decision']}")
 
 
 @cli.command()
@@ -360,6 +391,40 @@ def resume(plugin: str, config_path: Path | None, as_json: bool) -> None:
     if not as_json:
         click.echo(f"resuming {plugin}: unpinned, deploying its tracked ref ...", err=True)
     _report(deployer.resume(plugin, progress=None if as_json else _progress), as_json)
+
+
+@cli.command()
+@click.argument("plugin")
+@config_option
+@json_option
+@domain_errors
+def promote(plugin: str, config_path: Path | None, as_json: bool) -> None:
+    """End PLUGIN's canary: its release serves every client now."""
+    record = _deployer(_load(config_path)).promote(plugin, trigger="cli")
+    if as_json:
+        _print_json(record.to_json())
+        return
+    click.echo(f"{plugin}: canary {_short(record.commit)} promoted (deploy {record.id} is live)")
+    line = _figures_line(record.canary_figures)
+    if line:
+        click.echo(f"  {line}")
+
+
+@cli.command()
+@click.argument("plugin")
+@config_option
+@json_option
+@domain_errors
+def abort(plugin: str, config_path: Path | None, as_json: bool) -> None:
+    """Roll PLUGIN's canary back: the live release serves every client again."""
+    record = _deployer(_load(config_path)).abort(plugin, trigger="cli")
+    if as_json:
+        _print_json(record.to_json())
+        return
+    click.echo(f"{plugin}: canary {_short(record.commit)} rolled back (deploy {record.id} failed at canary)")
+    line = _figures_line(record.canary_figures)
+    if line:
+        click.echo(f"  {line}")
 
 
 @cli.command()

@@ -21,6 +21,7 @@ codes (see :mod:`gitplug.cli`)::
     │   ├── OnLoadFailed         an ``on_load`` callback raised
     │   └── HealthCheckFailed    ``health_check`` returned False or raised
     ├── MountError               a prefix or name clashes with the host or another plugin
+    ├── CanaryFailed             a canary release was rolled back (its errors, or by hand)
     ├── StateError               the state store could not be read or written
     ├── WebhookRejected          a webhook request is refused (carries the HTTP status)
     └── BadInput                 the command line names something that does not exist
@@ -241,6 +242,19 @@ class MountError(GitplugError):
     """A plugin name or URL prefix clashes with the host or another plugin."""
 
     exit_code = 2
+
+
+class CanaryFailed(GitplugError):
+    """A canary release was rolled back: it erred too often, or someone aborted it.
+
+    Sent with ``deploy_failed``; the deploy record holds both sides' figures
+    (README, "Canary releases").
+    """
+
+    def __init__(self, message: str, *, plugin: str, commit: str | None = None) -> None:
+        super().__init__(message)
+        self.plugin = plugin
+        self.commit = commit
 
 
 class StateError(GitplugError):

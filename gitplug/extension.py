@@ -312,6 +312,21 @@ class GitPlug:
         """Unpin ``name`` and deploy its tracked ref."""
         return self._require().deployer.resume(name, trigger=trigger)  # type: ignore[union-attr]
 
+    def promote(self, name: str, *, trigger: str = "api") -> DeployRecord:
+        """End ``name``'s canary now: its release serves every client (README, "Canary releases").
+
+        Raises :class:`~gitplug.errors.BadInput` when no canary runs.
+        """
+        return self._require().deployer.promote(name, trigger=trigger)  # type: ignore[union-attr]
+
+    def abort(self, name: str, *, trigger: str = "api") -> DeployRecord:
+        """Roll ``name``'s canary back now: the live release serves every client again.
+
+        The canary's deploy is recorded ``failed`` at stage ``canary``. Raises
+        :class:`~gitplug.errors.BadInput` when no canary runs.
+        """
+        return self._require().deployer.abort(name, trigger=trigger)  # type: ignore[union-attr]
+
     def status(self, only: str | None = None) -> dict[str, t.Any]:
         """The data of ``gitplug status --json`` (of plugin ``only``, when given)."""
         state = self._require()

@@ -51,6 +51,7 @@ from pathlib import Path
 
 from .config import ConfigDiff, GitplugConfig, diff_plugins, load_config
 from .deploy.autorollback import AutoRollbackWatch
+from .deploy.canary import CanaryWatch
 from .deploy.discovery import discovered_path, record_scan, scan, with_discovered
 from .deploy.hosted import HostedRepos
 from .deploy.layout import DataLayout, FileLock
@@ -118,6 +119,7 @@ class HostServices:
         self.queue = TriggerQueue(self._run_trigger)
         self.scheduler = PollScheduler(self.queue)
         self.auto_rollback = AutoRollbackWatch(store, deployer)
+        self.canary_watch = CanaryWatch(store, deployer)
         self._pushed_stats: dict[tuple[str, str], tuple[int, int]] = {}
         self._controller_lock = FileLock(self.layout.lock_file("controller"))
         self.is_controller = False
@@ -128,6 +130,8 @@ class HostServices:
         self._elections = 0
         #: Commits this process could not serve, per plugin, and why (not retried).
         self._refused: dict[str, tuple[str, str]] = {}
+        #: The canary commit this process could not load, per plugin (not retried).
+        self._refused_canary: dict[str, str] = {}
         self._store_down = False
         self._beat_now = threading.Event()
         self._served_written: dict[str, str] | None = None
@@ -287,6 +291,7 @@ class HostServices:
         self.queue = TriggerQueue(self._run_trigger)
         self.scheduler = PollScheduler(self.queue)
         self.auto_rollback = AutoRollbackWatch(self.store, self.deployer)
+        self.canary_watch = CanaryWatch(self.store, self.deployer)
         self._adopt_lock = threading.RLock()
         self._pushed_stats = {}
         self._seen_counter = -1
@@ -294,6 +299,7 @@ class HostServices:
         self._leases = {}
         self._lease_taken = {}
         self._refused = {}
+        self._refused_canary = {}
         self._beat_now = threading.Event()
 
     def shutdown(self) -> None:
@@ -391,7 +397,18 @@ class HostServices:
         refused = self._refused.get(name)
         if refused is not None and refused[0] == state.live_commit:
             return False  # tried and failed: wait for another commit
-        return live is None or live.commit != state.live_commit
+        return live is None or live.commit != state.live_commit or self._canary_differs(name, state)
+
+    def _canary_differs(self, name: str, state: PluginState) -> bool:
+        """Whether this process runs another canary of ``name`` than the store's (README, "Canary releases")."""
+        wanted = state.canary_state
+        running = self.runtime.canary(name)
+        if wanted is None:
+            return running is not None
+        if running is not None and running.commit == wanted.commit:
+            return False
+        refused = self._refused_canary.get(name)
+        return refused != wanted.commit  # a canary this process could not load is not retried
 
     def _apply(self, name: str, state: PluginState | None) -> bool:
         """Converge one plugin; False when it must be retried (its release is being staged)."""
@@ -403,6 +420,16 @@ class HostServices:
             self.runtime.stop(name)
             logger.info("plugin %s: stopped", name)
             return True
+        live = self.runtime.live(name)
+        if live is not None and live.commit == commit:
+            return self._apply_canary(name, state)
+        canary = self.runtime.canary(name)
+        if canary is not None and canary.commit == commit:
+            # The canary was promoted: it serves everyone, nothing is reloaded.
+            self.runtime.promote_canary(name)
+            logger.info("plugin %s: canary %s promoted; now serving it to every client", name, commit[:12])
+            self._served(name)
+            return self._apply_canary(name, state)
         release = self.deployer.releases.get(name, commit)
         if release is None and not self.is_controller:
             # This host's controller is staging it: load it once it is on disk,
@@ -429,8 +456,30 @@ class HostServices:
         if self.deployer.load_from_disk(name, commit, record_error=not self._fleet):
             logger.info("plugin %s: now serving %s", name, commit[:12])
             self._served(name)
-        else:
-            self._refuse(name, commit, f"release {commit[:12]} did not load on this host; see its log")
+            return self._apply_canary(name, state)
+        self._refuse(name, commit, f"release {commit[:12]} did not load on this host; see its log")
+        return True
+
+    def _apply_canary(self, name: str, state: PluginState) -> bool:
+        """Start, replace or end this process's canary of ``name`` as the store says."""
+        if not self._canary_differs(name, state):
+            return True
+        wanted = state.canary_state
+        if wanted is None:
+            if self.runtime.end_canary(name) is not None:
+                logger.info("plugin %s: canary ended; the live release serves every client", name)
+            return True
+        if self.deployer.releases.get(name, wanted.commit) is None and not self.is_controller and not self._fleet:
+            return False  # this host's controller is staging it
+        try:
+            self.deployer.serve_canary(name, wanted)
+        except GitplugError as exc:
+            self._refused_canary[name] = wanted.commit
+            logger.error("plugin %s: not serving canary %s here (the live release serves all): %s",
+                         name, wanted.commit[:12], exc)
+            return True
+        self._refused_canary.pop(name, None)
+        logger.info("plugin %s: canary %s serves %g%% here", name, wanted.commit[:12], wanted.percent)
         return True
 
     @property
@@ -455,9 +504,11 @@ class HostServices:
 
     def push_stats(self) -> None:
         """Write this process's request/error counts per release when they changed."""
+        snapshot = self.runtime.snapshot
+        serving = [*snapshot.releases.items(), *((n, split.canary) for n, split in snapshot.canaries.items())]
         stats = {
             (name, release.commit or release.release_id): (release.requests, release.errors)
-            for name, release in self.runtime.snapshot.releases.items()
+            for name, release in serving
         }
         changed = {k: v for k, v in stats.items() if self._pushed_stats.get(k) != v}
         if changed:
@@ -517,9 +568,9 @@ class HostServices:
                     self._elect()
                     if self.is_leader:
                         self._take_requests()
-                        self.auto_rollback.check(
-                            self.config, only={n for n in self.config.plugins if self.holds(n)}
-                        )
+                        held = {n for n in self.config.plugins if self.holds(n)}
+                        self.auto_rollback.check(self.config, only=held)
+                        self.canary_watch.check(self.config, only=held)
                     self._store_ok()
                 except StateError as exc:
                     self._store_trouble(exc)
@@ -659,7 +710,11 @@ class HostServices:
         if not lock.acquire(blocking=False):
             return
         try:
+            state = self.store.get_plugin(unit)
+            canary = state.canary_state if state is not None else None
             for record in self.store.history(unit, limit=10):
+                if canary is not None and record.id == canary.deploy_id:
+                    continue  # a canary in progress: its new holder judges it from now on
                 if record.result == DeployResult.RUNNING:
                     self.store.finish_deploy(
                         record.id, result=DeployResult.INTERRUPTED, error="the process died during the deploy",

@@ -10,6 +10,9 @@ Each is sent with the :class:`~gitplug.GitPlug`-managed Flask app as sender
     deploy_succeeded    plugin, deploy
     deploy_failed       plugin, deploy, error
     rolled_back         plugin, deploy, from_commit, to_commit, reason
+    canary_started      plugin, deploy, commit, stable_commit, percent
+    canary_promoted     plugin, deploy, commit, stable_commit, figures=<dict>, reason
+    canary_aborted      plugin, deploy, commit, stable_commit, figures, reason
     stage_finished      plugin, stage=<fetch|stage|test|load|swap>, seconds=<float>
     poll_succeeded      plugin, at=<unix time>
 
@@ -30,6 +33,9 @@ __all__ = [
     "deploy_succeeded",
     "deploy_failed",
     "rolled_back",
+    "canary_started",
+    "canary_promoted",
+    "canary_aborted",
     "stage_finished",
     "poll_succeeded",
 ]
@@ -43,5 +49,8 @@ deploy_started = _signals.signal("gitplug-deploy-started")
 deploy_succeeded = _signals.signal("gitplug-deploy-succeeded")
 deploy_failed = _signals.signal("gitplug-deploy-failed")
 rolled_back = _signals.signal("gitplug-rolled-back")
+canary_started = _signals.signal("gitplug-canary-started")
+canary_promoted = _signals.signal("gitplug-canary-promoted")
+canary_aborted = _signals.signal("gitplug-canary-aborted")
 stage_finished = _signals.signal("gitplug-stage-finished")
 poll_succeeded = _signals.signal("gitplug-poll-succeeded")

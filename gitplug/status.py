@@ -1,7 +1,9 @@
 """The data of ``gitplug status --json`` and ``GET /_gitplug/api/plugins`` (README, "HTTP API").
 
 ``state`` is ``live``, ``stopped``, ``failed`` (nothing served: the first
-deploy failed), ``pending`` (never deployed) or ``behind``: a release is
+deploy failed), ``pending`` (never deployed), ``canary`` (a new release
+serves a share of the clients beside the live one: ``canary`` holds the
+split, both commits and each side's requests and errors) or ``behind``: a release is
 served, no pin holds it, and the latest deploy of the tracked ref failed
 (a failed ``gitplug resume``, a poll or webhook that failed), so the plugin
 serves an older commit than its ref asks for; ``state_reason`` says why in
@@ -16,7 +18,15 @@ from .config import GitplugConfig, PluginConfig
 from .deploy.gitsource import redact_url
 from .errors import UnknownPlugin
 from .runtime.swap import Runtime
-from .state import DeployRecord, DeployResult, HostInfo, PluginStateValue, StateStore, host_status
+from .state import (
+    DeployRecord,
+    DeployResult,
+    HostInfo,
+    PluginStateValue,
+    StateStore,
+    canary_figures,
+    host_status,
+)
 
 __all__ = ["plugin_status", "build_status"]
 
@@ -60,6 +70,9 @@ def plugin_status(
     if removed:
         value, reason = PluginStateValue.REMOVED.value, None
         live_commit = None
+    canary = state.canary_state if state is not None and value in ("live", "behind") else None
+    if canary is not None:
+        value = "canary"
     workers = workers if workers is not None else store.workers()
     hosts = hosts if hosts is not None else store.hosts()
     found = plugin.discovered_from
@@ -77,8 +90,23 @@ def plugin_status(
         "discovered_from": {"repo": found[0], "path": found[1]} if found else None,
         "workers": {w.worker_id: w.plugin_commits.get(plugin.name) for w in workers},
         "hosts": host_status(plugin.name, state, hosts),
+        "canary": _canary_status(store, plugin.name, canary) if canary is not None else None,
         "last_error": state.last_error if state else None,
         "last_deploy": last.to_json() if last is not None else None,
+    }
+
+
+def _canary_status(store: StateStore, name: str, canary: t.Any) -> dict[str, t.Any]:
+    """The ``canary`` object of a plugin's status: the split, both commits, each side's figures."""
+    figures = canary_figures(store, name, canary)
+    return {
+        "commit": canary.commit,
+        "stable_commit": canary.stable_commit,
+        "percent": canary.percent,
+        "deploy_id": canary.deploy_id,
+        "started_at": canary.started_at,
+        "stable": figures["stable"],
+        "canary": figures["canary"],
     }
 
 

@@ -14,6 +14,7 @@ from gitplug.config import (
     DEFAULT_TEST_COMMAND,
     MAPPING_SOURCE,
     AutoRollback,
+    Canary,
     ConfigDiff,
     GitplugConfig,
     PluginConfig,
@@ -250,6 +251,36 @@ def test_auto_rollback_forms(tmp_path: Path, value: str, expected: AutoRollback 
 
 
 @pytest.mark.parametrize("value, expected", [
+    ("true", Canary()),
+    ("{}", Canary()),
+    ("{percent: 10, min_requests: 100, duration: 300, max_error_rate: 0.05}", Canary()),
+    ("{percent: 2.5, duration: 60}", Canary(percent=2.5, duration=60.0)),
+    ("false", None),
+    ("null", None),
+])
+def test_canary_forms(tmp_path: Path, value: str, expected: Canary | None) -> None:
+    cfg = load(tmp_path, f"plugins:\n  p:\n    repo: ./p\n    canary: {value}\n")
+    assert cfg.plugins["p"].canary == expected
+
+
+def test_canary_default_applies_to_plugins_without_their_own(tmp_path: Path) -> None:
+    cfg = load(tmp_path, textwrap.dedent("""
+        canary: {percent: 20}
+        discover:
+          - {repo: ./mono, path: "plugins/*"}
+        plugins:
+          a: {repo: ./a}
+          b: {repo: ./b, canary: {percent: 5, max_error_rate: 0.01}}
+          c: {repo: ./c, canary: false}
+    """))
+    assert cfg.canary == Canary(percent=20.0)
+    assert cfg.plugins["a"].canary == Canary(percent=20.0)
+    assert cfg.plugins["b"].canary == Canary(percent=5.0, max_error_rate=0.01)
+    assert cfg.plugins["c"].canary is None
+    assert cfg.discover[0].plugin("x", "plugins/x").canary == Canary(percent=20.0)
+
+
+@pytest.mark.parametrize("value, expected", [
     ("false", None),
     ("'python -m pytest -x \"tests/a b\"'", ("python", "-m", "pytest", "-x", "tests/a b")),
     ("[tox, -e, py311]", ("tox", "-e", "py311")),
@@ -439,6 +470,37 @@ BROKEN = [
               max_error_rate: 1.5
     """, 6, "plugins.hello.auto_rollback.max_error_rate",
                  r"expected an error rate in \(0, 1\].*got 1.5", id="auto-rollback-bad-rate"),
+    pytest.param("""
+        plugins:
+          hello:
+            repo: ./hello
+            canary:
+              percent: 100
+    """, 5, "plugins.hello.canary.percent",
+                 r"expected a share of the clients in \(0, 100\), e.g. 10 \(100 would skip the comparison.*got 100",
+                 id="canary-percent-100"),
+    pytest.param("""
+        canary: {percent: 10, min_requests: 0}
+        plugins:
+          hello:
+            repo: ./hello
+    """, 1, "canary.min_requests", r"expected an integer >= 1 \(requests the canary serves before it is judged\), got 0",
+                 id="canary-default-min-requests"),
+    pytest.param("""
+        plugins:
+          hello:
+            repo: ./hello
+            canary: {percent: 10, duraton: 60}
+    """, 4, "plugins.hello.canary.duraton", r"unknown key 'duraton'; did you mean 'duration'\?",
+                 id="canary-unknown-key"),
+    pytest.param("""
+        plugins:
+          hello:
+            repo: ./hello
+            canary: soon
+    """, 4, "plugins.hello.canary",
+                 r"expected a mapping \{percent, min_requests, duration, max_error_rate\}, true or false.*got 'soon'",
+                 id="canary-not-a-mapping"),
     pytest.param("""
         plugins:
           hello:

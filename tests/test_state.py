@@ -225,7 +225,7 @@ def test_to_json_has_the_spec_shape(store: StateStore) -> None:
     spec_keys = {
         "id", "trigger", "ref", "commit", "result", "stage", "error", "started_at", "duration_s"
     }
-    assert spec_keys <= set(data) <= spec_keys | {"plugin", "log_path", "host", "repeats", "last_seen_at", "signer"}
+    assert spec_keys <= set(data) <= spec_keys | {"plugin", "log_path", "host", "repeats", "last_seen_at", "signer", "canary"}
     assert data["result"] == "failed" and data["stage"] == "test" and data["commit"] == "a" * 40
     assert type(data["result"]) is str and type(data["stage"]) is str
     assert json.loads(json.dumps(data)) == data

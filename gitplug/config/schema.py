@@ -37,6 +37,7 @@ from .values import (
     NOTIFY_FORMATS,
     VERIFY_MODES,
     AutoRollback,
+    Canary,
     Credential,
     DiscoverConfig,
     GitplugConfig,
@@ -53,7 +54,7 @@ logger = logging.getLogger(__name__)
 
 _TOP_KEYS = ("data_dir", "poll_interval", "keep_releases", "state", "host_id", "admin_token",
              "webhook", "api_prefix", "push_max_size", "public_url", "notify", "limits",
-             "test_sandbox", "test_user", "discover", "credentials", "verify", "plugins")
+             "test_sandbox", "test_user", "canary", "discover", "credentials", "verify", "plugins")
 _HOST_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:@-]{0,127}\Z")
 _NOTIFY_KEYS = ("url", "events", "format", "plugins", "secret", "token", "timeout")
 #: The path a forge status entry's ``url`` must end with (the repository's API URL).
@@ -73,9 +74,9 @@ _LIMIT_KEYS = ("max_file_size", "max_release_size", "max_files")
 _SANDBOXES = ("none", "bwrap")
 #: A ``discover:`` entry: where to look, and the defaults of the plugins found.
 _DISCOVER_KEYS = ("repo", "ref", "path", "url_prefix", "entry", "poll_interval", "test", "test_timeout",
-                  "auto_rollback", "config", "verify")
+                  "auto_rollback", "canary", "config", "verify")
 _PLUGIN_KEYS = ("repo", "ref", "path", "url_prefix", "subdomain", "entry", "poll_interval", "test", "test_timeout",
-                "auto_rollback", "config", "push_token", "allow_force_push", "verify")
+                "auto_rollback", "canary", "config", "push_token", "allow_force_push", "verify")
 #: ``repo: push``: gitplug hosts the repository itself.
 _PUSH_REPO = "push"
 #: Tokens shorter than this are refused (``admin_token``, ``webhook.secret``,
@@ -85,6 +86,7 @@ _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(B|KB|KiB|MB|MiB|GB|GiB)?\s*\Z", re.IG
 _SIZE_UNITS = {"b": 1, "kb": 1000, "kib": 1 << 10, "mb": 1000 ** 2, "mib": 1 << 20,
                "gb": 1000 ** 3, "gib": 1 << 30}
 _ROLLBACK_KEYS = ("max_error_rate", "min_requests", "window")
+_CANARY_KEYS = ("percent", "min_requests", "duration", "max_error_rate")
 _PLUGIN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*\Z")
 _URL_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 _REPO_SCHEMES = ("http", "https", "ssh", "git", "file")
@@ -138,6 +140,8 @@ class _Checker:
         #: ``{plugin name: url_prefix}`` of every plugin whose prefix is valid,
         #: even if another of its settings is not: clashes are reported too.
         self.prefixes: dict[str, str] = {}
+        #: The top-level ``canary``: the default of plugins that set none.
+        self.default_canary: Canary | None = None
 
     def fail(self, path: _KeyPath, what: str, value: Any) -> None:
         self.report.expected(path, what, value)
@@ -342,6 +346,8 @@ class _Checker:
         test_user = self.test_user(get("test_user"))
         credentials = self.credentials(get("credentials"))
         self.default_verify = self.verify(("verify",), get("verify")) if "verify" in data else None
+        #: The default every plugin (and discover entry) without its own ``canary`` takes.
+        self.default_canary = self.canary(("canary",), get("canary"))
         plugins: dict[str, PluginConfig] = {}
         raw_plugins = get("plugins")
         if isinstance(raw_plugins, Mapping):
@@ -375,7 +381,7 @@ class _Checker:
                              public_url=public_url.rstrip("/") if public_url else None, notify=notify,
                              plugins=plugins, discover=tuple(discover), source=self.report.file,
                              base_dir=self.base_dir, test_sandbox=sandbox, test_user=test_user,
-                             credentials=credentials, verify=self.default_verify, **limits)
+                             credentials=credentials, canary=self.default_canary, verify=self.default_verify, **limits)
 
     def http_url(self, path: _KeyPath, value: Any, what: str) -> str | None:
         """An ``http://`` or ``https://`` URL with a host."""
@@ -532,6 +538,7 @@ class _Checker:
         test, test_is_default = opt("test", self.test, default=(DEFAULT_TEST_COMMAND, True))
         timeout = opt("test_timeout", self.number, default=120.0)
         rollback = opt("auto_rollback", self.auto_rollback, default=None)
+        canary = opt("canary", self.canary, default=self.default_canary)
         config = opt("config", self.free_form, default={})
         verify = opt("verify", self.verify, default=self.default_verify)
         if len(self.report.problems) > problems_before or repo is None:
@@ -539,7 +546,7 @@ class _Checker:
         return PluginConfig(name=name, repo=repo, ref=ref, path=subdir, url_prefix=url_prefix,
                             subdomain=subdomain, entry=entry,
                             poll_interval=poll, test=test, test_is_default=test_is_default,
-                            test_timeout=timeout, auto_rollback=rollback, hosted=hosted,
+                            test_timeout=timeout, auto_rollback=rollback, canary=canary, hosted=hosted,
                             push_token=push_token, allow_force_push=allow_force,
                             config=MappingProxyType(config), verify=verify)
 
@@ -644,13 +651,14 @@ class _Checker:
         test, test_is_default = opt("test", self.test, default=(DEFAULT_TEST_COMMAND, True))
         timeout = opt("test_timeout", self.number, default=120.0)
         rollback = opt("auto_rollback", self.auto_rollback, default=None)
+        canary = opt("canary", self.canary, default=self.default_canary)
         config = opt("config", self.free_form, default={})
         verify = opt("verify", self.verify, default=self.default_verify)
         if len(self.report.problems) > problems_before or repo is None or pattern is None:
             return None
         return DiscoverConfig(repo=repo, path=pattern, ref=ref, url_prefix=url_prefix, entry=entry,
                               poll_interval=poll, test=test, test_is_default=test_is_default,
-                              test_timeout=timeout, auto_rollback=rollback,
+                              test_timeout=timeout, auto_rollback=rollback, canary=canary,
                               config=MappingProxyType(config), verify=verify)
 
     def repo_path(self, path: _KeyPath, value: Any, *, glob: bool = False) -> str | None:
@@ -954,6 +962,41 @@ class _Checker:
             return None
         return Credential(url=url, username=username, password=password, ssh_key=ssh_key,
                           passphrase=passphrase, known_hosts=known_hosts)
+
+    def canary(self, path: _KeyPath, value: Any) -> Canary | None:
+        """``canary``: a mapping, ``true`` (the defaults), or ``false``/``null`` (none)."""
+        what = ("a mapping {percent, min_requests, duration, max_error_rate}, true or false "
+                "(README \"Canary releases\")")
+        flag = _bool_value(value)
+        if value is None or flag is not None:
+            return Canary() if flag else None
+        if not isinstance(value, Mapping):
+            self.fail(path, what, value)
+            return None
+        self.keys(path, value, _CANARY_KEYS)
+        defaults = Canary()
+        percent = defaults.percent
+        if "percent" in value:
+            number = self.number(path + ("percent",), value["percent"],
+                                 "a share of the clients in (0, 100), e.g. 10")
+            if number is not None and number >= 100:
+                self.fail(path + ("percent",), "a share of the clients in (0, 100), e.g. 10 (100 would "
+                                               "skip the comparison: leave canary out instead)", value["percent"])
+            elif number is not None:
+                percent = number
+        count = defaults.min_requests
+        if "min_requests" in value:
+            count = self.integer(path + ("min_requests",), value["min_requests"],
+                                 "an integer >= 1 (requests the canary serves before it is judged)") or count
+        duration = defaults.duration
+        if "duration" in value:
+            duration = self.number(path + ("duration",), value["duration"],
+                                   "a positive number of seconds the canary runs at least") or duration
+        rate = defaults.max_error_rate
+        if "max_error_rate" in value:
+            rate = self.number(path + ("max_error_rate",), value["max_error_rate"],
+                               "an error rate in (0, 1], e.g. 0.05", at_most=1.0) or rate
+        return Canary(percent=percent, min_requests=count, duration=duration, max_error_rate=rate)
 
     def free_form(self, path: _KeyPath, value: Any) -> dict[Any, Any]:
         if value is None:

@@ -89,6 +89,23 @@ class Credential:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Canary:
+    """How a new release earns its traffic (``canary`` in the README's "Canary releases").
+
+    The new release serves ``percent`` of the plugin's requests beside the
+    live one; once it has served ``min_requests`` and ``duration`` seconds
+    have passed it is promoted if its error rate is at most
+    ``max_error_rate`` and not clearly worse than the live release's, else
+    it is rolled back.
+    """
+
+    percent: float = 10.0  #: 0 < percent < 100, of the plugin's clients
+    min_requests: int = 100  #: >= 1, served by the canary before it is judged
+    duration: float = 300.0  #: seconds > 0 before it is judged
+    max_error_rate: float = 0.05  #: 0 < rate <= 1 (5xx answers and unhandled exceptions)
+
+
+@dataclass(frozen=True, kw_only=True)
 class PluginConfig:
     """One validated entry of ``plugins:``. ``repo`` is a URL or an absolute path."""
 
@@ -111,6 +128,8 @@ class PluginConfig:
     test_is_default: bool = True
     test_timeout: float = 120.0
     auto_rollback: AutoRollback | None = None
+    #: None: a new release goes live for every request at once (no canary).
+    canary: Canary | None = None
     #: ``repo: push``: gitplug hosts the repository (``repo`` is then the bare
     #: repository's path, ``<data_dir>/hosted/<name>.git``) and a ``git push``
     #: of ``ref`` deploys (README, "Deploy with git push").
@@ -203,6 +222,7 @@ class DiscoverConfig:
     test_is_default: bool = True
     test_timeout: float = 120.0
     auto_rollback: AutoRollback | None = None
+    canary: Canary | None = None
     config: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}), hash=False)
     verify: VerifyConfig | None = None
 
@@ -213,7 +233,7 @@ class DiscoverConfig:
             url_prefix=_with_name(self.url_prefix, name), entry=_with_name(self.entry, name),
             poll_interval=self.poll_interval, test=_with_name(self.test, name),
             test_is_default=self.test_is_default, test_timeout=self.test_timeout,
-            auto_rollback=self.auto_rollback, config=_with_name(dict(self.config), name),
+            auto_rollback=self.auto_rollback, canary=self.canary, config=_with_name(dict(self.config), name),
             discovered_from=(self.repo, self.path), verify=self.verify,
         )
 
@@ -239,6 +259,8 @@ class GitplugConfig:
     public_url: str | None = None
     #: Outgoing notifications, in file order.
     notify: tuple[NotifyTarget, ...] = ()
+    #: ``canary`` at the top: the default of every plugin that sets none (already applied to them).
+    canary: Canary | None = None
     #: ``limits``: what one release may hold, checked before a blob is inflated.
     max_file_size: int = 100 * 1024 * 1024
     max_release_size: int = 1024 * 1024 * 1024

@@ -18,6 +18,7 @@ watching the state store converge on it).
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import threading
 import time
@@ -30,6 +31,8 @@ from flask import Flask
 from .. import signals
 from ..config import GitplugConfig, PluginConfig
 from ..errors import (
+    BadInput,
+    CanaryFailed,
     FetchError,
     GitplugError,
     HealthCheckFailed,
@@ -49,6 +52,7 @@ from ..runtime.codecache import CodeCache
 from ..runtime.loaded import ReleaseSpec
 from ..runtime.swap import Runtime
 from ..state import (
+    CanaryState,
     DeployRecord,
     DeployResult,
     Lease,
@@ -56,6 +60,7 @@ from ..state import (
     PluginStateValue,
     Stage,
     StateStore,
+    canary_figures,
     now_iso,
 )
 from .gitsource import GitSource, ResolvedRef, redact_url
@@ -300,8 +305,20 @@ class Deployer:
                     signals.poll_succeeded.send(self, plugin=name, at=time.time())
                 if record is not None:
                     record = self.store.update_deploy(record.id, commit=resolved.commit)
+                running = state.canary_state if state is not None else None
                 if resolved.commit == self._decided_commit(name, state):
+                    if running is not None and (pin is not False or trigger in ROLLBACK_TRIGGERS):
+                        # A rollback or pin to the live release ends the canary: it stays put.
+                        self._end_canary(name, running, result=DeployResult.SUPERSEDED,
+                                         reason=f"{trigger} pinned {name} at {target}")
                     raise _NothingToDo(f"{resolved.commit[:12]} is already live")
+                if running is not None and resolved.commit == running.commit:
+                    if not explicit:
+                        return None  # its canary is deciding about it
+                    raise _NothingToDo(
+                        f"{resolved.commit[:12]} is in its canary (deploy {running.deploy_id}); "
+                        f"`gitplug promote {name}` or `gitplug abort {name}` decides now"
+                    )
                 if not explicit and state is not None and resolved.commit == state.live_commit:
                     return None  # already deployed; this process converges on it by itself
                 unchanged = self._unchanged_path(plugin, resolved.commit)
@@ -340,6 +357,13 @@ class Deployer:
                 release = self._test(plugin, release, record, explicit=explicit, say=say)
                 stage = Stage.LOAD
                 say("load", release.commit[:12])
+                if running is not None:
+                    # A new commit (or a rollback, pin, stop) supersedes the running canary.
+                    self._end_canary(name, running, result=DeployResult.SUPERSEDED,
+                                     reason=f"superseded by deploy {record.id} of {release.commit[:12]}")
+                if self._wants_canary(plugin, state, release.commit, trigger=trigger, pin=pin):
+                    assert state is not None and state.live_commit is not None
+                    return self._start_canary(plugin, release, record, state.live_commit, say)
                 url_prefix = self._load_verify_swap(plugin, release, say)
                 stage = Stage.SWAP
                 previous = state.live_commit if state else None
@@ -687,6 +711,9 @@ class Deployer:
     def _prune(self, name: str) -> None:
         state = self.store.get_plugin(name)
         protect = {c for c in (state.live_commit, state.previous_commit, state.desired_commit) if c} if state else set()
+        running = state.canary_state if state else None
+        if running is not None:
+            protect.add(running.commit)
         if state and state.pin:
             try:
                 protect.add(self.git.resolve(name, self.plugin_config(name).repo, state.pin).commit)
@@ -703,6 +730,193 @@ class Deployer:
             return
         if removed:
             logger.info("plugin %s: pruned %d old release(s)", name, len(removed))
+
+    # -- canary releases (README, "Canary releases") ------------------------------
+
+    def _wants_canary(
+        self, plugin: PluginConfig, state: PluginState | None, commit: str, *, trigger: str, pin: t.Any
+    ) -> bool:
+        """Whether ``commit`` starts a canary instead of a swap.
+
+        Only with ``canary`` configured, and only when another release is live
+        to share the traffic with; a rollback or a pin never goes through one.
+        """
+        if plugin.canary is None or pin is not False or trigger in ROLLBACK_TRIGGERS:
+            return False
+        if state is None or state.state != PluginStateValue.LIVE or not state.live_commit:
+            return False
+        return state.live_commit != commit and self._decided_commit(plugin.name, state) == state.live_commit
+
+    def _start_canary(
+        self, plugin: PluginConfig, release: Release, record: DeployRecord, stable: str, say: Progress
+    ) -> DeployRecord:
+        """Load and verify ``release`` and let it serve its share beside ``stable``.
+
+        The deploy stays ``running`` at stage ``canary`` until the canary is
+        promoted (``live``) or rolled back (``failed`` at stage ``canary``).
+        """
+        assert plugin.canary is not None
+        name = plugin.name
+        percent = plugin.canary.percent
+        spec = self.spec_for(plugin, release)
+        if self.runtime is not None:
+            with self.runtime.swap_lock(name):
+                loaded = self.runtime.load(spec)
+            self.runtime.start_canary(name, loaded, percent)
+        else:
+            # No server here (the CLI): prove it loads; the servers start the canary.
+            runtime = self._verifier()
+            loaded = runtime.load(spec)
+            runtime._unload_now(loaded, run_callbacks=True)
+        canary = CanaryState(
+            commit=release.commit, stable_commit=stable, percent=percent, deploy_id=record.id,
+            started_at=time.time(), tree=release.tree,
+            base_stable=self.store.release_stats(name, stable),
+            base_canary=self.store.release_stats(name, release.commit),
+        )
+        self.store.update_plugin(name, canary=canary.to_text(), last_error=None)
+        record = self.store.update_deploy(
+            record.id, stage=Stage.CANARY, canary=json.dumps(self.canary_figures(name, canary))
+        )
+        say("canary", f"{release.commit[:12]} serves {percent:g}% of the clients beside {stable[:12]}")
+        logger.info("plugin %s: canary %s serves %g%% beside %s", name, release.commit[:12], percent, stable[:12])
+        signals.canary_started.send(
+            self, plugin=name, deploy=record, commit=release.commit, stable_commit=stable, percent=percent
+        )
+        return record
+
+    def canary_figures(self, name: str, canary: CanaryState) -> dict[str, t.Any]:
+        """Both sides' requests and errors since the canary started, summed over every worker and host."""
+        return canary_figures(self.store, name, canary)
+
+    def running_canary(self, name: str) -> CanaryState | None:
+        """The canary ``name`` runs, as the store says, or None."""
+        state = self.store.get_plugin(name)
+        return state.canary_state if state is not None else None
+
+    def promote(
+        self, name: str, *, trigger: str = "cli", reason: str | None = None, expect: CanaryState | None = None
+    ) -> DeployRecord:
+        """End ``name``'s canary by making its release live for every client.
+
+        Raises :class:`BadInput` when no canary runs (or, with ``expect``,
+        another one than expected). The canary's deploy is recorded ``live`` with both sides' figures; the old release retires
+        (its ``on_unload`` runs after its last request).
+        """
+        self.plugin_config(name)
+        with self.lock_for(name):
+            state = self.store.get_plugin(name)
+            canary = state.canary_state if state is not None else None
+            if state is None or canary is None or (expect is not None and canary != expect):
+                raise self._no_canary(name, "promote")
+            figures = self.canary_figures(name, canary)
+            figures["decision"] = reason or f"promoted by hand ({trigger})"
+            self.store.update_deploy(canary.deploy_id, canary=json.dumps(figures))
+            url_prefix = state.url_prefix
+            if self.runtime is not None:
+                promoted = self.runtime.promote_canary(name)
+                if promoted is not None:
+                    url_prefix = promoted.prefix
+            plugin = self.plugin_config(name)
+            record = self.store.finish_deploy(
+                canary.deploy_id,
+                result=DeployResult.LIVE,
+                commit=canary.commit,
+                error=None,
+                plugin_update={
+                    "live_commit": canary.commit, "live_tree": canary.tree, "desired_commit": canary.commit,
+                    "previous_commit": canary.stable_commit, "state": PluginStateValue.LIVE,
+                    "ref": plugin.ref, "last_error": None, "canary": None, "url_prefix": url_prefix,
+                },
+            )
+            logger.info("plugin %s: canary %s promoted: %s", name, canary.commit[:12], figures["decision"])
+            signals.canary_promoted.send(
+                self, plugin=name, deploy=record, commit=canary.commit, stable_commit=canary.stable_commit,
+                figures=figures, reason=figures["decision"],
+            )
+            signals.deploy_succeeded.send(self, plugin=name, deploy=record)
+            self._prune(name)
+            return record
+
+    def abort(
+        self, name: str, *, trigger: str = "cli", reason: str | None = None, expect: CanaryState | None = None
+    ) -> DeployRecord:
+        """Roll ``name``'s canary back: every client returns to the live release.
+
+        Raises :class:`BadInput` when no canary runs. The canary's deploy is
+        recorded ``failed`` at stage ``canary`` with both sides' figures.
+        """
+        self.plugin_config(name)
+        with self.lock_for(name):
+            canary = self.running_canary(name)
+            if canary is None or (expect is not None and canary != expect):
+                raise self._no_canary(name, "abort")
+            why = reason or f"aborted by hand ({trigger})"
+            record = self._end_canary(name, canary, result=DeployResult.FAILED, reason=why)
+            assert record is not None
+            return record
+
+    def _no_canary(self, name: str, verb: str) -> BadInput:
+        return BadInput(
+            f"plugin {name!r} runs no canary, so there is nothing to {verb}; `gitplug status` shows"
+            f" each plugin's canary (README, \"Canary releases\")."
+        )
+
+    def _end_canary(
+        self, name: str, canary: CanaryState, *, result: DeployResult, reason: str
+    ) -> DeployRecord | None:
+        """Send every client back to the live release and record the canary's end. Lock held.
+
+        ``result`` is FAILED (rolled back: stage ``canary``) or SUPERSEDED (a
+        newer deploy, a stop). Returns the canary's deploy record as finished
+        (None when it had finished already, e.g. ``interrupted`` by a restart).
+        """
+        figures = self.canary_figures(name, canary)
+        figures["decision"] = reason
+        if self.runtime is not None:
+            self.runtime.end_canary(name)
+        update: dict[str, t.Any] = {"canary": None}
+        if result == DeployResult.FAILED:
+            update["last_error"] = f"canary {canary.commit[:12]} rolled back: {reason}"
+        record = self.store.get_deploy(canary.deploy_id)
+        if record is None or record.result != DeployResult.RUNNING:
+            self.store.update_plugin(name, **update)
+            return None
+        self.store.update_deploy(canary.deploy_id, canary=json.dumps(figures))
+        record = self.store.finish_deploy(
+            canary.deploy_id,
+            result=result,
+            stage=Stage.CANARY,
+            error=f"canary rolled back: {reason}" if result == DeployResult.FAILED else reason,
+            plugin_update=update,
+        )
+        logger.warning("plugin %s: canary %s ended (%s): %s", name, canary.commit[:12], result.value, reason)
+        signals.canary_aborted.send(
+            self, plugin=name, deploy=record, commit=canary.commit, stable_commit=canary.stable_commit,
+            figures=figures, reason=reason,
+        )
+        if result == DeployResult.FAILED:
+            signals.deploy_failed.send(
+                self, plugin=name, deploy=record,
+                error=CanaryFailed(record.error or reason, plugin=name, commit=canary.commit),
+            )
+        return record
+
+    def serve_canary(self, name: str, canary: CanaryState) -> None:
+        """Start in this process the canary the store says runs (a worker converging).
+
+        Loads the release from disk (in a fleet, fetched and staged here and
+        checked against the tree the deciding host tested). Raises the
+        GitplugError of the step that failed; the live release keeps serving.
+        """
+        assert self.runtime is not None
+        plugin = self.plugin_config(name)
+        release = self.releases.get(name, canary.commit)
+        if release is None or getattr(self.store, "fleet", False):
+            release = self._fleet_release(name, canary.commit, canary.tree)
+        with self.runtime.swap_lock(name):
+            loaded = self.runtime.load(self.spec_for(plugin, release))
+        self.runtime.start_canary(name, loaded, canary.percent)
 
     # -- rollback, resume, stop, start -----------------------------------------
 
@@ -761,6 +975,11 @@ class Deployer:
         """Record ``name`` as stopped; serving runtimes unmount it."""
         self.plugin_config(name)
         with self.lock_for(name):
+            state = self.store.get_plugin(name)
+            running = state.canary_state if state is not None else None
+            if running is not None:
+                self._end_canary(name, running, result=DeployResult.SUPERSEDED,
+                                 reason="the plugin was stopped during its canary")
             self.store.update_plugin(name, state=PluginStateValue.STOPPED)
             if self.runtime is not None:
                 self.runtime.stop(name)
@@ -792,6 +1011,13 @@ class Deployer:
         """
         assert self.runtime is not None
         plugin = self.plugin_config(name)
+        release = self._fleet_release(name, commit, tree)
+        self._load_verify_swap(plugin, release, lambda stage, message: None)
+        return release
+
+    def _fleet_release(self, name: str, commit: str, tree: str | None) -> Release:
+        """``commit`` of ``name`` staged here (fetched if need be), its tree checked; see :meth:`follow`."""
+        plugin = self.plugin_config(name)
         release = self.releases.get(name, commit)
         if release is None:
             if not self.git.has_commit(plugin.repo, commit):
@@ -818,7 +1044,6 @@ class Deployer:
                 TestRecord(passed=True, returncode=None, timed_out=False, duration_s=0.0,
                            log_path=None, ran_at=now_iso()),
             )
-        self._load_verify_swap(plugin, release, lambda stage, message: None)
         return release
 
     @staticmethod

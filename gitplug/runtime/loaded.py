@@ -144,6 +144,8 @@ class LoadedRelease:
         #: True once the release is no longer live anywhere new.
         self.retired = False
         self.unloaded = False
+        #: True once ``plugin_loaded`` was sent for it (as a canary or as live).
+        self.announced = False
         #: Every ``next()`` is one request served (pinning calls it without a
         #: lock: ``next`` on an ``itertools.count`` is one atomic step) or one
         #: read of :attr:`requests`, which subtracts its own reads.

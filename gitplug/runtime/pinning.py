@@ -53,6 +53,7 @@ from collections.abc import Iterable, Iterator
 from flask import Flask
 from flask.globals import _cv_request
 
+from .canary import WithCookie, pick_side
 from .environ import ENVIRON_COUNTED, ENVIRON_FLAT, ENVIRON_RELEASE, ENVIRON_SNAPSHOT
 
 if t.TYPE_CHECKING:
@@ -96,15 +97,22 @@ class PinRequests:
             # usable after it is unloaded).
             environ[ENVIRON_SNAPSHOT] = snapshot
             return self.wsgi_app(environ, start_response)
+        cookie = None
+        if release is not None and snapshot.canaries and release.name in snapshot.canaries:
+            # A plugin running a canary: the side picked serves the whole
+            # request, from a snapshot of its own (README, "Canary releases").
+            snapshot, release, cookie = pick_side(snapshot, release, environ)
         snapshot.pins.append(None)
         if snapshot.superseded:
-            snapshot, release = self._pin_slow(snapshot, release, environ)
+            snapshot, release, cookie = self._pin_slow(snapshot, release, environ, cookie)
         environ[ENVIRON_SNAPSHOT] = snapshot
         # Pinned, and streaming until process_response finds plain bytes.
         environ[ENVIRON_FLAT] = False
         if release is not None:
             environ[ENVIRON_RELEASE] = release
             next(release.served)
+            if cookie is not None:
+                start_response = WithCookie(start_response, cookie)
         try:
             result = self.wsgi_app(environ, start_response)
         except BaseException:
@@ -120,17 +128,24 @@ class PinRequests:
         return _Finish(result, self, snapshot)
 
     def _pin_slow(
-        self, snapshot: Snapshot, release: LoadedRelease | None, environ: dict[str, t.Any]
-    ) -> tuple[Snapshot, LoadedRelease | None]:
+        self, snapshot: Snapshot, release: LoadedRelease | None, environ: dict[str, t.Any],
+        cookie: tuple[str, str] | None,
+    ) -> tuple[Snapshot, LoadedRelease | None, tuple[str, str] | None]:
         """The pin landed on a superseded snapshot: keep it if still open, else pin the live one."""
         runtime = self.runtime
         with runtime._lock:
             if not snapshot.closed:
-                return snapshot, release
+                return snapshot, release, cookie
             snapshot.pins.pop()
-            snapshot = runtime.snapshot
+            live = runtime.snapshot
+            release = runtime.route(live, environ) if live.releases else None
+            cookie = None
+            snapshot = live
+            if release is not None and live.canaries and release.name in live.canaries:
+                snapshot, release, cookie = pick_side(live, release, environ)
+            # Under the lock: no swap supersedes the live snapshot or its sides meanwhile.
             snapshot.pins.append(None)
-        return snapshot, runtime.route(snapshot, environ) if snapshot.releases else None
+        return snapshot, release, cookie
 
     def leave(self, snapshot: Snapshot) -> None:
         """Unpin one request; a superseded snapshot is closed once idle."""

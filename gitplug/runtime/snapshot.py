@@ -15,6 +15,7 @@ from collections import deque
 from collections.abc import Mapping
 
 if t.TYPE_CHECKING:
+    from .canary import CanarySplit
     from .loaded import LoadedRelease
 
 __all__ = ["Snapshot"]
@@ -43,6 +44,7 @@ class Snapshot:
         "templates",
         "host_visible",
         "pins",
+        "canaries",
         "superseded",
         "closed",
     )
@@ -110,6 +112,9 @@ class Snapshot:
         #: True when plugin code can run in a host request of this snapshot
         #: (app-wide hooks, error handlers, template filters/globals/tests).
         self.host_visible = bool(self.app_wide or self.app_error_handlers or self.templates)
+        #: ``{plugin name: split}`` of the plugins running a canary (README,
+        #: "Canary releases"); set by the runtime before it publishes the snapshot.
+        self.canaries: dict[str, CanarySplit] = {}
         #: One entry per request in flight on this snapshot. A request pins
         #: with ``append`` and unpins with ``pop``, without the runtime's lock:
         #: both are single atomic operations (a deque's appends and pops are

@@ -36,6 +36,7 @@ from werkzeug.routing import Map, MapAdapter, Rule
 from .. import signals
 from ..errors import HealthCheckFailed, MountError, OnLoadFailed, PluginLoadError
 from ..prefixes import PrefixPattern, invalid_prefix_message
+from .canary import CanarySplit
 from .codecache import CodeCache
 from .environ import ENVIRON_RELEASE, ENVIRON_SNAPSHOT
 from .hooks import LayeredErrorHandlers, LayeredHooks, LayeredViews
@@ -90,6 +91,8 @@ class Runtime:
         self._patterns: dict[str, PrefixPattern] = {}
         #: Prefixes no plugin may share (gitplug's own ``api_prefix``): see :meth:`reserve`.
         self.reserved_prefixes: tuple[str, ...] = ()
+        #: ``{plugin: (canary release, percent)}`` of the running canaries; under ``_lock``.
+        self._canaries: dict[str, tuple[LoadedRelease, float]] = {}
         self._install()
 
     # -- installation ------------------------------------------------------
@@ -433,7 +436,8 @@ class Runtime:
         One reference assignment; returns the release it replaced. Raises
         :class:`MountError` (and unloads ``release``) when it clashes with
         another live plugin: checked here, under the lock, so two plugins
-        loaded at once can never both take one prefix.
+        loaded at once can never both take one prefix. A canary of ``name``
+        ends with it: its release retires unless it is ``release`` (a promotion).
         """
         with self._lock:
             old_snapshot = self.snapshot
@@ -445,21 +449,12 @@ class Runtime:
                 old = releases.pop(name, None)
                 if release is not None:
                     releases[name] = release
-                    release.retired = False
-                new_snapshot = Snapshot(releases, next(self._generations), self.reserved_prefixes)
-                for live in new_snapshot.releases.values():
-                    live.snapshot_refs += 1
-                self._open_snapshots.add(new_snapshot)
-                self._sync_registries()
-                self._track_prefixes(new_snapshot)
+                canaries = dict(self._canaries)
+                canaries.pop(name, None)
+                unused = self._publish_locked(releases, canaries)
                 if release is not None and not release.pattern.root:
                     # The root serves only what the host does not: no overlap to report.
                     overlapped = list(self._host_under.get(release.prefix, ()))
-                if old is not None and old is not release:
-                    old.retired = True
-                self.snapshot = new_snapshot
-                old_snapshot.superseded = True
-                unused = self._close_if_idle(old_snapshot)
         if error is not None:
             assert release is not None
             self._unload_now(release, run_callbacks=True, was_live=False)
@@ -481,11 +476,112 @@ class Runtime:
                 name,
                 ", ".join(shadowed),
             )
-        if release is not None and release is not old:
+        if release is not None and release is not old and not release.announced:
             logger.info("plugin %s: release %s is live", name, release.release_id)
+            release.announced = True
             signals.plugin_loaded.send(self.app, plugin=name, release=release.release_id, commit=release.commit)
         self._schedule_unload(unused)
         return old
+
+    def _publish_locked(
+        self, releases: dict[str, LoadedRelease], canaries: dict[str, tuple[LoadedRelease, float]]
+    ) -> list[LoadedRelease]:
+        """Publish ``releases`` (and a snapshot per canary) as live; return releases now unused. Lock held.
+
+        A release served before (live or canary) that serves no more retires:
+        it is unloaded once the last snapshot holding it has no request in flight.
+        """
+        old_snapshot = self.snapshot
+        generation = next(self._generations)
+        new_snapshot = Snapshot(releases, generation, self.reserved_prefixes)
+        snapshots = [new_snapshot]
+        # A canary of a plugin that is no longer live has nothing to split from.
+        canaries = {n: c for n, c in canaries.items() if n in releases and releases[n] is not c[0]}
+        for name, (canary, percent) in canaries.items():
+            side = Snapshot({**releases, name: canary}, generation, self.reserved_prefixes)
+            new_snapshot.canaries[name] = CanarySplit(releases[name], canary, percent, side)
+            snapshots.append(side)
+        self._canaries = canaries
+        before = {id(r): r for snap in _with_sides(old_snapshot) for r in snap.releases.values()}
+        serving = {id(r): r for snap in snapshots for r in snap.releases.values()}
+        for snapshot in snapshots:
+            for live in snapshot.releases.values():
+                live.snapshot_refs += 1
+            self._open_snapshots.add(snapshot)
+        self._sync_registries()
+        self._track_prefixes(new_snapshot)
+        for key, gone in before.items():
+            if key not in serving:
+                gone.retired = True
+        for live in serving.values():
+            live.retired = False
+        self.snapshot = new_snapshot
+        unused = []
+        for snapshot in _with_sides(old_snapshot):
+            snapshot.superseded = True
+            unused.extend(self._close_if_idle(snapshot))
+        return unused
+
+    # -- canaries ----------------------------------------------------------------
+
+    def start_canary(self, name: str, release: LoadedRelease, percent: float) -> None:
+        """Let ``release`` (loaded and verified) serve ``percent`` of ``name``'s clients.
+
+        The live release serves the others (README, "Canary releases"). A
+        canary already running for ``name`` is replaced (its release
+        retires). Raises :class:`MountError` (and unloads ``release``) when
+        ``name`` has no live release or ``release`` clashes with another plugin.
+        """
+        with self._lock:
+            snapshot = self.snapshot
+            clash = self._clash(release, snapshot.releases.values())
+            if clash is None and name not in snapshot.releases:
+                clash = f"plugin {name!r}: no release is live, so a canary has nothing to share traffic with"
+            if clash is None:
+                canaries = dict(self._canaries)
+                canaries[name] = (release, float(percent))
+                unused = self._publish_locked(dict(snapshot.releases), canaries)
+        if clash is not None:
+            self._unload_now(release, run_callbacks=True, was_live=False)
+            error = MountError(clash)
+            signals.plugin_load_failed.send(self.app, plugin=name, release=release.release_id, error=error)
+            raise error
+        release.announced = True
+        logger.info("plugin %s: release %s serves %g%% of the clients (canary)", name, release.release_id, percent)
+        signals.plugin_loaded.send(self.app, plugin=name, release=release.release_id, commit=release.commit)
+        self._schedule_unload(unused)
+
+    def canary(self, name: str) -> LoadedRelease | None:
+        """The release serving ``name``'s canary share, or None."""
+        split = self.snapshot.canaries.get(name)
+        return split.canary if split is not None else None
+
+    def promote_canary(self, name: str) -> LoadedRelease | None:
+        """Make ``name``'s canary its live release for every request; the old one retires.
+
+        Returns the promoted release (None when no canary runs).
+        """
+        with self.swap_lock(name):
+            canary = self.canary(name)
+            if canary is None:
+                return None
+            self.publish(name, canary)
+            return canary
+
+    def end_canary(self, name: str) -> LoadedRelease | None:
+        """Send every client of ``name`` back to its live release; the canary's retires.
+
+        Returns the release that was the canary (None when no canary ran).
+        """
+        with self.swap_lock(name), self._lock:
+            canary = self.canary(name)
+            if canary is None:
+                return None
+            canaries = dict(self._canaries)
+            canaries.pop(name, None)
+            unused = self._publish_locked(dict(self.snapshot.releases), canaries)
+        self._schedule_unload(unused)
+        return canary
 
     def _shadowed_template_names(self, release: LoadedRelease | None) -> list[str]:
         if release is None:
@@ -647,6 +743,11 @@ class Runtime:
         if self._reaper is not None and self._reaper.is_alive():
             self._reaper_queue.put(None)
             self._reaper.join(timeout=5)
+
+
+def _with_sides(snapshot: Snapshot) -> list[Snapshot]:
+    """``snapshot`` and the snapshot of each of its canaries."""
+    return [snapshot, *(split.snapshot for split in snapshot.canaries.values())]
 
 
 def _prefix_clash(

@@ -117,6 +117,12 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # Who signed each deployed commit (README, "Signed commits").
         "ALTER TABLE deploys ADD COLUMN signer TEXT",
     ),
+    (
+        # Canary releases: the running canary of a plugin, and both sides'
+        # figures on the deploy that ran it (JSON text).
+        "ALTER TABLE plugins ADD COLUMN canary TEXT",
+        "ALTER TABLE deploys ADD COLUMN canary TEXT",
+    ),
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 

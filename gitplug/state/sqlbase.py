@@ -46,11 +46,11 @@ logger = logging.getLogger(__name__)
 
 PLUGIN_COLUMNS = (
     "name, ref, pin, live_commit, previous_commit, state, desired_commit, last_error, updated_at, "
-    "live_tree, url_prefix"
+    "live_tree, url_prefix, canary"
 )
 DEPLOY_COLUMNS = (
     "id, plugin, trigger, ref, commit_sha, result, stage, error, started_at, duration_s, "
-    "log_path, host, repeats, last_seen_at, signer"
+    "log_path, host, repeats, last_seen_at, signer, canary"
 )
 _WORKER_COLUMNS = "worker_id, host, pid, plugin_commits, heartbeat_at"
 _REQUEST_COLUMNS = "id, plugin, trigger, ref, requested_at"

@@ -20,6 +20,7 @@ is a :class:`~gitplug.errors.StateError` naming the database and the cause.
 from __future__ import annotations
 
 import enum
+import json
 import logging
 import socket
 import time
@@ -33,6 +34,7 @@ from ..errors import redact_url
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "CanaryState",
     "ChangeFeed",
     "DeployRecord",
     "DeployResult",
@@ -45,6 +47,7 @@ __all__ = [
     "StateStore",
     "WorkerInfo",
     "HOST_LOST_AFTER_S",
+    "canary_figures",
     "default_host",
     "host_status",
     "now_iso",
@@ -83,6 +86,7 @@ class Stage(enum.StrEnum):
     TEST = "test"
     LOAD = "load"
     VERIFY = "verify"
+    CANARY = "canary"  # the release served its share and was rolled back
     SWAP = "swap"
 
 
@@ -131,6 +135,58 @@ class PluginState:
     #: The URL prefix ``live_commit`` is mounted at (configured, else the
     #: plugin constructor's, else ``/<name>``).
     url_prefix: str | None = None
+    #: The running canary as JSON text (:meth:`CanaryState.to_text`), else None.
+    canary: str | None = None
+
+    @property
+    def canary_state(self) -> CanaryState | None:
+        """The running canary: the new release serving a share beside ``live_commit``."""
+        return CanaryState.from_text(self.canary) if self.canary else None
+
+
+@dataclass(frozen=True)
+class CanaryState:
+    """A canary in progress (README, "Canary releases"), shared by every worker and host.
+
+    ``commit`` serves ``percent`` of the plugin's clients beside the live
+    release ``stable_commit``. ``base`` holds both releases' request and
+    error counts when the canary started (:meth:`StateStore.release_stats`
+    totals): the judgement compares what each side served *since*, over
+    the same time.
+    """
+
+    commit: str
+    stable_commit: str
+    percent: float
+    deploy_id: int
+    started_at: float  #: ``time.time()`` when it started serving
+    tree: str | None = None
+    base_stable: tuple[int, int] = (0, 0)
+    base_canary: tuple[int, int] = (0, 0)
+
+    def to_text(self) -> str:
+        """The JSON text stored in the plugin's ``canary`` field."""
+        return json.dumps({
+            "commit": self.commit, "stable_commit": self.stable_commit, "percent": self.percent,
+            "deploy_id": self.deploy_id, "started_at": self.started_at, "tree": self.tree,
+            "base_stable": list(self.base_stable), "base_canary": list(self.base_canary),
+        }, sort_keys=True)
+
+    @classmethod
+    def from_text(cls, text: str) -> CanaryState | None:
+        """Parse :meth:`to_text`; None for text it did not write (never raises)."""
+        try:
+            data = json.loads(text)
+            return cls(
+                commit=str(data["commit"]), stable_commit=str(data["stable_commit"]),
+                percent=float(data["percent"]), deploy_id=int(data["deploy_id"]),
+                started_at=float(data["started_at"]), tree=data.get("tree"),
+                base_stable=(int(data["base_stable"][0]), int(data["base_stable"][1])),
+                base_canary=(int(data["base_canary"][0]), int(data["base_canary"][1])),
+            )
+        except (ValueError, TypeError, KeyError, IndexError):
+            logger.warning("state: unreadable canary %r; ignoring it", text[:200])
+            return None
 
 
 @dataclass(frozen=True)
@@ -162,6 +218,20 @@ class DeployRecord:
     #: deploy: ``alice@example.com (ssh ED25519 SHA256:...)``; None when the
     #: plugin has no ``verify`` or the deploy stopped before the check.
     signer: str | None = None
+    #: A canary's figures as JSON text: ``{"percent", "stable": {"commit",
+    #: "requests", "errors"}, "canary": {...}, "decision"}`` (see :attr:`canary_figures`).
+    canary: str | None = None
+
+    @property
+    def canary_figures(self) -> dict[str, Any] | None:
+        """Both sides' figures of the canary this deploy ran, else None."""
+        if not self.canary:
+            return None
+        try:
+            figures = json.loads(self.canary)
+        except ValueError:
+            return None
+        return figures if isinstance(figures, dict) else None
 
     def to_json(self) -> dict[str, Any]:
         """The record as ``gitplug history --json`` prints it."""
@@ -181,6 +251,7 @@ class DeployRecord:
             "repeats": self.repeats,
             "last_seen_at": self.last_seen_at,
             "signer": self.signer,
+            "canary": self.canary_figures,
         }
 
 
@@ -294,15 +365,31 @@ def host_status(
     return out
 
 
+def canary_figures(store: StateStore, name: str, canary: CanaryState) -> dict[str, Any]:
+    """Both sides' requests and errors since ``canary`` started, summed over every worker and host.
+
+    ``{"percent", "started_at", "stable": {"commit", "requests", "errors"}, "canary": {...}}``.
+    """
+    figures: dict[str, Any] = {"percent": canary.percent, "started_at": canary.started_at}
+    for side, commit, base in (("stable", canary.stable_commit, canary.base_stable),
+                               ("canary", canary.commit, canary.base_canary)):
+        requests, errors = store.release_stats(name, commit)
+        # Never below zero: a worker that reloaded a release counts it from 0 again.
+        figures[side] = {"commit": commit, "requests": max(requests - base[0], 0),
+                         "errors": max(errors - base[1], 0)}
+    return figures
+
+
 #: Fields :meth:`StateStore.update_plugin` accepts.
 PLUGIN_FIELDS = frozenset(
     {"ref", "pin", "live_commit", "previous_commit", "state", "desired_commit", "last_error",
-     "live_tree", "url_prefix"}
+     "live_tree", "url_prefix", "canary"}
 )
 #: Fields :meth:`StateStore.update_deploy` accepts.
 DEPLOY_FIELDS = frozenset(
     {"trigger", "ref", "commit", "result", "stage", "error", "duration_s", "log_path", "repeats", "last_seen_at",
-     "signer"}
+     "signer",
+     "canary"}
 )
 
 

@@ -4,7 +4,7 @@
     GET  /api/plugins                    status of every plugin (README, "HTTP API")
     GET  /api/plugins/<p>                one plugin
     GET  /api/plugins/<p>/history        its deploys, newest first
-    POST /api/plugins/<p>/<action>       deploy | rollback | resume | stop | start
+    POST /api/plugins/<p>/<action>       deploy | rollback | resume | stop | start | promote | abort
     GET  /metrics                        Prometheus text format
     GET  /                               the status page (gitplug.web.statuspage)
     /git/<p>.git/...                     the push remote (gitplug.web.gitremote; its own auth)
@@ -175,6 +175,8 @@ def register_admin(app: Flask, gp: GitplugFacade, config: GitplugConfig) -> None
         if record is None:
             return jsonify({"status": queued or "nothing to do"}), 202 if queued else 200
         status = 200 if record.result.value in ("live", "skipped") else 409
+        if record.result.value == "running" and record.stage is not None and record.stage.value == "canary":
+            status = 202  # a canary started: promoted or rolled back later (README, "Canary releases")
         return jsonify(record.to_json()), status
 
     def _body() -> dict[str, t.Any]:
@@ -204,6 +206,18 @@ def register_admin(app: Flask, gp: GitplugFacade, config: GitplugConfig) -> None
     @bp.post("/api/plugins/<name>/resume")
     def resume(name: str) -> tuple[Response, int]:
         return _answer(gp.resume(name, trigger="api"))
+
+    @bp.post("/api/plugins/<name>/promote")
+    def promote(name: str) -> tuple[Response, int]:
+        current_config().plugin(name)
+        return _answer(gp.promote(name, trigger="api"))
+
+    @bp.post("/api/plugins/<name>/abort")
+    def abort(name: str) -> tuple[Response, int]:
+        current_config().plugin(name)
+        record = gp.abort(name, trigger="api")
+        # The canary is rolled back as asked: the request succeeded.
+        return jsonify(record.to_json()), 200
 
     @bp.post("/api/plugins/<name>/stop")
     def stop(name: str) -> tuple[Response, int]:

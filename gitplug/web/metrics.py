@@ -21,7 +21,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from .. import signals
 from ..deploy import notify
-from ..state import HOST_LOST_AFTER_S, host_status
+from ..state import HOST_LOST_AFTER_S, canary_figures, host_status
 
 if t.TYPE_CHECKING:
     from .facade import GitplugFacade
@@ -101,7 +101,31 @@ class _GitplugCollector:
             "1 per host and plugin, labelled with the commit it serves and its state (live, diverged, lost).",
             labels=["host", "plugin", "commit", "state"],
         )
+        canary_percent = GaugeMetricFamily(
+            "gitplug_canary_percent", "Share of the clients a running canary serves (README, \"Canary releases\").",
+            labels=["plugin", "commit", "stable_commit"],
+        )
+        canary_requests = GaugeMetricFamily(
+            "gitplug_canary_requests",
+            "Requests each side of a running canary served since it started (every worker and host).",
+            labels=["plugin", "side", "commit"],
+        )
+        canary_errors = GaugeMetricFamily(
+            "gitplug_canary_errors",
+            "5xx answers and unhandled exceptions of each side of a running canary since it started.",
+            labels=["plugin", "side", "commit"],
+        )
         if config is not None:
+            for name in config.plugins:
+                state = gp.store.get_plugin(name)
+                canary = state.canary_state if state is not None else None
+                if canary is None:
+                    continue
+                figures = canary_figures(gp.store, name, canary)
+                canary_percent.add_metric([name, canary.commit, canary.stable_commit], canary.percent)
+                for side in ("stable", "canary"):
+                    canary_requests.add_metric([name, side, figures[side]["commit"]], figures[side]["requests"])
+                    canary_errors.add_metric([name, side, figures[side]["commit"]], figures[side]["errors"])
             # One GROUP BY per scrape, not every plugin's whole history.
             for (name, result), count in sorted(gp.store.deploy_counts().items()):
                 if name in config.plugins:
@@ -119,9 +143,14 @@ class _GitplugCollector:
             live.add_metric([name], {"commit": commit, "release": release.release_id})
             requests.add_metric([name, commit], release.requests)
             errors.add_metric([name, commit], release.errors)
+        for name, split in gp.runtime.snapshot.canaries.items():
+            commit = split.canary.commit or split.canary.release_id
+            requests.add_metric([name, commit], split.canary.requests)
+            errors.add_metric([name, commit], split.canary.errors)
         for name, when in sorted(_last_poll_ok.items()):
             polls.add_metric([name], when)
-        yield from (deploys, live, requests, errors, polls, workers, lost, hosts_up, host_release)
+        yield from (deploys, live, requests, errors, polls, workers, lost, hosts_up, host_release,
+                    canary_percent, canary_requests, canary_errors)
 
 
 def render_metrics(gp: GitplugFacade) -> tuple[bytes, str]:

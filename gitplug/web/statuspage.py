@@ -6,7 +6,7 @@ leaves their authentication to this module)::
     GET  /                              every plugin, its buttons and history (or the login form)
     POST /login                         admin token in, login cookie out
     POST /logout                        forget the login cookie
-    POST /plugins/<p>/<action>          deploy | rollback | resume | stop | start
+    POST /plugins/<p>/<action>          deploy | rollback | resume | stop | start | promote | abort
     GET  /plugins/<p>/deploys/<id>/log  a deploy's test log (last 1 MiB; ?download=1: all)
     GET  /assets/status.css             the stylesheet (a file, so the CSP needs no inline style)
 
@@ -79,7 +79,7 @@ FLASH_COOKIE = "gitplug_flash"
 LOGIN_TTL_S = 12 * 3600
 #: How much of the end of a test log the log page shows.
 LOG_TAIL_BYTES = MiB
-ACTIONS = ("deploy", "rollback", "resume", "stop", "start")
+ACTIONS = ("deploy", "rollback", "resume", "stop", "start", "promote", "abort")
 
 #: Sent with every page (not with the JSON API). The stylesheet is a file,
 #: so no 'unsafe-inline' is needed; there is no script at all.
@@ -518,6 +518,9 @@ def _run_action(gp: GitplugFacade, name: str, action: str) -> dict[str, t.Any]:
         record = gp.rollback(name, ref.strip())
     elif action == "resume":
         record = gp.resume(name, trigger="api")
+    elif action in ("promote", "abort"):
+        logger.info("status page: %s of the canary of %s", action, name)
+        record = getattr(gp, action)(name, trigger="api")
     else:
         record = gp.deploy(name, wait=True, trigger="api")
     if record is None:

@@ -67,6 +67,9 @@ class PluginView:
     choices: tuple[tuple[str, tuple[tuple[str, str], ...]], ...]
     #: Why the plugin is ``behind`` its tracked ref, in one line (else None).
     state_reason: str | None = None
+    #: The running canary (``status["canary"]``: split, both commits, each side's
+    #: requests and errors), else None (README, "Canary releases").
+    canary: dict[str, t.Any] | None = None
 
     @property
     def running(self) -> bool:
@@ -199,6 +202,7 @@ def _plugin_view(
         history=history,
         choices=_choices(deployer, plugin, live, status.get("previous_commit")),
         state_reason=status.get("state_reason"),
+        canary=status.get("canary"),
     )
 
 
@@ -216,6 +220,14 @@ def _flash_view(store: t.Any, data: dict[str, t.Any]) -> FlashView:
         if action == "rollback":
             title += (f" Pinned at {_short_ref(record.ref)}: polls and webhooks are ignored"
                       " until you resume.")
+        return FlashView("ok", title, None, plugin, record)
+    if record.result == DeployResult.RUNNING and record.stage is not None and record.stage.value == "canary":
+        figures = record.canary_figures or {}
+        title = (f"{plugin}: {short} serves {figures.get('percent', 0):g}% of the clients as a canary"
+                 f" (deploy #{record.id}); it is promoted or rolled back by itself, or by the buttons below.")
+        return FlashView("ok", title, None, plugin, record)
+    if action == "abort" and record.result == DeployResult.FAILED:
+        title = f"{plugin}: canary {short} rolled back (deploy #{record.id}); the live release serves every client."
         return FlashView("ok", title, None, plugin, record)
     if record.result == DeployResult.SKIPPED:
         title = f"{plugin}: {short} is already live; nothing to swap (deploy #{record.id})."
