@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from . import fleet, inprocess, live, memory, staging, underload
+from . import canary, fleet, inprocess, live, memory, staging, underload
 from .figures import Figure, FigureSpec, guarded, render_table
 from .fixtures import REPO_ROOT
 from .site import LivePlan
@@ -81,7 +81,7 @@ FULL = Plan(
 FIGURES = (
     inprocess.OVERHEAD, inprocess.SWAP_P50, inprocess.SWAP_P99, live.RESTART, live.WEBHOOK,
     underload.THROUGHPUT, underload.CONVERGENCE, fleet.FLEET, inprocess.RSS, inprocess.SCALE,
-    memory.RELEASE_RSS,
+    memory.RELEASE_RSS, canary.CANARY,
     staging.STAGE_FULL, staging.STAGE_INCR, staging.PUSH_LIVE,
 )
 KEYS = tuple(spec[0] for spec in FIGURES)
@@ -113,6 +113,8 @@ def run(plan: Plan, *, only: set[str], workdir: Path) -> tuple[dict[str, Figure]
         figures.update((f.key, f) for f in found)
 
     add(_step([inprocess.OVERHEAD], lambda: inprocess.measure_overhead(
+        rounds=plan.overhead_rounds, per_round=plan.overhead_per_round), only))
+    add(_step([canary.CANARY], lambda: canary.measure_canary(
         rounds=plan.overhead_rounds, per_round=plan.overhead_per_round), only))
     add(_step([inprocess.SCALE], lambda: inprocess.measure_scale(
         plugins=plan.scale_plugins, rounds=plan.scale_rounds, per_round=plan.scale_per_round), only))
