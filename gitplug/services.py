@@ -68,6 +68,7 @@ from .state import (
     Lease,
     PluginState,
     PluginStateValue,
+    Stage,
     StateStore,
     WorkerInfo,
 )
@@ -941,7 +942,10 @@ class HostServices:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for record in self.store.history(plugin, limit=20):
-                if record.id > after and record.trigger == kind and record.result != DeployResult.RUNNING:
+                # A deploy that started a canary is done as far as its caller waits (README, "Canary releases").
+                started_canary = record.result == DeployResult.RUNNING and record.stage == Stage.CANARY
+                if record.id > after and record.trigger == kind and (
+                        record.result != DeployResult.RUNNING or started_canary):
                     return record
             time.sleep(0.1)
         raise GitplugError(
