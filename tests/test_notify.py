@@ -292,3 +292,29 @@ def test_the_cli_sends_what_it_deploys_before_it_exits(tmp_path: Path, endpoint:
     assert [(h.json["event"], h.json["commit"], h.json["trigger"]) for h in hits] == [
         ("deploy_started", None, "cli"), ("deploy_succeeded", sha, "cli")]
     assert SECRET not in proc.stdout + proc.stderr
+
+
+def test_canary_events_arrive_with_both_sides_figures(make_host: t.Callable[..., Host], endpoint: Endpoint) -> None:
+    host = make_host(top={
+        "canary": {"percent": 20, "min_requests": 100000, "duration": 3600},
+        "notify": [{"url": endpoint.base + "/ok/json",
+                    "events": ["canary_started", "canary_promoted", "canary_aborted"]}],
+    })
+    v2 = host.commit(plugin_files("v2"), "v2")
+    first = host.gp.deploy("hello")
+    assert first is not None and first.stage is not None and first.stage.value == "canary"
+    aborted = host.gp.abort("hello")
+    v3 = host.commit(plugin_files("v3"), "v3")
+    second = host.gp.deploy("hello")
+    assert second is not None and second.commit == v3
+    promoted = host.gp.promote("hello")
+    flush(host)
+    hits = [hit.json for hit in endpoint.under("/ok/json") if hit.json["plugin"] == "hello"]
+    assert [(h["event"], h["deploy_id"]) for h in hits] == [
+        ("canary_started", first.id), ("canary_aborted", aborted.id),
+        ("canary_started", second.id), ("canary_promoted", promoted.id)]
+    started, gone, _, done = hits
+    assert (started["to_commit"], started["from_commit"], started["percent"]) == (v2, host.good, 20)
+    assert (gone["result"], gone["stage"]) == ("failed", "canary") and gone["reason"] == "aborted by hand (api)"
+    assert set(gone["figures"]) >= {"stable", "canary", "percent"}
+    assert (done["result"], done["to_commit"], done["reason"]) == ("live", v3, "promoted by hand (api)")

@@ -160,8 +160,8 @@ class PluginConfig:
             object.__setattr__(self, "config", MappingProxyType(copy.deepcopy(dict(self.config))))
 
 
-#: What a ``notify`` entry may list in ``events`` (the canary and host events
-#: are accepted now and sent once those features exist).
+#: What a ``notify`` entry may list in ``events`` (the canary events carry both
+#: sides' figures; ``host_lost`` is accepted now and sent once that feature exists).
 NOTIFY_EVENTS: Final = ("deploy_started", "deploy_succeeded", "deploy_failed", "rolled_back",
                         "canary_started", "canary_promoted", "canary_aborted", "host_lost")
 #: ``format`` of a ``notify`` entry.

@@ -62,8 +62,9 @@ __all__ = ["Notifier", "Message", "failures", "payload", "EVENTS", "FORGE_FORMAT
 
 logger = logging.getLogger(__name__)
 
-#: Every event a ``notify`` entry may list. The canary and host events are
-#: accepted now and sent once those features exist.
+#: Every event a ``notify`` entry may list. The canary events add ``percent``
+#: and ``figures`` (both sides', README "Canary releases") to the body;
+#: ``host_lost`` is accepted now and sent once that feature exists.
 EVENTS: t.Final = ("deploy_started", "deploy_succeeded", "deploy_failed", "rolled_back",
                    "canary_started", "canary_promoted", "canary_aborted", "host_lost")
 FORGE_FORMATS: t.Final = ("github", "gitlab", "gitea")
@@ -123,7 +124,8 @@ def payload(event: str, plugin: str, record: DeployRecord | None, *, status_url:
         "status_url": status_url,
         "at": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
     }
-    body.update({k: v for k, v in extra.items() if k in ("from_commit", "to_commit", "reason")})
+    body.update({k: v for k, v in extra.items()
+                 if k in ("from_commit", "to_commit", "reason", "percent", "figures")})
     return body
 
 
@@ -216,6 +218,8 @@ class Notifier:
             signals.deploy_succeeded.connect(self._on_succeeded, sender=self._sender, weak=False)
             signals.deploy_failed.connect(self._on_failed, sender=self._sender, weak=False)
             signals.rolled_back.connect(self._on_rolled_back, sender=self._sender, weak=False)
+            for signal, receiver in self._canary_receivers():
+                signal.connect(receiver, sender=self._sender, weak=False)
             self._connected = True
         return self
 
@@ -226,6 +230,8 @@ class Notifier:
                                      (signals.deploy_succeeded, self._on_succeeded),
                                      (signals.deploy_failed, self._on_failed),
                                      (signals.rolled_back, self._on_rolled_back)):
+                signal.disconnect(receiver, sender=self._sender)
+            for signal, receiver in self._canary_receivers():
                 signal.disconnect(receiver, sender=self._sender)
             self._connected = False
         done = self.flush(timeout)
@@ -266,6 +272,26 @@ class Notifier:
     def _on_rolled_back(self, sender: object, *, plugin: str, deploy: DeployRecord, from_commit: str | None = None,
                         to_commit: str | None = None, reason: str | None = None, **_: t.Any) -> None:
         self.publish("rolled_back", plugin, deploy, from_commit=from_commit, to_commit=to_commit, reason=reason)
+
+    def _canary_receivers(self) -> tuple[tuple[t.Any, t.Any], ...]:
+        return ((signals.canary_started, self._on_canary_started),
+                (signals.canary_promoted, self._on_canary_promoted),
+                (signals.canary_aborted, self._on_canary_aborted))
+
+    def _on_canary(self, event: str, plugin: str, deploy: DeployRecord, *, commit: str | None = None,
+                   stable_commit: str | None = None, percent: float | None = None,
+                   figures: dict[str, t.Any] | None = None, reason: str | None = None) -> None:
+        self.publish(event, plugin, deploy, to_commit=commit, from_commit=stable_commit, reason=reason,
+                     percent=percent if percent is not None else (figures or {}).get("percent"), figures=figures)
+
+    def _on_canary_started(self, sender: object, *, plugin: str, deploy: DeployRecord, **kwargs: t.Any) -> None:
+        self._on_canary("canary_started", plugin, deploy, **kwargs)
+
+    def _on_canary_promoted(self, sender: object, *, plugin: str, deploy: DeployRecord, **kwargs: t.Any) -> None:
+        self._on_canary("canary_promoted", plugin, deploy, **kwargs)
+
+    def _on_canary_aborted(self, sender: object, *, plugin: str, deploy: DeployRecord, **kwargs: t.Any) -> None:
+        self._on_canary("canary_aborted", plugin, deploy, **kwargs)
 
     def publish(self, event: str, plugin: str, record: DeployRecord | None, **extra: t.Any) -> int:
         """Queue ``event`` for every matching entry; returns how many messages were queued."""
