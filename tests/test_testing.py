@@ -58,6 +58,14 @@ def flashes():
     return ",".join(get_flashed_messages())
 
 
+@plugin.get("/stream")
+def stream():
+    def body():
+        yield "part 1,"
+        yield "part 2"
+    return body()
+
+
 @plugin.on_unload
 def bye():
     marker = current_plugin.config.get("UNLOAD_MARKER")
@@ -205,12 +213,18 @@ def test_a_custom_client_class_of_a_given_app_is_kept(plugin_dir: Path) -> None:
 def test_client_closes_responses_so_releases_can_retire(mounted: tuple[Flask, GitPlug]) -> None:
     app, gitplug = mounted
     client = app.test_client()
-    client.get("/greet/")
+    assert client.get("/greet/stream").get_data(as_text=True) == "part 1,part 2"
     assert gitplug.runtime.snapshot.inflight == 0
-    streaming = client.get("/greet/", buffered=False)
+    # A streamed body runs the release's code until the server closes it: pinned till then.
+    streaming = client.get("/greet/stream", buffered=False)
     assert gitplug.runtime.snapshot.inflight == 1
     streaming.close()
     assert gitplug.runtime.snapshot.inflight == 0
+    # A plain body is bytes when the view returns: the pin is dropped right then.
+    plain = client.get("/greet/", buffered=False)
+    assert gitplug.runtime.snapshot.inflight == 0
+    assert plain.get_data(as_text=True) == "greet hi"
+    plain.close()
 
 
 def test_unmount_runs_on_unload_and_removes_the_snapshot(plugin_dir: Path, tmp_path: Path) -> None:
