@@ -572,7 +572,10 @@ def test_the_serving_controller_killed_mid_deploy(gated_site: Site) -> None:
             assert record["result"] == "interrupted", record
             served_before_next = time.monotonic()
             v2 = site.release(2)
-            assert server.api("POST", "/plugins/hello/deploy", {"wait": True})[1]["result"] == "live"
+            # The successor may pick r002 up by its own poll first; the API then
+            # answers "skipped" (already live), which the last assert checks.
+            answer = server.api("POST", "/plugins/hello/deploy", {"wait": True})[1]
+            assert answer["result"] in {"live", "skipped"}, answer
         result = load.result()
     assert successor != controller
     lost = killed_in_flight(result.samples, killed_at, load.clients)
