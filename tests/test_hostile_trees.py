@@ -13,12 +13,16 @@ object), so the repositories stay a few MiB on disk and the tests fast.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
+import threading
 import typing as t
 import uuid
 import zlib
@@ -270,6 +274,76 @@ def test_huge_blobs_keep_the_servers_memory_bounded(tmp_path: Path,
     assert growth < BOUND, f"the server's peak memory grew by {growth / MiB:.0f} MiB"
     # Nothing of the refused commits was left on disk.
     assert site.releases("big") == sorted({v1, v2})
+
+
+@contextlib.contextmanager
+def git_daemon(base: Path) -> Iterator[str]:
+    """``git daemon`` serving every repository under ``base`` on 127.0.0.1; yields
+    its ``git://127.0.0.1:<port>`` URL once it says it is ready; killed on the way out."""
+    with socket.socket() as probe:  # a free port (git daemon cannot take port 0)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen(
+        ["git", "daemon", "--reuseaddr", "--listen=127.0.0.1", f"--port={port}", "--verbose",
+         "--export-all", f"--base-path={base}", str(base)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        start_new_session=True)
+    try:
+        assert proc.stderr is not None
+        said = []
+        for line in iter(proc.stderr.readline, b""):  # ends if the daemon dies
+            said.append(line.decode(errors="replace"))
+            if b"Ready to rumble" in line:
+                break
+        else:
+            raise AssertionError(f"git daemon did not start: {''.join(said)}")
+        # Drain its log, so a verbose daemon never blocks on a full pipe.
+        threading.Thread(target=proc.stderr.read, daemon=True).start()
+        yield f"git://127.0.0.1:{port}"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the daemon and its forked servers
+        proc.wait()
+
+
+@needs_git
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux procfs")
+def test_a_huge_blob_fetched_from_a_git_server_keeps_the_servers_memory_bounded(
+        tmp_path: Path, site_factory: t.Callable[..., Site]) -> None:
+    """Over git:// (dulwich's transport), the pack goes to ``git index-pack``
+    as it arrives: a 300 MiB blob cost the server ~340 MiB when dulwich indexed it."""
+    base = tmp_path / "served"
+    repo = GitRepo(base / "big-repo")
+    v1 = write_version(repo, "big", "v1")
+    with git_daemon(base) as server_url:
+        site = site_factory({"big": {"repo": f"{server_url}/big-repo"}})
+        wait_serving(site, "big", v1)
+        pid = site.server.pid
+        rss_before = _status_kib(pid, "VmRSS") * 1024
+        reset = _reset_peak(pid)
+        baseline = rss_before if reset else _status_kib(pid, "VmHWM") * 1024
+
+        (as_file,) = commit_zeros(repo, 300 * MiB, [("refs/heads/main", "100644", "big/zeros.bin")])
+        record = site.deploy("big")
+        # Fetched whole (the stage step sees the blob), then refused from its size.
+        assert record["result"] == "failed" and record["stage"] == "stage", record
+        assert record["commit"] == as_file
+        assert "file size limit of 104857600 bytes exceeded at 'big/zeros.bin'" in record["error"]
+        peak = _status_kib(pid, "VmHWM") * 1024
+        # The mirror holds it: one pack, no unfinished pack left behind.
+        packs = list((site.data / "mirrors").rglob("objects/pack/*"))
+        assert not [p for p in packs if p.name.startswith("tmp_pack_")], packs
+        assert sum(p.stat().st_size for p in packs if p.suffix == ".pack") > 100 * 1024
+        # And the next good commit deploys over the same transport.
+        repo.set_ref("refs/heads/main", v1)
+        v2 = write_version(repo, "big", "v2")
+        assert site.deploy("big")["result"] == "live"
+        wait_serving(site, "big", v2)
+    growth = peak - baseline
+    print(f"server {pid}: RSS before {rss_before / MiB:.1f} MiB, peak after the fetch "
+          f"{peak / MiB:.1f} MiB (reset={reset}), growth {growth / MiB:.1f} MiB")
+    assert growth < BOUND, f"the server's peak memory grew by {growth / MiB:.0f} MiB"
 
 
 # --------------------------------------------------------------------------- disk
