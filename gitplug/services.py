@@ -57,7 +57,7 @@ from .deploy.hosted import HostedRepos
 from .deploy.layout import DataLayout, FileLock
 from .deploy.pipeline import Deployer
 from .deploy.triggers import PollScheduler, Trigger, TriggerQueue
-from .errors import GitplugError, StateError, UnknownPlugin
+from .errors import FetchError, GitplugError, RefNotFound, StateError, UnknownPlugin
 from .runtime.swap import Runtime
 from .state import (
     HOST_LOST_AFTER_S,
@@ -129,8 +129,12 @@ class HostServices:
         self._leases: dict[str, Lease] = {}
         self._lease_taken: dict[str, float] = {}
         self._elections = 0
-        #: Commits this process could not serve, per plugin, and why (not retried).
-        self._refused: dict[str, tuple[str, str]] = {}
+        #: Commits this process could not serve, per plugin: (commit, why, when to
+        #: try again). A fetch that failed (the git server down, or behind the one
+        #: the leader fetched from) is retried with a growing delay; a refusal
+        #: (another tree, a release that does not load) waits for a change.
+        self._refused: dict[str, tuple[str, str, float | None]] = {}
+        self._refusal_streak: dict[str, int] = {}
         #: The canary commit this process could not load, per plugin (not retried).
         self._refused_canary: dict[str, str] = {}
         self._store_down = False
@@ -300,6 +304,7 @@ class HostServices:
         self._leases = {}
         self._lease_taken = {}
         self._refused = {}
+        self._refusal_streak = {}
         self._refused_canary = {}
         self._beat_now = threading.Event()
 
@@ -386,6 +391,8 @@ class HostServices:
                     complete = self._apply(name, self.store.get_plugin(name)) and complete
                 finally:
                     lock.release_local()
+            if any(retry is not None for _, _, retry in self._refused.values()):
+                complete = False  # a fetch to retry: look again on the next ticks
             # -2: something is still to do; the watcher retries on its next tick.
             self._seen_counter = counter if complete else -2
 
@@ -396,8 +403,9 @@ class HostServices:
         if state.state in (PluginStateValue.STOPPED, PluginStateValue.REMOVED):
             return live is not None
         refused = self._refused.get(name)
-        if refused is not None and refused[0] == state.live_commit:
-            return False  # tried and failed: wait for another commit
+        if refused is not None and refused[0] == state.live_commit and (
+                refused[2] is None or time.monotonic() < refused[2]):
+            return False  # tried and failed: wait for another commit, or the retry's time
         return live is None or live.commit != state.live_commit or self._canary_differs(name, state)
 
     def _canary_differs(self, name: str, state: PluginState) -> bool:
@@ -448,6 +456,11 @@ class HostServices:
             # stage and check it here, without running the tests again.
             try:
                 self.deployer.follow(name, commit, state.live_tree)
+            except (FetchError, RefNotFound) as exc:
+                # The git server may be down, or behind the one the leader used
+                # (a mirror, a replica): try again, sooner than the next commit.
+                self._refuse(name, commit, str(exc), retry=True)
+                return True
             except GitplugError as exc:
                 self._refuse(name, commit, str(exc))
                 return True
@@ -487,13 +500,27 @@ class HostServices:
     def _fleet(self) -> bool:
         return bool(getattr(self.store, "fleet", False))
 
-    def _refuse(self, name: str, commit: str, error: str) -> None:
+    #: The first and the longest wait before a failed fetch of the fleet's commit is retried.
+    refusal_retry_s = (2.0, 60.0)
+
+    def _refuse(self, name: str, commit: str, error: str, *, retry: bool = False) -> None:
         """Keep serving what this process serves; show the host as diverged.
 
         A process that serves nothing of the plugin yet (it just started)
-        serves what this host served last.
+        serves what this host served last. ``retry``: the cause may pass by
+        itself (a fetch); try ``commit`` again after a delay that doubles
+        with each failure (:attr:`refusal_retry_s`), else only once the
+        store names another commit or the configuration changes.
         """
-        self._refused[name] = (commit, error)
+        retry_at = None
+        if retry:
+            first, longest = self.refusal_retry_s
+            streak = self._refusal_streak.get(name, 0) if self._refused.get(name, ("",))[0] == commit else 0
+            self._refusal_streak[name] = streak + 1
+            delay = min(first * 2 ** streak, longest)
+            retry_at = time.monotonic() + delay
+            error = f"{error} (tried {streak + 1} time{'s' if streak else ''}; trying again in {delay:g}s)"
+        self._refused[name] = (commit, error, retry_at)
         logger.error("plugin %s: not serving %s (keeping the last good release): %s", name, commit[:12], error)
         if self.runtime.live(name) is None:
             self._serve_local_record(only=name)
@@ -501,6 +528,7 @@ class HostServices:
 
     def _served(self, name: str) -> None:
         self._refused.pop(name, None)
+        self._refusal_streak.pop(name, None)
         self._beat_now.set()
 
     def push_stats(self) -> None:

@@ -207,8 +207,18 @@ def test_a_follower_refuses_a_commit_whose_tree_is_not_the_tested_one(fleet: Fle
     assert v2b != v2
     b.start()
     wait_for(lambda: _diverged_on(a, "web-2", v2), timeout=CONVERGE_S, what="web-2 diverged on v2")
-    assert "is not in" in (_diverged_on(a, "web-2", v2) or "")
+    error = _diverged_on(a, "web-2", v2) or ""
+    assert "is not in" in error and "trying again in" in error, error
     assert b.serves(v1) and a.serves(v2)
+
+    # The git server catches up (a lagging replica): web-2 fetches again by
+    # itself and serves v2, with no new commit and no configuration change.
+    fleet.repo.set_ref("refs/heads/main", v2)
+    fleet.wait_all_serve(v2, "web-2 fetching v2 again", [b])
+    wait_for(
+        lambda: a.status()["hosts"].get("web-2", {}).get("state") == "live",
+        timeout=CONVERGE_S, what="web-2 live again after the retry",
+    )
 
     # The tree check itself: web-2's configuration drifted (path: sub), so it
     # would stage another tree of the tested commit than the leader tested.
@@ -224,7 +234,7 @@ def test_a_follower_refuses_a_commit_whose_tree_is_not_the_tested_one(fleet: Fle
     wait_for(lambda: _diverged_on(a, "web-2", v3), timeout=CONVERGE_S, what="web-2 diverged on v3")
     error = _diverged_on(a, "web-2", v3) or ""
     assert "gives tree" in error and "on the host that tested it" in error, error
-    assert b.serves(v1)  # its last good release
+    assert b.serves(v2)  # its last good release
     assert not (b.data_dir / "releases" / "hello" / v3).exists()  # nothing of it staged
     assert not b.test_logs()  # a follower never runs the tests
     shown = run_cli("status", "-c", b.config, env=b.env())

@@ -1027,7 +1027,7 @@ class Deployer:
                     f"plugin {name!r}: commit {commit[:12]}, live on the fleet, is not in "
                     f"{redact_url(plugin.repo)} as this host sees it (a branch force-pushed "
                     "since, or another repository); check that every host configures the same "
-                    "repository. This host keeps its release and follows the next commit",
+                    "repository. This host keeps its release meanwhile and fetches again",
                     plugin=name, url=plugin.repo, ref=commit,
                 )
             # Checked before staging: a tree that did not pass is never written here.
