@@ -566,7 +566,8 @@ class HostServices:
                     live.commit if live is not None else None, refused[1] if refused else None,
                     leads=self.holds(name),
                 )
-            self.store.host_heartbeat(HostInfo(self.host_id, now, plugins, leader=self.is_leader))
+            self.store.host_heartbeat(HostInfo(self.host_id, now, plugins, leader=self.is_leader,
+                                               url=self.config.host_url))
 
     # -- control -----------------------------------------------------------------------
 

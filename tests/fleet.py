@@ -34,9 +34,12 @@ GATE = ["python", "-m", "pytest", "-q", "-p", "no:cacheprovider"]
 
 def write_host_config(
     path: Path, host_id: str, repo_url: str, *, gate: bool = True, more: t.Mapping[str, str] | None = None,
-    settings: t.Mapping[str, t.Any] | None = None,
+    settings: t.Mapping[str, t.Any] | None = None, top: t.Mapping[str, t.Any] | None = None,
 ) -> Path:
-    """A host's deploy.yaml: plugin ``hello`` from ``repo_url`` (plus ``settings``), and ``more`` ({name: url})."""
+    """A host's deploy.yaml: plugin ``hello`` from ``repo_url`` (plus ``settings``), and ``more`` ({name: url}).
+
+    ``top``: more top-level settings (``host_url: ${GITPLUG_HOST_URL}`` reads the host's own URL).
+    """
     data = {
         "data_dir": "data",
         "host_id": host_id,
@@ -44,6 +47,7 @@ def write_host_config(
         "poll_interval": 3600,
         "admin_token": "${GITPLUG_ADMIN_TOKEN}",
         "webhook": {"secret": "${GITPLUG_WEBHOOK_SECRET}"},
+        **(top or {}),
         "plugins": {
             "hello": {"repo": repo_url, "ref": "main", "test": GATE if gate else False, "test_timeout": 60,
                       **(settings or {})},
@@ -63,11 +67,14 @@ class Host:
     def __init__(
         self, root: Path, host_id: str, state_url: str, repo_url: str, *, workers: int = 0, gate: bool = True,
         more: t.Mapping[str, str] | None = None, settings: t.Mapping[str, t.Any] | None = None,
+        top: t.Mapping[str, t.Any] | None = None, extra_env: t.Mapping[str, str] | None = None,
     ) -> None:
         self.host_id = host_id
         self.dir = root / host_id
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.config = write_host_config(self.dir / "deploy.yaml", host_id, repo_url, gate=gate, more=more, settings=settings)
+        self.config = write_host_config(self.dir / "deploy.yaml", host_id, repo_url, gate=gate, more=more,
+                                        settings=settings, top=top)
+        self.extra_env = dict(extra_env or {})
         self.workers = workers  # 0: `gitplug serve`, else gunicorn -w workers
         self.state_url = state_url
         self.port = free_port()
@@ -85,6 +92,8 @@ class Host:
             GITPLUG_CONFIG=str(self.config),
             GITPLUG_ADMIN_TOKEN=TOKEN,
             GITPLUG_WEBHOOK_SECRET=SECRET,
+            GITPLUG_HOST_URL=self.base,
+            **self.extra_env,
         )
 
     def start(self, *, timeout: float = 60.0) -> Host:

@@ -332,6 +332,7 @@ def test_repo_push_is_hosted_under_data_dir(tmp_path: Path) -> None:
 def test_notify_entries(tmp_path: Path) -> None:
     config = load(tmp_path, """
         public_url: https://deploy.example.com/
+        host_url: http://web-1.internal:5000/
         notify:
           - {url: https://hooks.example.com/deploys, events: [deploy_failed, rolled_back],
              secret: "${NOTIFY_SECRET}"}
@@ -347,6 +348,7 @@ def test_notify_entries(tmp_path: Path) -> None:
           hello: {repo: ./hello}
     """, NOTIFY_SECRET="s" * 20, GH_TOKEN="g" * 20)
     assert config.public_url == "https://deploy.example.com"
+    assert config.host_url == "http://web-1.internal:5000"
     json_, slack, github, gitlab, gitea = config.notify
     assert (json_.format, json_.secret, json_.events, json_.plugins, json_.timeout) == (
         "json", "s" * 20, frozenset({"deploy_failed", "rolled_back"}), None, 10.0)
@@ -693,6 +695,9 @@ BROKEN = [
     pytest.param("""
         public_url: deploy.example.com
     """, 1, "public_url", r"expected the URL people reach this server at", id="public-url"),
+    pytest.param("""
+        host_url: web-1:5000
+    """, 1, "host_url", r"expected the URL the other hosts of the fleet reach this one at", id="host-url"),
 ]
 
 

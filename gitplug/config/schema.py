@@ -53,7 +53,7 @@ logger = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- validating
 
 _TOP_KEYS = ("data_dir", "poll_interval", "keep_releases", "state", "host_id", "admin_token",
-             "webhook", "api_prefix", "push_max_size", "public_url", "notify", "limits",
+             "webhook", "api_prefix", "push_max_size", "public_url", "host_url", "notify", "limits",
              "test_sandbox", "test_user", "canary", "discover", "credentials", "verify", "plugins")
 _HOST_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:@-]{0,127}\Z")
 _NOTIFY_KEYS = ("url", "events", "format", "plugins", "secret", "token", "timeout")
@@ -363,6 +363,11 @@ class _Checker:
         if get("public_url") is not None:
             public_url = self.http_url(("public_url",), data["public_url"],
                                        "the URL people reach this server at, e.g. https://deploy.example.com")
+        host_url = None
+        if get("host_url") is not None:
+            host_url = self.http_url(("host_url",), data["host_url"],
+                                     "the URL the other hosts of the fleet reach this one at, "
+                                     "e.g. http://web-1.internal:5000")
         notify = self.notify(get("notify"), plugins)
         discover: list[DiscoverConfig] = []
         raw_discover = get("discover")
@@ -378,7 +383,8 @@ class _Checker:
                              state=state, host_id=host_id, admin_token=admin_token,
                              webhook_secret=webhook_secret, api_prefix=api_prefix,
                              webhook_max_body=webhook_max_body, push_max_size=push_max_size,
-                             public_url=public_url.rstrip("/") if public_url else None, notify=notify,
+                             public_url=public_url.rstrip("/") if public_url else None,
+                             host_url=host_url.rstrip("/") if host_url else None, notify=notify,
                              plugins=plugins, discover=tuple(discover), source=self.report.file,
                              base_dir=self.base_dir, test_sandbox=sandbox, test_user=test_user,
                              credentials=credentials, canary=self.default_canary, verify=self.default_verify, **limits)

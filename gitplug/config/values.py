@@ -257,6 +257,9 @@ class GitplugConfig:
     push_max_size: int = DEFAULT_PUSH_MAX_SIZE
     #: Where people reach this server (``https://deploy.example.com``): links in notifications.
     public_url: str | None = None
+    #: Where the other hosts of a fleet reach this one (``http://web-1.internal:5000``):
+    #: they fetch the repositories of ``repo: push`` plugins from the host that has them.
+    host_url: str | None = None
     #: Outgoing notifications, in file order.
     notify: tuple[NotifyTarget, ...] = ()
     #: ``canary`` at the top: the default of every plugin that sets none (already applied to them).

@@ -287,6 +287,35 @@ class GitSource:
                              f"delete {self.mirror_path(url)} so it is fetched afresh.")
             self._write_refs(repo, refs, symrefs)
 
+    def fetch_into(self, plugin: str, url: str, repo_path: Path, *, password: str | None = None
+                   ) -> dict[bytes, bytes]:
+        """Fetch into the bare repository ``repo_path`` what ``url``'s branches and tags name.
+
+        Only objects it lacks are transferred (none when it has them all);
+        its refs are left as they are. Returns ``url``'s branches and tags
+        (``{b"refs/heads/main": sha}``). ``password`` is the HTTP password
+        (the push remote of another host). Deadlines and errors as
+        :meth:`fetch`: raises FetchError naming ``url`` without a password.
+        """
+        with self._wrap(plugin, url, None, "could not fetch"), \
+                Repo(str(repo_path)) as repo, \
+                self._client(url, plugin, password=password) as (client, path):
+            def wants(remote: Any, depth: Any = None) -> list[bytes]:
+                tips = set(_branches_and_tags(remote).values())
+                return [sha for sha in tips if sha not in repo.object_store]
+
+            if self.git_command and classify_url(url)[0] != "local":
+                result = self._fetch_pack_indexed_by_git(plugin, url, client, path, repo, wants)
+                repo.object_store._update_pack_cache()  # see the new pack
+            else:
+                result = client.fetch(path, repo, determine_wants=wants)
+            refs = _branches_and_tags(result.refs)
+            absent = [r.decode() for r, sha in refs.items() if sha not in repo.object_store]
+            if absent:
+                raise _error(FetchError, plugin, url, None, "fetch of {url} left refs without "
+                             f"their objects ({', '.join(absent[:5])}); fetch again")
+            return refs
+
     def resolve(self, plugin: str, url: str, ref: str) -> ResolvedRef:
         """Resolve ``ref`` to a commit against the mirror only (no network).
 
@@ -836,7 +865,12 @@ class GitSource:
         return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
     @contextlib.contextmanager
-    def _client(self, url: str, plugin: str = "") -> Iterator[tuple[Any, str]]:
+    def _client(self, url: str, plugin: str = "", *, password: str | None = None
+                ) -> Iterator[tuple[Any, str]]:
+        """dulwich's client for ``url`` and the path to ask it for; closed on the way out.
+
+        ``password`` (HTTP only) is sent instead of a ``credentials:`` entry's.
+        """
         kind, location = classify_url(url)
         kwargs: dict[str, Any] = {}
         entry: Credential | None = None
@@ -850,7 +884,9 @@ class GitSource:
                 total=None, connect=0, read=0, status=0, other=0, redirect=5)
             kwargs["pool_manager"] = pool
             entry = self.credential_for(url)
-            if entry is not None and entry.password is not None and urlsplit(location).password is None:
+            if password is not None:
+                kwargs["username"], kwargs["password"] = "gitplug", password
+            elif entry is not None and entry.password is not None and urlsplit(location).password is None:
                 # dulwich sends these to the URL's own origin only, never after a redirect.
                 kwargs["username"], kwargs["password"] = entry.username or "git", entry.password
         elif kind == "ssh":

@@ -40,7 +40,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dulwich.errors import NotGitRepository
-from dulwich.objects import Commit, Tag
 from dulwich.protocol import (
     CAPABILITY_SIDE_BAND_64K,
     SIDE_BAND_CHANNEL_PROGRESS,
@@ -52,6 +51,7 @@ from dulwich.server import DictBackend, ReceivePackHandler, UploadPackHandler
 
 from ..config import GitplugConfig, PluginConfig
 from ..state import DeployResult, PluginStateValue
+from .peers import is_ancestor
 
 if t.TYPE_CHECKING:
     from .pipeline import Deployer
@@ -189,6 +189,10 @@ class _PushPolicy(ReceivePackHandler):
                 self._lock_refusal = (f"another deploy of {self.plugin.name} ran for over {wait:g} s;"
                                       f" push again once `gitplug status {self.plugin.name}` shows it"
                                       " finished").encode()
+            else:
+                # In a fleet, an earlier push may have reached another host: judge
+                # this one (fast-forward, ref moved) against the newest branch.
+                self.hosted.deployer.sync_hosted(self.plugin)
         try:
             yield from super()._apply_pack(refs)
         finally:
@@ -229,7 +233,7 @@ class _PushPolicy(ReceivePackHandler):
         if old != _ZERO and not allow:
             if ref.startswith(b"refs/tags/"):
                 return "tags do not move: push a new tag (allow_force_push: true allows moving one)"
-            if not _is_ancestor(self.repo, old, new):
+            if not is_ancestor(self.repo, old, new):
                 return "non-fast-forward: force pushes are refused (pull first, or set allow_force_push: true)"
         if ref != self._tracked:
             return None  # other branches and tags are stored, not deployed
@@ -292,24 +296,3 @@ def _reason(name: str, error: str) -> str:
 def _one_line(text: str) -> str:
     line = " ".join(text.split())
     return line if len(line) <= _MAX_LINE else line[:_MAX_LINE] + " ..."
-
-
-def _is_ancestor(repo: Repo, old: bytes, new: bytes) -> bool:
-    """Whether commit ``old`` is reachable from ``new`` (the push fast-forwards)."""
-    store = repo.object_store
-    seen: set[bytes] = set()
-    todo = [new]
-    while todo:
-        sha = todo.pop()
-        if sha == old:
-            return True
-        if sha in seen or sha not in store:
-            continue
-        seen.add(sha)
-        obj = store[sha]
-        while isinstance(obj, Tag):
-            obj = store[obj.object[1]]
-        if isinstance(obj, Commit):
-            todo.extend(obj.parents)
-    return False
-

@@ -65,6 +65,7 @@ from ..state import (
 )
 from .gitsource import GitSource, ResolvedRef, redact_url
 from .layout import DataLayout, FileLock, PluginLock
+from .peers import sync_from_peers
 from .releases import Release, ReleaseStore, TestRecord
 from .requirements import check_requirements
 from .signatures import check_signature
@@ -192,6 +193,21 @@ class Deployer:
     def fleet(self) -> bool:
         """Whether the store is shared by several hosts (README, "Running a fleet")."""
         return bool(getattr(self.store, "fleet", False))
+
+    def sync_hosted(self, plugin: PluginConfig) -> list[str]:
+        """In a fleet, fetch the other hosts' copies of a ``repo: push`` plugin's repository here.
+
+        A push reaches one host (see :mod:`.peers`). A no-op for other
+        plugins and on a single host. Never raises: returns the problems
+        (a peer that did not answer, one without ``host_url``), logged too.
+        """
+        if not (plugin.hosted and self.fleet):
+            return []
+        try:
+            hosts = self.store.hosts()
+        except StateError as exc:
+            return [f"could not list the other hosts: {exc}"]
+        return sync_from_peers(self.git, self.config, plugin, hosts)
 
     def spec_for(self, plugin: PluginConfig, release: Release) -> ReleaseSpec:
         return ReleaseSpec(
@@ -524,6 +540,7 @@ class Deployer:
             except (RefNotFound, FetchError):
                 pass  # not known locally yet: fetch after all
         say("fetch", f"{redact_url(plugin.repo)} ({ref})")
+        self.sync_hosted(plugin)  # a push may have reached another host of the fleet
         started = self.fetch(plugin.name, plugin.repo, fresh_after=fresh_after)
         for hook in self.on_fetch:
             try:
@@ -1021,7 +1038,20 @@ class Deployer:
         release = self.releases.get(name, commit)
         if release is None:
             if not self.git.has_commit(plugin.repo, commit):
-                self.git.fetch(name, plugin.repo)
+                # A pushed commit is on the host that received the push: fetch it from there.
+                problems = self.sync_hosted(plugin)
+                try:
+                    self.git.fetch(name, plugin.repo)
+                except FetchError:
+                    if not problems:
+                        raise
+                if problems and not self.git.has_commit(plugin.repo, commit):
+                    raise FetchError(
+                        f"plugin {name!r}: commit {commit[:12]}, live on the fleet, was pushed to "
+                        f"another host and could not be fetched from it: {'; '.join(problems)}. "
+                        "This host keeps its release meanwhile and fetches again",
+                        plugin=name, url=plugin.repo, ref=commit,
+                    )
             if not self.git.has_commit(plugin.repo, commit):
                 raise RefNotFound(
                     f"plugin {name!r}: commit {commit[:12]}, live on the fleet, is not in "

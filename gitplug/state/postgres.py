@@ -123,6 +123,11 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE plugins ADD COLUMN canary TEXT",
         "ALTER TABLE deploys ADD COLUMN canary TEXT",
     ),
+    (
+        # How the other hosts of a fleet reach each host (host_url): they fetch
+        # the repositories of `repo: push` plugins from the host that has them.
+        "ALTER TABLE hosts ADD COLUMN url TEXT",
+    ),
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 

@@ -84,6 +84,7 @@ def host_from_row(row: Mapping[str, Any]) -> HostInfo:
         heartbeat_at=float(row["heartbeat_at"]),
         plugins={name: HostPlugin(*entry) for name, entry in json.loads(row["plugins"]).items()},
         leader=bool(row["leader"]),
+        url=row["url"],
     )
 
 
@@ -428,13 +429,15 @@ class SQLStateStore:
         with self._write(f"record the heartbeat of host {host.host_id!r}") as conn:
             self._exec(
                 conn,
-                "INSERT INTO hosts (host_id, heartbeat_at, plugins, leader) VALUES (?, ?, ?, ?) "
+                "INSERT INTO hosts (host_id, heartbeat_at, plugins, leader, url) VALUES (?, ?, ?, ?, ?) "
                 "ON CONFLICT (host_id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at, "
-                "plugins = excluded.plugins, leader = excluded.leader",
-                (host.host_id, host.heartbeat_at, json.dumps(plugins, sort_keys=True), bool(host.leader)),
+                "plugins = excluded.plugins, leader = excluded.leader, url = excluded.url",
+                (host.host_id, host.heartbeat_at, json.dumps(plugins, sort_keys=True), bool(host.leader),
+                 host.url),
             )
 
     def hosts(self) -> list[HostInfo]:
-        rows = self._read("list hosts", "SELECT host_id, heartbeat_at, plugins, leader FROM hosts ORDER BY host_id")
+        rows = self._read("list hosts", "SELECT host_id, heartbeat_at, plugins, leader, url FROM hosts "
+                          "ORDER BY host_id")
         return [host_from_row(row) for row in rows]
 

@@ -302,6 +302,9 @@ class HostInfo:
     heartbeat_at: float
     plugins: dict[str, HostPlugin]
     leader: bool = False  #: it held a lease (of some plugin) when it beat
+    #: How the other hosts reach this one (its ``host_url``), or None: they
+    #: fetch the repositories of ``repo: push`` plugins from it.
+    url: str | None = None
 
 
 class Lease(Protocol):
