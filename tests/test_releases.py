@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import collections
+import errno
 import fcntl
 import json
 import os
 import re
+import shutil
 import stat
 import subprocess
 import threading
@@ -598,3 +601,67 @@ def test_a_ledger_cannot_point_outside_the_releases(
     assert index.stat().st_ino not in (info.st_ino, (first.path / "hello/templates/index.html")
                                        .stat().st_ino)
     assert outside.stat().st_nlink == 1
+
+
+@pytest.mark.parametrize("headroom", [0, 100], ids=["at-the-limit", "reaches-it-midway"])
+def test_a_file_at_the_link_limit_is_copied_once_and_the_copy_is_shared_from_then_on(
+        source: GitSource, store: ReleaseStore, tmp_path: Path, no_hashing: list[str],
+        headroom: int) -> None:
+    """An empty ``__init__.py`` shared by thousands of files fills its inode's links (EMLINK)."""
+    from gitplug.runtime.manifest import verify_release
+
+    repo = GitRepo(tmp_path / "empty")  # one blob: the empty file
+    repo.write("pkg/__init__.py", "")
+    first = _stage(store, source, repo, repo.commit("one empty file"))
+    full = first.path / "pkg" / "__init__.py"
+    # Real links on the real file system, up to its limit (65,000 on ext4), then
+    # ``headroom`` of them removed again: that many more links fit.
+    crowd = tmp_path / "crowd"
+    crowd.mkdir()
+    try:
+        for n in range(70_000):
+            try:
+                os.link(full, crowd / str(n))
+            except OSError as exc:
+                if exc.errno != errno.EMLINK:
+                    raise
+                break
+        else:
+            pytest.skip(f"the file system of {tmp_path} linked one file 70,000 times without "
+                        "EMLINK: it has no practical link limit to reach")
+        for m in range(n - headroom, n):
+            os.unlink(crowd / str(m))
+        limit = full.stat().st_nlink + headroom
+        # 601 files of the blob: three slices of links, made by the pool's threads at once.
+        for n in range(600):
+            repo.write(f"pkg/m{n:03}/__init__.py", "")
+        second = _stage(store, source, repo, repo.commit("600 more"))
+        inodes = collections.Counter(info[2] for info in _files(second.path).values())
+        assert full.stat().st_nlink == limit
+        # The origin takes what fits; ONE copy takes the rest, not one copy each.
+        copy = next(ino for ino in inodes if ino != full.stat().st_ino)
+        expected = {copy: 601 - headroom}
+        if headroom:
+            expected[full.stat().st_ino] = headroom
+        assert inodes == expected
+        assert os.stat(second.path / "pkg/m599/__init__.py").st_nlink == 601 - headroom
+        no_hashing.clear()
+        for release in (first, second):  # the ledger vouches for both inodes' new ctimes
+            verify_release(release.path, plugin="hello", release_id=release.commit)
+        assert no_hashing == []
+        # A further release links that copy: no copy again, no failed link to the full inode.
+        repo.write("pkg/later.py", "")
+        third = _stage(store, source, repo, repo.commit("one more"))
+        assert {info[2] for info in _files(third.path).values()} == {copy}
+        assert os.stat(third.path / "pkg/later.py").st_nlink == 601 - headroom + 602
+        assert full.stat().st_nlink == limit
+        ledger = json.loads((store.releases_dir / "hello" / LEDGER_NAME).read_text())["inodes"]
+        assert ledger[str(copy)][0] == _blob_id(b"")
+        assert ledger[str(copy)][2:] == ["f", f"{third.commit}/pkg/__init__.py"]
+        assert ledger[str(full.stat().st_ino)][0] == _blob_id(b"")  # still vouched for
+        for release in (first, second, third):
+            verify_release(release.path, plugin="hello", release_id=release.commit)
+        assert no_hashing == []
+    finally:
+        shutil.rmtree(crowd)  # the links that filled the inode, whatever tmp_path keeps
+    assert full.stat().st_nlink == 1 + headroom  # its releases' links only

@@ -16,8 +16,10 @@ Incremental: only blobs no earlier release of the plugin holds are written
 (small ones by a few threads while git streams the next); every other file
 is a hard link of an earlier release's, used only once the ledger
 (:class:`_Shared`) vouches that it is intact (README "Data directory and
-state"). Staging, pruning and removing take the plugin's lock, a ``flock`` on
-``releases/<plugin>/``. Layout::
+state"). A file at the file system's link limit (65,000 links on ext4) is
+copied once, and the copy is its blob's link source from then on, in this
+release and later ones (:class:`_Linker`). Staging, pruning and removing
+take the plugin's lock, a ``flock`` on ``releases/<plugin>/``. Layout::
 
     releases/hello/.tmp-<sha>-<rand>(.lock)  being staged; the stager holds the lock
     releases/hello/<sha>/                    a complete release
@@ -42,6 +44,7 @@ import re
 import secrets
 import shutil
 import stat
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -297,7 +300,7 @@ class ReleaseStore:
         }
         #: (blob, mode) -> the path in this release of its first file, for those written here.
         written: dict[tuple[bytes, bool], str] = {}
-        mixed: set[tuple[bytes, bool]] = set()
+        linker = _Linker()
         try:
             with self._temp_dir(final) as tmp, contextlib.ExitStack() as stack:
                 root = str(tmp)
@@ -361,10 +364,12 @@ class ReleaseStore:
                             for rel, sha, executable in files
                             if written.get((sha, executable)) != rel]
                     slices = [todo[i:i + _BATCH_FILES] for i in range(0, len(todo), _BATCH_FILES)]
-                    for copied in pool.map(_link_batch, slices):
-                        for target in copied:  # at the file system's link limit: copies
-                            rel = target[len(root) + 1:]
-                            mixed.add(next((sha, x) for r, sha, x in files if r == rel))
+                    for _done in pool.map(linker.link_batch, slices):
+                        pass
+                # A blob whose origin was at the file system's link limit is in two inodes
+                # (or more): the origin's links made before, and the copy's.
+                key_of = {origin: key for key, origin in origins.items()}
+                mixed = {key_of[origin] for origin in linker.copies}
                 # Symlinks last: no file is ever written while a link exists in the tree.
                 for rel, link in links.items():
                     os.symlink(link, f"{root}/{rel}")
@@ -391,11 +396,15 @@ class ReleaseStore:
             shared.stale = True  # the temp dir's links are gone again
             raise
         if published:
-            # Later stagings link from this release: it is the newest holder of each blob.
-            first = {key: rel for rel, sha, executable in reversed(files)
-                     for key in [(sha, executable)]}
-            for key, info in current.items():
-                shared.record(key, f"{commit}/{first[key]}", info)
+            # Later stagings link from this release: it is the newest holder of each inode
+            # it has. A copy made at the link limit is recorded last, so it is its blob's
+            # source from now on, not the inode at the limit.
+            held: dict[int, tuple[tuple[bytes, bool], str]] = {}
+            for rel, sha, executable in files:
+                held.setdefault(stats[rel][0].st_ino, ((sha, executable), rel))
+            copies = {stats[copy[len(root) + 1:]][0].st_ino for copy in linker.copies.values()}
+            for _ino, (key, rel) in sorted(held.items(), key=lambda item: item[0] in copies):
+                shared.record(key, f"{commit}/{rel}", stats[rel][0])
             logger.info("plugin %s: staged release %s (%s) at %s: %d files, %d blobs written, "
                         "the rest linked", plugin, commit, ref, final, len(files), len(written))
         return self.get(plugin, commit)
@@ -797,26 +806,47 @@ def _write_batch(batch: builtins.list[tuple[str, bytes, bool]]) -> None:
         _write_file(target, [data], executable=executable, start_writeback=True)
 
 
-def _link_batch(batch: builtins.list[tuple[str, str, bool]]) -> builtins.list[str]:
-    """Link each ``(origin, target)``; copy where the origin is at the link limit.
+class _Linker:
+    """Makes a release's hard links, a batch at a time, from several threads.
 
-    Returns the targets that are copies.
+    Each ``(origin, target)`` is a link of ``origin``. Where ``origin`` has
+    as many links as the file system allows (65,000 on ext4: an empty
+    ``__init__.py`` shared by thousands of files across releases), the target
+    is a copy of it instead, and that copy stands in for ``origin`` from then
+    on: every later target of ``origin``, in any batch, links the copy, and the
+    stager records the copy in the ledger as its blob's source for later
+    releases. So a blob at the limit costs one copy, not one per file. The
+    copy is made under a lock, so batches that hit the limit together make one
+    (one more per 65,000 links, if a release alone fills the copy too).
     """
-    copied = []
-    for origin, target, executable in batch:
-        if not _link(origin, target):
-            with open(origin, "rb") as handle:
-                _write_file(target, iter(lambda h=handle: h.read(CHUNK), b""),
-                            executable=executable)
-            copied.append(target)
-    return copied
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        #: origin -> the copy standing in for it (the newest, if a copy reached the limit too)
+        self.copies: dict[str, str] = {}
+
+    def link_batch(self, batch: builtins.list[tuple[str, str, bool]]) -> None:
+        """Link (or, at the limit, copy) each ``(origin, target, executable)``."""
+        for origin, target, executable in batch:
+            while True:
+                source = self.copies.get(origin, origin)
+                if _link(source, target):
+                    break
+                with self._lock:
+                    if self.copies.get(origin, origin) == source:
+                        with open(source, "rb") as handle:
+                            _write_file(target, iter(lambda h=handle: h.read(CHUNK), b""),
+                                        executable=executable)
+                        self.copies[origin] = target
+                        break
+                # Another batch copied it meanwhile: link that copy.
 
 
 def _link(source: str, target: str) -> bool:
     """Hard-link ``source`` (never through a symlink) as ``target``.
 
     False if ``source`` already has as many links as the file system allows
-    (65,000 on ext4: an empty ``__init__.py`` shared by many releases).
+    (EMLINK): :class:`_Linker` then copies it, once.
     """
     try:
         os.link(source, target, follow_symlinks=False)
@@ -929,9 +959,14 @@ class _Shared:
         return path, info
 
     def record(self, key: tuple[bytes, bool], rel: str, info: os.stat_result) -> None:
-        """Note that ``rel`` (``<commit>/<path>``, ``lstat`` ``info``) holds ``key``'s blob."""
+        """Note that ``rel`` (``<commit>/<path>``, ``lstat`` ``info``) holds ``key``'s blob.
+
+        The inode recorded last for a blob is the one later stagings link.
+        """
         ino = str(info.st_ino)
         entry = [key[0].decode(), info.st_ctime_ns, "x" if key[1] else "f", rel]
+        # Moved to the end: the ledger's last entry of a blob is the one a new session links.
+        self.ledger.pop(ino, None)
         self.ledger[ino] = self._vouched[ino] = entry
         self._by_key[key] = ino
 
