@@ -54,6 +54,7 @@ from .deploy.autorollback import AutoRollbackWatch
 from .deploy.canary import CanaryWatch
 from .deploy.discovery import discovered_path, record_scan, scan, with_discovered
 from .deploy.hosted import HostedRepos
+from .deploy.hostwatch import LostHostWatch
 from .deploy.layout import DataLayout, FileLock
 from .deploy.pipeline import Deployer
 from .deploy.triggers import PollScheduler, Trigger, TriggerQueue
@@ -125,6 +126,8 @@ class HostServices:
         self._controller_lock = FileLock(self.layout.lock_file("controller"))
         self.is_controller = False
         self.host_id = config.host
+        #: In a fleet, the controller reports the other hosts that go silent (``host_lost``).
+        self.lost_hosts = LostHostWatch(store, deployer, self.host_id)
         #: The leases this process holds, by unit (a plugin, or ``discover:<index>``).
         self._leases: dict[str, Lease] = {}
         self._lease_taken: dict[str, float] = {}
@@ -297,6 +300,7 @@ class HostServices:
         self.scheduler = PollScheduler(self.queue)
         self.auto_rollback = AutoRollbackWatch(self.store, self.deployer)
         self.canary_watch = CanaryWatch(self.store, self.deployer)
+        self.lost_hosts = LostHostWatch(self.store, self.deployer, self.host_id)
         self._adopt_lock = threading.RLock()
         self._pushed_stats = {}
         self._seen_counter = -1
@@ -595,7 +599,9 @@ class HostServices:
                     self._become_controller()
             if self.is_controller:
                 try:
-                    self._elect()
+                    hosts = self._elect()
+                    if hosts is not None:  # a fleet: the election read its hosts
+                        self.lost_hosts.check(hosts)
                     if self.is_leader:
                         self._take_requests()
                         held = {n for n in self.config.plugins if self.holds(n)}
@@ -603,6 +609,7 @@ class HostServices:
                         self.canary_watch.check(self.config, only=held)
                     self._store_ok()
                 except StateError as exc:
+                    self.lost_hosts.interrupted()
                     self._store_trouble(exc)
                 except Exception:  # noqa: BLE001 - the controller must keep controlling
                     logger.exception("gitplug: controller duties failed")
@@ -627,18 +634,19 @@ class HostServices:
     def _held_plugins(self) -> list[str]:
         return [unit for unit in self._leases if not unit.startswith(_DISCOVER)]
 
-    def _share(self, plugins: int) -> tuple[int, bool, set[str]]:
+    def _share(self, plugins: int, hosts: list[HostInfo]) -> tuple[int, bool, set[str]]:
         """``(plugins this host may lead, whether a live host leads fewer, plugins led elsewhere)``.
 
-        The share is the plugins divided by the live hosts, rounded up, so
-        the hosts' shares together cover every plugin; a dead host counts
-        until it is ``lost`` (10 s), which bounds a takeover.
+        The share is the plugins divided by the live hosts (of ``hosts``, the
+        fleet's as just read), rounded up, so the hosts' shares together
+        cover every plugin; a dead host counts until it is ``lost`` (10 s),
+        which bounds a takeover.
         """
         if not self._fleet:
             return plugins, False, set()
         now = time.time()
         others = [
-            host for host in self.store.hosts()
+            host for host in hosts
             if host.host_id != self.host_id and now - host.heartbeat_at <= HOST_LOST_AFTER_S
         ]
         share = math.ceil(plugins / (len(others) + 1))
@@ -646,8 +654,12 @@ class HostServices:
         led = {name for host in others for name, p in host.plugins.items() if p.leads}
         return share, short, led
 
-    def _elect(self) -> None:
-        """Keep, lose, take or hand over leases (always granted on one machine's store)."""
+    def _elect(self) -> list[HostInfo] | None:
+        """Keep, lose, take or hand over leases (always granted on one machine's store).
+
+        Returns the fleet's hosts as read for the shares (one read a round,
+        which the lost hosts' watch uses too); None on one machine's store.
+        """
         units = self._units()
         changed = False
         for unit, lease in list(self._leases.items()):
@@ -658,7 +670,10 @@ class HostServices:
             if unit in units:
                 logger.warning("gitplug: host %s lost the lease of %s; another host will deploy it",
                                self.host_id, unit)
-        share, short, led_elsewhere = self._share(sum(1 for unit in units if not unit.startswith(_DISCOVER)))
+        # Read after the dead leases are dropped: a store failing here still lets those go.
+        hosts = self.store.hosts() if self._fleet else None
+        share, short, led_elsewhere = self._share(
+            sum(1 for unit in units if not unit.startswith(_DISCOVER)), hosts or [])
         self._elections += 1
         handed: str | None = None
         held = self._held_plugins()
@@ -696,6 +711,7 @@ class HostServices:
         if changed:
             self._schedule()
             self._beat_now.set()
+        return hosts
 
     def _release(self, unit: str) -> None:
         lease = self._leases.pop(unit, None)

@@ -15,10 +15,20 @@ Each is sent with the :class:`~gitplug.GitPlug`-managed Flask app as sender
     canary_aborted      plugin, deploy, commit, stable_commit, figures, reason
     stage_finished      plugin, stage=<fetch|stage|test|load|swap>, seconds=<float>
     poll_succeeded      plugin, at=<unix time>
+    host_lost           host=<host id>, info=<HostInfo>, reported_by=<host id>
 
 ``stage_finished`` and ``poll_succeeded`` are sent by the deployer with itself
 as sender; the metrics of :mod:`gitplug.web.metrics` subscribe to them, so
 the pipeline never imports the HTTP face.
+
+``host_lost`` (a fleet's, README "Running a fleet") is sent by a host's
+controller, with its deployer as sender, when it sees another host whose
+heartbeat is older than :data:`~gitplug.state.HOST_LOST_AFTER_S`: ``host``
+is the silent host's id, ``info`` its last :class:`~gitplug.state.HostInfo`
+(``heartbeat_at``, and per plugin the commit it served and whether it led
+it), ``reported_by`` the sending host's id. Once per fleet per loss: of all
+the fleet's controllers exactly one sends it (:mod:`gitplug.deploy.hostwatch`);
+a host that beats again and goes silent again is a new loss.
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ __all__ = [
     "canary_aborted",
     "stage_finished",
     "poll_succeeded",
+    "host_lost",
 ]
 
 _signals = Namespace()
@@ -54,3 +65,4 @@ canary_promoted = _signals.signal("gitplug-canary-promoted")
 canary_aborted = _signals.signal("gitplug-canary-aborted")
 stage_finished = _signals.signal("gitplug-stage-finished")
 poll_succeeded = _signals.signal("gitplug-poll-succeeded")
+host_lost = _signals.signal("gitplug-host-lost")

@@ -161,7 +161,9 @@ class PluginConfig:
 
 
 #: What a ``notify`` entry may list in ``events`` (the canary events carry both
-#: sides' figures; ``host_lost`` is accepted now and sent once that feature exists).
+#: sides' figures; ``host_lost``: a fleet's host went silent, sent once per fleet
+#: per loss by one host's controller). The forge formats post the ``deploy_*``
+#: events only and accept the others silently.
 NOTIFY_EVENTS: Final = ("deploy_started", "deploy_succeeded", "deploy_failed", "rolled_back",
                         "canary_started", "canary_promoted", "canary_aborted", "host_lost")
 #: ``format`` of a ``notify`` entry.

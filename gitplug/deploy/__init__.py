@@ -13,6 +13,7 @@ fetch -> resolve -> stage -> test -> load -> verify -> swap -> record.
 - :mod:`.hosted`: the push remote: hosted repositories, git's protocol
   (dulwich's server side) and the pre-receive rules of a push.
 - :mod:`.notify`: ``notify:`` messages, sent from a background thread.
+- :mod:`.hostwatch`: a fleet's lost hosts, reported once per fleet (``host_lost``).
 
 It reports progress through :mod:`gitplug.signals` (``deploy_*``,
 ``stage_finished``, ``poll_succeeded``); whoever wants figures subscribes.

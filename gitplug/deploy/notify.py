@@ -1,10 +1,14 @@
 """Notifications: deploy events POSTed to the endpoints of ``notify:``, in the background.
 
 A :class:`Notifier` subscribes to the pipeline's signals (``deploy_started``,
-``deploy_succeeded``, ``deploy_failed``, ``rolled_back``) for one
-:class:`~gitplug.deploy.pipeline.Deployer`. Only the process that runs a
+``deploy_succeeded``, ``deploy_failed``, ``rolled_back``, the canary events)
+for one :class:`~gitplug.deploy.pipeline.Deployer`. Only the process that runs a
 deploy sends its signals, so each event is sent once, by the process that
 decided it (the controller, the worker that received a push, or the CLI).
+It also hears ``host_lost``, which a fleet's host controller sends with its
+deployer as sender, once per fleet per loss (:mod:`.hostwatch`); its body is
+:func:`host_lost_payload`, and an entry with ``plugins`` gets it when the
+lost host served or led one of them.
 
 For every ``notify`` entry whose ``events`` (and ``plugins``, when given)
 match, the message is built on the deploy's thread (no I/O) and put on a
@@ -34,7 +38,8 @@ Formats (README, "Notifications"):
 
   A status needs the commit: a ``deploy_started`` whose commit is not
   resolved yet (a CLI or API deploy of a branch) posts none, and the forge
-  formats take the ``deploy_*`` events only.
+  formats take the ``deploy_*`` events only: the others (the canary events,
+  ``host_lost``) are accepted in their ``events`` and post nothing.
 """
 
 from __future__ import annotations
@@ -56,15 +61,16 @@ import urllib3
 
 from .. import signals
 from ..config import GitplugConfig, NotifyTarget
-from ..state import DeployRecord
+from ..state import DeployRecord, HostInfo, iso_at
 
-__all__ = ["Notifier", "Message", "failures", "payload", "EVENTS", "FORGE_FORMATS"]
+__all__ = ["Notifier", "Message", "failures", "payload", "host_lost_payload", "EVENTS", "FORGE_FORMATS"]
 
 logger = logging.getLogger(__name__)
 
 #: Every event a ``notify`` entry may list. The canary events add ``percent``
 #: and ``figures`` (both sides', README "Canary releases") to the body;
-#: ``host_lost`` is accepted now and sent once that feature exists.
+#: ``host_lost`` (a fleet's host went silent) has a body of its own
+#: (:func:`host_lost_payload`), sent once per fleet per loss.
 EVENTS: t.Final = ("deploy_started", "deploy_succeeded", "deploy_failed", "rolled_back",
                    "canary_started", "canary_promoted", "canary_aborted", "host_lost")
 FORGE_FORMATS: t.Final = ("github", "gitlab", "gitea")
@@ -129,11 +135,48 @@ def payload(event: str, plugin: str, record: DeployRecord | None, *, status_url:
     return body
 
 
+def host_lost_payload(info: HostInfo, *, reported_by: str, status_url: str | None) -> dict[str, t.Any]:
+    """The ``json`` body of ``host_lost`` (README, "Notifications").
+
+    The fields every event has, ``plugin`` and the deploy's (``commit`` ...
+    ``deploy_id``) null; ``host`` is the lost host, ``plugins`` what it
+    served and led as its last heartbeat said, ``last_heartbeat_at`` that
+    beat's time, ``reported_by`` the host that noticed.
+    """
+    body: dict[str, t.Any] = {
+        "event": "host_lost",
+        "plugin": None,
+        **dict.fromkeys(("commit", "ref", "result", "stage", "error", "trigger", "deploy_id")),
+        "host": info.host_id,
+        "plugins": {
+            name: {"live_commit": entry.live_commit, "leader": entry.leads, "error": entry.error}
+            for name, entry in sorted(info.plugins.items())
+        },
+        "last_heartbeat_at": iso_at(info.heartbeat_at),
+        "reported_by": reported_by,
+        "status_url": status_url,
+        "at": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
+    }
+    return body
+
+
+def _served(info: HostInfo) -> set[str]:
+    """The plugins a host served (a commit) or led, as its last heartbeat said."""
+    return {name for name, entry in info.plugins.items() if entry.live_commit or entry.leads}
+
+
 def _summary(body: dict[str, t.Any]) -> str:
     """One line for people (Slack, Mattermost; the forge status description)."""
     plugin, commit = body["plugin"], (body["commit"] or "")[:12]
     at = f" on {body['host']}" if body.get("host") else ""
     event = body["event"]
+    if event == "host_lost":
+        plugins = body.get("plugins") or {}
+        served = [f"{name} {(entry.get('live_commit') or '-')[:12]}" + (" (leader)" if entry.get("leader") else "")
+                  for name, entry in plugins.items() if entry.get("live_commit") or entry.get("leader")]
+        return (f"host {body['host']} is lost: no heartbeat since {body['last_heartbeat_at']}"
+                + (f"; it served {', '.join(served)}" if served else "; it served nothing")
+                + f" (reported by {body['reported_by']})")
     if event == "deploy_started":
         text = f"deploying {plugin} {commit or body.get('ref') or ''}".rstrip() + f" ({body['trigger']}){at}"
     elif event == "deploy_succeeded":
@@ -153,7 +196,8 @@ def _summary(body: dict[str, t.Any]) -> str:
 def _message(target: NotifyTarget, event: str, body: dict[str, t.Any]) -> Message | None:
     """The request ``target`` wants for this event, or None (a forge status needs a commit)."""
     headers = {"User-Agent": USER_AGENT, "Content-Type": "application/json"}
-    what = f"{event} of {body['plugin']} to {target.display_url}"
+    subject = body["plugin"] if body["plugin"] is not None else f"host {body['host']}"
+    what = f"{event} of {subject} to {target.display_url}"
     if target.format == "json":
         data = json.dumps(body, sort_keys=True).encode()
         headers.update({"X-Gitplug-Event": event, "X-Gitplug-Delivery": str(uuid.uuid4())})
@@ -166,6 +210,7 @@ def _message(target: NotifyTarget, event: str, body: dict[str, t.Any]) -> Messag
         if body.get("status_url"):
             text += f" <{body['status_url']}|status>"
         return Message(target.url, json.dumps({"text": text}).encode(), headers, target.timeout, what)
+    # A commit status is per commit: the forges take the deploy_* events only.
     state = _FORGE_STATE[target.format].get(event)
     commit = body.get("commit")
     if state is None or not commit:
@@ -220,6 +265,7 @@ class Notifier:
             signals.rolled_back.connect(self._on_rolled_back, sender=self._sender, weak=False)
             for signal, receiver in self._canary_receivers():
                 signal.connect(receiver, sender=self._sender, weak=False)
+            signals.host_lost.connect(self._on_host_lost, sender=self._sender, weak=False)
             self._connected = True
         return self
 
@@ -233,6 +279,7 @@ class Notifier:
                 signal.disconnect(receiver, sender=self._sender)
             for signal, receiver in self._canary_receivers():
                 signal.disconnect(receiver, sender=self._sender)
+            signals.host_lost.disconnect(self._on_host_lost, sender=self._sender)
             self._connected = False
         done = self.flush(timeout)
         with self._lock:
@@ -293,16 +340,32 @@ class Notifier:
     def _on_canary_aborted(self, sender: object, *, plugin: str, deploy: DeployRecord, **kwargs: t.Any) -> None:
         self._on_canary("canary_aborted", plugin, deploy, **kwargs)
 
+    def _on_host_lost(self, sender: object, *, info: HostInfo, reported_by: str, **_: t.Any) -> None:
+        self.publish_host_lost(info, reported_by=reported_by)
+
     def publish(self, event: str, plugin: str, record: DeployRecord | None, **extra: t.Any) -> int:
         """Queue ``event`` for every matching entry; returns how many messages were queued."""
+        return self._publish(
+            event, plugin, {plugin},
+            lambda status_url: payload(event, plugin, record, status_url=status_url, host=self._host, **extra))
+
+    def publish_host_lost(self, info: HostInfo, *, reported_by: str) -> int:
+        """Queue ``host_lost`` of ``info``'s host for every matching entry (an entry with
+        ``plugins`` when the host served or led one of them); returns how many were queued."""
+        return self._publish(
+            "host_lost", f"host {info.host_id}", _served(info),
+            lambda status_url: host_lost_payload(info, reported_by=reported_by, status_url=status_url))
+
+    def _publish(self, event: str, what: str, plugins: set[str],
+                 build: t.Callable[[str | None], dict[str, t.Any]]) -> int:
         try:
             config = self._config()
             targets = [n for n in config.notify if event in n.events
-                       and (n.plugins is None or plugin in n.plugins)]
+                       and (n.plugins is None or not n.plugins.isdisjoint(plugins))]
             if not targets:
                 return 0
             status_url = (config.public_url.rstrip("/") + config.api_prefix + "/") if config.public_url else None
-            body = payload(event, plugin, record, status_url=status_url, host=self._host, **extra)
+            body = build(status_url)
             queued = 0
             for target in targets:
                 message = _message(target, event, body)
@@ -310,7 +373,7 @@ class Notifier:
                     queued += 1
             return queued
         except Exception:  # noqa: BLE001 - a notification must never break a deploy
-            logger.exception("gitplug: could not queue the %s notification of %s", event, plugin)
+            logger.exception("gitplug: could not queue the %s notification of %s", event, what)
             return 0
 
     def _put(self, message: Message) -> bool:

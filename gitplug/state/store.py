@@ -50,6 +50,7 @@ __all__ = [
     "canary_figures",
     "default_host",
     "host_status",
+    "iso_at",
     "now_iso",
     "redact_url",
 ]
@@ -97,6 +98,11 @@ INTERRUPTED_ERROR = "the process died during the deploy"
 def now_iso() -> str:
     """The current UTC time as ``2026-11-28T01:02:03.456Z``."""
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def iso_at(timestamp: float) -> str:
+    """``time.time()`` value ``timestamp`` as ``2026-11-28T01:02:03.456Z`` (a heartbeat's time)."""
+    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def parse_iso(text: str) -> datetime:
@@ -360,8 +366,7 @@ def host_status(
         out[host.host_id] = {
             "live_commit": commit,
             "state": value,
-            "heartbeat_at": datetime.fromtimestamp(host.heartbeat_at, timezone.utc)
-            .isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "heartbeat_at": iso_at(host.heartbeat_at),
             "error": error,
             "leader": bool(entry is not None and entry.leads),
         }
