@@ -13,6 +13,14 @@
 
     with GpgKey.make(tmp_path / "gpg", "Rel <rel@example.com>") as rel:   # own GNUPGHOME
         repo.commit("v2", sign=rel); rel.public_file  # an armored public key
+        rel.revoke()                                 # for good; public_file exported again
+
+    # Made two days ago, expired yesterday: this GNUPGHOME's gpg keeps a clock
+    # in the key's lifetime (faked-system-time), so git can still sign with it.
+    with GpgKey.make(tmp_path / "old", "Old <old@example.com>", created=time.time() - 2 * DAY,
+                     expires=DAY) as old:
+        repo.commit("v3", sign=old)
+        old.set_expiry("never")                      # public_file exported again
 
 Every git and gpg command runs with an argument list, a deadline and an
 environment of its own (no user or system git configuration). A GpgKey
@@ -35,6 +43,7 @@ from pathlib import Path
 import pytest
 
 _PACKAGES = {"git": "git", "ssh-keygen": "openssh-client", "gpg": "gnupg", "gpgconf": "gnupg"}
+DAY = 24 * 3600
 
 
 def require_tools(*tools: str) -> None:
@@ -99,21 +108,57 @@ class GpgKey:
 
     @classmethod
     @contextlib.contextmanager
-    def make(cls, home: Path, uid: str) -> Iterator[GpgKey]:
+    def make(cls, home: Path, uid: str, *, created: float | None = None,
+             expires: int | None = None) -> Iterator[GpgKey]:
+        """A new key; ``created`` (epoch seconds, in the past) and ``expires`` (seconds after that).
+
+        With ``created``, this GNUPGHOME's gpg runs with its clock set back to
+        that time (``faked-system-time`` in its gpg.conf, so git's gpg too):
+        what the key signs is signed then, while it was valid, and a verifier
+        on the real clock judges the key as it is now.
+        """
         require_tools("gpg", "gpgconf")
         home.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(home, 0o700)
         env = cls._env_for(home)
+        if created is not None:
+            (home / "gpg.conf").write_text(f"faked-system-time {int(created)}\n")
         try:
             _run(["gpg", "--batch", "--quiet", "--passphrase", "", "--quick-gen-key", uid,
-                  "ed25519", "sign", "never"], env=env)
+                  "ed25519", "sign", "never" if expires is None else f"seconds={expires}"], env=env)
             listing = _run(["gpg", "--batch", "--with-colons", "--list-keys", uid], env=env)
             fingerprint = next(line.split(":")[9] for line in listing.splitlines() if line.startswith("fpr:"))
-            public = home.parent / f"{home.name}.asc"
-            public.write_text(_run(["gpg", "--batch", "--armor", "--export", fingerprint], env=env))
-            yield cls(home, uid, fingerprint, public)
+            key = cls(home, uid, fingerprint, home.parent / f"{home.name}.asc")
+            key._export()
+            yield key
         finally:
             subprocess.run(["gpgconf", "--kill", "all"], env=env, capture_output=True, timeout=30, check=False)
+
+    def _export(self) -> None:
+        self.public_file.write_text(_run(["gpg", "--batch", "--armor", "--export", self.fingerprint],
+                                         env=self.env))
+
+    def set_expiry(self, expire: str) -> None:
+        """``gpg --quick-set-expire`` (``never``, ``1y``, ...; from gpg's clock); public_file exported again.
+
+        Takes about a second: gpg waits until its new self-signature is newer than the last.
+        """
+        _run(["gpg", "--batch", "--quiet", "--pinentry-mode", "loopback", "--passphrase", "",
+              "--quick-set-expire", self.fingerprint, "0" if expire == "never" else expire], env=self.env)
+        self._export()
+
+    def revoke(self) -> None:
+        """Revoke the key for good; public_file exported again, the revocation in it.
+
+        gpg wrote a revocation certificate when it made the key
+        (``openpgp-revocs.d/FPR.rev``), its armor line prefixed with ``:`` so
+        that it cannot be imported by accident: importing it without the ``:``
+        revokes the key, with no prompt.
+        """
+        certificate = (self.home / "openpgp-revocs.d" / f"{self.fingerprint}.rev").read_text()
+        _run(["gpg", "--batch", "--quiet", "--import"], env=self.env,
+             input=certificate.replace(":-----BEGIN PGP", "-----BEGIN PGP").encode())
+        self._export()
 
     @staticmethod
     def _env_for(home: Path) -> dict[str, str]:

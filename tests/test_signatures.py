@@ -4,13 +4,16 @@ Real keys (ssh-keygen, a GPG key in a temporary GNUPGHOME), commits and tags
 signed by the ``git`` command, the whole pipeline deploying into a host app:
 a commit signed by an allowed key deploys and history names its signer; an
 unsigned one, one signed by another key and a forged one fail at
-``signature`` while the live release keeps serving; mode ``tag`` deploys a
-signed tag and refuses an unsigned or lightweight one; a rollback keeps the
-verdict of the first deploy; the configuration refuses what cannot work.
+``signature`` while the live release keeps serving; so do commits by an
+OpenPGP key that expired since it signed (gpg's EXPKEYSIG) or was revoked
+(REVKEYSIG); mode ``tag`` deploys a tag signed with an allowed SSH or OpenPGP
+key and refuses an unsigned, lightweight or other key's one; a rollback keeps
+the verdict of the first deploy; the configuration refuses what cannot work.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,7 +25,7 @@ from gitplug.config import config_from_mapping
 from gitplug.errors import ConfigError
 from gitplug.state import DeployResult
 from serverproc import run_cli
-from signing import GitWorkTree, GpgKey, SshKey, require_tools
+from signing import DAY, GitWorkTree, GpgKey, SshKey, require_tools
 
 PLUGIN = '''
 from gitplug import Plugin, current_plugin
@@ -293,3 +296,108 @@ def test_serve_refuses_to_start_without_the_tools_verify_needs(tmp_path: Path) -
     assert (f"{config}:2: verify.gpg_keys: verifying signatures needs the `gpg` command, which is not on PATH: install "
             "it (Debian: apt-get install gnupg)") in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_gpg_commit_by_a_key_expired_since_is_refused(make_gp: Callable[[Flask], GitPlug], tmp_path: Path) -> None:
+    """Signed while the key was valid, verified after it expired: gpg says EXPKEYSIG; refused.
+
+    gpg judges the key as it is at the check, not when it signed: extending
+    the key (and exporting it again into gpg_keys) makes the same commit deploy.
+    """
+    require_tools("gpg", "gpgconf")
+    repo = GitWorkTree.init(tmp_path / "repo")
+    with GpgKey.make(tmp_path / "gpg-rel", "Release Team <release@example.com>") as release, \
+            GpgKey.make(tmp_path / "gpg-old", "Old Laptop <old@example.com>",
+                        created=time.time() - 2 * DAY, expires=DAY) as old:
+        write_version(repo, "v1")
+        v1 = repo.commit("v1", sign=release)
+        app, gp = make_app(make_gp, tmp_path, repo,
+                           {"gpg_keys": [str(release.public_file), str(old.public_file)]})
+        assert gp.deploy("hello").result == DeployResult.LIVE
+        write_version(repo, "v2")
+        v2 = repo.commit("v2, signed while the key was valid", sign=old)
+
+        record = gp.deploy("hello")
+        assert (record.commit, record.result, record.stage.value) == (v2, DeployResult.FAILED, "signature"), record
+        assert f"commit {v2[:12]}: signed with OpenPGP key {old.fingerprint}, which is expired." in record.error
+        # It is among gpg_keys already: the way out is to extend it, not to add it.
+        assert f"extend it (gpg --quick-set-expire {old.fingerprint} 1y)" in record.error
+        assert "add it to verify.gpg_keys" not in record.error
+        assert "live release keeps serving" in record.error
+        assert record.signer is None
+        assert gp.deployer.releases.get("hello", v2) is None
+        assert served(app) == f"200 v1@{v1[:7]}"
+
+        old.set_expiry("never")  # the owner extends it; the operator exports it again
+        record = gp.deploy("hello")
+        assert (record.commit, record.result) == (v2, DeployResult.LIVE), record
+        assert record.signer == f"Old Laptop <old@example.com> (gpg {old.fingerprint})"
+        assert served(app) == f"200 v2@{v2[:7]}"
+
+
+def test_gpg_commit_by_a_revoked_key_is_refused(make_gp: Callable[[Flask], GitPlug], tmp_path: Path) -> None:
+    """A key revoked after it signed (revocation imported into gpg_keys): gpg says REVKEYSIG; refused."""
+    require_tools("gpg", "gpgconf")
+    repo = GitWorkTree.init(tmp_path / "repo")
+    with GpgKey.make(tmp_path / "gpg-rel", "Release Team <release@example.com>") as release:
+        write_version(repo, "v1")
+        v1 = repo.commit("v1", sign=release)
+        write_version(repo, "v2")
+        v2 = repo.commit("v2", sign=release)
+        repo.git("update-ref", "refs/heads/main", v1)
+        app, gp = make_app(make_gp, tmp_path, repo, {"gpg_keys": [str(release.public_file)]})
+        record = gp.deploy("hello")
+        assert (record.commit, record.result) == (v1, DeployResult.LIVE), record
+
+        release.revoke()  # stolen: the revocation reaches gpg_keys, then v2 is pushed
+        repo.git("update-ref", "refs/heads/main", v2)
+        record = gp.deploy("hello")
+        assert (record.commit, record.result, record.stage.value) == (v2, DeployResult.FAILED, "signature"), record
+        assert f"commit {v2[:12]}: signed with OpenPGP key {release.fingerprint}, which is revoked." in record.error
+        assert "A revoked key is refused whatever it signed: sign the commit" in record.error
+        assert "add it to verify.gpg_keys" not in record.error
+        assert record.signer is None
+        assert served(app) == f"200 v1@{v1[:7]}"
+
+
+def test_tag_mode_with_gpg_signed_tags(make_gp: Callable[[Flask], GitPlug], tmp_path: Path) -> None:
+    """Mode tag with OpenPGP: a tag signed by a key of gpg_keys deploys; unsigned or another key's, refused."""
+    require_tools("gpg", "gpgconf")
+    repo = GitWorkTree.init(tmp_path / "repo")
+    with GpgKey.make(tmp_path / "gpg-rel", "Release Team <release@example.com>") as release, \
+            GpgKey.make(tmp_path / "gpg-eve", "Eve <eve@example.com>") as eve:
+        write_version(repo, "v1")
+        v1 = repo.commit("v1")  # unsigned commits: tag mode checks the tag only
+        repo.tag("v1.0", sign=release)
+        write_version(repo, "v2")
+        v2 = repo.commit("v2")
+        repo.tag("v2.0")  # annotated, unsigned
+        write_version(repo, "v3")
+        v3 = repo.commit("v3")
+        repo.tag("v3.0", sign=eve)
+        app, gp = make_app(make_gp, tmp_path, repo, {"mode": "tag", "gpg_keys": [str(release.public_file)]},
+                           ref="v1.0")
+
+        record = gp.deploy("hello")
+        assert (record.commit, record.result) == (v1, DeployResult.LIVE), record
+        assert record.signer == f"Release Team <release@example.com> (gpg {release.fingerprint})"
+        assert served(app) == f"200 v1@{v1[:7]}"
+
+        record = gp.deploy("hello", ref="v2.0")
+        assert (record.commit, record.result, record.stage.value) == (v2, DeployResult.FAILED, "signature"), record
+        assert f"tag v2.0 of commit {v2[:12]}: not signed" in record.error and "git tag -s" in record.error
+        record = gp.deploy("hello", ref="v3.0")
+        assert (record.commit, record.result, record.stage.value) == (v3, DeployResult.FAILED, "signature"), record
+        assert (f"tag v3.0 of commit {v3[:12]}: signed with OpenPGP key {eve.fingerprint}, which is not among "
+                "verify.gpg_keys. If you trust that key, add it to verify.gpg_keys") in record.error
+        assert served(app) == f"200 v1@{v1[:7]}"
+
+        # A branch: some tag naming its tip must be signed by a key of gpg_keys; eve's is not enough.
+        record = gp.deploy("hello", ref="main")
+        assert (record.commit, record.stage.value) == (v3, "signature"), record
+        assert eve.fingerprint in record.error
+        repo.tag("v3.0-release", sign=release)
+        record = gp.deploy("hello", ref="main")
+        assert (record.commit, record.result) == (v3, DeployResult.LIVE), record
+        assert record.signer == f"Release Team <release@example.com> (gpg {release.fingerprint})"
+        assert served(app) == f"200 v3@{v3[:7]}"

@@ -58,6 +58,8 @@ class _Outcome:
     signer: str | None  #: who signed, when ``ok``
     fingerprint: str | None  #: the key that signed, when there is a signature
     why: str  #: what is wrong, when not ``ok``
+    #: ``expired`` / ``revoked``: a key of ``gpg_keys`` that signed but is no longer valid
+    key_state: str | None = None
 
 
 def check_signature(git: GitSource, plugin: str, url: str, resolved: ResolvedRef,
@@ -113,9 +115,17 @@ def check_signature(git: GitSource, plugin: str, url: str, resolved: ResolvedRef
 
 def _refused(plugin: str, commit: str, what: str, outcome: _Outcome, verify: VerifyConfig,
              todo: str) -> SignatureRefused:
-    if outcome.fingerprint:
+    todo_lower = f"{todo[0].lower()}{todo[1:]}"
+    if outcome.key_state == "expired":
+        # The key is among gpg_keys already (gpg judges it as it is now, not when it signed).
+        todo = (f"If the key is still trusted, extend it (gpg --quick-set-expire "
+                f"{outcome.fingerprint} 1y) and export it again into verify.gpg_keys (gpg --armor "
+                f"--export {outcome.fingerprint} > key.asc); else {todo_lower}")
+    elif outcome.key_state == "revoked":
+        todo = f"A revoked key is refused whatever it signed: {todo_lower}"
+    elif outcome.fingerprint:
         where = _key_files(verify, outcome.fingerprint)
-        todo = (f"If you trust that key, add it to {where}; else {todo[0].lower()}{todo[1:]}")
+        todo = f"If you trust that key, add it to {where}; else {todo_lower}"
     return SignatureRefused(f"plugin {plugin!r}: {what}: {outcome.why}. {todo} Nothing was "
                             "deployed; the live release keeps serving.",
                             plugin=plugin, commit=commit, signer=outcome.fingerprint)
@@ -187,7 +197,8 @@ def _read_outcome(code: int, out: str) -> _Outcome:
         if "EXPKEYSIG" in status or "REVKEYSIG" in status:
             word = "EXPKEYSIG" if "EXPKEYSIG" in status else "REVKEYSIG"
             what = "expired" if word == "EXPKEYSIG" else "revoked"
-            return _Outcome(False, None, fpr, f"signed with OpenPGP key {fpr}, which is {what}")
+            return _Outcome(False, None, fpr, f"signed with OpenPGP key {fpr}, which is {what}",
+                            key_state=what)
         if "NO_PUBKEY" in status or "ERRSIG" in status:
             return _Outcome(False, None, fpr, f"signed with OpenPGP key {fpr}, which is not "
                                               "among verify.gpg_keys")
