@@ -6,8 +6,9 @@ code, interleaved round by round.
 
 ``webhook_to_live_s_p50``: against the gitplug server of
 :class:`bench.site.Site`, a commit, then ``POST /_gitplug/webhook`` signed as
-GitHub would; the clock runs from sending the webhook to the first response
-served by the new commit (``/hello/api/release``, fresh connections).
+GitHub would; the clock runs from sending the webhook until every worker
+serves the new commit (the last worker's publish of it; the first response of
+the new commit is kept as ``detail.first_response_s_p50``).
 :func:`measure_served` then hands the same server, with its two newest
 commits, to :mod:`bench.underload` for the throughput and convergence figures.
 """

@@ -162,6 +162,18 @@ def within(limit: float, check: Callable[[], t.Any], *, what: str) -> float:
     return took
 
 
+def promptly(took: float, limit: float, *, what: str) -> None:
+    """Check a time already measured as :func:`within` checks a wait: fail only on a hang.
+
+    ``limit`` is the promise; only over ``max(10, 4 * limit)`` seconds does
+    the test fail (something waited that must not); over the promise it
+    prints, and ``python -m bench`` is where speed is judged.
+    """
+    assert took < max(10.0, 4 * limit), f"{what}: took {took:.2f} s (promised {limit} s): it hung"
+    if took >= limit:
+        print(f"{what}: took {took:.2f} s, over the {limit} s promised (see python -m bench)")
+
+
 def write_version(
     repo: GitRepo, name: str, version: str, *, gate_test: bool = False, broken: bool = False
 ) -> str:

@@ -31,6 +31,7 @@ from serverproc import (
     Server,
     clean_env,
     expected,
+    promptly,
     request,
     run_cli,
     wait_for,
@@ -324,7 +325,7 @@ def test_webhook_push_deploys_once_per_delivery(site: Site) -> None:
     pushed = time.monotonic()
     status, body, took = site.hook(site.push(), delivery=delivery)
     assert (status, body["status"], body["queued"]) == (202, "queued", ["hello"]), body
-    assert took < 1, f"the webhook answered after {took:.2f} s"
+    promptly(took, 1, what="the webhook's answer (it queues, never waits for the deploy)")
     within(5, lambda: site.served() == expected("hello", "v3", v3), what="v3 after the push")
     # The positive control: how long a delivery that deploys takes to be served here.
     live_after = time.monotonic() - pushed
@@ -350,7 +351,8 @@ def test_webhook_push_deploys_once_per_delivery(site: Site) -> None:
 
     # A fresh delivery to /webhook/hello does.
     status, body, took = site.hook(site.push(), path="/webhook/hello")
-    assert (status, body["queued"]) == (202, ["hello"]) and took < 1, body
+    assert (status, body["queued"]) == (202, ["hello"]), body
+    promptly(took, 1, what="the webhook's answer (it queues, never waits for the deploy)")
     within(5, lambda: site.served() == expected("hello", "v4", v4), what="v4 after the push")
 
 
