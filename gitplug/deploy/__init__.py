@@ -14,6 +14,12 @@ fetch -> resolve -> stage -> test -> load -> verify -> swap -> record.
   (dulwich's server side) and the pre-receive rules of a push.
 - :mod:`.notify`: ``notify:`` messages, sent from a background thread.
 - :mod:`.hostwatch`: a fleet's lost hosts, reported once per fleet (``host_lost``).
+- :mod:`.peers`: in a fleet, a hosted repository fetched from the host a push reached.
+- :mod:`.canary`: the judgement of a running canary (promote or roll back).
+- :mod:`.credentials`: ``credentials:`` entries matched to repository URLs (HTTPS, SSH).
+- :mod:`.signatures`: ``verify:``, the signed-commit check before staging.
+- :mod:`.requirements`: a release's declared requirements checked before its tests.
+- :mod:`.discovery`: ``discover:``, plugins found as directories of a repository.
 
 It reports progress through :mod:`gitplug.signals` (``deploy_*``,
 ``stage_finished``, ``poll_succeeded``); whoever wants figures subscribes.

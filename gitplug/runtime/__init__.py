@@ -16,6 +16,8 @@ snapshot of live releases each request is pinned to, and the atomic swap.
 - :mod:`.codecache`: compiled Python and Jinja code shared between processes.
 - :mod:`.devdir`: directory snapshots and the watcher of ``serve --dev``.
 - :mod:`.environ`: the WSGI environ keys the runtime sets.
+- :mod:`.manifest`: what a release directory holds, checked before it is loaded.
+- :mod:`.canary`: a canary's split: which side serves a request (sticky per client).
 
 May import: the base (:mod:`gitplug.errors`, :mod:`gitplug.signals`,
 :mod:`gitplug.prefixes`) only. The deploy part drives it; it never calls back.
