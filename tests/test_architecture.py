@@ -125,3 +125,12 @@ def test_every_part_says_what_it_owns_and_may_import() -> None:
     for part in ALLOWED:
         doc = ast.get_docstring(ast.parse((PACKAGE / part / "__init__.py").read_text())) or ""
         assert "May import" in doc, f"gitplug/{part}/__init__.py needs a docstring naming what it may import"
+
+
+@pytest.mark.parametrize("part", sorted(ALLOWED))
+def test_every_part_lists_its_modules(part: str) -> None:
+    """The part's docstring is its map: each module appears in it as :mod:`.name`."""
+    doc = ast.get_docstring(ast.parse((PACKAGE / part / "__init__.py").read_text())) or ""
+    modules = sorted(p.stem for p in (PACKAGE / part).glob("*.py") if p.stem != "__init__")
+    missing = [m for m in modules if f":mod:`.{m}`" not in doc]
+    assert not missing, f"gitplug/{part}/__init__.py does not list {missing}; add a line for each"

@@ -6,6 +6,7 @@ workers' heartbeats, webhook delivery ids.
 
 - :mod:`.store`: the :class:`StateStore` protocol and its value types
   (:class:`PluginState`, :class:`DeployRecord`, ...).
+- :mod:`.sqlbase`: the SQL both stores share (the contract, once).
 - :mod:`.sqlite`: :class:`SQLiteStateStore`, the embedded default.
 - :mod:`.postgres`: ``PostgresStateStore``, one database shared by a fleet of
   hosts (imported only when a ``postgresql://`` URL asks for it).
