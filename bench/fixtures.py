@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 
 #: The gitplug checkout this bench lives in.
 REPO_ROOT = Path(__file__).resolve().parent.parent
-#: The example plugin repository (SPEC 8).
+#: The example plugin repository (README, "Five minutes with the demo").
 EXAMPLE_DIR = REPO_ROOT / "plugins_repo_example"
 
 _IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache", ".git")

@@ -134,3 +134,12 @@ def test_every_part_lists_its_modules(part: str) -> None:
     modules = sorted(p.stem for p in (PACKAGE / part).glob("*.py") if p.stem != "__init__")
     missing = [m for m in modules if f":mod:`.{m}`" not in doc]
     assert not missing, f"gitplug/{part}/__init__.py does not list {missing}; add a line for each"
+
+
+def test_no_module_cites_the_spec() -> None:
+    """Product text cites README sections; docstrings are product text too (``help()`` shows them)."""
+    roots = [PACKAGE, PACKAGE.parent / "bench"]
+    citing = [f"{path.relative_to(PACKAGE.parent)}:{number}"
+              for root in roots if root.is_dir() for path in sorted(root.rglob("*.py"))
+              for number, line in enumerate(path.read_text().splitlines(), 1) if "SPEC" in line]
+    assert not citing, f"these lines cite SPEC; cite the README section instead: {citing}"
