@@ -52,7 +52,7 @@ from pathlib import Path
 from .config import ConfigDiff, GitplugConfig, diff_plugins, load_config
 from .deploy.autorollback import AutoRollbackWatch
 from .deploy.canary import CanaryWatch
-from .deploy.discovery import discovered_path, record_scan, scan, with_discovered
+from .deploy.discovery import discovered_path, record_scan, scan, try_discovered, with_discovered
 from .deploy.hosted import HostedRepos
 from .deploy.hostwatch import LostHostWatch
 from .deploy.layout import DataLayout, FileLock
@@ -867,8 +867,8 @@ class HostServices:
             commit = self.deployer.git.resolve("", entry.repo, entry.ref).commit
             found, problems = scan(self.deployer.git, entry, commit)
         except GitplugError as exc:
-            logger.warning("gitplug: discover %r in %s: %s; the plugins found before stay", entry.path,
-                           entry.repo, exc)
+            logger.warning("gitplug: discover %r in %s: the scan failed, the plugins found before stay: %s",
+                           entry.path, entry.repo, exc)
             return []
         gone = record_scan(self.file_config, entry, commit, found, problems)
         self._discovered_mtime = self._discovered_file_mtime()
@@ -876,7 +876,7 @@ class HostServices:
         for name in gone:
             if name in self.config.removed:
                 self._record_removed(name, entry.ref, commit, self.config.removed[name].path or "")
-        return problems
+        return list(problems.values())
 
     def _record_removed(self, name: str, ref: str, commit: str, directory: str) -> None:
         with self.deployer.lock_for(name):
@@ -891,13 +891,28 @@ class HostServices:
         logger.info("plugin %s: removed (%s/ is gone from %s)", name, directory, commit[:12])
 
     def refresh_discovered(self) -> ConfigDiff:
-        """Merge the last scans into the configuration and apply the difference."""
-        new, problems = with_discovered(self.file_config)
-        if problems != self._discover_problems:
+        """Merge the last scans into the configuration and apply the difference.
+
+        Each problem is logged once, when it appears. An unreadable
+        ``discovered.json`` changes nothing: the discovered plugins keep
+        running, and the controller scans every entry again (which rewrites it).
+        """
+        with self._adopt_lock:  # a scan and the control loop may both refresh: each problem logged once
+            merged = try_discovered(self.file_config)
+            if isinstance(merged, str):
+                logger.warning("gitplug: ignoring an unreadable %s (%s): the discovered plugins keep running;"
+                               " discovery runs again", discovered_path(self.file_config), merged)
+                for index in range(len(self.file_config.discover)):
+                    unit = f"{_DISCOVER}{index}"
+                    if self.holds(unit) or self._started_pid is None:
+                        self.queue.submit(Trigger(unit, "discover"))
+                return ConfigDiff()
+            new, problems = merged
             for problem in problems:
-                logger.error("gitplug: %s", problem)
+                if problem not in self._discover_problems:
+                    logger.error("gitplug: %s", problem)
             self._discover_problems = problems
-        return self._adopt(new, "discover")
+            return self._adopt(new, "discover")
 
     # -- configuration reload -----------------------------------------------------
 

@@ -12,7 +12,10 @@ process of the host, and the CLI, merges into the configuration it read
 (:func:`with_discovered`). An explicit ``plugins:`` entry of the same name
 wins; a discovered name or prefix that clashes is refused with a clear
 error while the rest deploy; a directory that is gone is *removed* (stopped,
-shown as removed) until it comes back.
+shown as removed) until it comes back. A ``discovered.json`` that cannot be
+read (corrupt, or not what this module writes) is ignored with a warning and
+the next scan of each entry writes it anew; a running server keeps what it
+serves meanwhile (:func:`try_discovered` tells it the file is unreadable).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from ..config import DiscoverConfig, GitplugConfig, PluginConfig
 from ..prefixes import prefixes_overlap
 from .gitsource import MODE_TREE, GitSource
 
-__all__ = ["DISCOVERED_FILE", "discovered_path", "record_scan", "scan", "with_discovered"]
+__all__ = ["DISCOVERED_FILE", "discovered_path", "record_scan", "scan", "try_discovered", "with_discovered"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,13 +49,14 @@ def discovered_path(config: GitplugConfig) -> Path:
     return Path(config.data_dir) / DISCOVERED_FILE
 
 
-def scan(git: GitSource, entry: DiscoverConfig, commit: str) -> tuple[dict[str, str], list[str]]:
-    """``({name: directory}, problems)``: the plugins ``entry`` finds in ``commit``.
+def scan(git: GitSource, entry: DiscoverConfig, commit: str) -> tuple[dict[str, str], dict[str, str]]:
+    """``({name: directory}, {name or directory: problem})``: the plugins ``entry`` finds in ``commit``.
 
     Reads the local mirror only. A matching directory without a plugin
     package is not a plugin (no problem); one whose name cannot be a plugin
     name is refused with a problem; two directories of one name (``a/x``,
-    ``b/x``) are both refused.
+    ``b/x``) are both refused. A duplicate's problem is keyed by the name it
+    refuses, so an explicit ``plugins:`` entry of that name silences it.
     """
     level: list[str] = [""]
     for part in entry.path.split("/"):
@@ -63,14 +67,14 @@ def scan(git: GitSource, entry: DiscoverConfig, commit: str) -> tuple[dict[str, 
             if fnmatch.fnmatchcase(name, part) and not name.startswith(".")
         ]
     found: dict[str, str] = {}
-    problems: list[str] = []
+    problems: dict[str, str] = {}
     seen: dict[str, list[str]] = {}
     for directory in level:
         if not _holds_package(git, entry.repo, commit, directory):
             continue
         name = directory.rsplit("/", 1)[-1]
         if not _PLUGIN_NAME.match(name):
-            problems.append(
+            problems[directory] = (  # no plugin has this name: keyed by the directory, unique
                 f"discover {entry.path!r} in {entry.repo}: directory {directory!r} is not a valid plugin"
                 " name (letters, digits, '_' and '-', starting with a letter or '_'); rename it to deploy it"
             )
@@ -78,7 +82,7 @@ def scan(git: GitSource, entry: DiscoverConfig, commit: str) -> tuple[dict[str, 
         seen.setdefault(name, []).append(directory)
     for name, directories in seen.items():
         if len(directories) > 1:
-            problems.append(
+            problems[name] = (
                 f"discover {entry.path!r} in {entry.repo}: {len(directories)} directories are called"
                 f" {name!r} ({', '.join(directories)}); none of them is deployed. Rename all but one."
             )
@@ -100,34 +104,52 @@ def _key(entry: DiscoverConfig) -> str:
     return f"{entry.repo} {entry.path}"
 
 
-def _read(path: Path) -> dict[str, Any]:
+def _load(path: Path) -> tuple[dict[str, Any], str | None]:
+    """``(the scans recorded at path, why they could not be read)``; a missing file is no scan yet."""
+    empty: dict[str, Any] = {"format": _FORMAT, "entries": {}, "removed": {}}
     try:
         data = json.loads(path.read_text("utf-8"))
     except FileNotFoundError:
-        return {"format": _FORMAT, "entries": {}, "removed": {}}
+        return empty, None
     except (OSError, ValueError) as exc:
-        logger.warning("ignoring an unreadable %s (%s): discovery runs again", path, exc)
-        return {"format": _FORMAT, "entries": {}, "removed": {}}
-    if not isinstance(data, dict) or not isinstance(data.get("entries"), dict):
-        return {"format": _FORMAT, "entries": {}, "removed": {}}
+        return empty, str(exc)
+    data = data if isinstance(data, dict) else {}
     data.setdefault("removed", {})
+    entries, removed = data.get("entries"), data["removed"]
+    if not (isinstance(entries, dict) and isinstance(removed, dict)
+            and all(isinstance(e, dict) and isinstance(e.get("found", {}), dict)
+                    and isinstance(e.get("problems", []), (list, dict)) for e in entries.values())
+            and all(isinstance(r, dict) for r in removed.values())):
+        return empty, "not a record of discover scans"
+    return data, None
+
+
+def _read(path: Path) -> dict[str, Any]:
+    data, problem = _load(path)
+    if problem is not None:
+        logger.warning("ignoring an unreadable %s (%s): discovery runs again", path, problem)
     return data
 
 
 def record_scan(
-    config: GitplugConfig, entry: DiscoverConfig, commit: str, found: Mapping[str, str], problems: list[str]
+    config: GitplugConfig, entry: DiscoverConfig, commit: str, found: Mapping[str, str],
+    problems: Mapping[str, str],
 ) -> list[str]:
     """Write what a scan of ``entry`` found; return the names it no longer finds.
 
     The file is replaced atomically, so a reader sees the old or the new
-    scan. A name found before and not now is recorded as removed.
+    scan. A name found before and not now is recorded as removed. An
+    unreadable file is replaced by one holding this scan.
     """
     path = discovered_path(config)
-    data = _read(path)
+    data, unreadable_because = _load(path)
+    if unreadable_because is not None:
+        logger.warning("replacing an unreadable %s (%s) with what discover %r in %s finds", path,
+                       unreadable_because, entry.path, entry.repo)
     before = data["entries"].get(_key(entry), {}).get("found", {})
     gone = sorted(set(before) - set(found))
     previous = json.dumps(data, sort_keys=True)
-    data["entries"][_key(entry)] = {"commit": commit, "found": dict(found), "problems": problems}
+    data["entries"][_key(entry)] = {"commit": commit, "found": dict(found), "problems": dict(problems)}
     for name in gone:
         data["removed"][name] = {"key": _key(entry), "directory": before[name], "commit": commit}
     for name in found:
@@ -151,22 +173,41 @@ def record_scan(
 def with_discovered(config: GitplugConfig) -> tuple[GitplugConfig, list[str]]:
     """``(config with the discovered plugins added, problems)``.
 
-    Explicit ``plugins:`` entries win over discovered ones of the same name.
-    A discovered plugin whose name another entry also found, or whose
-    prefix clashes with ``api_prefix`` or another plugin's, is left out
-    with a problem naming both. Discovered plugins of entries no longer in
-    the configuration are dropped.
+    Explicit ``plugins:`` entries win over discovered ones of the same name,
+    silently (a scan's problem about that name included). A discovered
+    plugin whose name another entry also found, or whose prefix clashes
+    with ``api_prefix`` or another plugin's, is left out with a problem
+    naming both. Discovered plugins of entries no longer in the
+    configuration are dropped.
     """
     if not config.discover:
         return config, []
-    data = _read(discovered_path(config))
+    return _merge(config, _read(discovered_path(config)))
+
+
+def try_discovered(config: GitplugConfig) -> tuple[GitplugConfig, list[str]] | str:
+    """:func:`with_discovered`, or why ``discovered.json`` cannot be read (corrupt, unreadable).
+
+    One read of the file, so a writer replacing it in between cannot slip
+    an unreadable file past the check.
+    """
+    if not config.discover:
+        return config, []
+    data, why = _load(discovered_path(config))
+    return why if why is not None else _merge(config, data)
+
+
+def _merge(config: GitplugConfig, data: dict[str, Any]) -> tuple[GitplugConfig, list[str]]:
     plugins = dict(config.plugins)
     problems: list[str] = []
     candidates: dict[str, list[PluginConfig]] = {}
     entries = {_key(entry): entry for entry in config.discover}
     for entry in config.discover:
         recorded = data["entries"].get(_key(entry), {})
-        problems.extend(str(p) for p in recorded.get("problems", []))
+        refused = recorded.get("problems", {})
+        # A list: written by a gitplug that did not say which name each problem refuses.
+        named = [("", p) for p in refused] if isinstance(refused, list) else list(refused.items())
+        problems.extend(str(p) for name, p in named if name not in config.plugins)
         for name, directory in sorted(recorded.get("found", {}).items()):
             if name in config.plugins:
                 continue  # the explicit entry wins, silently: that is what it is for

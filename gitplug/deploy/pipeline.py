@@ -705,6 +705,13 @@ class Deployer:
         spec = self.spec_for(plugin, release)
         if self.runtime is not None:
             with self.runtime.swap_lock(plugin.name):
+                if plugin.name not in self.config.plugins:
+                    # Removed (discovery, reload-config) while this deploy ran: the removal
+                    # stopped it already, or stops it once this lock is free. Published
+                    # now, it would serve with no configuration listing it.
+                    logger.info("plugin %s: removed from the configuration during deploy of %s; not published",
+                                plugin.name, release.commit[:12])
+                    raise _NothingToDo("removed from the configuration during the deploy; not published")
                 loaded = self.runtime.load(spec)
                 say("swap", release.commit[:12])
                 self.runtime.publish(plugin.name, loaded)
