@@ -1036,7 +1036,10 @@ class Deployer:
         assert self.runtime is not None
         plugin = self.plugin_config(name)
         release = self._fleet_release(name, commit, tree)
-        self._load_verify_swap(plugin, release, lambda stage, message: None)
+        try:
+            self._load_verify_swap(plugin, release, lambda stage, message: None)
+        except _NothingToDo as exc:  # removed from the configuration meanwhile
+            raise GitplugError(f"plugin {name!r}: {exc}") from None
         return release
 
     def _fleet_release(self, name: str, commit: str, tree: str | None) -> Release:
