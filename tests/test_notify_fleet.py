@@ -66,12 +66,14 @@ class Recorder:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 - http.server's name
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
+                # Recorded before the answer: a sender that saw its 200 finds the hit here
+                # (recording after it raced the test's assertion on a loaded machine).
                 with recorder._changed:
                     recorder.hits.append(Hit(self.path, {k.lower(): v for k, v in self.headers.items()}, body))
                     recorder._changed.notify_all()
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
 
             def log_message(self, *args: t.Any) -> None:
                 pass
