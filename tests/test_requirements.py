@@ -186,7 +186,14 @@ def test_a_release_the_host_cannot_run_fails_at_requirements_and_v1_keeps_servin
             repo.remove("pyproject.toml")
         v3 = write_version(repo, "hello", "v3", gate_test=True)
         record = _deploy(server)
-        assert (record["result"], record["commit"]) == ("live", v3), record
+        # The controller's first poll, late on a loaded machine, may have deployed v3 before the
+        # API asked: the API then answers "already live", and the history has v3's live deploy.
+        if record["result"] == "skipped":
+            assert record["commit"] == v3 and "already live" in str(record["error"]), record
+            history = cli_json("history", "hello", "-c", config, env=clean_env(GITPLUG_ADMIN_TOKEN=TOKEN))
+            assert any((h["result"], h["commit"]) == ("live", v3) for h in history), history
+        else:
+            assert (record["result"], record["commit"]) == ("live", v3), record
         within(2, lambda: server.get("/hello/") == expected("hello", "v3", v3), what="v3 served")
     assert "Traceback" not in server.log()
 
