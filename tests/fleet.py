@@ -210,6 +210,15 @@ class Host:
         return sorted((self.data_dir / "logs").glob("hello/*.log"))
 
 
+def stop_hosts(hosts: t.Iterable[Host]) -> None:
+    """Stop every host, then print each one's log tail (pytest shows it for a failing test)."""
+    hosts = list(hosts)
+    for host in hosts:
+        host.stop()
+    for host in hosts:
+        print(f"---- {host.host_id} ----\n{host.log()[-6000:]}")
+
+
 def _gunicorn_isolation() -> list[str]:
     """gunicorn >= 24 opens a control socket in ~/.gunicorn: keep parallel ones apart."""
     from gunicorn.config import KNOWN_SETTINGS

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import pytest
 
-from fleet import Host, leader_of
+from fleet import Host, leader_of, stop_hosts
 from gitplug.runtime.canary import BUCKETS, COOKIE_PREFIX, bucket
 from gitrepo import GitRepo
 from pgserver import fresh_database
@@ -101,10 +101,6 @@ class Fleet:
                  what="both hosts' runtimes live on v1")
         return a, b, v1
 
-    def close(self) -> None:
-        for host in self.hosts:
-            host.stop()
-
 
 @pytest.fixture
 def fleet(tmp_path: Path) -> Iterator[Fleet]:
@@ -113,9 +109,7 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
         try:
             yield made
         finally:
-            made.close()
-            for host in made.hosts:  # the servers' logs, for a failing test
-                print(f"---- {host.host_id} ----\n{host.log()[-6000:]}")
+            stop_hosts(made.hosts)
 
 
 # -- clients -------------------------------------------------------------------------------------

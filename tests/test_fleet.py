@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fleet import TOKEN, Host, leader_of
+from fleet import TOKEN, Host, leader_of, stop_hosts
 from gitrepo import GitRepo
 from pgserver import fresh_database
 from serverproc import request, run_cli, wait_for, write_version
@@ -67,10 +67,6 @@ class Fleet:
     def test_runs(self) -> int:
         return sum(len(h.test_logs()) for h in self.hosts)
 
-    def close(self) -> None:
-        for host in self.hosts:
-            host.stop()
-
 
 @pytest.fixture
 def fleet(tmp_path: Path) -> Iterator[Fleet]:
@@ -79,9 +75,7 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
         try:
             yield made
         finally:
-            made.close()
-            for host in made.hosts:  # the servers' logs, for a failing test
-                print(f"---- {host.host_id} ----\n{host.log()[-6000:]}")
+            stop_hosts(made.hosts)
 
 
 def start_fleet(

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from dulwich.repo import Repo
 
-from fleet import GATE, Host
+from fleet import GATE, Host, stop_hosts
 from gitwork import FAILING, GIT, Work
 from pgserver import fresh_database
 from serverproc import wait_for
@@ -34,6 +34,12 @@ def hosted_ref(host: Host, ref: str = "refs/heads/main") -> str | None:
     with Repo(str(host.data_dir / "hosted" / "hello.git")) as repo:
         value = repo.refs.as_dict().get(ref.encode())
         return value.decode() if value else None
+
+
+def wait_both_in_status(host: Host) -> None:
+    """Until ``host``'s status lists web-1 and web-2: both announced themselves (and their host_url)."""
+    wait_for(lambda: {"web-1", "web-2"} <= set(host.status()["hosts"]), timeout=CONVERGE_S,
+             what="both hosts in the fleet's status")
 
 
 def remote(host: Host) -> str:
@@ -63,10 +69,7 @@ def started() -> Iterator[list[Host]]:
     try:
         yield made
     finally:
-        for host in made:
-            host.stop()
-        for host in made:  # the servers' logs, for a failing test
-            print(f"---- {host.host_id} ----\n{host.log()[-6000:]}")
+        stop_hosts(made)
 
 
 @pytest.fixture
@@ -77,8 +80,7 @@ def hosts(tmp_path: Path, database: str, started: list[Host]) -> tuple[Host, Hos
 def test_a_push_to_one_host_goes_live_on_every_host(hosts: tuple[Host, Host], tmp_path: Path) -> None:
     a, b = hosts
     # Both hosts have announced where they are before the first push.
-    wait_for(lambda: {"web-1", "web-2"} <= set(a.status()["hosts"]), timeout=CONVERGE_S,
-             what="both hosts in the fleet's status")
+    wait_both_in_status(a)
     work = Work(tmp_path / "work", tmp_path)
     work.git("remote", "add", "web-1", remote(a))
     work.git("remote", "add", "web-2", remote(b))
@@ -125,8 +127,7 @@ def test_a_push_that_would_drop_the_fleets_commit_is_refused_by_any_host(
 ) -> None:
     """Every host's copy of the branch follows the fleet, so a push built on an older commit is refused."""
     a, b = hosts
-    wait_for(lambda: {"web-1", "web-2"} <= set(a.status()["hosts"]), timeout=CONVERGE_S,
-             what="both hosts in the fleet's status")
+    wait_both_in_status(a)
     ours = Work(tmp_path / "ours", tmp_path)
     ours.git("remote", "add", "web-1", remote(a))
     v1 = ours.commit("hello", "v1")
@@ -157,8 +158,7 @@ def test_a_host_without_host_url_is_named_in_the_followers_error(
 ) -> None:
     """No host announces its URL: the follower cannot fetch the push and says what to set."""
     a, b = start_hosts(tmp_path, database, started, announce=False)
-    wait_for(lambda: {"web-1", "web-2"} <= set(a.status()["hosts"]), timeout=CONVERGE_S,
-             what="both hosts in the fleet's status")
+    wait_both_in_status(a)
     work = Work(tmp_path / "work", tmp_path)
     work.git("remote", "add", "web-1", remote(a))
     v1 = work.commit("hello", "v1")
