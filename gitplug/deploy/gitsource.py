@@ -269,14 +269,8 @@ class GitSource:
                         tips = set(_branches_and_tags(remote).values()) | set(extra)
                         return [sha for sha in tips if sha not in repo.object_store]
 
-                    if self.git_command and kind != "local":
-                        # git://, ssh without an entry, a pushed ``want``: dulwich
-                        # speaks the protocol (its deadlines, its ssh), git indexes.
-                        result = self._fetch_pack_indexed_by_git(plugin, url, client, path,
-                                                                 repo, wants)
-                        repo.object_store._update_pack_cache()  # see the new pack
-                    else:
-                        result = client.fetch(path, repo, determine_wants=wants)
+                    # git://, ssh without an entry, a pushed ``want``.
+                    result = self._fetch_objects(plugin, url, client, path, repo, wants)
                     refs, symrefs = _branches_and_tags(result.refs), result.symrefs
             if not refs and not want:
                 raise _error(FetchError, plugin, url, None, _EMPTY)
@@ -304,11 +298,7 @@ class GitSource:
                 tips = set(_branches_and_tags(remote).values())
                 return [sha for sha in tips if sha not in repo.object_store]
 
-            if self.git_command and classify_url(url)[0] != "local":
-                result = self._fetch_pack_indexed_by_git(plugin, url, client, path, repo, wants)
-                repo.object_store._update_pack_cache()  # see the new pack
-            else:
-                result = client.fetch(path, repo, determine_wants=wants)
+            result = self._fetch_objects(plugin, url, client, path, repo, wants)
             refs = _branches_and_tags(result.refs)
             absent = [r.decode() for r, sha in refs.items() if sha not in repo.object_store]
             if absent:
@@ -624,6 +614,20 @@ class GitSource:
             raise _error(FetchError, plugin, url, None, f"could not fetch {{url}}: git fetch "
                          f"exited with status {proc.returncode}"
                          + (f" ({cause[:300]})" if cause else "") + f". {hint}")
+
+    def _fetch_objects(self, plugin: str, url: str, client: Any, path: str, repo: Repo,
+                       wants: Callable[..., list[bytes]]) -> Any:
+        """dulwich's fetch of what ``wants`` asks into ``repo``; dulwich's FetchPackResult.
+
+        Where git is installed and the remote is not a local path, dulwich
+        speaks the protocol (its deadlines, its ssh) and git indexes the pack
+        (:meth:`_fetch_pack_indexed_by_git`); else dulwich does both.
+        """
+        if self.git_command and classify_url(url)[0] != "local":
+            result = self._fetch_pack_indexed_by_git(plugin, url, client, path, repo, wants)
+            repo.object_store._update_pack_cache()  # see the new pack
+            return result
+        return client.fetch(path, repo, determine_wants=wants)
 
     def _fetch_pack_indexed_by_git(self, plugin: str, url: str, client: Any, path: str,
                                    repo: Repo, wants: Callable[..., list[bytes]]) -> Any:
