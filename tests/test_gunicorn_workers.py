@@ -225,7 +225,7 @@ def test_controller_takeover_after_sigkill(site: Site) -> None:
         deployed = wait_for(
             "the queued API deploy to run",
             lambda: next(
-                (r for r in site.cli_json("history", "hello") if r["trigger"] == "api"), None
+                (r for r in site.cli_json("history", "hello") if r["trigger"] == "api" and r["result"] != "running"), None
             ),
             timeout=15,
             interval=0.3,
