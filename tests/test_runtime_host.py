@@ -488,3 +488,112 @@ def test_a_build_only_host_rule_does_not_block_a_mount(
         from flask import url_for
 
         assert url_for("x") == "/blog/x"
+
+
+LINKS = {
+    "{name}/__init__.py": """
+        from flask import url_for
+        from gitplug import Plugin
+
+        plugin = Plugin("{name}", __name__)
+
+        @plugin.route("/")
+        def index():
+            return "index"
+
+        @plugin.route("/item/<int:n>")
+        def item(n):
+            return str(n)
+
+        @plugin.route("/links")
+        def links():
+            return " ".join([
+                url_for(".item", n=3, _anchor="a b"),
+                url_for("{other}.item", n=4),
+                url_for("late", _external=True),
+                url_for("index", q="x"),
+            ])
+    """,
+}
+
+
+def _links_plugin(root: Path, name: str, other: str) -> Path:
+    return write_files(root / name, {
+        path.format(name=name): source.replace("{name}", name).replace("{other}", other)
+        for path, source in LINKS.items()
+    })
+
+
+def test_url_for_builds_every_map_from_host_and_plugin_requests_as_blueprints_do(
+    tmp_path: Path, make_gp: Callable[[Flask], GitPlug]
+) -> None:
+    """Plugin URLs from host requests, host and other plugins' URLs from a plugin request.
+
+    The same calls in a plain app where the plugins are native blueprints
+    give the expected strings. The host adds a route after the plugins are
+    live: a plugin request builds it at once.
+    """
+    from flask import url_for
+    from werkzeug.routing import BuildError, Rule
+
+    def host_app(name: str) -> Flask:
+        app = Flask(name)
+        app.config["SERVER_NAME"] = "example.test"
+
+        @app.route("/")
+        def index() -> str:
+            return "host"
+
+        @app.route("/host-links")
+        def host_links() -> str:
+            try:
+                url_for("nowhere.at_all")
+            except BuildError:
+                missing = "missing"
+            return " ".join([
+                url_for("alpha.item", n=1, _anchor="top", _external=True),
+                url_for("beta.index", _method="GET"),
+                url_for("alpha.item", n=2, _scheme="https", _external=True),
+                missing,
+            ])
+
+        return app
+
+    plain = host_app("plain_links")
+    for name, other in (("alpha", "beta"), ("beta", "alpha")):
+        namespace: dict[str, object] = {"__name__": __name__}
+        source = LINKS["{name}/__init__.py"].replace("{name}", name).replace("{other}", other)
+        source = "\n".join(line[8:] for line in source.splitlines())
+        source = source.replace("from gitplug import Plugin", "from flask import Blueprint").replace(
+            f'plugin = Plugin("{name}", __name__)', f'plugin = Blueprint("{name}", __name__)'
+        )
+        exec(compile(source, f"<{name}>", "exec"), namespace)  # noqa: S102 - the test's own source
+        plain.register_blueprint(namespace["plugin"], url_prefix=f"/{name}")  # type: ignore[arg-type]
+
+    hosted = host_app("hosted_links")
+    gp = make_gp(hosted)
+    gp.load_directory("alpha", _links_plugin(tmp_path, "alpha", "beta"))
+    gp.load_directory("beta", _links_plugin(tmp_path, "beta", "alpha"))
+    for app in (plain, hosted):
+        # Each release's map has served (and copied the host's endpoints) before the host adds one.
+        assert [app.test_client().get(f"/{name}/").status_code for name in ("alpha", "beta")] == [200, 200]
+        # Flask's setup methods refuse once a request was served; the map takes it.
+        app.url_map.add(Rule("/late", endpoint="late"))
+        app.view_functions["late"] = lambda: "late"
+
+    def answers(app: Flask) -> list[str]:
+        client = app.test_client()
+        pages = [client.get(path, base_url="http://example.test") for path in ("/alpha/links", "/beta/links", "/host-links")]
+        assert [page.status_code for page in pages] == [200, 200, 200], [page.get_data(as_text=True) for page in pages]
+        with app.app_context():
+            outside = url_for("beta.item", n=5)
+        return [page.get_data(as_text=True) for page in pages] + [outside]
+
+    expected = answers(plain)
+    assert expected == [
+        "/alpha/item/3#a%20b /beta/item/4 http://example.test/late /?q=x",
+        "/beta/item/3#a%20b /alpha/item/4 http://example.test/late /?q=x",
+        "http://example.test/alpha/item/1#top /beta/ https://example.test/alpha/item/2 missing",
+        "http://example.test/beta/item/5",
+    ]
+    assert answers(hosted) == expected

@@ -56,8 +56,10 @@ def _static_marks(release: LoadedRelease) -> tuple[str, ...]:
     """The path beginnings of ``release``'s versioned static URLs (``/hello/static/<id>/``)."""
     version = f"/{release.release_id[:12]}/"
     marks = []
-    for rule in release.url_map.iter_rules():
-        if rule.endpoint.endswith(".static"):
+    for endpoint, rules in release.own_rules_by_endpoint.items():
+        if not endpoint.endswith(".static"):
+            continue
+        for rule in rules:
             head = rule.rule.split("<", 1)[0]
             if version in head:
                 marks.append(head)

@@ -8,14 +8,9 @@ from __future__ import annotations
 
 from typing import Final
 
-__all__ = ["ENVIRON_COUNTED", "ENVIRON_FLAT", "ENVIRON_RELEASE", "ENVIRON_SNAPSHOT"]
+__all__ = ["ENVIRON_RELEASE", "ENVIRON_SNAPSHOT"]
 
 #: The :class:`~gitplug.runtime.snapshot.Snapshot` a request is pinned to.
 ENVIRON_SNAPSHOT: Final = "gitplug.snapshot"
 #: The :class:`~gitplug.runtime.loaded.LoadedRelease` serving a plugin request.
 ENVIRON_RELEASE: Final = "gitplug.release"
-#: True once the request's response is plain bytes, so no plugin code can run
-#: while the server sends it (set in Flask's ``process_response``).
-ENVIRON_FLAT: Final = "gitplug.flat"
-#: True once a failed request has been counted against its release.
-ENVIRON_COUNTED: Final = "gitplug.error_counted"

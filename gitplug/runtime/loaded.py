@@ -29,7 +29,7 @@ from types import MappingProxyType, SimpleNamespace
 import jinja2
 from flask import Flask
 from flask.templating import _default_template_ctx_processor
-from werkzeug.routing import Map
+from werkzeug.routing import Map, Rule
 
 from ..errors import MountError, PluginLoadError
 from ..prefixes import PrefixConverterError, PrefixPattern, invalid_prefix_message, mount_key
@@ -125,6 +125,11 @@ class LoadedRelease:
         #: only these two, so a host request that began before a swap still
         #: builds the plugin's URLs after the old release is unloaded.
         self.endpoints: frozenset[str] = frozenset()
+        #: The release's own ``{endpoint: rules}``; ``url_map``'s index also
+        #: holds the host's, from the host rules of :attr:`host_rules_version`
+        #: (see :func:`~gitplug.runtime.routing.share_host_endpoints`).
+        self.own_rules_by_endpoint: dict[str, list[Rule]] = {}
+        self.host_rules_version = -1
         self.view_functions: dict[str, t.Callable[..., t.Any]] = {}
         #: Scoped hooks, ``{registry: {scope: [funcs]}}``; scopes are the
         #: plugin's blueprint names (``hello``, ``hello.child``).
@@ -310,6 +315,8 @@ def _register(host: Flask, release: LoadedRelease, plugin: Plugin, namespace: Re
     release.url_map = scratch.url_map
     release.view_functions = dict(scratch.view_functions)
     release.endpoints = frozenset(rule.endpoint for rule in scratch.url_map.iter_rules())
+    scratch.url_map.update()
+    release.own_rules_by_endpoint = dict(scratch.url_map._rules_by_endpoint)
     for registry in HOOK_REGISTRIES:
         source: dict[t.Any, list[t.Any]] = getattr(scratch, registry)
         scoped = {}

@@ -34,14 +34,18 @@ superseded, the lock and a check whether it is now idle.
 When a request ends
 -------------------
 
-When the response is plain bytes (a Flask response whose body is a list and
-that has no ``call_on_close`` callbacks), no plugin code runs after the
-application returns, so the pin is dropped right then and the server gets the
-application's own iterable. Anything else (streamed bodies, files, close
-callbacks, responses of other classes) is wrapped, and the request ends when
-the server closes the response, or when the wrapper is collected.
-:func:`install_response_check` is what tells the two apart, inside Flask's
-``process_response``.
+Flask hands the server its response as a :class:`werkzeug.wsgi.ClosingIterator`
+over the response's body, closed by the response's ``close``. When that
+response is of the host's response class, its body is a list (what Flask
+builds from str, bytes and JSON) and it has no ``call_on_close`` callbacks,
+no plugin code runs after the application returns: the pin is dropped right
+then and the server gets that iterable. Anything else (streamed bodies,
+files, close callbacks, responses of other classes, an iterable of another
+shape) is wrapped, and the request ends when the server closes the response,
+or when the wrapper is collected. The same response gives the status that
+counts a plugin request as failed (5xx); so does an exception out of the
+application. No Flask method is wrapped for this, so host requests pay for
+none of it.
 """
 
 from __future__ import annotations
@@ -51,16 +55,16 @@ import typing as t
 from collections.abc import Iterable, Iterator
 
 from flask import Flask
-from flask.globals import _cv_request
+from werkzeug.wsgi import ClosingIterator
 
 from .canary import WithCookie, pick_side
-from .environ import ENVIRON_COUNTED, ENVIRON_FLAT, ENVIRON_RELEASE, ENVIRON_SNAPSHOT
+from .environ import ENVIRON_RELEASE, ENVIRON_SNAPSHOT
 
 if t.TYPE_CHECKING:
     from .loaded import LoadedRelease
     from .snapshot import Snapshot
 
-__all__ = ["PinRequests", "install_response_check"]
+__all__ = ["PinRequests"]
 
 _StartResponse = t.Callable[..., t.Any]
 
@@ -68,6 +72,7 @@ _StartResponse = t.Callable[..., t.Any]
 class Runtime(t.Protocol):
     """What pinning needs of :class:`~gitplug.runtime.swap.Runtime` (which wraps the app with it)."""
 
+    app: Flask
     snapshot: Snapshot
     _lock: threading.Lock
 
@@ -84,6 +89,7 @@ class PinRequests:
     def __init__(self, wsgi_app: t.Callable[..., Iterable[bytes]], runtime: Runtime) -> None:
         self.wsgi_app = wsgi_app
         self.runtime = runtime
+        self.app = runtime.app
 
     def __call__(self, environ: dict[str, t.Any], start_response: _StartResponse) -> Iterable[bytes]:
         # This runs on every request of the host: keep it inline and short.
@@ -106,8 +112,6 @@ class PinRequests:
         if snapshot.superseded:
             snapshot, release, cookie = self._pin_slow(snapshot, release, environ, cookie)
         environ[ENVIRON_SNAPSHOT] = snapshot
-        # Pinned, and streaming until process_response finds plain bytes.
-        environ[ENVIRON_FLAT] = False
         if release is not None:
             environ[ENVIRON_RELEASE] = release
             next(release.served)
@@ -116,16 +120,28 @@ class PinRequests:
         try:
             result = self.wsgi_app(environ, start_response)
         except BaseException:
+            if release is not None:
+                runtime._count_error(release)
             self.leave(snapshot)
             raise
-        if environ.get(ENVIRON_FLAT):
-            # Plain bytes: nothing of the release runs after this point.
-            # (leave(), inline: the common path.)
-            snapshot.pins.pop()
-            if snapshot.superseded:
-                runtime._leave_superseded(snapshot)
-            return result
-        return _Finish(result, self, snapshot)
+        # The response Flask sends: the ClosingIterator's last callback is its close().
+        response = None
+        if type(result) is ClosingIterator:
+            callbacks = getattr(result, "_callbacks", None)
+            if callbacks and len(callbacks) <= 2:
+                response = getattr(callbacks[-1], "__self__", None)
+        if response is None or type(response) is not self.app.response_class:
+            return _Finish(result, self, snapshot)
+        if release is not None and response.status_code >= 500:
+            runtime._count_error(release)
+        if type(response.response) is not list or response._on_close:
+            return _Finish(result, self, snapshot)
+        # Plain bytes: nothing of the release runs after this point.
+        # (leave(), inline: the common path.)
+        snapshot.pins.pop()
+        if snapshot.superseded:
+            runtime._leave_superseded(snapshot)
+        return result
 
     def _pin_slow(
         self, snapshot: Snapshot, release: LoadedRelease | None, environ: dict[str, t.Any],
@@ -152,52 +168,6 @@ class PinRequests:
         snapshot.pins.pop()
         if snapshot.superseded:
             self.runtime._leave_superseded(snapshot)
-
-
-def install_response_check(app: Flask, runtime: Runtime) -> None:
-    """Wrap ``app.process_response``: mark plain-bytes responses, count plugin 5xx.
-
-    Runs for every response Flask finalises, error responses included; does
-    something only for pinned requests. A request's last response decides;
-    until one is checked the request counts as streaming (the safe side). A
-    release's failed request is counted once, also when an ``after_request``
-    hook raises on the error response itself (Flask then sends that response
-    as it is). Error responses are always treated as streaming: rare, and
-    then the cost does not matter.
-    """
-    host_process_response = app.process_response
-    response_class = app.response_class
-
-    def process_response(response: t.Any) -> t.Any:
-        ctx = _cv_request.get(None)
-        if ctx is None or ENVIRON_FLAT not in (environ := ctx.request.environ):
-            # Not pinned: nothing to decide when the request ends, nothing to count.
-            return host_process_response(response)
-        environ[ENVIRON_FLAT] = False
-        try:
-            response = host_process_response(response)
-        except BaseException:
-            if response.status_code >= 500:
-                _count_error_once(runtime, environ)
-            raise
-        if response.status_code >= 500:
-            _count_error_once(runtime, environ)
-        # Only the host's response class is trusted to send a list as it is:
-        # another class (a plugin's own) may run its code when it is sent. A
-        # body Flask built (str, bytes, JSON) is a list; anything else streams.
-        # ``_on_close`` holds the callbacks ``call_on_close`` registered.
-        elif type(response) is response_class and type(response.response) is list and not response._on_close:
-            environ[ENVIRON_FLAT] = True
-        return response
-
-    app.process_response = process_response  # type: ignore[method-assign]
-
-
-def _count_error_once(runtime: Runtime, environ: dict[str, t.Any]) -> None:
-    release = environ.get(ENVIRON_RELEASE)
-    if release is not None and not environ.get(ENVIRON_COUNTED):
-        environ[ENVIRON_COUNTED] = True
-        runtime._count_error(release)
 
 
 class _Finish:

@@ -1,10 +1,13 @@
 """URL matching and building against a request's snapshot.
 
 The host keeps its own :class:`~werkzeug.routing.Map`; each release has a
-``Map`` of its own. :class:`SnapshotAdapter` is the URL adapter Flask gets
-for every request: it *matches* against the release that owns the request's
-path (or the host's map), and *builds* each endpoint from the map that owns
-it, all from the request's snapshot. Maps are never mutated after they are
+``Map`` of its own. A request keeps Flask's plain adapter; a plugin request's
+adapter has its release's map put in, and so *matches* against the release
+that owns the request's path and *builds* the release's and the host's
+endpoints (:func:`share_host_endpoints`). Any other ``url_for`` of a plugin
+endpoint (from a host request, or another plugin's) fails on that map and is
+built by :func:`install_plugin_url_builds`' handler, from the request's
+snapshot. Rules are never added to a map after it is
 built, which sidesteps ``Map.add`` not being thread-safe and ``Map`` having
 no rule removal.
 
@@ -17,17 +20,25 @@ that decides, only for requests under such a prefix, whether the host answers.
 from __future__ import annotations
 
 import typing as t
+from urllib.parse import quote
 
+from flask import Flask
 from werkzeug.exceptions import HTTPException, NotFound
-from werkzeug.routing import Map, MapAdapter, Rule
+from werkzeug.routing import BuildError, Map, MapAdapter, Rule
 
 from ..prefixes import PrefixPattern
-from .snapshot import Snapshot
 
 if t.TYPE_CHECKING:
     from .loaded import LoadedRelease
 
-__all__ = ["SnapshotAdapter", "claims_map", "host_claims", "host_rules_under", "install_snapshot_map"]
+__all__ = [
+    "claims_map",
+    "host_claims",
+    "host_rules_under",
+    "install_plugin_url_builds",
+    "install_snapshot_map",
+    "share_host_endpoints",
+]
 
 
 def _binding(base: MapAdapter) -> tuple[t.Any, ...]:
@@ -89,66 +100,70 @@ def host_claims(claims: Map, host_adapter: MapAdapter) -> bool:
     return True
 
 
-class SnapshotAdapter(MapAdapter):
-    """Matches on one map (the host's or a release's), builds URLs for host and every plugin.
+def share_host_endpoints(release: LoadedRelease, host_map: Map, version: int) -> None:
+    """Let ``release``'s map build the host's endpoints as well as its own.
 
-    Made per request by :meth:`adopt` from the host's adapter, which Flask
-    already bound to the request: no second adapter is built unless the
-    request builds a URL of another map (a host URL from a plugin request,
-    a plugin URL from the host or another plugin), and then one per map.
+    A plugin request's adapter is Flask's own, with the release's map put
+    in: it matches on that map, and builds from it, so a plugin page's
+    ``url_for`` of its own endpoints or of the host's (a layout's links)
+    costs what it costs in a blueprint, with no wrapper. The map's endpoint
+    index is replaced (one assignment, so a request reading it meanwhile
+    sees the old or the new one, both valid) by one holding the host's rule
+    lists (the same list objects) and the release's own, which win on a
+    clash. ``version`` is the runtime's count of host rule additions this
+    index was made from: the runtime makes it again when the host added
+    rules since. Endpoints of other plugins are not in it; their URLs come
+    from :func:`install_plugin_url_builds`' handler.
     """
+    url_map = release.url_map
+    # Sorted now (a no-op after the first request), so that no later update
+    # of this map sorts the host's lists, which the host's own update sorts.
+    url_map.update()
+    host_map.update()
+    merged = dict(host_map._rules_by_endpoint)
+    merged.update(release.own_rules_by_endpoint)
+    url_map._rules_by_endpoint = merged
+    release.host_rules_version = version
 
-    _snapshot: Snapshot
-    # Class-level defaults, so adopting a host request's adapter stores one
-    # attribute besides the class: every instance attribute is paid per request.
-    #: The host's map when this adapter matches on a release's; None: ``self.map`` is the host's.
-    _host_map: Map | None = None
-    #: ``{map id: adapter}`` for the other maps this request built URLs from; None until one is needed.
-    _others: dict[int, MapAdapter] | None = None
 
-    @classmethod
-    def adopt(cls, adapter: MapAdapter, snapshot: Snapshot, release: LoadedRelease | None = None) -> SnapshotAdapter:
-        """Turn the host's own adapter into one that also builds plugin URLs.
+#: The characters Flask's ``url_for`` leaves unquoted in an ``_anchor``.
+_ANCHOR_SAFE = "%!#$&'()*+,/:;=?@"
 
-        With ``release``, it matches on that release's map instead of the
-        host's. Cheaper than a new adapter: it is already bound to this request.
-        """
-        adapter.__class__ = cls
-        adapter._snapshot = snapshot  # type: ignore[attr-defined]
-        if release is not None:
-            adapter._host_map = adapter.map  # type: ignore[attr-defined]
-            adapter.map = release.url_map
-        return adapter  # type: ignore[return-value]
 
-    def _adapter_for(self, map: Map) -> MapAdapter:
-        """A plain adapter for ``map``, bound like this one (made once per request and map)."""
-        others = self._others
-        if others is None:
-            others = self._others = {}
-        adapter = others.get(id(map))
-        if adapter is None:
-            adapter = others[id(map)] = _adapter_like(map, self)
-        return adapter
+def install_plugin_url_builds(app: Flask, runtime: t.Any) -> None:
+    """Let ``url_for`` outside plugin requests build plugin URLs.
 
-    def build(
-        self,
-        endpoint: t.Any,
-        values: t.Mapping[str, t.Any] | None = None,
-        method: str | None = None,
-        force_external: bool = False,
-        append_unknown: bool = True,
-        url_scheme: str | None = None,
-    ) -> str:
-        target = self.map if self._host_map is None else self._host_map
-        if isinstance(endpoint, str):
-            release = self._snapshot.release_for_scope(endpoint)
-            if release is not None and endpoint in release.endpoints:
-                target = release.url_map
-        if target is self.map:
-            return MapAdapter.build(
-                self, endpoint, values, method, force_external, append_unknown, url_scheme
-            )
-        return self._adapter_for(target).build(endpoint, values, method, force_external, append_unknown, url_scheme)
+    A host request (or an app context) keeps Flask's plain adapter, so its
+    matching and its host URLs cost nothing extra. A plugin endpoint is not
+    in the host's map: its build fails, and Flask asks its
+    ``url_build_error_handlers``, where this one, first in line, builds the
+    URL from the request's snapshot (else the live one) with an adapter
+    bound like the failed one. Endpoints no live plugin has are left to the
+    host's own handlers.
+    """
+    from .hooks import request_snapshot
+
+    def build_plugin_url(error: BuildError, endpoint: str, values: dict[str, t.Any]) -> str | None:
+        base = getattr(error, "adapter", None)
+        if base is None or not isinstance(endpoint, str):
+            return None
+        release = request_snapshot(runtime).release_for_scope(endpoint)
+        if release is None or endpoint not in release.endpoints:
+            return None
+        # url_for put its own arguments back into ``values`` for the handlers.
+        values = dict(values)
+        anchor = values.pop("_anchor", None)
+        method = values.pop("_method", None)
+        scheme = values.pop("_scheme", None)
+        external = bool(values.pop("_external", False))
+        url = _adapter_like(release.url_map, base).build(
+            endpoint, values, method=method, url_scheme=scheme, force_external=external
+        )
+        if anchor is not None:
+            url = f"{url}#{quote(anchor, safe=_ANCHOR_SAFE)}"
+        return url
+
+    app.url_build_error_handlers.insert(0, build_plugin_url)
 
 
 def install_snapshot_map(url_map: Map, runtime: t.Any) -> None:

@@ -42,8 +42,15 @@ from .environ import ENVIRON_RELEASE, ENVIRON_SNAPSHOT
 from .hooks import LayeredErrorHandlers, LayeredHooks, LayeredViews
 from .loaded import HOOK_REGISTRIES, LoadedRelease, ReleaseSpec, build_release, prefix_pattern
 from .loader import fault_location
-from .pinning import PinRequests, install_response_check
-from .routing import SnapshotAdapter, claims_map, host_claims, host_rules_under, install_snapshot_map
+from .pinning import PinRequests
+from .routing import (
+    claims_map,
+    host_claims,
+    host_rules_under,
+    install_plugin_url_builds,
+    install_snapshot_map,
+    share_host_endpoints,
+)
 from .snapshot import Snapshot
 from .templating import (
     TEMPLATE_KINDS,
@@ -81,6 +88,10 @@ class Runtime:
         #: ``(deadline, label, weakref to the release's sentinel)`` of unloaded releases,
         #: oldest first; checked for leaks by the reaper once the deadline passes.
         self._retired_refs: list[tuple[float, str, weakref.ref[t.Any]]] = []
+        #: Rules the host added since gitplug was installed: a release's map
+        #: builds host endpoints from an index of this version (see
+        #: :func:`~gitplug.runtime.routing.share_host_endpoints`).
+        self.host_rules_version = 0
         #: Live prefixes that have host rules under them (read per request, no lock).
         self.host_shadowed: frozenset[str] = frozenset()
         #: ``{live prefix: host rules under it}``, kept current by publish and
@@ -111,32 +122,35 @@ class Runtime:
 
         def create_url_adapter(request: t.Any) -> MapAdapter | None:
             host_adapter = host_create_url_adapter(request)
-            if host_adapter is None:
-                return None
-            if request is None:
-                snapshot = self.snapshot
-                if not snapshot.releases:
-                    return host_adapter
-                return SnapshotAdapter.adopt(host_adapter, snapshot)
+            if request is None or host_adapter is None:
+                # The app context's adapter, or none: a plain adapter builds
+                # host URLs; plugin URLs come from build_plugin_url.
+                return host_adapter
             environ = request.environ
-            snapshot = environ.get(ENVIRON_SNAPSHOT)
-            if snapshot is None:
+            release = environ.get(ENVIRON_RELEASE)
+            if release is None:
+                if ENVIRON_SNAPSHOT in environ:
+                    # A host request keeps Flask's plain adapter: matching and
+                    # host URLs cost what they cost without gitplug.
+                    return host_adapter
                 # A request that did not come through the WSGI entry point
                 # (app.test_request_context()): pin it, without counting.
                 snapshot = environ[ENVIRON_SNAPSHOT] = self.snapshot
-                found = self.route(snapshot, environ) if snapshot.releases else None
-                if found is not None:
-                    environ[ENVIRON_RELEASE] = found
-            if not snapshot.releases:
-                return host_adapter
-            # One adapter per request: the host's own, bound to this request,
-            # matching on the release's map when a plugin serves the request.
-            return SnapshotAdapter.adopt(host_adapter, snapshot, environ.get(ENVIRON_RELEASE))
+                release = self.route(snapshot, environ) if snapshot.releases else None
+                if release is None:
+                    return host_adapter
+                environ[ENVIRON_RELEASE] = release
+            # A plugin request: the host's own adapter, already bound to this
+            # request, matching on (and building from) the release's map.
+            if release.host_rules_version != self.host_rules_version:
+                share_host_endpoints(release, app.url_map, self.host_rules_version)
+            host_adapter.map = release.url_map
+            return host_adapter
 
         app.create_url_adapter = create_url_adapter  # type: ignore[method-assign]
         install_template_layers(install_routing_environment(app), self)
         install_snapshot_map(app.url_map, self)
-        install_response_check(app, self)
+        install_plugin_url_builds(app, self)
         app.wsgi_app = PinRequests(app.wsgi_app, self)  # type: ignore[method-assign]
 
     # -- request accounting ------------------------------------------------
@@ -308,6 +322,8 @@ class Runtime:
         A rule under a live prefix answers from the next request on; the log
         says which plugin's prefix it now overlaps.
         """
+        # Release maps copy the host's endpoint index on their next request.
+        self.host_rules_version += 1
         if not self._host_under:
             return
         found: list[tuple[str, Rule]] = []
