@@ -118,36 +118,38 @@ class Runtime:
         self.template_layers_needed = False
         app.error_handler_spec = LayeredErrorHandlers(app.error_handler_spec, self)
         app.view_functions = LayeredViews(app.view_functions, self)
-        host_create_url_adapter = self._host_create_url_adapter = app.create_url_adapter
+        url_map = app.url_map
+        host_bind_to_environ = url_map.bind_to_environ
 
-        def create_url_adapter(request: t.Any) -> MapAdapter | None:
-            host_adapter = host_create_url_adapter(request)
-            if request is None or host_adapter is None:
-                # The app context's adapter, or none: a plain adapter builds
-                # host URLs; plugin URLs come from build_plugin_url.
-                return host_adapter
-            environ = request.environ
+        def bind_to_environ(environ: t.Any, server_name: str | None = None, subdomain: str | None = None) -> MapAdapter:
+            # Flask's create_url_adapter calls this for each request (an app
+            # context's adapter is made by bind(), and left alone).
+            adapter = host_bind_to_environ(environ, server_name, subdomain)
+            if type(environ) is not dict:
+                environ = environ.environ  # a Request, which werkzeug also takes
             release = environ.get(ENVIRON_RELEASE)
             if release is None:
                 if ENVIRON_SNAPSHOT in environ:
-                    # A host request keeps Flask's plain adapter: matching and
-                    # host URLs cost what they cost without gitplug.
-                    return host_adapter
+                    # A host request keeps the plain adapter: matching and
+                    # host URLs cost what they cost without gitplug; plugin
+                    # URLs come from build_plugin_url.
+                    return adapter
                 # A request that did not come through the WSGI entry point
                 # (app.test_request_context()): pin it, without counting.
                 snapshot = environ[ENVIRON_SNAPSHOT] = self.snapshot
                 release = self.route(snapshot, environ) if snapshot.releases else None
                 if release is None:
-                    return host_adapter
+                    return adapter
                 environ[ENVIRON_RELEASE] = release
             # A plugin request: the host's own adapter, already bound to this
             # request, matching on (and building from) the release's map.
             if release.host_rules_version != self.host_rules_version:
-                share_host_endpoints(release, app.url_map, self.host_rules_version)
-            host_adapter.map = release.url_map
-            return host_adapter
+                share_host_endpoints(release, url_map, self.host_rules_version)
+            adapter.map = release.url_map
+            return adapter
 
-        app.create_url_adapter = create_url_adapter  # type: ignore[method-assign]
+        # An instance attribute, not a subclass (see install_snapshot_map).
+        url_map.bind_to_environ = bind_to_environ  # type: ignore[method-assign]
         install_template_layers(install_routing_environment(app), self)
         install_snapshot_map(app.url_map, self)
         install_plugin_url_builds(app, self)
@@ -272,8 +274,11 @@ class Runtime:
         if claims is None:
             return False
         try:
-            request = self.app.request_class(environ, populate_request=False, shallow=True)
-            host_adapter = self._host_create_url_adapter(request)
+            # Marked as a host request of the live snapshot, so that the URL
+            # adapter made for it is the host's plain one and routes nothing.
+            probe = {**environ, ENVIRON_SNAPSHOT: self.snapshot}
+            request = self.app.request_class(probe, populate_request=False, shallow=True)
+            host_adapter = self.app.create_url_adapter(request)
         except Exception:  # noqa: BLE001 - e.g. a Host header TRUSTED_HOSTS refuses
             # Called while a request is routed, before Flask handles it: never
             # raise here. The request's own URL matching answers the error.
