@@ -123,13 +123,43 @@ class LayeredErrorHandlers(defaultdict):  # type: ignore[type-arg]
 class LayeredViews(dict):  # type: ignore[type-arg]
     """``view_functions`` of the host; plugin endpoints come from the snapshot.
 
-    Only misses are redirected (``__missing__``), so host lookups cost
-    nothing extra.
+    Host lookups hit the dict itself. A plugin endpoint is answered by
+    :meth:`__missing__` from the request's snapshot, except while only one
+    snapshot is open: then every request that can dispatch to a plugin view
+    is pinned to that snapshot, so its views are held as plain entries
+    (:meth:`serve_directly`) and the lookup is dict's own, as for a
+    blueprint's view.
     """
 
     def __init__(self, original: dict, runtime: _SnapshotSource) -> None:  # type: ignore[type-arg]
         super().__init__(original)
         self._runtime = runtime
+        #: The entries :meth:`serve_directly` put in (never a host's own).
+        self._direct: dict[str, t.Any] = {}
+
+    def serve_directly(self, views: t.Mapping[str, t.Any]) -> None:
+        """Hold exactly ``views`` (the one open snapshot's, or none) as plain entries. Runtime lock held.
+
+        Called before a second snapshot can serve a request (a publish adds
+        it to the open ones first), so no request of another snapshot ever
+        finds these. A name the host has a view for keeps the host's.
+        """
+        for endpoint, view in self._direct.items():
+            if views.get(endpoint) is not view and dict.get(self, endpoint) is view:
+                dict.pop(self, endpoint)
+        direct = {}
+        for endpoint, view in views.items():
+            current = dict.get(self, endpoint)
+            if current is None:
+                dict.__setitem__(self, endpoint, view)
+                current = view
+            if current is view:
+                direct[endpoint] = view
+        self._direct = direct
+
+    def host_has(self, endpoint: str) -> bool:
+        """Whether the host itself has a view for ``endpoint`` (not a plugin's held entry)."""
+        return dict.__contains__(self, endpoint) and endpoint not in self._direct
 
     def __missing__(self, endpoint: str) -> t.Any:
         # request_snapshot(), inline: every plugin request dispatches through here.

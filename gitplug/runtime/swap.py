@@ -54,7 +54,7 @@ from .routing import (
 from .snapshot import Snapshot
 from .templating import (
     TEMPLATE_KINDS,
-    LayeredTemplateDict,
+    TemplateRegistry,
     install_routing_environment,
     install_template_layers,
 )
@@ -192,19 +192,28 @@ class Runtime:
     def _sync_registries(self) -> None:
         """Layer exactly the hook registries that some open snapshot needs. Lock held.
 
+        Also the view lookups: while one snapshot is open, its views are plain
+        entries of the host's ``view_functions`` (see ``LayeredViews``).
+
         A registry no open snapshot has plugin hooks for stays the host's
         plain dict, so requests pay nothing for it. Swapping the attribute is
         one assignment, and both objects hold the same host entries, so a
         request that reads it before and after sees the same answers.
         """
         app = self.app
+        views = app.view_functions
+        if isinstance(views, LayeredViews):
+            only = next(iter(self._open_snapshots)) if len(self._open_snapshots) == 1 else None
+            views.serve_directly(only.view_functions if only is not None else {})
         self.template_layers_needed = any(snapshot.templates for snapshot in self._open_snapshots)
         for kind in TEMPLATE_KINDS:
             registry = getattr(app.jinja_env, kind)
-            if isinstance(registry, LayeredTemplateDict):
+            if isinstance(registry, TemplateRegistry):
+                registry.settle(True)
                 registry.yield_builtins(
                     {name for snapshot in self._open_snapshots for name in snapshot.templates.get(kind, ())}
                 )
+                registry.settle(self.template_layers_needed)
         for registry in HOOK_REGISTRIES:
             needed = any(snapshot.hooks.get(registry) for snapshot in self._open_snapshots)
             current = getattr(app, registry)
@@ -617,7 +626,7 @@ class Runtime:
             # Blueprint.endpoint("x") for an endpoint the host has a view of.
             f"view of endpoint {endpoint!r}"
             for endpoint in _app_endpoints(release)
-            if dict.__contains__(self.app.view_functions, endpoint)
+            if _host_has_view(self.app, endpoint)
         ]
 
     def swap(self, spec: ReleaseSpec) -> LoadedRelease:
@@ -818,3 +827,8 @@ def _location(exc: BaseException, release: LoadedRelease) -> dict[str, t.Any]:
 def _where(exc: BaseException, release: LoadedRelease) -> str:
     loc = _location(exc, release)
     return f" in {loc['file']} line {loc['line']}" if loc["file"] else ""
+
+
+def _host_has_view(app: Flask, endpoint: str) -> bool:
+    views = app.view_functions
+    return views.host_has(endpoint) if isinstance(views, LayeredViews) else endpoint in views

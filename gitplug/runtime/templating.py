@@ -36,6 +36,7 @@ __all__ = [
     "install_template_layers",
     "plain_environment",
     "LayeredTemplateDict",
+    "TemplateRegistry",
     "ReleaseTemplateDict",
     "TEMPLATE_KINDS",
     "host_registers",
@@ -211,16 +212,19 @@ class _MergedView(dict):  # type: ignore[type-arg]
         return (dict, (self._merged(),))
 
 
-class LayeredTemplateDict(_MergedView):
-    """The host env's ``filters``/``globals``/``tests`` with live plugins' layered in.
+class TemplateRegistry(dict):  # type: ignore[type-arg]
+    """The host env's ``filters``/``globals``/``tests``, able to layer live plugins' in.
 
-    The host's own entries are the dict itself and win; plugin entries come
-    from the request's snapshot (the live snapshot outside a request).
-    Lookups of the host's own names stay on dict's C path (only a miss
-    reaches :meth:`__missing__`), because compiled templates look filters
-    up on every render. Jinja also copies globals into each render's
-    context (``dict(ChainMap(..., env.globals))``), so iteration is layered
-    too, and costs nothing extra while no plugin registers anything.
+    One object for the life of the environment (release environments,
+    overlays of the host's, share it), in one of two classes. While no open
+    snapshot registers app-wide template names, it is of this class: a dict
+    with nothing overridden, so Jinja's lookups and the copy of the globals
+    it makes for every render stay on dict's C paths, for host and plugin
+    renders alike. Otherwise the runtime (lock held) turns it into a
+    :class:`LayeredTemplateDict` by ``__class__`` assignment (:meth:`settle`),
+    and back once no open snapshot needs it. Both classes answer alike
+    while no layer is needed, so a render that spans the assignment sees
+    the same entries.
     """
 
     def __init__(self, original: dict, runtime: t.Any, kind: str) -> None:  # type: ignore[type-arg]
@@ -231,6 +235,12 @@ class LayeredTemplateDict(_MergedView):
         #: (``{name: built-in}``); lookups fall back to them (see yield_builtins).
         self._yielded: dict[str, t.Any] = {}
 
+    def settle(self, layered: bool) -> None:
+        """Be a :class:`LayeredTemplateDict` while ``layered`` or a built-in is yielded. Runtime lock held."""
+        wanted = LayeredTemplateDict if layered or self._yielded else TemplateRegistry
+        if type(self) is not wanted:
+            self.__class__ = wanted
+
     def yield_builtins(self, names: t.Collection[str]) -> None:
         """Let plugins replace exactly these of Jinja's built-ins. Runtime lock held.
 
@@ -238,7 +248,8 @@ class LayeredTemplateDict(_MergedView):
         a Jinja default (the very object Jinja ships) named in ``names``
         moves to :attr:`_yielded`: a lookup then misses the dict, sees the
         request's plugin layer first and falls back to the built-in. A name
-        no open snapshot replaces any more goes back into the dict.
+        no open snapshot replaces any more goes back into the dict. Called
+        while layered (a lookup must never miss both).
         """
         builtins = _JINJA_DEFAULTS[self._kind]
         for name in [n for n in self._yielded if n not in names]:
@@ -248,6 +259,19 @@ class LayeredTemplateDict(_MergedView):
             if name not in self._yielded and value is not _MISSING and value is builtins.get(name, _MISSING):
                 self._yielded[name] = value  # before the pop: a lookup never misses both
                 dict.pop(self, name, None)
+
+
+class LayeredTemplateDict(_MergedView, TemplateRegistry):
+    """A :class:`TemplateRegistry` while live plugins' entries are layered in.
+
+    The host's own entries are the dict itself and win; plugin entries come
+    from the request's snapshot (the live snapshot outside a request).
+    Lookups of the host's own names stay on dict's C path (only a miss
+    reaches :meth:`__missing__`), because compiled templates look filters
+    up on every render. Jinja also copies globals into each render's
+    context (``dict(ChainMap(..., env.globals))``), so iteration is layered
+    too.
+    """
 
     def _layer(self) -> dict[str, t.Any]:
         if not self._runtime.template_layers_needed:
@@ -355,5 +379,5 @@ def install_template_layers(env: jinja2.Environment, runtime: t.Any) -> None:
     env._gitplug_runtime = runtime  # type: ignore[attr-defined]  # for list_templates
     for kind in TEMPLATE_KINDS:
         current = getattr(env, kind)
-        if not isinstance(current, LayeredTemplateDict):
-            setattr(env, kind, LayeredTemplateDict(current, runtime, kind))
+        if not isinstance(current, TemplateRegistry):
+            setattr(env, kind, TemplateRegistry(current, runtime, kind))
