@@ -127,12 +127,13 @@ class PinRequests:
         # The response Flask sends: the ClosingIterator's last callback is its close().
         response = None
         if type(result) is ClosingIterator:
-            callbacks = getattr(result, "_callbacks", None)
+            callbacks = result._callbacks
             if callbacks and len(callbacks) <= 2:
                 response = getattr(callbacks[-1], "__self__", None)
         if response is None or type(response) is not self.app.response_class:
             return _Finish(result, self, snapshot)
-        if release is not None and response.status_code >= 500:
+        # The status as werkzeug's Response keeps it (its status_code property reads this).
+        if release is not None and response._status_code >= 500:
             runtime._count_error(release)
         if type(response.response) is not list or response._on_close:
             return _Finish(result, self, snapshot)
