@@ -959,6 +959,25 @@ def test_endpoint_decorator_gives_a_host_rule_its_view(
     assert "bar" not in app.view_functions  # the host's rule has no view again
 
 
+def test_a_host_rule_served_by_a_plugin_view_is_pinned_to_its_release(tmp_path: Path, make_gp: MakeGP) -> None:
+    """The view a plugin gives a host endpoint is plugin code: its host requests are pinned, like a plugin's."""
+    from werkzeug.routing import Rule
+
+    app = _host()
+    app.url_map.add(Rule("/foo", endpoint="bar"))
+    gp = make_gp(app)
+    source = """
+        plugin = Plugin("bp", __name__)
+
+        @plugin.endpoint("bar")
+        def foobar():
+            return str(request.environ["gitplug.snapshot"].inflight)
+    """
+    gp.load_directory("bp", _plugin(tmp_path, source, package="bp"), url_prefix="/bp_prefix")
+    assert app.test_client().get("/foo").text == "1"
+    assert gp.runtime.snapshot.inflight == 0
+
+
 @pytest.mark.parametrize(
     ("parent_init", "child_init", "parent_registration", "child_registration"),
     [

@@ -110,8 +110,13 @@ class Snapshot:
                 if entries:
                     self.templates.setdefault(kind, {}).update(entries)
         #: True when plugin code can run in a host request of this snapshot
-        #: (app-wide hooks, error handlers, template filters/globals/tests).
-        self.host_visible = bool(self.app_wide or self.app_error_handlers or self.templates)
+        #: (app-wide hooks, error handlers, template filters/globals/tests, or
+        #: the view of a host endpoint, ``@plugin.endpoint("x")``).
+        self.host_visible = bool(self.app_wide or self.app_error_handlers or self.templates) or any(
+            not endpoint.startswith(release.name + ".")
+            for release in self.releases.values()
+            for endpoint in release.view_functions
+        )
         #: ``{plugin name: split}`` of the plugins running a canary (README,
         #: "Canary releases"); set by the runtime before it publishes the snapshot.
         self.canaries: dict[str, CanarySplit] = {}
