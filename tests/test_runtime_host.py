@@ -605,3 +605,23 @@ def test_url_for_builds_every_map_from_host_and_plugin_requests_as_blueprints_do
         "http://example.test/beta/item/5",
     ]
     assert answers(hosted) == expected
+
+
+def test_a_host_blueprint_registered_after_a_plugin_of_its_name_keeps_flasks_rules(
+    tmp_path: Path, make_gp: Callable[[Flask], GitPlug]
+) -> None:
+    """gitplug restores plugins in ``GitPlug(app)``, before the host registers its blueprints.
+
+    A host blueprint of a live plugin's name registers as in Flask (the
+    plugin's views held in ``app.view_functions`` give way), and the host's
+    view wins on that name, as for any name the host uses.
+    """
+    app = Flask("late_blueprint")
+    gp = make_gp(app)
+    gp.load_directory("hello", _plugins(tmp_path / "plugins")["hello"])
+    late = Blueprint("hello", __name__)
+    late.add_url_rule("/", "index", lambda: "host hello")
+    app.register_blueprint(late, url_prefix="/host-hello")
+    client = app.test_client()
+    assert client.get("/host-hello/").text == "host hello"
+    assert app.view_functions.host_has("hello.index")

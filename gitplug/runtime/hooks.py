@@ -157,6 +157,17 @@ class LayeredViews(dict):  # type: ignore[type-arg]
                 direct[endpoint] = view
         self._direct = direct
 
+    def yield_to_host(self, endpoints: t.Iterable[t.Any]) -> None:
+        """Drop the held entries of ``endpoints``: the host is adding rules for them. Runtime lock held.
+
+        The host's view of such an endpoint then wins, as for any name the
+        host uses (README, "Differences from a blueprint").
+        """
+        for endpoint in endpoints:
+            view = self._direct.pop(endpoint, None)
+            if view is not None and dict.get(self, endpoint) is view:
+                dict.pop(self, endpoint)
+
     def host_has(self, endpoint: str) -> bool:
         """Whether the host itself has a view for ``endpoint`` (not a plugin's held entry)."""
         return dict.__contains__(self, endpoint) and endpoint not in self._direct

@@ -338,6 +338,12 @@ class Runtime:
         """
         # Release maps copy the host's endpoint index on their next request.
         self.host_rules_version += 1
+        views = self.app.view_functions
+        if isinstance(views, LayeredViews):
+            # Flask checks for a view of the endpoint right after adding its
+            # rule: a plugin's held entry must not pass for the host's own.
+            with self._lock:
+                views.yield_to_host({rule.endpoint for rule in rules})
         if not self._host_under:
             return
         found: list[tuple[str, Rule]] = []
