@@ -24,7 +24,7 @@ from urllib.parse import quote
 
 from flask import Flask
 from werkzeug.exceptions import HTTPException, NotFound
-from werkzeug.routing import BuildError, Map, MapAdapter, Rule
+from werkzeug.routing import Map, MapAdapter, Rule
 
 from ..prefixes import PrefixPattern
 
@@ -143,7 +143,7 @@ def install_plugin_url_builds(app: Flask, runtime: t.Any) -> None:
     """
     from .hooks import request_snapshot
 
-    def build_plugin_url(error: BuildError, endpoint: str, values: dict[str, t.Any]) -> str | None:
+    def build_plugin_url(error: Exception, endpoint: str, values: dict[str, t.Any]) -> str | None:
         base = getattr(error, "adapter", None)
         if base is None or not isinstance(endpoint, str):
             return None
@@ -163,7 +163,8 @@ def install_plugin_url_builds(app: Flask, runtime: t.Any) -> None:
             url = f"{url}#{quote(anchor, safe=_ANCHOR_SAFE)}"
         return url
 
-    app.url_build_error_handlers.insert(0, build_plugin_url)
+    # Flask calls each handler until one returns a URL; None passes it on (its hint says str).
+    app.url_build_error_handlers.insert(0, build_plugin_url)  # type: ignore[arg-type]
 
 
 def install_snapshot_map(url_map: Map, runtime: t.Any) -> None:
