@@ -625,3 +625,8 @@ def test_a_host_blueprint_registered_after_a_plugin_of_its_name_keeps_flasks_rul
     client = app.test_client()
     assert client.get("/host-hello/").text == "host hello"
     assert app.view_functions.host_has("hello.index")
+    # The next deploy of the plugin is refused by name; the live release keeps serving.
+    with pytest.raises(MountError, match="already has a blueprint named 'hello'. Rename the plugin"):
+        gp.load_directory("hello", _plugins(tmp_path / "again")["hello"])
+    assert client.get("/hello/boom").status_code == 500  # the plugin's own route, still live
+    assert client.get("/hello/").text == "host hello"  # a name both use: the host's view (host wins)
