@@ -26,8 +26,11 @@ import typing as t
 from collections.abc import Iterable
 from pathlib import Path
 
-from flask import Blueprint
+from flask import Blueprint, Flask
 from werkzeug.test import EnvironBuilder
+
+if t.TYPE_CHECKING:
+    from gitplug import GitPlug
 
 __all__ = [
     "REPO_ROOT",
@@ -38,6 +41,7 @@ __all__ = [
     "set_version",
     "write_synthetic_plugin",
     "native_blueprint",
+    "overhead_apps",
     "init_repo",
     "commit_version",
     "free_port",
@@ -166,6 +170,27 @@ def native_blueprint(name: str = "native") -> Blueprint:
     bp.add_url_rule(VIEW_RULE, view_func=namespace["item"])
     bp.add_url_rule(PAGE_RULE, view_func=namespace["page"])
     return bp
+
+
+def overhead_apps(release_root: Path) -> tuple[Flask, Flask, GitPlug]:
+    """``(plain, host, gitplug)``: the two applications of the per-request figures.
+
+    ``plain`` is a Flask app with :func:`native_blueprint` at ``/native``;
+    ``host`` has the same blueprint and gitplug, with the synthetic plugin
+    ``plug`` (staged under ``release_root``) live at ``/plug``. Call
+    ``gitplug.shutdown()`` when done.
+    """
+    from gitplug import GitPlug
+    from gitplug.runtime.loaded import ReleaseSpec
+
+    plain = Flask("bench_plain")
+    plain.register_blueprint(native_blueprint(), url_prefix="/native")
+    host = Flask("bench_host")
+    host.register_blueprint(native_blueprint(), url_prefix="/native")
+    gp = GitPlug(host)
+    release = write_synthetic_plugin(release_root / "plug-r1", "plug")
+    gp.runtime.swap(ReleaseSpec(name="plug", path=release, release_id="bench-plug-r1", url_prefix="/plug"))
+    return plain, host, gp
 
 
 # --------------------------------------------------------------------------- git

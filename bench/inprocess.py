@@ -36,7 +36,14 @@ from gitplug.runtime.loaded import ReleaseSpec
 from gitplug.runtime.swap import Runtime
 
 from .figures import Figure, FigureSpec, Target, Unmeasurable, figure, median_ci, spread
-from .fixtures import environ_for, native_blueprint, stage_example, write_synthetic_plugin, wsgi_call
+from .fixtures import (
+    environ_for,
+    native_blueprint,
+    overhead_apps,
+    stage_example,
+    write_synthetic_plugin,
+    wsgi_call,
+)
 
 __all__ = [
     "OVERHEAD",
@@ -102,13 +109,7 @@ def _ratio_figure(spec: FigureSpec, medians: Mapping[str, list[float]], num: str
 def measure_overhead(*, rounds: int, per_round: int) -> list[Figure]:
     """``overhead_ratio``; also the cost gitplug adds to the host's own routes."""
     with tempfile.TemporaryDirectory(prefix="gitplug-bench-") as tmp:
-        plain = Flask("bench_plain")
-        plain.register_blueprint(native_blueprint(), url_prefix="/native")
-        host = Flask("bench_host")
-        host.register_blueprint(native_blueprint(), url_prefix="/native")
-        gp = GitPlug(host)
-        release = write_synthetic_plugin(Path(tmp) / "plug-r1", "plug")
-        gp.runtime.swap(ReleaseSpec(name="plug", path=release, release_id="bench-plug-r1", url_prefix="/plug"))
+        plain, host, gp = overhead_apps(Path(tmp))
         cases: dict[str, _WsgiCase] = {
             "native": (plain.wsgi_app, [environ_for("/native/item/7")]),
             "plugin": (host.wsgi_app, [environ_for("/plug/item/7")]),

@@ -52,21 +52,10 @@ _COLLECTED = re.compile(rb"Collected : (\d+)")
 
 def _serve(case: str, requests: int) -> None:
     """The measured process: build both apps, warm up, serve ``requests`` more."""
-    from flask import Flask
-
-    from gitplug import GitPlug
-    from gitplug.runtime.loaded import ReleaseSpec
-
-    from .fixtures import environ_for, native_blueprint, write_synthetic_plugin, wsgi_call
+    from .fixtures import environ_for, overhead_apps, wsgi_call
 
     with tempfile.TemporaryDirectory(prefix="gitplug-bench-") as tmp:
-        plain = Flask("bench_plain")
-        plain.register_blueprint(native_blueprint(), url_prefix="/native")
-        host = Flask("bench_host")
-        host.register_blueprint(native_blueprint(), url_prefix="/native")
-        gp = GitPlug(host)
-        release = write_synthetic_plugin(Path(tmp) / "plug-r1", "plug")
-        gp.runtime.swap(ReleaseSpec(name="plug", path=release, release_id="bench-plug-r1", url_prefix="/plug"))
+        plain, host, gp = overhead_apps(Path(tmp))
         app_name, path = CASES[case]
         app = plain if app_name == "plain" else host
         environ = environ_for(path)
@@ -105,6 +94,7 @@ def count(case: str, requests: int = 400) -> int:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.instructions", description=__doc__.split("\n\n")[0])
+    # choices holds [] too: argparse checks an omitted nargs="*" argument's default against them.
     parser.add_argument("cases", nargs="*", choices=[*CASES, []], help="default: all")
     parser.add_argument("--requests", type=int, default=400, help="requests counted after the warm-up")
     parser.add_argument("--serve", choices=list(CASES), help=argparse.SUPPRESS)  # the measured child
