@@ -47,7 +47,7 @@ from .fixtures import (
     commit_version,
     environ_for,
     init_repo,
-    native_blueprint,
+    overhead_apps,
     write_synthetic_plugin,
     wsgi_call,
 )
@@ -210,13 +210,7 @@ def _rollback(tmp: Path, count: int) -> tuple[str, cProfile.Profile]:
 
 
 def _overhead(tmp: Path, which: str, requests: int) -> tuple[str, list[dict[_Key, tuple[int, float]]]]:
-    plain = Flask("bench_plain")
-    plain.register_blueprint(native_blueprint(), url_prefix="/native")
-    host = Flask("bench_host")
-    host.register_blueprint(native_blueprint(), url_prefix="/native")
-    gp = GitPlug(host)
-    release = write_synthetic_plugin(tmp / "plug-r1", "plug")
-    gp.runtime.swap(ReleaseSpec(name="plug", path=release, release_id="bench-plug-r1", url_prefix="/plug"))
+    plain, host, gp = overhead_apps(tmp)
     path = {"plugin": "/plug/item/7", "page": "/plug/page"}.get(which, "/native/item/7")
     native = "/native/page" if which == "page" else "/native/item/7"
     try:
