@@ -169,6 +169,11 @@ class LoadedRelease:
             self._served_reads += 1
         return value
 
+    def app_endpoints(self) -> list[str]:
+        """Endpoints outside the release's own scope whose view it gives (``Blueprint.endpoint``)."""
+        own = self.name + "."
+        return [endpoint for endpoint in self.view_functions if not endpoint.startswith(own)]
+
     @property
     def commit(self) -> str | None:
         return self.spec.commit
@@ -314,9 +319,10 @@ def _register(host: Flask, release: LoadedRelease, plugin: Plugin, namespace: Re
 
     release.url_map = scratch.url_map
     release.view_functions = dict(scratch.view_functions)
-    release.endpoints = frozenset(rule.endpoint for rule in scratch.url_map.iter_rules())
+    # Sorted once here: later the map only gets its index replaced (routing.share_host_endpoints).
     scratch.url_map.update()
     release.own_rules_by_endpoint = dict(scratch.url_map._rules_by_endpoint)
+    release.endpoints = frozenset(release.own_rules_by_endpoint)
     for registry in HOOK_REGISTRIES:
         source: dict[t.Any, list[t.Any]] = getattr(scratch, registry)
         scoped = {}

@@ -115,14 +115,13 @@ def share_host_endpoints(release: LoadedRelease, host_map: Map, version: int) ->
     rules since. Endpoints of other plugins are not in it; their URLs come
     from :func:`install_plugin_url_builds`' handler.
     """
-    url_map = release.url_map
-    # Sorted now (a no-op after the first request), so that no later update
-    # of this map sorts the host's lists, which the host's own update sorts.
-    url_map.update()
+    # The release's map was sorted when it was built (loaded._register) and
+    # gets no rules since, so no update of it ever sorts the host's lists;
+    # the host's own update sorts them, here first if rules were added.
     host_map.update()
     merged = dict(host_map._rules_by_endpoint)
     merged.update(release.own_rules_by_endpoint)
-    url_map._rules_by_endpoint = merged
+    release.url_map._rules_by_endpoint = merged
     release.host_rules_version = version
 
 

@@ -113,9 +113,7 @@ class Snapshot:
         #: (app-wide hooks, error handlers, template filters/globals/tests, or
         #: the view of a host endpoint, ``@plugin.endpoint("x")``).
         self.host_visible = bool(self.app_wide or self.app_error_handlers or self.templates) or any(
-            not endpoint.startswith(release.name + ".")
-            for release in self.releases.values()
-            for endpoint in release.view_functions
+            release.app_endpoints() for release in self.releases.values()
         )
         #: ``{plugin name: split}`` of the plugins running a canary (README,
         #: "Canary releases"); set by the runtime before it publishes the snapshot.

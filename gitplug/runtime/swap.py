@@ -456,7 +456,7 @@ class Runtime:
                         f" {', '.join(sorted(shared))!r} is already registered by plugin"
                         f" {other.name!r}. Rename it in one of the plugins."
                     )
-            shared = set(_app_endpoints(release)) & set(_app_endpoints(other))
+            shared = set(release.app_endpoints()) & set(other.app_endpoints())
             if shared:
                 return (
                     f"plugin {release.name!r}: the view of endpoint(s)"
@@ -631,7 +631,7 @@ class Runtime:
         ] + [
             # Blueprint.endpoint("x") for an endpoint the host has a view of.
             f"view of endpoint {endpoint!r}"
-            for endpoint in _app_endpoints(release)
+            for endpoint in release.app_endpoints()
             if _host_has_view(self.app, endpoint)
         ]
 
@@ -817,12 +817,6 @@ def _prefix_clash(
                 " api_prefix. Give the plugin another prefix, or set api_prefix elsewhere."
             )
     return None
-
-
-def _app_endpoints(release: LoadedRelease) -> list[str]:
-    """Endpoints outside the release's own scope whose view it gives (``Blueprint.endpoint``)."""
-    own = release.name + "."
-    return [endpoint for endpoint in release.view_functions if not endpoint.startswith(own)]
 
 
 def _location(exc: BaseException, release: LoadedRelease) -> dict[str, t.Any]:
